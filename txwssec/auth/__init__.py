@@ -1,0 +1,31 @@
+"""
+Authentication methods, one module each, and the registry that names them.
+
+Adding a method: write a module with a class providing
+L{txwssec.interfaces.IAuthenticator} and a builder, then add one line to
+L{txwssec.auth.registry}.
+"""
+
+from txwssec.auth.anonymous import AnonymousAuthenticator
+from txwssec.auth.basic import BasicAuthenticator
+from txwssec.auth.context import BuildContext
+from txwssec.auth.jwt import JWTAuthenticator
+from txwssec.auth.keys import KeyAuthenticator
+from txwssec.auth.registry import (
+    AuthenticatorBuilder,
+    builder_for,
+    register_authenticator,
+    registered_names,
+)
+
+__all__ = [
+    "AnonymousAuthenticator",
+    "AuthenticatorBuilder",
+    "BasicAuthenticator",
+    "BuildContext",
+    "JWTAuthenticator",
+    "KeyAuthenticator",
+    "builder_for",
+    "register_authenticator",
+    "registered_names",
+]

@@ -1,0 +1,248 @@
+"""
+JWT bearer authentication with PyJWT and static keys.
+
+The accepted algorithms come from configuration, never from the token. Every
+token must carry C{exp}; C{nbf} and C{iat} are checked when present; C{iss}
+and C{aud} must match exactly when configured. Tokens whose header names a key
+source (C{jku}, C{x5u}, C{jwk}, C{x5c}) are refused: keys are never fetched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from zope.interface import implementer
+
+from txwssec._schema import Table
+from txwssec.auth._extract import Found, from_header, from_query, from_subprotocol
+from txwssec.auth.context import BuildContext
+from txwssec.consumers import ConsumerDirectory
+from txwssec.interfaces import IAuthenticator
+from txwssec.types import Accept, Deny, HandshakeRequest, Principal, Verdict
+
+#: Longer tokens are refused before any parsing.
+MAX_TOKEN_LENGTH = 8192
+
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_KEY_SOURCE_HEADERS = ("jku", "x5u", "jwk", "x5c")
+
+_HMAC = ("HS256", "HS384", "HS512")
+_RSA = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+_EC_CURVES: dict[str, type[ec.EllipticCurve]] = {
+    "ES256": ec.SECP256R1,
+    "ES384": ec.SECP384R1,
+    "ES512": ec.SECP521R1,
+}
+SUPPORTED_ALGORITHMS = (*_HMAC, *_RSA, *_EC_CURVES, "EdDSA")
+
+#: Shortest HMAC secret accepted, in bytes (RFC 7518 section 3.2 for HS256).
+MIN_SECRET_BYTES = 32
+
+
+class KeyMismatch(ValueError):
+    """The key does not suit the configured algorithms."""
+
+    def __init__(self, message: str, about_algorithms: bool = False) -> None:
+        super().__init__(message)
+        self.about_algorithms = about_algorithms
+
+
+def check_key(key: str | bytes, algorithms: Sequence[str]) -> Any:
+    """
+    Check that C{key} suits every algorithm in C{algorithms} and return the
+    key object PyJWT should verify with.
+
+    A family (HMAC, RSA, one EC curve, EdDSA) per authenticator: mixing an
+    HMAC secret with public-key algorithms is how key confusion happens.
+
+    @raise KeyMismatch: naming the problem.
+    """
+    if not algorithms:
+        raise KeyMismatch("at least one algorithm is required", about_algorithms=True)
+    unknown = [a for a in algorithms if a not in SUPPORTED_ALGORITHMS]
+    if unknown:
+        raise KeyMismatch(
+            f"unsupported algorithm {unknown[0]!r} (none is never allowed)", about_algorithms=True
+        )
+    secret = key.encode("utf-8") if isinstance(key, str) else key
+    if all(a in _HMAC for a in algorithms):
+        if b"-----BEGIN" in secret or secret.startswith(b"ssh-"):
+            raise KeyMismatch("HS* algorithms need a shared secret, not a public key")
+        if len(secret) < MIN_SECRET_BYTES:
+            raise KeyMismatch(f"HMAC secret must be at least {MIN_SECRET_BYTES} bytes")
+        return secret
+    if any(a in _HMAC for a in algorithms):
+        raise KeyMismatch(
+            "HS* algorithms cannot be mixed with public-key algorithms", about_algorithms=True
+        )
+    try:
+        public = load_pem_public_key(secret)
+    except ValueError:
+        raise KeyMismatch("public key is not a PEM public key") from None
+    for algorithm in algorithms:
+        if algorithm in _RSA:
+            suits = isinstance(public, rsa.RSAPublicKey) and public.key_size >= 2048
+        elif algorithm in _EC_CURVES:
+            suits = isinstance(public, ec.EllipticCurvePublicKey) and isinstance(
+                public.curve, _EC_CURVES[algorithm]
+            )
+        else:
+            suits = isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+        if not suits:
+            raise KeyMismatch(f"public key does not suit {algorithm}")
+    return public
+
+
+@implementer(IAuthenticator)
+class JWTAuthenticator:
+    """
+    Accepts a signed JWT naming a known consumer.
+
+    @param key: the HMAC secret or a PEM public key (text or bytes).
+    @param algorithms: accepted algorithms, one key family only.
+    @param issuer: required exact C{iss} when not empty.
+    @param audience: required C{aud} when not empty.
+    @param leeway: clock skew allowed, in seconds. The session expiry is
+        C{exp + leeway}, so a token is never cut off before it stops being
+        valid by the same rule that accepted it.
+    @param header: header carrying C{Bearer <jwt>} (the C{Bearer} prefix is
+        optional for a header other than C{Authorization}).
+    @param subprotocol: marker in C{Sec-WebSocket-Protocol} before the token.
+    @param query: query parameter, off by default.
+    @param consumer_claim: claim naming the consumer.
+    @param kid: when set, the token's C{kid} header must equal it.
+    """
+
+    name = "jwt"
+
+    def __init__(
+        self,
+        consumers: ConsumerDirectory,
+        key: str | bytes,
+        algorithms: Sequence[str] = ("HS256",),
+        *,
+        issuer: str = "",
+        audience: str = "",
+        leeway: float = 0,
+        header: str = "Authorization",
+        subprotocol: str = "bearer",
+        query: str = "",
+        consumer_claim: str = "sub",
+        kid: str = "",
+    ) -> None:
+        self.consumers = consumers
+        self.algorithms = list(algorithms)
+        self._key = check_key(key, self.algorithms)
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway = leeway
+        self.header = header
+        self.subprotocol = subprotocol
+        self.query = query
+        self.consumer_claim = consumer_claim
+        self.kid = kid
+        self.challenge = 'Bearer realm="wssec"'
+        required = ["exp"]
+        if issuer:
+            required.append("iss")
+        if audience:
+            required.append("aud")
+        self._options: jwt.types.Options = {"require": required}
+
+    def _find(self, request: HandshakeRequest) -> Found | Deny | None:
+        found = from_header(request, self.header)
+        if isinstance(found, Found):
+            scheme, space, rest = found.value.partition(" ")
+            if space and scheme.lower() == "bearer":
+                return Found(rest.strip(), found.credential)
+            if self.header.lower() == "authorization":
+                return None  # another scheme (Basic): not ours
+            return found
+        if found is not None:
+            return found
+        return from_subprotocol(request, self.subprotocol) or from_query(request, self.query)
+
+    def authenticate(self, request: HandshakeRequest) -> Verdict:
+        found = self._find(request)
+        if found is None or isinstance(found, Deny):
+            return found
+        token = found.value
+        if len(token) > MAX_TOKEN_LENGTH:
+            return Deny("token too long")
+        if not _TOKEN_SHAPE.fullmatch(token):
+            return Deny("malformed token")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            return Deny("malformed token header")
+        named = [name for name in _KEY_SOURCE_HEADERS if name in header]
+        if named:
+            return Deny(f"token header names a key source ({named[0]}); keys are never fetched")
+        if header.get("alg") not in self.algorithms:
+            return Deny("token algorithm not allowed")
+        if self.kid and header.get("kid") != self.kid:
+            return Deny("token kid does not match")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self.algorithms,
+                issuer=self.issuer or None,
+                audience=self.audience or None,
+                leeway=self.leeway,
+                options=self._options,
+            )
+        except jwt.PyJWTError as error:
+            return Deny(f"invalid token: {error}")
+        name = claims.get(self.consumer_claim)
+        if not isinstance(name, str):
+            return Deny(f"token has no string {self.consumer_claim} claim")
+        consumer = self.consumers.by_name(name)
+        if consumer is None:
+            return Deny("token names an unknown consumer")
+        exp = claims["exp"]
+        return Accept(
+            Principal(consumer.name, self.name, claims),
+            expires_at=float(exp) + self.leeway,
+            credential=found.credential,
+        )
+
+
+def build(section: Table, context: BuildContext) -> JWTAuthenticator:
+    """
+    Build from C{[auth.jwt]}. C{public_key} is a PEM file path, relative to
+    the configuration file's folder.
+    """
+    algorithms = section.strings("algorithms", ("HS256",))
+    secret = section.string("secret")
+    public_key_path = section.string("public_key")
+    if bool(secret) == bool(public_key_path):
+        raise section.error("secret", "set exactly one of secret and public_key")
+    key: str | bytes = secret
+    if public_key_path:
+        try:
+            key = (context.base_dir / public_key_path).read_bytes()
+        except OSError as error:
+            raise section.error("public_key", f"cannot read: {error.strerror}") from None
+    options = {
+        "issuer": section.string("issuer"),
+        "audience": section.string("audience"),
+        "leeway": section.number("leeway", 0),
+        "header": section.string("header", "Authorization"),
+        "subprotocol": section.string("subprotocol", "bearer"),
+        "query": section.string("query"),
+        "consumer_claim": section.string("consumer_claim", "sub"),
+        "kid": section.string("kid"),
+    }
+    section.finish()
+    try:
+        return JWTAuthenticator(context.consumers, key, algorithms, **options)  # type: ignore[arg-type]
+    except KeyMismatch as error:
+        if error.about_algorithms:
+            raise section.error("algorithms", str(error)) from None
+        raise section.error("public_key" if public_key_path else "secret", str(error)) from None

@@ -1,0 +1,237 @@
+"""
+The TOML configuration (DESIGN.md, "Configuration (contract)") read into
+typed values, with errors that name the key path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from txwssec._schema import Table
+from txwssec.apps import BUILTIN_APPS
+from txwssec.auth.context import BuildContext
+from txwssec.auth.registry import builder_for, registered_names
+from txwssec.consumers import Consumer, ConsumerDirectory, parse_stored_key
+from txwssec.errors import ConfigError
+from txwssec.interfaces import Authenticator
+from txwssec.origin import OriginPolicy, parse_origin
+from txwssec.passwords import check_password_hash
+from txwssec.policy import RoutePolicy, ServerPolicy
+from txwssec.server import SecureServerProtocol
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    A loaded configuration.
+
+    @ivar listen: Twisted server endpoint strings.
+    @ivar policy: the server policy with its routes.
+    @ivar consumers: the consumers.
+    """
+
+    listen: tuple[str, ...]
+    policy: ServerPolicy
+    consumers: ConsumerDirectory
+
+
+def load(path: str | Path) -> Config:
+    """
+    Read and validate the configuration file at C{path}.
+
+    @raise ConfigError: naming the key path of the first problem.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError("", f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{path} is not UTF-8") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("", f"{path}: invalid TOML: {error}") from None
+    return parse(data, base_dir=path.parent)
+
+
+def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
+    """
+    Validate already-decoded TOML C{data}; relative file names are resolved
+    against C{base_dir}.
+
+    @raise ConfigError: naming the key path of the first problem.
+    """
+    root = Table(data, "")
+    server = root.table("server")
+    listen = server.strings("listen", ("tcp:9080:interface=127.0.0.1",))
+    if not listen:
+        raise server.error("listen", "needs at least one endpoint")
+    server_options = {
+        "handshake_timeout": server.number("handshake_timeout", 5, minimum=0.1),
+        "max_connections": server.integer("max_connections", 10000),
+        "max_connections_per_ip": server.integer("max_connections_per_ip", 0),
+        "trust_forwarded_for": server.integer("trust_forwarded_for", 0),
+    }
+    server.finish()
+
+    consumers = _consumers(root.tables("consumer"))
+    context = BuildContext(consumers=consumers, base_dir=base_dir)
+    auth_tables = root.table("auth")
+    routes_tables = root.tables("route")
+    if not routes_tables:
+        raise ConfigError("route", "at least one [[route]] is required")
+    authenticators = _Authenticators(auth_tables, context)
+    routes = [_route(table, authenticators, consumers) for table in routes_tables]
+    authenticators.finish()
+    root.finish()
+    try:
+        policy = ServerPolicy(routes=routes, **server_options)  # type: ignore[arg-type]
+    except ValueError as error:
+        raise ConfigError("route", str(error)) from None
+    return Config(listen=listen, policy=policy, consumers=consumers)
+
+
+def _consumers(tables: list[Table]) -> ConsumerDirectory:
+    directory = ConsumerDirectory()
+    for table in tables:
+        name = table.string("name", required=True)
+        if not name or not name.isprintable():
+            raise table.error("name", "must be a non-empty printable string")
+        digests = []
+        for index, stored in enumerate(table.strings("keys")):
+            try:
+                digests.append(parse_stored_key(stored))
+            except ValueError as error:
+                raise ConfigError(f"{table.key_path('keys')}[{index}]", str(error)) from None
+        password = table.string("password") or None
+        if password is not None:
+            try:
+                check_password_hash(password)
+            except ValueError as error:
+                raise table.error("password", str(error)) from None
+        table.finish()
+        directory.add(Consumer(name, tuple(digests), password), table.path)
+    return directory
+
+
+class _Authenticators:
+    """Builds each method named by a route once, from its C{[auth.NAME]}."""
+
+    def __init__(self, tables: Table, context: BuildContext) -> None:
+        self._tables = tables
+        self._context = context
+        self._built: dict[str, Authenticator] = {}
+
+    def get(self, name: str, where: str) -> Authenticator:
+        if name in self._built:
+            return self._built[name]
+        section = self._tables.table(name)
+        builder = builder_for(name)
+        if section.has("builder"):
+            builder = _import(section.string("builder"), section.key_path("builder"))
+        if builder is None:
+            known = ", ".join(registered_names())
+            raise ConfigError(where, f'unknown method "{name}" (known: {known})')
+        authenticator = builder(section, self._context)
+        self._built[name] = authenticator
+        return authenticator
+
+    def finish(self) -> None:
+        """Reject C{[auth.X]} tables that no route uses (likely a typo)."""
+        for name in self._tables.data:
+            if name not in self._built:
+                raise self._tables.error(name, "configured but used by no route")
+        self._tables.finish()
+
+
+def _route(
+    table: Table, authenticators: _Authenticators, consumers: ConsumerDirectory
+) -> RoutePolicy:
+    path = table.string("path", required=True)
+    if not path.startswith("/"):
+        raise table.error("path", "must start with /")
+    app = table.string("app")
+    upstream = table.string("upstream")
+    if upstream:
+        raise table.error("upstream", "gateway routes are not supported yet")
+    if not app:
+        raise table.error("app", "is required")
+    protocol = _app(app, table.key_path("app"))
+    names = table.strings("auth", required=True)
+    if not names:
+        raise table.error("auth", 'needs at least one method (use "anonymous" to allow anyone)')
+    if len(set(names)) != len(names):
+        raise table.error("auth", "names a method twice")
+    methods = [
+        authenticators.get(name, f"{table.key_path('auth')}[{index}]")
+        for index, name in enumerate(names)
+    ]
+    origins: list[str] | None = None
+    if table.has("allowed_origins"):
+        origins = list(table.strings("allowed_origins"))
+        for index, origin in enumerate(origins):
+            if origin != "*":
+                try:
+                    parse_origin(origin)
+                except ValueError as error:
+                    raise ConfigError(
+                        f"{table.key_path('allowed_origins')}[{index}]", str(error)
+                    ) from None
+    allowed_consumers: frozenset[str] | None = None
+    if table.has("consumers"):
+        allowed_consumers = frozenset(table.strings("consumers"))
+        for index, name in enumerate(table.strings("consumers")):
+            if consumers.by_name(name) is None and name != "anonymous":
+                raise ConfigError(
+                    f"{table.key_path('consumers')}[{index}]", f'unknown consumer "{name}"'
+                )
+    options = {
+        "subprotocols": table.strings("subprotocols"),
+        "max_message_size": table.integer("max_message_size", 1024 * 1024, minimum=1),
+        "max_lifetime": table.number("max_lifetime", 0),
+        "idle_timeout": table.number("idle_timeout", 0),
+    }
+    table.finish()
+    try:
+        return RoutePolicy(
+            path=path,
+            authenticators=methods,
+            origins=OriginPolicy.from_list(origins),
+            consumers=allowed_consumers,
+            protocol=protocol,
+            **options,  # type: ignore[arg-type]
+        )
+    except ValueError as error:
+        raise ConfigError(table.path, str(error)) from None
+
+
+def _app(name: str, where: str) -> type[SecureServerProtocol]:
+    if name in BUILTIN_APPS:
+        return BUILTIN_APPS[name]
+    if ":" not in name:
+        known = ", ".join(sorted(BUILTIN_APPS))
+        raise ConfigError(where, f'unknown app "{name}" (built-in: {known}; or "module:Class")')
+    protocol = _import(name, where)
+    if not (isinstance(protocol, type) and issubclass(protocol, SecureServerProtocol)):
+        raise ConfigError(where, f'"{name}" is not a SecureServerProtocol subclass')
+    return protocol
+
+
+def _import(reference: str, where: str) -> Any:
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(where, 'expected "package.module:name"')
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(where, f"cannot import {module_name}: {error}") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ConfigError(where, f"{module_name} has no {attribute}") from None

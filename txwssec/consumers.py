@@ -1,0 +1,106 @@
+"""
+Consumers: the named identities that credentials map to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from txwssec.errors import ConfigError
+
+_SHA256_PREFIX = "sha256:"
+
+
+def key_digest(key: str) -> bytes:
+    """
+    The SHA-256 digest under which an API key is stored and looked up.
+    """
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def parse_stored_key(stored: str) -> bytes:
+    """
+    Turn a configured key (plain, or C{sha256:<hex>}) into its digest.
+
+    @raise ValueError: for a malformed C{sha256:} value.
+    """
+    if stored.startswith(_SHA256_PREFIX):
+        digest = bytes.fromhex(stored[len(_SHA256_PREFIX) :])
+        if len(digest) != 32:
+            raise ValueError("sha256: digest must be 64 hex digits")
+        return digest
+    if not stored:
+        raise ValueError("key must not be empty")
+    return key_digest(stored)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """
+    A configured consumer.
+
+    @ivar name: the consumer's name (its identity everywhere else).
+    @ivar key_digests: SHA-256 digests of its API keys.
+    @ivar password: its password hash for Basic auth (see L{txwssec.passwords}).
+    """
+
+    name: str
+    key_digests: tuple[bytes, ...] = ()
+    password: str | None = None
+
+
+class ConsumerDirectory:
+    """
+    Looks consumers up by name and by API key.
+
+    Keys are found through their SHA-256 digest, then the digest is confirmed
+    with L{hmac.compare_digest}: the dictionary lookup can only leak timing
+    about a hash of the key, never about the key itself.
+    """
+
+    def __init__(self, consumers: Iterable[Consumer] = ()) -> None:
+        self._by_name: dict[str, Consumer] = {}
+        self._by_digest: dict[bytes, Consumer] = {}
+        for consumer in consumers:
+            self.add(consumer)
+
+    def add(self, consumer: Consumer, path: str = "consumer") -> None:
+        """
+        Add C{consumer}; a reused name or key is a L{ConfigError} at C{path}.
+        """
+        if consumer.name in self._by_name:
+            raise ConfigError(f"{path}.name", f'duplicate consumer name "{consumer.name}"')
+        for index, digest in enumerate(consumer.key_digests):
+            if digest in self._by_digest:
+                raise ConfigError(
+                    f"{path}.keys[{index}]",
+                    f'key already belongs to consumer "{self._by_digest[digest].name}"',
+                )
+        self._by_name[consumer.name] = consumer
+        for digest in consumer.key_digests:
+            self._by_digest[digest] = consumer
+
+    def by_name(self, name: str) -> Consumer | None:
+        """The consumer called C{name}, if any."""
+        return self._by_name.get(name)
+
+    def by_key(self, key: str) -> Consumer | None:
+        """The consumer owning API key C{key}, if any (constant-time confirm)."""
+        digest = key_digest(key)
+        consumer = self._by_digest.get(digest)
+        if consumer is None:
+            return None
+        for stored in consumer.key_digests:
+            if hmac.compare_digest(stored, digest):
+                return consumer
+        return None
+
+    def names(self) -> Mapping[str, Consumer]:
+        """All consumers by name."""
+        return dict(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)

@@ -1,0 +1,148 @@
+"""
+Policies: everything a route and a server enforce, with safe defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from txwssec.errors import RouteNotFound
+from txwssec.interfaces import Authenticator
+from txwssec.origin import OriginPolicy
+
+if TYPE_CHECKING:
+    from txwssec.server import SecureServerProtocol
+
+#: Default largest message, after decompression (1 MiB).
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    """
+    What one path enforces.
+
+    @ivar path: the exact request path (no trailing-slash folding).
+    @ivar authenticators: methods tried in order; the first that finds its
+        credential decides. Must not be empty: use
+        L{txwssec.auth.AnonymousAuthenticator} to allow anyone, explicitly.
+    @ivar origins: the Origin policy (default: same-origin only).
+    @ivar subprotocols: application subprotocols in server preference order.
+    @ivar consumers: when set, only these consumers may use the route (403).
+    @ivar max_message_size: bytes per message and per frame; bigger closes 1009.
+    @ivar max_lifetime: seconds a session may last (0: until its credential
+        expires); reaching it closes 3000.
+    @ivar idle_timeout: seconds without a data message from the peer before
+        closing 3008 (0: off). Pings and pongs do not count as activity.
+    @ivar protocol: the L{SecureServerProtocol} subclass serving this route,
+        or L{None} for the factory's C{protocol}.
+    """
+
+    path: str
+    authenticators: Sequence[Authenticator]
+    origins: OriginPolicy = field(default_factory=OriginPolicy)
+    subprotocols: tuple[str, ...] = ()
+    consumers: frozenset[str] | None = None
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_lifetime: float = 0
+    idle_timeout: float = 0
+    protocol: type[SecureServerProtocol] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise ValueError(f"route path must start with '/': {self.path!r}")
+        if not self.authenticators:
+            raise ValueError(f"route {self.path} has no authentication method")
+        if self.max_message_size < 1:
+            raise ValueError("max_message_size must be positive")
+        markers = {str(getattr(a, "subprotocol", "")) for a in self.authenticators}
+        clash = (markers - {""}) & set(self.subprotocols)
+        if clash:
+            raise ValueError(f"subprotocol {sorted(clash)[0]!r} is a credential marker")
+
+    def protocol_attributes(self) -> dict[str, Any]:
+        """
+        Autobahn protocol attributes this route sets on each connection.
+        """
+        return {
+            "maxMessagePayloadSize": self.max_message_size,
+            "maxFramePayloadSize": self.max_message_size,
+        }
+
+
+@dataclass(frozen=True)
+class ServerPolicy:
+    """
+    What a listener enforces before and around its routes.
+
+    @ivar routes: the routes, looked up by exact path.
+    @ivar handshake_timeout: seconds to complete the opening handshake.
+    @ivar close_timeout: seconds to wait for the peer's close frame.
+    @ivar max_connections: connections at once; beyond gives 503 (0: off).
+    @ivar max_connections_per_ip: connections at once per client address;
+        beyond gives 429 (0: off).
+    @ivar trust_forwarded_for: X-Forwarded-For hops to believe (0: none).
+    """
+
+    routes: Sequence[RoutePolicy]
+    handshake_timeout: float = 5
+    close_timeout: float = 1
+    max_connections: int = 10000
+    max_connections_per_ip: int = 0
+    trust_forwarded_for: int = 0
+    _by_path: dict[str, RoutePolicy] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_path: dict[str, RoutePolicy] = {}
+        for route in self.routes:
+            if route.path in by_path:
+                raise ValueError(f"two routes for path {route.path}")
+            by_path[route.path] = route
+        object.__setattr__(self, "_by_path", by_path)
+
+    @classmethod
+    def single(cls, route: RoutePolicy, **options: Any) -> ServerPolicy:
+        """A server policy with one route."""
+        return cls(routes=(route,), **options)
+
+    def route_for(self, path: str) -> RoutePolicy:
+        """
+        The route serving C{path}.
+
+        @raise RouteNotFound: if none does.
+        """
+        try:
+            return self._by_path[path]
+        except KeyError:
+            raise RouteNotFound(f"no route for path {path!r}") from None
+
+    def protocol_options(self) -> dict[str, Any]:
+        """
+        Keyword arguments for Autobahn's C{setProtocolOptions}: txwssec's
+        safe defaults in place of Autobahn's (no status page, a handshake
+        timeout, bounded frames and messages, masked client frames).
+        """
+        smallest = min(r.max_message_size for r in self.routes)
+        return {
+            "webStatus": False,
+            "openHandshakeTimeout": self.handshake_timeout,
+            "closeHandshakeTimeout": self.close_timeout,
+            "maxFramePayloadSize": smallest,
+            "maxMessagePayloadSize": smallest,
+            "requireMaskedClientFrames": True,
+            "utf8validateIncoming": True,
+            "failByDrop": True,
+            "echoCloseCodeReason": False,
+            "trustXForwardedFor": self.trust_forwarded_for,
+            # txwssec checks Origin itself, exactly (see txwssec.origin).
+            "allowedOrigins": ["*"],
+            # txwssec counts connections itself (see txwssec.limits).
+            "maxConnections": 0,
+        }
+
+
+def paths(routes: Iterable[RoutePolicy]) -> list[str]:
+    """The paths of C{routes}, for log messages."""
+    return [route.path for route in routes]

@@ -1,0 +1,86 @@
+"""
+Sessions: who is connected, until when, and the timers that end it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from txwssec.types import Principal
+
+
+class Session:
+    """
+    An authenticated connection's identity and lifetime.
+
+    The expiry timer is armed by L{start} (when the connection opens) and
+    cancelled by L{stop} (when it ends, whatever way), so timers never
+    outlive their connections.
+
+    @ivar principal: who authenticated.
+    @ivar expires_at: POSIX time when the session ends, or L{None}.
+    @ivar route: the path of the route it was opened on.
+    """
+
+    def __init__(
+        self,
+        principal: Principal,
+        expires_at: float | None,
+        route: str,
+        clock: IReactorTime,
+    ) -> None:
+        self.principal = principal
+        self.expires_at = expires_at
+        self.route = route
+        self._clock = clock
+        self._timer: IDelayedCall | None = None
+        self._on_expired: Callable[[], object] | None = None
+        self.ended = False
+
+    @property
+    def consumer(self) -> str:
+        """The consumer's name."""
+        return self.principal.consumer
+
+    def remaining(self) -> float | None:
+        """Seconds until expiry (never negative), or L{None}."""
+        if self.expires_at is None:
+            return None
+        return max(0.0, self.expires_at - self._clock.seconds())
+
+    def start(self, on_expired: Callable[[], object]) -> None:
+        """Arm the expiry timer; C{on_expired} is called at the expiry instant."""
+        self._on_expired = on_expired
+        self._arm()
+
+    def refresh(self, expires_at: float | None) -> None:
+        """
+        Move the expiry (for example after the client presented a fresh
+        token). L{None} removes it.
+        """
+        self.expires_at = expires_at
+        if self._on_expired is not None and not self.ended:
+            self._arm()
+
+    def stop(self) -> None:
+        """Cancel the timer; the session is over."""
+        self.ended = True
+        self._cancel()
+
+    def _arm(self) -> None:
+        self._cancel()
+        delay = self.remaining()
+        if delay is not None:
+            self._timer = self._clock.callLater(delay, self._expire)
+
+    def _cancel(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self.ended and self._on_expired is not None:
+            self._on_expired()

@@ -1,0 +1,100 @@
+"""
+C{twistd wssec}: run txwssec from a TOML configuration file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python import usage
+
+from txwssec.config import Config, load
+from txwssec.errors import ConfigError
+from txwssec.server import SecureServerFactory
+
+
+class Options(usage.Options):
+    """
+    Options for C{twistd wssec}.
+    """
+
+    synopsis = "--config FILE"
+    longdesc = (
+        "Run a txwssec secure WebSocket server or gateway. The configuration "
+        "is a TOML file; see README.rst, 'Configuration reference'."
+    )
+    optParameters = [
+        ["config", "c", None, "Path to the TOML configuration file."],
+    ]
+
+    config: Config
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        if not path:
+            raise usage.UsageError("--config FILE is required")
+        try:
+            self.config = load(path)
+        except ConfigError as error:
+            raise usage.UsageError(f"{path}: {error}") from None
+        for index, description in enumerate(self.config.listen):
+            try:
+                endpoints.serverFromString(_NoReactor(), description)
+            except (ValueError, KeyError, TypeError) as error:
+                raise usage.UsageError(
+                    f"{path}: server.listen[{index}]: invalid endpoint {description!r}: {error}"
+                ) from None
+
+
+class ListeningService(StreamServerEndpointService):
+    """
+    An endpoint service that logs where it listens, and fails the whole
+    process when it cannot listen (a taken port is not a warning).
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, description: str) -> None:
+        super().__init__(endpoint, factory)
+        self.description = description
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        assert self._waitingForPort is not None
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        address = port.getHost()
+        self.log.info(
+            "wssec listening on {endpoint} ({host}:{port})",
+            endpoint=self.description,
+            host=getattr(address, "host", address),
+            port=getattr(address, "port", ""),
+        )
+        return port
+
+
+def makeService(options: Options) -> IService:
+    """
+    Build the service tree: one listening service per C{[server] listen}
+    entry, all sharing one L{SecureServerFactory}.
+    """
+    from twisted.internet import reactor
+
+    config = options.config
+    factory = SecureServerFactory(config.policy, reactor=reactor)
+    service = MultiService()
+    for description in config.listen:
+        endpoint = endpoints.serverFromString(reactor, description)
+        ListeningService(endpoint, factory, description).setServiceParent(service)
+    return service
+
+
+class _NoReactor:
+    """Stands in for a reactor while endpoint strings are only parsed."""
