@@ -138,6 +138,9 @@ class ServerPolicy:
             "trustXForwardedFor": self.trust_forwarded_for,
             # txwssec checks Origin itself, exactly (see txwssec.origin).
             "allowedOrigins": ["*"],
+            # Autobahn refuses Origin: null with 400 unless told otherwise;
+            # OriginPolicy decides on it (403 unless listed).
+            "allowNullOrigin": True,
             # txwssec counts connections itself (see txwssec.limits).
             "maxConnections": 0,
         }

@@ -21,6 +21,7 @@ from txwssec.errors import (
     CloseCode,
     Forbidden,
     HandshakeRefused,
+    MalformedHandshake,
     ServiceUnavailable,
     TooManyRequests,
     http_refusal,
@@ -117,12 +118,10 @@ class SecureServerProtocol(WebSocketServerProtocol):
         subprotocol = select_subprotocol(handshake.subprotocols, route.subprotocols, accept)
 
         # 7. the session, its timers armed when the connection opens
-        expires_at = accept.expires_at
-        now = factory.clock.seconds()
-        if route.max_lifetime:
-            lifetime_end = now + route.max_lifetime
-            expires_at = lifetime_end if expires_at is None else min(expires_at, lifetime_end)
-        self.session = Session(principal, expires_at, route.path, factory.clock)
+        clock = factory.clock
+        not_after = clock.seconds() + route.max_lifetime if route.max_lifetime else None
+        self.session = Session(principal, accept.expires_at, route.path, clock, not_after)
+        expires_at = self.session.expires_at
         self.securityLog.info(
             "accepted {peer} on {route} as {consumer} by {method}",
             peer=self.peer,
@@ -141,9 +140,14 @@ class SecureServerProtocol(WebSocketServerProtocol):
         head = self.http_request_data.decode("iso-8859-1").split("\r\n")[1:]
         headers = []
         for line in head:
+            if not line:
+                continue
             name, colon, value = line.partition(":")
-            if colon and name:
-                headers.append((name.strip().lower(), value.strip()))
+            if not colon or not _FIELD_NAME.fullmatch(name):
+                # RFC 9112 section 5: a line that is not "name: value" (no
+                # colon, no name, space before the colon, a folded line).
+                raise MalformedHandshake("malformed header line")
+            headers.append((name.lower(), value.strip()))
         peer = str(self.peer)
         return HandshakeRequest(
             peer=peer,
@@ -181,7 +185,11 @@ class SecureServerProtocol(WebSocketServerProtocol):
         if refusal is None:
             # Autobahn's own checks (malformed upgrade): its reason can quote
             # header values, which may hold credentials; keep the words only.
-            refusal = HandshakeRefused(_redact(reason), tuple(responseHeaders or ()), code)
+            headers = tuple(responseHeaders or ())
+            if code == 426:
+                # RFC 9110 section 15.5.22: a 426 names the protocol to use.
+                headers += (("Upgrade", "websocket"),)
+            refusal = HandshakeRefused(_redact(reason), headers, code)
         self._refusal = None
         self.wasNotCleanReason = "handshake refused"
         self.securityLog.info(
@@ -355,11 +363,19 @@ def _peer_host(peer: str) -> str:
     return peer
 
 
+#: An HTTP field name (RFC 9110 section 5.1: a token).
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
 def _host_header(request: ConnectionRequest) -> str:
     values: Any = request.headers.get("host", "")
     return str(values).strip()
 
 
 def _redact(reason: str) -> str:
-    """Drop quoted values from an Autobahn failure reason."""
-    return re.sub(r'"[^"]*"', '"…"', reason)
+    """
+    Drop quoted values from an Autobahn failure reason: from the first quote
+    to the last one of the same kind, so that a value holding quotes itself
+    cannot end the redaction early.
+    """
+    return re.sub(r"([\"']).*\1", r"\1…\1", reason, flags=re.DOTALL)
