@@ -10,7 +10,7 @@ from typing import Any
 
 from txwssec.errors import ConfigError
 
-_TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", float: "number"}
+_TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", float: "number", list: "array"}
 
 
 class Table:

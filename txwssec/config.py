@@ -44,19 +44,21 @@ def load(path: str | Path) -> Config:
     """
     Read and validate the configuration file at C{path}.
 
-    @raise ConfigError: naming the key path of the first problem.
+    @raise ConfigError: naming the key path of the first problem. Like
+        every message, one about the file itself (unreadable, not UTF-8,
+        not TOML) does not repeat the file name: callers prefix it.
     """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise ConfigError("", f"cannot read {path}: {error.strerror}") from None
+        raise ConfigError("", f"cannot read: {error.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError("", f"{path} is not UTF-8") from None
+        raise ConfigError("", "not UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError("", f"{path}: invalid TOML: {error}") from None
+        raise ConfigError("", f"invalid TOML: {error}") from None
     return parse(data, base_dir=path.parent)
 
 
@@ -87,7 +89,14 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
     if not routes_tables:
         raise ConfigError("route", "at least one [[route]] is required")
     authenticators = _Authenticators(auth_tables, context)
-    routes = [_route(table, authenticators, consumers) for table in routes_tables]
+    routes: list[RoutePolicy] = []
+    seen: dict[str, str] = {}
+    for table in routes_tables:
+        route = _route(table, authenticators, consumers)
+        if route.path in seen:
+            raise table.error("path", f"duplicate path {route.path} (also {seen[route.path]})")
+        seen[route.path] = table.path
+        routes.append(route)
     authenticators.finish()
     root.finish()
     try:
@@ -191,8 +200,16 @@ def _route(
                 raise ConfigError(
                     f"{table.key_path('consumers')}[{index}]", f'unknown consumer "{name}"'
                 )
+    subprotocols = table.strings("subprotocols")
+    markers = {str(getattr(method, "subprotocol", "")) for method in methods} - {""}
+    for index, name in enumerate(subprotocols):
+        if name in markers:
+            raise ConfigError(
+                f"{table.key_path('subprotocols')}[{index}]",
+                f'"{name}" is the credential marker of an auth method',
+            )
     options = {
-        "subprotocols": table.strings("subprotocols"),
+        "subprotocols": subprotocols,
         "max_message_size": table.integer("max_message_size", 1024 * 1024, minimum=1),
         "max_lifetime": table.number("max_lifetime", 0),
         "idle_timeout": table.number("idle_timeout", 0),

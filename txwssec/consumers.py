@@ -28,7 +28,10 @@ def parse_stored_key(stored: str) -> bytes:
     @raise ValueError: for a malformed C{sha256:} value.
     """
     if stored.startswith(_SHA256_PREFIX):
-        digest = bytes.fromhex(stored[len(_SHA256_PREFIX) :])
+        try:
+            digest = bytes.fromhex(stored[len(_SHA256_PREFIX) :])
+        except ValueError:
+            digest = b""
         if len(digest) != 32:
             raise ValueError("sha256: digest must be 64 hex digits")
         return digest

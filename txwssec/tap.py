@@ -9,6 +9,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -45,10 +46,24 @@ class Options(usage.Options):
         for index, description in enumerate(self.config.listen):
             try:
                 endpoints.serverFromString(_NoReactor(), description)
-            except (ValueError, KeyError, TypeError) as error:
+            except Exception as error:  # plugins and file options raise anything
                 raise usage.UsageError(
                     f"{path}: server.listen[{index}]: invalid endpoint {description!r}: {error}"
                 ) from None
+
+
+class ListenFailed(SystemExit, Exception):
+    """
+    A listener could not start: the process exits with status 1.
+
+    It is an L{Exception}, so that a daemonizing twistd reports it to the
+    waiting parent (which then exits 1 too) and removes its PID file, and a
+    L{SystemExit}, so that the interpreter exits without a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 1
 
 
 class ListeningService(StreamServerEndpointService):
@@ -65,7 +80,17 @@ class ListeningService(StreamServerEndpointService):
         self._raiseSynchronously = True
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except Exception as error:
+            # Not listening is fatal: one line in the log and exit status 1.
+            reason = error.socketError if isinstance(error, CannotListenError) else error
+            self.log.critical(
+                "wssec cannot listen on {endpoint}: {reason}",
+                endpoint=self.description,
+                reason=reason,
+            )
+            raise ListenFailed(f"cannot listen on {self.description}: {reason}") from None
         assert self._waitingForPort is not None
         self._waitingForPort.addCallback(self._listening)
 
