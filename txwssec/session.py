@@ -22,6 +22,8 @@ class Session:
     @ivar principal: who authenticated.
     @ivar expires_at: POSIX time when the session ends, or L{None}.
     @ivar route: the path of the route it was opened on.
+    @ivar not_after: a hard end (the route's C{max_lifetime}) that
+        L{refresh} cannot move, or L{None}.
     """
 
     def __init__(
@@ -30,9 +32,11 @@ class Session:
         expires_at: float | None,
         route: str,
         clock: IReactorTime,
+        not_after: float | None = None,
     ) -> None:
         self.principal = principal
-        self.expires_at = expires_at
+        self.not_after = not_after
+        self.expires_at = _earliest(expires_at, not_after)
         self.route = route
         self._clock = clock
         self._timer: IDelayedCall | None = None
@@ -58,9 +62,9 @@ class Session:
     def refresh(self, expires_at: float | None) -> None:
         """
         Move the expiry (for example after the client presented a fresh
-        token). L{None} removes it.
+        token). L{None} removes it. Never later than C{not_after}.
         """
-        self.expires_at = expires_at
+        self.expires_at = _earliest(expires_at, self.not_after)
         if self._on_expired is not None and not self.ended:
             self._arm()
 
@@ -84,3 +88,12 @@ class Session:
         self._timer = None
         if not self.ended and self._on_expired is not None:
             self._on_expired()
+
+
+def _earliest(first: float | None, second: float | None) -> float | None:
+    """The earlier of two optional instants."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return min(first, second)
