@@ -348,3 +348,28 @@ async def test_expiry_logged(serve: Serve, captured_log: CapturedLog) -> None:
     assert event["route"] == "/echo"
     assert event["peer"].startswith("tcp4:127.0.0.1:")
     assert captured_log.matching(event="expired", code=3000) == [event]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_secret_in_log_with_txaio_debug(
+    serve: Serve, captured_log: CapturedLog, secrets: Secrets
+) -> None:
+    """
+    Autobahn's debug lines quote raw handshakes. Even with txaio's global
+    level at "debug", txwssec's protocols keep Autobahn's logger at "info".
+    """
+    import txaio
+
+    factory = make_factory()
+    port = serve(factory)
+    secrets.add(JOHN_KEY, WRONG_KEY)
+    txaio.set_global_log_level("debug")
+    try:
+        await aio(accepted(port, {"apikey": JOHN_KEY}))
+        await aio(accepted(port, subprotocols=["token", JOHN_KEY]))
+        assert await aio(refused(port, {"apikey": WRONG_KEY})) == 401
+        token = secrets.token()
+        await aio(accepted(port, {"Authorization": f"Bearer {token}"}))
+    finally:
+        txaio.set_global_log_level("info")
+    assert_no_secret(captured_log, secrets)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
@@ -46,9 +47,11 @@ class SecureServerProtocol(WebSocketServerProtocol):
     they are revoked, and 3008 after C{idle_timeout} without a message.
     """
 
-    #: txwssec's own events (refusals, sessions). Autobahn's C{log} is left
-    #: alone: it is level-filtered by txaio, and its debug lines quote raw
-    #: handshakes, credentials included.
+    #: Autobahn's logger for this protocol, pinned at "info" whatever txaio's
+    #: global level: Autobahn's debug lines quote raw handshakes and frames,
+    #: credentials included.
+    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
+    #: txwssec's own events (refusals, sessions), with named fields.
     securityLog: ClassVar[Logger] = Logger(namespace="txwssec.server")
     factory: SecureServerFactory
     session: Session | None = None
