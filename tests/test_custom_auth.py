@@ -269,7 +269,7 @@ async def test_accept_through_deferred(serve: Serve) -> None:
     port = serve(factory)
     assert await aio(who(port)) == "later delayed"
     assert delayed.calls == 1
-    assert factory.refusals == {}
+    assert not any(k.startswith("handshake.refused.") for k in factory.counters)
 
 
 @pytest_twisted.ensureDeferred
@@ -302,7 +302,7 @@ async def test_deny_gives_401_with_challenge(serve: Serve, captured_log: Capture
     assert response.status_code == 401
     assert response.body == b"authentication required\n"
     assert challenges(response) == ['Ticket realm="custom"']
-    assert factory.refusals == {401: 1}
+    assert factory.counters["handshake.refused.401"] == 1
     (event,) = captured_log.matching(status=401)
     assert event["method"] == "ticket"
     assert event["reason"] == "ticket: wrong ticket"
@@ -365,7 +365,7 @@ async def test_raising_gives_fixed_500_and_logs(
     assert b"secret-internal-detail" not in raw
     assert b"CustomBug" not in raw
     assert challenges(response) == []
-    assert factory.refusals == {500: 1}
+    assert factory.counters["handshake.refused.500"] == 1
 
     failures = [e["log_failure"] for e in captured_log.events if "log_failure" in e]
     assert any(f.check(CustomBug) and str(f.value) == BUG_TEXT for f in failures)

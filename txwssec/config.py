@@ -21,7 +21,7 @@ from txwssec.errors import ConfigError
 from txwssec.interfaces import Authenticator
 from txwssec.origin import OriginPolicy, parse_origin
 from txwssec.passwords import check_password_hash
-from txwssec.policy import RoutePolicy, ServerPolicy
+from txwssec.policy import RouteLimits, RoutePolicy, ServerPolicy
 from txwssec.server import SecureServerProtocol
 
 
@@ -79,6 +79,11 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         "max_connections": server.integer("max_connections", 10000),
         "max_connections_per_ip": server.integer("max_connections_per_ip", 0),
         "trust_forwarded_for": server.integer("trust_forwarded_for", 0),
+        "auth_failures_per_minute": server.integer("auth_failures_per_minute", 10),
+        "ping_interval": server.number("ping_interval", 30),
+        "ping_timeout": server.number("ping_timeout", 10, minimum=0.1),
+        "max_header_bytes": server.integer("max_header_bytes", 16384, minimum=1024),
+        "max_headers": server.integer("max_headers", 100, minimum=10),
     }
     server.finish()
 
@@ -213,6 +218,8 @@ def _route(
         "max_message_size": table.integer("max_message_size", 1024 * 1024, minimum=1),
         "max_lifetime": table.number("max_lifetime", 0),
         "idle_timeout": table.number("idle_timeout", 0),
+        "compression": table.boolean("compression", False),
+        "limits": _limits(table.table("limits")),
     }
     table.finish()
     try:
@@ -226,6 +233,25 @@ def _route(
         )
     except ValueError as error:
         raise ConfigError(table.path, str(error)) from None
+
+
+def _limits(table: Table) -> RouteLimits:
+    defaults = RouteLimits()
+    limits = RouteLimits(
+        messages_per_second=table.number("messages_per_second", 0),
+        burst=table.integer("burst", 0),
+        bytes_per_second=table.number("bytes_per_second", 0),
+        consumer_messages_per_second=table.number("consumer_messages_per_second", 0),
+        consumer_bytes_per_second=table.number("consumer_bytes_per_second", 0),
+        connections_per_consumer=table.integer("connections_per_consumer", 0),
+        max_buffered_bytes=table.integer("max_buffered_bytes", defaults.max_buffered_bytes),
+        max_fragments=table.integer("max_fragments", defaults.max_fragments),
+        max_pending_control_frames=table.integer(
+            "max_pending_control_frames", defaults.max_pending_control_frames
+        ),
+    )
+    table.finish()
+    return limits
 
 
 def _app(name: str, where: str) -> type[SecureServerProtocol]:

@@ -73,10 +73,13 @@ class HandshakeRefused(TxWSSecError):
     @ivar reason: why, for the operator's log only.
     @ivar headers: extra response headers, such as C{WWW-Authenticate}.
     @ivar method: the authentication method that refused, if one did.
+    @ivar counter: the name under which the refusal is counted, when it is
+        a limit (C{"limit.max_connections"}...).
     """
 
     status = 400
     method: str | None = None
+    counter: str | None = None
 
     def __init__(
         self,
@@ -125,6 +128,12 @@ class TooManyRequests(HandshakeRefused):
     """429: this client has too many connections or handshakes."""
 
     status = 429
+
+
+class HeaderFieldsTooLarge(HandshakeRefused):
+    """431: the handshake's header block is too large or has too many lines."""
+
+    status = 431
 
 
 class ServiceUnavailable(HandshakeRefused):

@@ -39,3 +39,83 @@ class ConnectionCounter:
     def __len__(self) -> int:
         """How many keys have live connections."""
         return len(self._per_key)
+
+
+class TokenBucket:
+    """
+    A token bucket refilled lazily from a clock reading: C{rate} tokens per
+    second up to C{burst}. No timer runs; each L{take} costs one clock read.
+    """
+
+    __slots__ = ("_last", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._last = now
+
+    def take(self, amount: float, now: float) -> bool:
+        """
+        Take C{amount} tokens if available.
+
+        @return: whether they were available (if not, none are taken).
+        """
+        tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if tokens < amount:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - amount
+        return True
+
+
+class FailureWindow:
+    """
+    Counts events (failed authentications) per key over a sliding minute,
+    with a bound on how many keys it remembers.
+
+    Each key keeps a fixed-window pair (current and previous minute), and the
+    estimate is weighted like a sliding window: cheap and close enough.
+    """
+
+    def __init__(self, limit: int, window: float = 60.0, max_keys: int = 100_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_keys = max_keys
+        self._counts: dict[str, tuple[int, int, int]] = {}
+
+    def _estimate(self, key: str, now: float) -> tuple[int, int, int, float]:
+        slot = int(now // self.window)
+        stored_slot, current, previous = self._counts.get(key, (slot, 0, 0))
+        if stored_slot == slot - 1:
+            current, previous = 0, current
+        elif stored_slot != slot:
+            current, previous = 0, 0
+        elapsed = (now % self.window) / self.window
+        return slot, current, previous, current + previous * (1 - elapsed)
+
+    def record(self, key: str, now: float) -> None:
+        """Count one event for C{key}."""
+        slot, current, previous, _ = self._estimate(key, now)
+        if key not in self._counts and len(self._counts) >= self.max_keys:
+            self._forget_oldest()
+        self._counts[key] = (slot, current + 1, previous)
+
+    def blocked_for(self, key: str, now: float) -> float:
+        """
+        Seconds until C{key} may try again (0 when it may now).
+        """
+        if key not in self._counts:
+            return 0.0
+        estimate = self._estimate(key, now)[3]
+        if estimate < self.limit:
+            return 0.0
+        return self.window - (now % self.window)
+
+    def _forget_oldest(self) -> None:
+        # Dicts keep insertion order: the first key is the longest-known one.
+        del self._counts[next(iter(self._counts))]
+
+    def __len__(self) -> int:
+        return len(self._counts)

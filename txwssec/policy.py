@@ -19,6 +19,55 @@ if TYPE_CHECKING:
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
 
 
+#: Default cap on unsent bytes to a peer that stopped reading (4 MiB).
+DEFAULT_MAX_BUFFERED_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RouteLimits:
+    """
+    Traffic limits of a route. 0 turns a limit off.
+
+    @ivar messages_per_second: per-connection token bucket on messages;
+        pings and pongs count as messages. Beyond the burst: close 1008.
+    @ivar burst: bucket size in messages (0: one second's worth).
+    @ivar bytes_per_second: per-connection token bucket on frame payload
+        bytes as received. The bucket holds one second's worth, and never
+        less than the route's C{max_message_size}. Beyond: close 1008.
+    @ivar consumer_messages_per_second: like C{messages_per_second}, shared
+        by all of one consumer's connections on the route (same burst rule).
+    @ivar consumer_bytes_per_second: like C{bytes_per_second}, shared by all
+        of one consumer's connections on the route.
+    @ivar connections_per_consumer: open connections per consumer on the
+        route; beyond gives 429 at the handshake.
+    @ivar max_buffered_bytes: unsent bytes allowed to pile up for a peer that
+        does not read, on top of the transport's own buffer; beyond: close
+        1013 and the connection is aborted.
+    @ivar max_fragments: frames in one message; beyond: close 1008.
+    @ivar max_pending_control_frames: pings and pongs received while writes
+        to the peer are blocked; beyond: close 1008.
+    """
+
+    messages_per_second: float = 0
+    burst: int = 0
+    bytes_per_second: float = 0
+    consumer_messages_per_second: float = 0
+    consumer_bytes_per_second: float = 0
+    connections_per_consumer: int = 0
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES
+    max_fragments: int = 1024
+    max_pending_control_frames: int = 32
+
+    def message_burst(self, rate: float) -> float:
+        """The message bucket size for C{rate}."""
+        return float(self.burst) if self.burst else max(1.0, rate)
+
+    @staticmethod
+    def byte_burst(rate: float, max_message_size: int) -> float:
+        """The byte bucket size for C{rate}."""
+        return max(rate, float(max_message_size))
+
+
 @dataclass(frozen=True)
 class RoutePolicy:
     """
@@ -38,6 +87,10 @@ class RoutePolicy:
         closing 3008 (0: off). Pings and pongs do not count as activity.
     @ivar protocol: the L{SecureServerProtocol} subclass serving this route,
         or L{None} for the factory's C{protocol}.
+    @ivar limits: traffic limits (L{RouteLimits}).
+    @ivar compression: accept C{permessage-deflate}. Off by default; when on,
+        inflation stops at C{max_message_size} (a compression bomb closes
+        1009 without being inflated).
     """
 
     path: str
@@ -49,6 +102,8 @@ class RoutePolicy:
     max_lifetime: float = 0
     idle_timeout: float = 0
     protocol: type[SecureServerProtocol] | None = None
+    limits: RouteLimits = field(default_factory=RouteLimits)
+    compression: bool = False
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -84,6 +139,15 @@ class ServerPolicy:
     @ivar max_connections_per_ip: connections at once per client address;
         beyond gives 429 (0: off).
     @ivar trust_forwarded_for: X-Forwarded-For hops to believe (0: none).
+    @ivar auth_failures_per_minute: failed authentications per client
+        address per minute; beyond gives 429 with C{Retry-After} (0: off).
+    @ivar ping_interval: seconds between automatic pings to each peer (0:
+        off); a peer that does not answer within C{ping_timeout} is closed
+        with 3008.
+    @ivar ping_timeout: seconds to wait for the pong.
+    @ivar max_header_bytes: size of the handshake's header block; beyond
+        gives 431.
+    @ivar max_headers: header lines in the handshake; beyond gives 431.
     """
 
     routes: Sequence[RoutePolicy]
@@ -92,6 +156,11 @@ class ServerPolicy:
     max_connections: int = 10000
     max_connections_per_ip: int = 0
     trust_forwarded_for: int = 0
+    auth_failures_per_minute: int = 10
+    ping_interval: float = 30
+    ping_timeout: float = 10
+    max_header_bytes: int = 16384
+    max_headers: int = 100
     _by_path: dict[str, RoutePolicy] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -133,7 +202,11 @@ class ServerPolicy:
             "maxMessagePayloadSize": smallest,
             "requireMaskedClientFrames": True,
             "utf8validateIncoming": True,
-            "failByDrop": True,
+            # Send the close code (1002, 1007, 1008, 1009...) before closing,
+            # so clients learn why; the close timeout still bounds the wait.
+            "failByDrop": False,
+            "autoPingInterval": self.ping_interval,
+            "autoPingTimeout": self.ping_timeout,
             "echoCloseCodeReason": False,
             "trustXForwardedFor": self.trust_forwarded_for,
             # txwssec checks Origin itself, exactly (see txwssec.origin).

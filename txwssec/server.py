@@ -6,10 +6,12 @@ runs txwssec's pipeline (see L{SecureServerProtocol.secureHandshake}).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any, ClassVar
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
@@ -17,20 +19,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txwssec._reactor import default_reactor
+from txwssec.admission import Admission
 from txwssec.auth.chain import authenticate
 from txwssec.errors import (
     CloseCode,
     Forbidden,
     HandshakeRefused,
+    HeaderFieldsTooLarge,
     MalformedHandshake,
-    ServiceUnavailable,
-    TooManyRequests,
+    Unauthorized,
     http_refusal,
 )
 from txwssec.limits import ConnectionCounter
 from txwssec.policy import RoutePolicy, ServerPolicy
 from txwssec.session import Session
 from txwssec.subprotocols import select_subprotocol
+from txwssec.traffic import TrafficGuard, Violation
 from txwssec.types import HandshakeRequest
 
 
@@ -44,7 +48,11 @@ class SecureServerProtocol(WebSocketServerProtocol):
     when (C{session.expires_at}); C{self.route} is the route's policy.
 
     The session is closed with 3000 when its credentials expire, 3003 when
-    they are revoked, and 3008 after C{idle_timeout} without a message.
+    they are revoked, and 3008 after C{idle_timeout} without a message or
+    when a ping goes unanswered. The route's L{RouteLimits} close it with
+    1008 (rates, fragments, control frames), 1009 (message size) and 1013
+    (a peer that does not read). This protocol registers itself as the
+    transport's producer to learn when the peer stops reading.
     """
 
     #: Autobahn's logger for this protocol, pinned at "info" whatever txaio's
@@ -58,8 +66,11 @@ class SecureServerProtocol(WebSocketServerProtocol):
     route: RoutePolicy | None = None
     _refusal: HandshakeRefused | None = None
     _admitted_host: str | None = None
+    _consumer_admitted: bool = False
     _idle_timer: IDelayedCall | None = None
     _last_message: float = 0.0
+    _guard: TrafficGuard | None = None
+    _discard_writes: bool = False
 
     # -- the handshake pipeline -------------------------------------------
 
@@ -97,7 +108,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
         self._useRoute(route)
 
         # 2. connection admission (503, 429)
-        factory.admit(handshake.host)
+        factory.admission.admit(handshake.host, factory.clock.seconds())
         self._admitted_host = handshake.host
 
         # 3. Origin (403)
@@ -115,7 +126,11 @@ class SecureServerProtocol(WebSocketServerProtocol):
             refusal.method = principal.method
             raise refusal
 
-        # 5. per-consumer caps: see txwssec.limits (issue: abuse limits)
+        # 5. per-consumer caps (429)
+        consumer_buckets = factory.admission.admit_consumer(
+            route, principal.consumer, factory.clock.seconds()
+        )
+        self._consumer_admitted = True
 
         # 6. subprotocol: credentials consumed, never echoed
         subprotocol = select_subprotocol(handshake.subprotocols, route.subprotocols, accept)
@@ -124,6 +139,9 @@ class SecureServerProtocol(WebSocketServerProtocol):
         clock = factory.clock
         not_after = clock.seconds() + route.max_lifetime if route.max_lifetime else None
         self.session = Session(principal, accept.expires_at, route.path, clock, not_after)
+        self._guard = TrafficGuard(
+            route.limits, route.max_message_size, clock.seconds(), consumer_buckets
+        )
         expires_at = self.session.expires_at
         self.securityLog.info(
             "accepted {peer} on {route} as {consumer} by {method}",
@@ -162,9 +180,30 @@ class SecureServerProtocol(WebSocketServerProtocol):
             secure=ISSLTransport.providedBy(self.transport),
         )
 
+    def processHandshake(self) -> None:
+        """
+        Refuse an oversized header block (431) before Autobahn parses it,
+        however slowly it arrives.
+        """
+        policy = self.factory.policy
+        end = self.data.find(b"\r\n\r\n")
+        size = len(self.data) if end < 0 else end
+        if size > policy.max_header_bytes:
+            return self._refuse(HeaderFieldsTooLarge(f"header block over {size} bytes"))
+        if end >= 0 and self.data.count(b"\r\n", 0, end) > policy.max_headers:
+            return self._refuse(HeaderFieldsTooLarge("too many header lines"))
+        if end >= 0:
+            super().processHandshake()
+
+    def _refuse(self, refusal: HandshakeRefused) -> None:
+        self._refusal = refusal
+        self.failHandshake(refusal.reason, refusal.status)
+
     def _useRoute(self, route: RoutePolicy) -> None:
         for name, value in route.protocol_attributes().items():
             setattr(self, name, value)
+        if route.compression:
+            self.perMessageCompressionAccept = _acceptDeflate(route.max_message_size)
         if route.protocol is not None and type(self) is not route.protocol:
             # The route's application class takes over this connection before
             # any application code runs. Route classes are subclasses of
@@ -195,6 +234,12 @@ class SecureServerProtocol(WebSocketServerProtocol):
             refusal = HandshakeRefused(_redact(reason), headers, code)
         self._refusal = None
         self.wasNotCleanReason = "handshake refused"
+        factory = self.factory
+        factory.counters[f"handshake.refused.{refusal.status}"] += 1
+        if refusal.counter:
+            factory.counters[refusal.counter] += 1
+        if isinstance(refusal, Unauthorized) and self._admitted_host is not None:
+            factory.admission.authentication_failed(self._admitted_host, factory.clock.seconds())
         self.securityLog.info(
             "refused {peer} on {route} with {status} ({method}): {reason}",
             peer=self.peer,
@@ -203,7 +248,6 @@ class SecureServerProtocol(WebSocketServerProtocol):
             method=refusal.method,
             reason=refusal.reason,
         )
-        self.factory.refusals[refusal.status] = self.factory.refusals.get(refusal.status, 0) + 1
         self.sendData(http_refusal(refusal.status, refusal.headers))
         self.dropConnection(abort=False)
 
@@ -215,6 +259,8 @@ class SecureServerProtocol(WebSocketServerProtocol):
         if session is not None and route is not None:
             session.start(self._credentialsExpired)
             self.factory.sessionOpened(self)
+            self.factory.counters["session.opened"] += 1
+            self.registerProducer(self, True)
             if route.idle_timeout:
                 self._last_message = self.factory.clock.seconds()
                 self._idle_timer = self.factory.clock.callLater(
@@ -236,6 +282,80 @@ class SecureServerProtocol(WebSocketServerProtocol):
             return
         self._idle_timer = None
         self.endSession(CloseCode.TIMEOUT, "idle timeout", "idle")
+
+    # -- traffic limits ---------------------------------------------------
+
+    def onFrameBegin(self) -> None:
+        """Check each frame header against the route's limits first."""
+        guard = self._guard
+        if guard is not None and not self.failedByMe:
+            frame = self.current_frame
+            now = self.factory.clock.seconds() if guard.rated else 0.0
+            violation = guard.frame(frame.opcode, frame.length, not self.inside_message, now)
+            if violation is not None:
+                self._limitExceeded(violation)
+        super().onFrameBegin()
+
+    def _limitExceeded(self, violation: Violation) -> None:
+        self.factory.counters[violation.counter] += 1
+        self._logClose(violation.counter, violation.code)
+        self._fail_connection(violation.code, violation.reason)
+
+    def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
+        self.factory.counters["limit.max_message_size"] += 1
+        self._logClose("limit.max_message_size", CloseCode.MESSAGE_TOO_BIG)
+        self._fail_connection(CloseCode.MESSAGE_TOO_BIG, "message too big")
+
+    def onAutoPingTimeout(self) -> None:
+        """The peer did not answer a ping in time: close 3008."""
+        self.autoPingTimeoutCall = None
+        self.factory.counters["limit.ping_timeout"] += 1
+        self._logClose("limit.ping_timeout", CloseCode.TIMEOUT)
+        self._fail_connection(CloseCode.TIMEOUT, "ping timeout")
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: the peer is not keeping up."""
+        if self._guard is not None:
+            self._guard.blocked()
+
+    def resumeProducing(self) -> None:
+        """The transport's buffer drained."""
+        if self._guard is not None:
+            self._guard.unblocked()
+
+    def stopProducing(self) -> None:
+        """The connection is going away."""
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Write C{data}, unless the peer is too far behind (then close 1013)."""
+        if self._discard_writes:
+            return
+        guard = self._guard
+        if guard is not None and guard.wrote(len(data)):
+            self._slowConsumer()
+            return
+        super().sendData(data, sync, chopsize)
+
+    def _slowConsumer(self) -> None:
+        # The close frame is the last thing written; what the application
+        # sends after it is dropped, and the close timeout aborts the TCP
+        # connection if the peer never reads it.
+        self._guard = None
+        self.factory.counters["limit.max_buffered_bytes"] += 1
+        self._logClose("limit.max_buffered_bytes", CloseCode.TRY_AGAIN_LATER)
+        self._fail_connection(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+        self._discard_writes = True
+
+    def _logClose(self, limit: str, code: int) -> None:
+        session = self.session
+        self.securityLog.info(
+            "limit {limit}: closing {peer} on {route} ({consumer}) with {code}",
+            limit=limit,
+            peer=self.peer,
+            route=session.route if session else None,
+            consumer=session.consumer if session else None,
+            code=int(code),
+        )
 
     def _credentialsExpired(self) -> None:
         self.endSession(CloseCode.CREDENTIALS_EXPIRED, "credentials expired", "expired")
@@ -260,6 +380,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
         )
         if session is not None:
             session.stop()
+        self.factory.counters[f"session.{event}"] += 1
         self.sendClose(int(code), reason)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -270,9 +391,14 @@ class SecureServerProtocol(WebSocketServerProtocol):
         if self.session is not None:
             self.session.stop()
             self.factory.sessionClosed(self)
+        admission = self.factory.admission
+        if self._consumer_admitted and self.route is not None and self.session is not None:
+            admission.release_consumer(self.route, self.session.consumer)
+            self._consumer_admitted = False
         if self._admitted_host is not None:
-            self.factory.release(self._admitted_host)
+            admission.release(self._admitted_host)
             self._admitted_host = None
+        self._guard = None
         if reason is None:
             super().connectionLost()
         else:
@@ -285,7 +411,11 @@ class SecureServerFactory(WebSocketServerFactory):
 
     @ivar policy: the policy.
     @ivar clock: the reactor used for timers.
-    @ivar refusals: handshake refusals counted by HTTP status.
+    @ivar admission: connection counters and caps (L{Admission}).
+    @ivar counters: events by name: C{handshake.refused.<status>},
+        C{session.opened}, C{session.expired|revoked|idle}, and one
+        C{limit.<name>} per limit that refused a handshake or closed a
+        connection (C{limit.message_rate}, C{limit.max_buffered_bytes}...).
     """
 
     protocol = SecureServerProtocol  # type: ignore[assignment]
@@ -308,28 +438,14 @@ class SecureServerFactory(WebSocketServerFactory):
         self.policy = policy
         self.clock: IReactorTime = reactor
         self.setProtocolOptions(**policy.protocol_options())
-        self.connections = ConnectionCounter()
+        self.admission = Admission(policy)
         self.sessions: dict[str, set[SecureServerProtocol]] = {}
-        self.refusals: dict[int, int] = {}
+        self.counters: Counter[str] = Counter()
 
-    def admit(self, host: str) -> None:
-        """
-        Count a connection from C{host}, or refuse it.
-
-        @raise ServiceUnavailable: the server is at C{max_connections}.
-        @raise TooManyRequests: C{host} is at C{max_connections_per_ip}.
-        """
-        policy = self.policy
-        if policy.max_connections and self.connections.total >= policy.max_connections:
-            raise ServiceUnavailable("max_connections reached")
-        per_ip = policy.max_connections_per_ip
-        if per_ip and self.connections.count(host) >= per_ip:
-            raise TooManyRequests(f"max_connections_per_ip reached for {host}")
-        self.connections.acquire(host)
-
-    def release(self, host: str) -> None:
-        """Forget a connection counted by L{admit}."""
-        self.connections.release(host)
+    @property
+    def connections(self) -> ConnectionCounter:
+        """Admitted connections, in total and per client address."""
+        return self.admission.connections
 
     def sessionOpened(self, protocol: SecureServerProtocol) -> None:
         """Track an open session (for L{revoke})."""
@@ -356,6 +472,22 @@ class SecureServerFactory(WebSocketServerFactory):
         for protocol in live:
             protocol.revoke()
         return len(live)
+
+
+def _acceptDeflate(max_message_size: int) -> Any:
+    """
+    An Autobahn C{perMessageCompressionAccept} that accepts the client's
+    first permessage-deflate offer, with inflation bounded by the route's
+    message size.
+    """
+
+    def accept(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
+        for offer in offers:
+            if isinstance(offer, PerMessageDeflateOffer):
+                return PerMessageDeflateOfferAccept(offer, max_message_size=max_message_size)
+        return None
+
+    return accept
 
 
 def _peer_host(peer: str) -> str:
