@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -14,7 +15,23 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
+from txwssec.devcert import write_dev_certificates
+
 T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def example_dev_certificates() -> None:
+    """
+    examples/quickstart.toml serves wss:// with certificates made by the
+    README's set-up command (python -m txwssec make-dev-cert
+    examples/dev-certs); make them when a checkout has none yet.
+    """
+    folder = REPO / "examples" / "dev-certs"
+    if not (folder / "server.pem").exists():
+        write_dev_certificates(folder)
 
 
 def aio(awaitable: Awaitable[T]) -> Deferred[T]:

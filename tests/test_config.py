@@ -195,7 +195,7 @@ def test_wrong_type_or_value(change: Callable[[dict[str, Any]], object], message
 def test_unknown_auth_method_names_its_index() -> None:
     message = config_error(lambda d: d["route"][0].update(auth=["key", "kerberos"]))
     assert message == (
-        'route[0].auth[1]: unknown method "kerberos" (known: anonymous, basic, jwt, key)'
+        'route[0].auth[1]: unknown method "kerberos" (known: anonymous, basic, jwt, key, tls)'
     )
 
 
@@ -485,7 +485,7 @@ def test_load_reports_key_path(tmp_path: Path) -> None:
 
 FULL = """
 [server]
-listen = ["tcp:9080:interface=127.0.0.1", "tcp:9443:interface=::1"]
+listen = ["tcp:9080:interface=127.0.0.1", 'tcp6:9443:interface=\\:\\:1']
 trust_forwarded_for = 1
 handshake_timeout = 2.5
 max_connections = 100
@@ -560,7 +560,7 @@ def full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Config
 
 def test_full_server(full_config: tuple[Config, str]) -> None:
     config, _ = full_config
-    assert config.listen == ("tcp:9080:interface=127.0.0.1", "tcp:9443:interface=::1")
+    assert config.listen == ("tcp:9080:interface=127.0.0.1", r"tcp6:9443:interface=\:\:1")
     policy = config.policy
     assert policy.trust_forwarded_for == 1
     assert policy.handshake_timeout == 2.5
@@ -661,7 +661,9 @@ def test_jwt_secret_defaults() -> None:
 
 def test_quickstart_example_is_valid() -> None:
     config = load(Path(__file__).parent.parent / "examples" / "quickstart.toml")
-    assert config.listen == ("tcp:9080:interface=127.0.0.1",)
+    assert config.listen == ("tcp:9080:interface=127.0.0.1", "tls:9443:interface=127.0.0.1")
+    assert config.tls is not None
+    assert config.tls.settings.min_version == "1.2"
     assert [route.path for route in config.policy.routes] == ["/echo"]
 
 

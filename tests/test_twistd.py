@@ -22,6 +22,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 from websockets.typing import Origin, Subprotocol
 
+from txwssec.devcert import write_dev_certificates
+
 REPO = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).parent / "twistd"
 TIMEOUT = 15.0
@@ -45,12 +47,19 @@ def twistd_env() -> dict[str, str]:
     return env
 
 
-def quickstart(tmp_path: Path, port: int) -> Path:
-    """The shipped examples/quickstart.toml, listening on C{port}."""
+def quickstart(tmp_path: Path, port: int, tls_port: int | None = None) -> Path:
+    """
+    The shipped examples/quickstart.toml, listening on C{port} (ws) and
+    C{tls_port} (wss, a free port when not given), with development
+    certificates of its own in C{tmp_path/dev-certs}.
+    """
     text = (REPO / "examples" / "quickstart.toml").read_text()
     assert '"tcp:9080:interface=127.0.0.1"' in text
+    assert '"tls:9443:interface=127.0.0.1"' in text
+    write_dev_certificates(tmp_path / "dev-certs")
     path = tmp_path / "quickstart.toml"
-    path.write_text(text.replace("tcp:9080:", f"tcp:{port}:"))
+    text = text.replace("tcp:9080:", f"tcp:{port}:")
+    path.write_text(text.replace("tls:9443:", f"tls:{tls_port or free_port()}:"))
     return path
 
 
@@ -233,7 +242,7 @@ auth = ["key"]
         (
             'auth = ["key"]',
             'auth = ["key", "kerberos"]',
-            'route[0].auth[1]: unknown method "kerberos" (known: anonymous, basic, jwt, key)',
+            'route[0].auth[1]: unknown method "kerberos" (known: anonymous, basic, jwt, key, tls)',
         ),
         ('auth = ["key"]', "", "route[0].auth: is required"),
         (

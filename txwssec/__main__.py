@@ -4,6 +4,7 @@ C{python -m txwssec}: helper commands for operators.
   hash-password   read a password (prompted, or from standard input) and
                   print a hash for C{[[consumer]] password}
   check-config    validate a configuration file and exit
+  make-dev-cert   write a development CA, server and client certificates
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from pathlib import Path
 
 from txwssec.config import load
+from txwssec.devcert import write_dev_certificates
 from txwssec.errors import ConfigError
 from txwssec.passwords import hash_password
 
@@ -31,7 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     hashing.add_argument("--scheme", choices=("scrypt", "pbkdf2-sha256"), default="scrypt")
     checking = commands.add_parser("check-config", help="validate a configuration file")
     checking.add_argument("path")
+    making = commands.add_parser(
+        "make-dev-cert",
+        help="write a development CA + localhost certificate (DEVELOPMENT ONLY)",
+        description="Writes ca.pem/ca.key, server.pem/server.key (localhost, 127.0.0.1, ::1) "
+        "and client.pem/client.key (CN=dev-client) into FOLDER. For development only: "
+        "the CA key is written too, so anyone who reads it can mint trusted certificates.",
+    )
+    making.add_argument("folder", nargs="?", default="dev-certs")
     args = parser.parse_args(argv)
+
+    if args.command == "make-dev-cert":
+        for path in write_dev_certificates(Path(args.folder)):
+            print(path)
+        print("development certificates only: never use them in production", file=sys.stderr)
+        return 0
 
     if args.command == "hash-password":
         password = _read_password()

@@ -12,17 +12,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.interfaces import IStreamServerEndpoint
+
 from txwssec._schema import Table
 from txwssec.apps import BUILTIN_APPS
 from txwssec.auth.context import BuildContext
 from txwssec.auth.registry import builder_for, registered_names
-from txwssec.consumers import Consumer, ConsumerDirectory, parse_stored_key
+from txwssec.consumers import (
+    Consumer,
+    ConsumerDirectory,
+    normalise_subject,
+    parse_fingerprint,
+    parse_stored_key,
+)
 from txwssec.errors import ConfigError
 from txwssec.interfaces import Authenticator
+from txwssec.listen import Description, server_endpoint
 from txwssec.origin import OriginPolicy, parse_origin
 from txwssec.passwords import check_password_hash
 from txwssec.policy import RouteLimits, RoutePolicy, ServerPolicy
 from txwssec.server import SecureServerProtocol
+from txwssec.tls import ReloadingContextFactory, TLSSettings, TLSSettingsError
 
 
 @dataclass(frozen=True)
@@ -30,14 +40,20 @@ class Config:
     """
     A loaded configuration.
 
-    @ivar listen: Twisted server endpoint strings.
+    @ivar listen: listen descriptions (see L{txwssec.listen}).
     @ivar policy: the server policy with its routes.
     @ivar consumers: the consumers.
+    @ivar tls: the context factory of the C{[tls]} table, if any.
     """
 
     listen: tuple[str, ...]
     policy: ServerPolicy
     consumers: ConsumerDirectory
+    tls: ReloadingContextFactory | None = None
+
+    def endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
+        """One server endpoint per listen description."""
+        return [server_endpoint(reactor, description, self.tls) for description in self.listen]
 
 
 def load(path: str | Path) -> Config:
@@ -74,6 +90,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
     listen = server.strings("listen", ("tcp:9080:interface=127.0.0.1",))
     if not listen:
         raise server.error("listen", "needs at least one endpoint")
+    allow_plaintext = server.boolean("allow_plaintext", False)
     server_options = {
         "handshake_timeout": server.number("handshake_timeout", 5, minimum=0.1),
         "max_connections": server.integer("max_connections", 10000),
@@ -86,6 +103,8 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         "max_headers": server.integer("max_headers", 100, minimum=10),
     }
     server.finish()
+    tls = _tls(root.table("tls"), base_dir) if root.has("tls") else None
+    _check_listeners(listen, allow_plaintext, tls)
 
     consumers = _consumers(root.tables("consumer"))
     context = BuildContext(consumers=consumers, base_dir=base_dir)
@@ -96,8 +115,9 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
     authenticators = _Authenticators(auth_tables, context)
     routes: list[RoutePolicy] = []
     seen: dict[str, str] = {}
+    client_certificates = tls is not None and tls.settings.client_cert != "none"
     for table in routes_tables:
-        route = _route(table, authenticators, consumers)
+        route = _route(table, authenticators, consumers, client_certificates)
         if route.path in seen:
             raise table.error("path", f"duplicate path {route.path} (also {seen[route.path]})")
         seen[route.path] = table.path
@@ -108,7 +128,51 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         policy = ServerPolicy(routes=routes, **server_options)  # type: ignore[arg-type]
     except ValueError as error:
         raise ConfigError("route", str(error)) from None
-    return Config(listen=listen, policy=policy, consumers=consumers)
+    return Config(listen=listen, policy=policy, consumers=consumers, tls=tls)
+
+
+def _tls(table: Table, base_dir: Path) -> ReloadingContextFactory:
+    def path(key: str, required: bool = False) -> Path | None:
+        value = table.string(key, required=required)
+        return base_dir / value if value else None
+
+    cert, key = path("cert", required=True), path("key", required=True)
+    assert cert is not None and key is not None
+    try:
+        settings = TLSSettings(
+            cert=cert,
+            key=key,
+            chain=path("chain"),
+            min_version=table.string("min_version", "1.2"),
+            client_ca=path("client_ca"),
+            client_cert=table.string("client_cert", "none"),
+        )
+        table.finish()
+        return ReloadingContextFactory(settings)
+    except TLSSettingsError as error:
+        raise table.error(error.field, error.message) from None
+
+
+def _check_listeners(
+    listen: tuple[str, ...], allow_plaintext: bool, tls: ReloadingContextFactory | None
+) -> None:
+    for index, text in enumerate(listen):
+        where = f"server.listen[{index}]"
+        try:
+            description = Description.parse(text)
+            server_endpoint(_NoReactor(), text, tls)
+        except Exception as error:
+            raise ConfigError(where, f"invalid endpoint {text!r}: {error}") from None
+        if description.is_plaintext_off_loopback() and not allow_plaintext:
+            raise ConfigError(
+                where,
+                f"{text!r} is plain text on a non-loopback interface: use tls:PORT, "
+                "or set server.allow_plaintext = true behind a TLS-terminating proxy",
+            )
+
+
+class _NoReactor:
+    """Stands in for a reactor while endpoint strings are only parsed."""
 
 
 def _consumers(tables: list[Table]) -> ConsumerDirectory:
@@ -129,8 +193,20 @@ def _consumers(tables: list[Table]) -> ConsumerDirectory:
                 check_password_hash(password)
             except ValueError as error:
                 raise table.error("password", str(error)) from None
+        subjects: tuple[str, ...] = ()
+        fingerprints: tuple[bytes, ...] = ()
+        try:
+            if table.has("tls_subject"):
+                subjects = (normalise_subject(table.string("tls_subject")),)
+        except ValueError as error:
+            raise table.error("tls_subject", str(error)) from None
+        try:
+            if table.has("tls_fingerprint"):
+                fingerprints = (parse_fingerprint(table.string("tls_fingerprint")),)
+        except ValueError as error:
+            raise table.error("tls_fingerprint", str(error)) from None
         table.finish()
-        directory.add(Consumer(name, tuple(digests), password), table.path)
+        directory.add(Consumer(name, tuple(digests), password, subjects, fingerprints), table.path)
     return directory
 
 
@@ -165,7 +241,10 @@ class _Authenticators:
 
 
 def _route(
-    table: Table, authenticators: _Authenticators, consumers: ConsumerDirectory
+    table: Table,
+    authenticators: _Authenticators,
+    consumers: ConsumerDirectory,
+    client_certificates: bool,
 ) -> RoutePolicy:
     path = table.string("path", required=True)
     if not path.startswith("/"):
@@ -182,6 +261,11 @@ def _route(
         raise table.error("auth", 'needs at least one method (use "anonymous" to allow anyone)')
     if len(set(names)) != len(names):
         raise table.error("auth", "names a method twice")
+    if "tls" in names and not client_certificates:
+        raise ConfigError(
+            f"{table.key_path('auth')}[{names.index('tls')}]",
+            'the "tls" method needs [tls] client_ca and client_cert = "optional" or "required"',
+        )
     methods = [
         authenticators.get(name, f"{table.key_path('auth')}[{index}]")
         for index, name in enumerate(names)

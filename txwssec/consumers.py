@@ -9,6 +9,9 @@ import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
 from txwssec.errors import ConfigError
 
 _SHA256_PREFIX = "sha256:"
@@ -19,6 +22,43 @@ def key_digest(key: str) -> bytes:
     The SHA-256 digest under which an API key is stored and looked up.
     """
     return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def normalise_subject(subject: str) -> str:
+    """
+    The canonical RFC 4514 form of a distinguished name such as
+    C{"CN=alice, O=Example"}.
+
+    @raise ValueError: if C{subject} is not a distinguished name.
+    """
+    try:
+        name = x509.Name.from_rfc4514_string(subject)
+    except ValueError:
+        raise ValueError(
+            'not an RFC 4514 distinguished name (e.g. "CN=alice,O=Example")'
+        ) from None
+    if not len(name):
+        raise ValueError("empty distinguished name")
+    return name.rfc4514_string()
+
+
+def parse_fingerprint(text: str) -> bytes:
+    """
+    A SHA-256 certificate fingerprint from C{sha256:<hex>} (colons between
+    bytes allowed, as openssl prints them).
+
+    @raise ValueError: for anything else.
+    """
+    if not text.lower().startswith(_SHA256_PREFIX):
+        raise ValueError('fingerprint must be "sha256:<hex>"')
+    hex_digits = text[len(_SHA256_PREFIX) :].replace(":", "")
+    try:
+        digest = bytes.fromhex(hex_digits)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise ValueError("sha256: fingerprint must be 64 hex digits")
+    return digest
 
 
 def parse_stored_key(stored: str) -> bytes:
@@ -48,11 +88,17 @@ class Consumer:
     @ivar name: the consumer's name (its identity everywhere else).
     @ivar key_digests: SHA-256 digests of its API keys.
     @ivar password: its password hash for Basic auth (see L{txwssec.passwords}).
+    @ivar tls_subjects: client certificate subjects (RFC 4514 strings, as
+        normalised by L{normalise_subject}) that identify it.
+    @ivar tls_fingerprints: SHA-256 fingerprints of client certificates that
+        identify it.
     """
 
     name: str
     key_digests: tuple[bytes, ...] = ()
     password: str | None = None
+    tls_subjects: tuple[str, ...] = ()
+    tls_fingerprints: tuple[bytes, ...] = ()
 
 
 class ConsumerDirectory:
@@ -67,6 +113,8 @@ class ConsumerDirectory:
     def __init__(self, consumers: Iterable[Consumer] = ()) -> None:
         self._by_name: dict[str, Consumer] = {}
         self._by_digest: dict[bytes, Consumer] = {}
+        self._by_subject: dict[str, Consumer] = {}
+        self._by_fingerprint: dict[bytes, Consumer] = {}
         for consumer in consumers:
             self.add(consumer)
 
@@ -82,9 +130,26 @@ class ConsumerDirectory:
                     f"{path}.keys[{index}]",
                     f'key already belongs to consumer "{self._by_digest[digest].name}"',
                 )
+        for subject in consumer.tls_subjects:
+            if subject in self._by_subject:
+                raise ConfigError(
+                    f"{path}.tls_subject",
+                    f'subject already belongs to consumer "{self._by_subject[subject].name}"',
+                )
+        for fingerprint in consumer.tls_fingerprints:
+            if fingerprint in self._by_fingerprint:
+                raise ConfigError(
+                    f"{path}.tls_fingerprint",
+                    "fingerprint already belongs to consumer "
+                    f'"{self._by_fingerprint[fingerprint].name}"',
+                )
         self._by_name[consumer.name] = consumer
         for digest in consumer.key_digests:
             self._by_digest[digest] = consumer
+        for subject in consumer.tls_subjects:
+            self._by_subject[subject] = consumer
+        for fingerprint in consumer.tls_fingerprints:
+            self._by_fingerprint[fingerprint] = consumer
 
     def by_name(self, name: str) -> Consumer | None:
         """The consumer called C{name}, if any."""
@@ -100,6 +165,17 @@ class ConsumerDirectory:
             if hmac.compare_digest(stored, digest):
                 return consumer
         return None
+
+    def by_certificate(self, certificate: x509.Certificate) -> Consumer | None:
+        """
+        The consumer identified by a client certificate: by its SHA-256
+        fingerprint first, then by its subject.
+        """
+        fingerprint = certificate.fingerprint(hashes.SHA256())
+        consumer = self._by_fingerprint.get(fingerprint)
+        if consumer is not None:
+            return consumer
+        return self._by_subject.get(certificate.subject.rfc4514_string())
 
     def names(self) -> Mapping[str, Consumer]:
         """All consumers by name."""

@@ -6,12 +6,19 @@ runs txwssec's pipeline (see L{SecureServerProtocol.secureHandshake}).
 from __future__ import annotations
 
 import re
+import zlib
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import txaio
+from autobahn.exception import PayloadCorruptError, PayloadExceededError
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from autobahn.websocket.compress import (
+    PerMessageDeflate,
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+)
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
@@ -34,6 +41,7 @@ from txwssec.limits import ConnectionCounter
 from txwssec.policy import RoutePolicy, ServerPolicy
 from txwssec.session import Session
 from txwssec.subprotocols import select_subprotocol
+from txwssec.tls import peer_certificate
 from txwssec.traffic import TrafficGuard, Violation
 from txwssec.types import HandshakeRequest
 
@@ -66,6 +74,9 @@ class SecureServerProtocol(WebSocketServerProtocol):
     route: RoutePolicy | None = None
     _refusal: HandshakeRefused | None = None
     _admitted_host: str | None = None
+    #: The admitted address, kept after release: a failed authentication
+    #: counts even if the client reset the connection before the verdict.
+    _client_host: str | None = None
     _consumer_admitted: bool = False
     _idle_timer: IDelayedCall | None = None
     _last_message: float = 0.0
@@ -109,7 +120,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
 
         # 2. connection admission (503, 429)
         factory.admission.admit(handshake.host, factory.clock.seconds())
-        self._admitted_host = handshake.host
+        self._admitted_host = self._client_host = handshake.host
 
         # 3. Origin (403)
         origin = handshake.header_values("origin")
@@ -120,6 +131,10 @@ class SecureServerProtocol(WebSocketServerProtocol):
 
         # 4. authentication (401, 403)
         accept = await authenticate(route.authenticators, handshake)
+        if self.state == self.STATE_CLOSED:
+            # The client went away while the authentication ran: admit the
+            # consumer and open nothing (connectionLost released the rest).
+            raise HandshakeRefused("connection lost during authentication")
         principal = accept.principal
         if route.consumers is not None and principal.consumer not in route.consumers:
             refusal = Forbidden(f"consumer {principal.consumer!r} not allowed on route")
@@ -178,6 +193,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
             headers=tuple(headers),
             subprotocols=tuple(request.protocols),
             secure=ISSLTransport.providedBy(self.transport),
+            peer_certificate=peer_certificate(self.transport),
         )
 
     def processHandshake(self) -> None:
@@ -187,7 +203,15 @@ class SecureServerProtocol(WebSocketServerProtocol):
         """
         policy = self.factory.policy
         end = self.data.find(b"\r\n\r\n")
-        size = len(self.data) if end < 0 else end
+        size = end
+        if end < 0:
+            # Bytes that may begin the final CRLFCRLF are not part of the
+            # block: a block of exactly the limit passes however it is split.
+            size = len(self.data)
+            for tail in (b"\r\n\r", b"\r\n", b"\r"):
+                if self.data.endswith(tail):
+                    size -= len(tail)
+                    break
         if size > policy.max_header_bytes:
             return self._refuse(HeaderFieldsTooLarge(f"header block over {size} bytes"))
         if end >= 0 and self.data.count(b"\r\n", 0, end) > policy.max_headers:
@@ -238,8 +262,8 @@ class SecureServerProtocol(WebSocketServerProtocol):
         factory.counters[f"handshake.refused.{refusal.status}"] += 1
         if refusal.counter:
             factory.counters[refusal.counter] += 1
-        if isinstance(refusal, Unauthorized) and self._admitted_host is not None:
-            factory.admission.authentication_failed(self._admitted_host, factory.clock.seconds())
+        if isinstance(refusal, Unauthorized) and self._client_host is not None:
+            factory.admission.authentication_failed(self._client_host, factory.clock.seconds())
         self.securityLog.info(
             "refused {peer} on {route} with {status} ({method}): {reason}",
             peer=self.peer,
@@ -254,6 +278,10 @@ class SecureServerProtocol(WebSocketServerProtocol):
     # -- the open session -------------------------------------------------
 
     def _onOpen(self) -> None:
+        deflate: Any = self._perMessageCompress
+        if type(deflate) is PerMessageDeflate:
+            # Same object and state, inflation that cannot truncate.
+            deflate.__class__ = _BoundedDeflate
         session = self.session
         route = self.route
         if session is not None and route is not None:
@@ -294,6 +322,22 @@ class SecureServerProtocol(WebSocketServerProtocol):
             violation = guard.frame(frame.opcode, frame.length, not self.inside_message, now)
             if violation is not None:
                 self._limitExceeded(violation)
+        frame = self.current_frame
+        route = self.route
+        if (
+            self._perMessageCompress is not None
+            and route is not None
+            and frame.opcode < 8
+            and not self.inside_message
+        ):
+            # A compressed message is limited by its inflated size, exactly
+            # (by _BoundedDeflate). On the wire it can be a little longer (an
+            # incompressible one): Autobahn's own checks, which count wire
+            # bytes, get deflate's worst case for it instead of the limit.
+            size = route.max_message_size
+            if frame.rsv == 4:
+                size = _deflated_bound(size)
+            self.maxMessagePayloadSize = self.maxFramePayloadSize = size
         super().onFrameBegin()
 
     def _limitExceeded(self, violation: Violation) -> None:
@@ -309,6 +353,11 @@ class SecureServerProtocol(WebSocketServerProtocol):
     def onAutoPingTimeout(self) -> None:
         """The peer did not answer a ping in time: close 3008."""
         self.autoPingTimeoutCall = None
+        # Forget the ping: a pong arriving late must not re-arm auto-ping
+        # (and a second timeout) while the close handshake runs.
+        self.autoPingPending = None
+        if self.state != self.STATE_OPEN:
+            return
         self.factory.counters["limit.ping_timeout"] += 1
         self._logClose("limit.ping_timeout", CloseCode.TIMEOUT)
         self._fail_connection(CloseCode.TIMEOUT, "ping timeout")
@@ -438,6 +487,7 @@ class SecureServerFactory(WebSocketServerFactory):
         self.policy = policy
         self.clock: IReactorTime = reactor
         self.setProtocolOptions(**policy.protocol_options())
+        self._batched_timer = _Timers()
         self.admission = Admission(policy)
         self.sessions: dict[str, set[SecureServerProtocol]] = {}
         self.counters: Counter[str] = Counter()
@@ -472,6 +522,71 @@ class SecureServerFactory(WebSocketServerFactory):
         for protocol in live:
             protocol.revoke()
         return len(live)
+
+
+class _Timers:
+    """
+    Autobahn's per-connection timers (opening and closing handshake,
+    auto-ping), on txaio's reactor like before, but exact: txaio's batched
+    timer, Autobahn's default, rounds every deadline down to a whole second,
+    so a 1 s handshake timeout could fire at once and a 0.5 s ping timeout
+    before any pong could arrive.
+    """
+
+    def call_later(self, delay: float, func: Callable[..., object], *args: Any) -> _TimerCall:
+        return _TimerCall(txaio.call_later(delay, func, *args))  # type: ignore[attr-defined]
+
+
+class _TimerCall:
+    """A timer that, like txaio's batched calls, may be cancelled twice."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: IDelayedCall) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+class _BoundedDeflate(PerMessageDeflate):
+    """
+    Autobahn's permessage-deflate, with inflation that cannot silently
+    truncate a message.
+
+    Autobahn asks zlib for at most the remaining budget and calls leftover
+    compressed input "too big"; but zlib can take all the input while
+    output is still pending in its state (the end of a back-reference), and
+    that output was then dropped with the message's flush trailer: a
+    message of limit+1 zeros was delivered as limit bytes. Asking for one
+    byte more than the budget makes any excess visible.
+    """
+
+    def decompress_message_data(self, data: bytes, max_output_len: int | None = None) -> bytes:
+        if self.max_message_size is None:
+            return super().decompress_message_data(data, max_output_len)  # type: ignore[no-any-return]
+        budget = self.max_message_size - self._decompress_message_size
+        if max_output_len is not None:
+            budget = min(budget, max_output_len)
+        inflater: Any = self._decompressor
+        try:
+            inflated: bytes = inflater.decompress(data, max(budget, 0) + 1)
+        except zlib.error as e:
+            raise PayloadCorruptError(f"invalid permessage-deflate data: {e}") from e
+        if len(inflated) > budget:
+            raise PayloadExceededError("message over max_message_size once inflated")
+        self._decompress_message_size += len(inflated)
+        return inflated
+
+
+def _deflated_bound(size: int) -> int:
+    """
+    The most wire bytes a deflated message of C{size} bytes can take: zlib's
+    worst case for any settings (deflateBound: size/8 + size/64 + 5 more),
+    plus 16 KiB for the sync-flush markers clients may end frames with.
+    """
+    return size + ((size + 7) >> 3) + ((size + 63) >> 6) + 5 + 16384
 
 
 def _acceptDeflate(max_message_size: int) -> Any:

@@ -4,11 +4,11 @@ C{twistd wssec}: run txwssec from a TOML configuration file.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
-from twisted.internet import endpoints
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -17,6 +17,7 @@ from twisted.python import usage
 from txwssec.config import Config, load
 from txwssec.errors import ConfigError
 from txwssec.server import SecureServerFactory
+from txwssec.tls import reload_certificates
 
 
 class Options(usage.Options):
@@ -43,13 +44,6 @@ class Options(usage.Options):
             self.config = load(path)
         except ConfigError as error:
             raise usage.UsageError(f"{path}: {error}") from None
-        for index, description in enumerate(self.config.listen):
-            try:
-                endpoints.serverFromString(_NoReactor(), description)
-            except Exception as error:  # plugins and file options raise anything
-                raise usage.UsageError(
-                    f"{path}: server.listen[{index}]: invalid endpoint {description!r}: {error}"
-                ) from None
 
 
 class ListenFailed(SystemExit, Exception):
@@ -105,21 +99,44 @@ class ListeningService(StreamServerEndpointService):
         return port
 
 
+class CertificateReloader(Service):
+    """
+    Reloads TLS certificates on SIGHUP: new connections get the new
+    certificate, live ones keep theirs. A certificate that fails to load is
+    logged and the old one stays in use.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._onSignal)
+
+    def stopService(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()  # type: ignore[no-any-return]
+
+    def _onSignal(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(reload_certificates)
+
+
 def makeService(options: Options) -> IService:
     """
     Build the service tree: one listening service per C{[server] listen}
-    entry, all sharing one L{SecureServerFactory}.
+    entry, all sharing one L{SecureServerFactory}, and a SIGHUP certificate
+    reloader when TLS is configured.
     """
     from twisted.internet import reactor
 
     config = options.config
     factory = SecureServerFactory(config.policy, reactor=reactor)
     service = MultiService()
-    for description in config.listen:
-        endpoint = endpoints.serverFromString(reactor, description)
+    for description, endpoint in zip(config.listen, config.endpoints(reactor), strict=True):
         ListeningService(endpoint, factory, description).setServiceParent(service)
+    if config.tls is not None:
+        CertificateReloader(reactor).setServiceParent(service)
     return service
-
-
-class _NoReactor:
-    """Stands in for a reactor while endpoint strings are only parsed."""

@@ -120,8 +120,11 @@ class TrafficGuard:
 
     def blocked(self) -> None:
         """The transport's buffer is full: start counting what piles up."""
-        self.writes_blocked = True
-        self.buffered = 0
+        # Twisted calls pauseProducing on every write while its buffer is
+        # full, not only the first time: keep counting from the first call.
+        if not self.writes_blocked:
+            self.writes_blocked = True
+            self.buffered = 0
 
     def unblocked(self) -> None:
         """The peer caught up."""

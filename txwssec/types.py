@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 
 def _no_claims() -> Mapping[str, Any]:
@@ -29,6 +32,8 @@ class HandshakeRequest:
     @ivar headers: every header line in arrival order, names lower-cased.
     @ivar subprotocols: the entries of C{Sec-WebSocket-Protocol}, in order.
     @ivar secure: whether the connection arrived over TLS.
+    @ivar peer_certificate: the client certificate presented over TLS and
+        verified by OpenSSL against the listener's C{client_ca}, or L{None}.
     """
 
     peer: str
@@ -38,6 +43,7 @@ class HandshakeRequest:
     headers: tuple[tuple[str, str], ...]
     subprotocols: tuple[str, ...]
     secure: bool = False
+    peer_certificate: x509.Certificate | None = None
 
     def header_values(self, name: str) -> tuple[str, ...]:
         """

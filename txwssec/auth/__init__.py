@@ -17,6 +17,7 @@ from txwssec.auth.registry import (
     register_authenticator,
     registered_names,
 )
+from txwssec.auth.tls import TLSClientCertificateAuthenticator
 
 __all__ = [
     "AnonymousAuthenticator",
@@ -25,6 +26,7 @@ __all__ = [
     "BuildContext",
     "JWTAuthenticator",
     "KeyAuthenticator",
+    "TLSClientCertificateAuthenticator",
     "builder_for",
     "register_authenticator",
     "registered_names",

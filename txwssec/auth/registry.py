@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from txwssec._schema import Table
-from txwssec.auth import anonymous, basic, jwt, keys
+from txwssec.auth import anonymous, basic, jwt, keys, tls
 from txwssec.auth.context import BuildContext
 from txwssec.interfaces import Authenticator
 
@@ -47,6 +47,7 @@ def _register_builtins() -> None:
     register_authenticator("basic", basic.build)
     register_authenticator("jwt", jwt.build)
     register_authenticator("key", keys.build)
+    register_authenticator("tls", tls.build)
 
 
 _register_builtins()

@@ -1,0 +1,295 @@
+"""
+The secure client: an Autobahn client factory and protocol that attach
+credentials the way a txwssec server expects them, verify wss:// servers
+with service_identity, and report expired credentials as their own event.
+
+    factory = SecureClientFactory(
+        "wss://ws.example.com/echo",
+        credentials=ApiKey("my-key"),
+        tls=ClientTLS(ca_file="ca.pem"),
+    )
+    factory.protocol = MyProtocol
+    protocol = await factory.connect()
+    await protocol.opened
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import quote, urlsplit
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.types import ConnectionResponse
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txwssec._reactor import default_reactor
+from txwssec.errors import CloseCode
+from txwssec.policy import DEFAULT_MAX_MESSAGE_SIZE
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """
+    What a client sends to authenticate: headers, C{Sec-WebSocket-Protocol}
+    entries (after the application's), and query parameters.
+    """
+
+    headers: tuple[tuple[str, str], ...] = ()
+    subprotocols: tuple[str, ...] = ()
+    query: tuple[tuple[str, str], ...] = ()
+
+
+def ApiKey(
+    key: str,
+    *,
+    via: str = "header",
+    header: str = "apikey",
+    marker: str = "token",
+    parameter: str = "apikey",
+) -> Credentials:
+    """
+    An API key, sent in a header (default), in C{Sec-WebSocket-Protocol}
+    as C{token, <key>} (C{via="subprotocol"}, as a browser would), or in the
+    query string (C{via="query"}; only if the server enabled it).
+    """
+    return _carried(key, via, header, key, marker, parameter)
+
+
+def BearerToken(
+    token: str,
+    *,
+    via: str = "header",
+    header: str = "Authorization",
+    marker: str = "bearer",
+    parameter: str = "access_token",
+) -> Credentials:
+    """
+    A JWT (or other bearer token): C{Authorization: Bearer <token>} by
+    default, or C{Sec-WebSocket-Protocol: bearer, <token>}, or a query
+    parameter.
+    """
+    value = f"Bearer {token}" if header.lower() == "authorization" else token
+    return _carried(token, via, header, value, marker, parameter)
+
+
+def BasicCredentials(user: str, password: str) -> Credentials:
+    """HTTP Basic credentials."""
+    encoded = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return Credentials(headers=(("Authorization", f"Basic {encoded}"),))
+
+
+def _carried(
+    secret: str, via: str, header: str, header_value: str, marker: str, parameter: str
+) -> Credentials:
+    if via == "header":
+        return Credentials(headers=((header, header_value),))
+    if via == "subprotocol":
+        return Credentials(subprotocols=(marker, secret))
+    if via == "query":
+        return Credentials(query=((parameter, secret),))
+    raise ValueError(f'via must be "header", "subprotocol" or "query", not {via!r}')
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """
+    How to check a wss:// server, and the client certificate to present.
+
+    @ivar ca_file: PEM bundle of CAs to trust instead of the system's.
+    @ivar client_cert: PEM file with the client certificate (mutual TLS).
+    @ivar client_key: PEM file with its private key (may be C{client_cert}).
+    @ivar hostname: the name to verify, when it differs from the URL's host.
+    @ivar insecure: skip verification. Never the default; logged as a
+        warning on every connection.
+    """
+
+    ca_file: Path | str | None = None
+    client_cert: Path | str | None = None
+    client_key: Path | str | None = None
+    hostname: str | None = None
+    insecure: bool = False
+
+
+class SecureClientProtocol(WebSocketClientProtocol):
+    """
+    A WebSocket client protocol with two Deferreds and an expiry hook:
+
+      - C{opened} fires (with the protocol) when the WebSocket is open;
+      - C{closed} fires with C{(wasClean, code, reason)} when it ends;
+      - L{onCredentialsExpired} is called when the server closes with 3000.
+
+    Override C{onOpen}, C{onMessage} and C{onClose} as usual.
+    """
+
+    securityLog: ClassVar[Logger] = Logger(namespace="txwssec.client")
+    factory: SecureClientFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: Deferred[SecureClientProtocol] = Deferred()
+        self.closed: Deferred[tuple[bool, int | None, str | None]] = Deferred()
+
+    def _onOpen(self) -> None:
+        super()._onOpen()
+        if not self.opened.called:
+            self.opened.callback(self)
+
+    def _onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        try:
+            if code == CloseCode.CREDENTIALS_EXPIRED:
+                self.onCredentialsExpired()
+            super()._onClose(wasClean, code, reason)
+        finally:
+            if not self.opened.called:
+                self.opened.errback(
+                    Failure(ConnectionError(f"connection closed before opening: {reason}"))
+                )
+            if not self.closed.called:
+                self.closed.callback((wasClean, code, reason))
+
+    def onCredentialsExpired(self) -> None:
+        """
+        The server ended the session because its credentials expired (3000).
+        By default this calls the factory's C{on_credentials_expired}, if
+        any; override it to fetch a new token and reconnect.
+        """
+        callback = self.factory.on_credentials_expired
+        if callback is not None:
+            callback(self)
+
+    def onConnect(self, response: ConnectionResponse) -> None:
+        """Remember the server's answer (subprotocol, headers)."""
+        self.response = response
+
+
+class SecureClientFactory(WebSocketClientFactory):
+    """
+    A WebSocket client factory for txwssec (or any secure) servers.
+
+    @param url: C{ws://} or C{wss://} URL.
+    @param credentials: from L{ApiKey}, L{BearerToken}, L{BasicCredentials}.
+    @param subprotocols: application subprotocols, preferred first; a
+        credential carried in C{Sec-WebSocket-Protocol} comes after them.
+    @param tls: server verification and client certificate for wss://.
+    @param max_message_size: largest message accepted from the server.
+    @param on_credentials_expired: called with the protocol on close 3000.
+    """
+
+    protocol = SecureClientProtocol  # type: ignore[assignment]
+    log = Logger(namespace="txwssec.client")
+
+    def __init__(
+        self,
+        url: str,
+        credentials: Credentials | None = None,
+        *,
+        subprotocols: Sequence[str] = (),
+        tls: ClientTLS | None = None,
+        origin: str | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        handshake_timeout: float = 10,
+        on_credentials_expired: Any = None,
+        reactor: Any = None,
+    ) -> None:
+        credentials = credentials or Credentials()
+        url = _with_query(url, credentials.query)
+        super().__init__(
+            url,
+            origin=origin,
+            protocols=[*subprotocols, *credentials.subprotocols],
+            headers=dict(credentials.headers),
+            reactor=reactor or default_reactor(),
+        )
+        self.setProtocolOptions(
+            maxFramePayloadSize=max_message_size,
+            maxMessagePayloadSize=max_message_size,
+            openHandshakeTimeout=handshake_timeout,
+            closeHandshakeTimeout=1,
+            failByDrop=False,
+        )
+        self.tls = tls or ClientTLS()
+        self.on_credentials_expired = on_credentials_expired
+
+    def endpoint(self) -> IStreamClientEndpoint:
+        """The client endpoint: TCP, wrapped in verified TLS for wss://."""
+        tcp = HostnameEndpoint(self.reactor, self.host, self.port)
+        if not self.isSecure:
+            return tcp
+        return wrapClientTLS(self.tls_options(), tcp)
+
+    def tls_options(self) -> Any:
+        """
+        Client TLS options: hostname or IP address verified with
+        service_identity against the system's CAs or C{tls.ca_file}.
+        """
+        tls = self.tls
+        client_certificate = None
+        if tls.client_cert is not None:
+            cert_pem = Path(tls.client_cert).read_bytes()
+            key_pem = Path(tls.client_key or tls.client_cert).read_bytes()
+            client_certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        if tls.insecure:
+            self.log.warn(
+                "TLS verification is OFF for {url}: anyone on the path can read and "
+                "change this connection",
+                url=self.url,
+            )
+            extra: dict[str, Any] = {}
+            if client_certificate is not None:
+                extra = {
+                    "privateKey": client_certificate.privateKey.original,
+                    "certificate": client_certificate.original,
+                }
+            return ssl.CertificateOptions(verify=False, **extra)
+        trust_root: Any = None
+        if tls.ca_file is not None:
+            trust_root = ssl.trustRootFromCertificates(
+                [ssl.Certificate.loadPEM(pem) for pem in _pem_blocks(Path(tls.ca_file))]
+            )
+        return ssl.optionsForClientTLS(
+            tls.hostname or self.host,
+            trustRoot=trust_root,
+            clientCertificate=client_certificate,
+        )
+
+    def connect(self) -> Deferred[SecureClientProtocol]:
+        """
+        Connect; fires with the protocol once TCP (and TLS) is up. Wait on
+        C{protocol.opened} for the WebSocket handshake.
+        """
+        return self.endpoint().connect(self)  # type: ignore[return-value]
+
+
+def _with_query(url: str, query: tuple[tuple[str, str], ...]) -> str:
+    if not query:
+        return url
+    parts = urlsplit(url)
+    extra = "&".join(f"{quote(k)}={quote(v, safe='')}" for k, v in query)
+    joined = f"{parts.query}&{extra}" if parts.query else extra
+    return parts._replace(query=joined).geturl()
+
+
+def _pem_blocks(path: Path) -> list[bytes]:
+    text = path.read_bytes()
+    marker = b"-----END CERTIFICATE-----"
+    return [block + marker for block in text.split(marker) if b"-----BEGIN" in block]
+
+
+__all__ = [
+    "ApiKey",
+    "BasicCredentials",
+    "BearerToken",
+    "ClientTLS",
+    "Credentials",
+    "SecureClientFactory",
+    "SecureClientProtocol",
+]

@@ -1,0 +1,268 @@
+"""
+TLS for servers: hardened pyOpenSSL contexts built with Twisted's
+L{CertificateOptions}, reloadable certificates, and the C{wss:} server
+endpoint.
+
+Twisted ships its own C{tls:} server endpoint (a directory of PEM files for
+SNI); two endpoint plugins cannot share a prefix, so txwssec's endpoint is
+C{wss:}::
+
+    serverFromString(reactor, "wss:8443:cert=server.pem:key=server.key")
+    serverFromString(reactor, "wss:8443:interface=127.0.0.1:cert=s.pem:key=s.key"
+                              ":clientCA=ca.pem:clientCert=required:minVersion=1.3")
+
+In the configuration file, C{listen = ["tls:8443"]} uses the C{[tls]} table
+and becomes such an endpoint.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+from OpenSSL.crypto import X509, PKey
+from twisted.internet import ssl
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.interfaces import IOpenSSLContextFactory, IStreamServerEndpointStringParser
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+#: TLS 1.2 suites: ephemeral ECDH key exchange and AEAD ciphers only. (TLS
+#: 1.3 suites are all AEAD with ephemeral key exchange.)
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+CLIENT_CERT_MODES = ("none", "optional", "required")
+
+log = Logger(namespace="txwssec.tls")
+
+
+class TLSSettingsError(ValueError):
+    """
+    A TLS setting is unusable.
+
+    @ivar field: the setting's name (C{cert}, C{key}, C{client_ca}...).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """
+    What a TLS listener needs.
+
+    @ivar cert: PEM file with the server certificate, optionally followed by
+        its intermediate certificates.
+    @ivar key: PEM file with the private key.
+    @ivar chain: optional PEM file with more intermediate certificates.
+    @ivar min_version: C{"1.2"} or C{"1.3"}.
+    @ivar client_ca: PEM file with the CAs that client certificates must
+        chain to (mutual TLS), or L{None}.
+    @ivar client_cert: C{"none"}, C{"optional"} or C{"required"}.
+    """
+
+    cert: Path
+    key: Path
+    chain: Path | None = None
+    min_version: str = "1.2"
+    client_ca: Path | None = None
+    client_cert: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.min_version not in TLS_VERSIONS:
+            raise TLSSettingsError("min_version", 'must be "1.2" or "1.3"')
+        if self.client_cert not in CLIENT_CERT_MODES:
+            raise TLSSettingsError("client_cert", 'must be "none", "optional" or "required"')
+        if self.client_cert != "none" and self.client_ca is None:
+            raise TLSSettingsError(
+                "client_ca", f'is required with client_cert = "{self.client_cert}"'
+            )
+
+
+def _read(path: Path, field: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise TLSSettingsError(field, f"cannot read {path}: {error.strerror}") from None
+
+
+def load_certificates(path: Path, field: str) -> list[x509.Certificate]:
+    """Every certificate in the PEM file at C{path}."""
+    try:
+        certificates = x509.load_pem_x509_certificates(_read(path, field))
+    except ValueError:
+        raise TLSSettingsError(field, f"{path} holds no PEM certificate") from None
+    return certificates
+
+
+def certificate_options(settings: TLSSettings) -> ssl.CertificateOptions:
+    """
+    Build hardened server options: TLS 1.2 or 1.3 minimum, ECDHE + AEAD
+    suites, no compression, server cipher preference (set by Twisted), no
+    renegotiation, a server-side session cache, client certificates checked
+    against C{client_ca} when asked for.
+
+    @raise TLSSettingsError: naming the setting that is unusable.
+    """
+    chain = load_certificates(settings.cert, "cert")
+    if settings.chain is not None:
+        chain += load_certificates(settings.chain, "chain")
+    try:
+        key = serialization.load_pem_private_key(_read(settings.key, "key"), password=None)
+    except (ValueError, TypeError):
+        raise TLSSettingsError(
+            "key", f"{settings.key} holds no unencrypted PEM private key"
+        ) from None
+    verify_options: dict[str, Any] = {}
+    cas: list[x509.Certificate] = []
+    if settings.client_cert != "none":
+        assert settings.client_ca is not None
+        cas = load_certificates(settings.client_ca, "client_ca")
+        verify_options = {
+            "verify": True,
+            "caCerts": [X509.from_cryptography(ca) for ca in cas],
+            "requireCertificate": settings.client_cert == "required",
+        }
+    options = ssl.CertificateOptions(
+        privateKey=PKey.from_cryptography_key(key),  # type: ignore[arg-type]
+        certificate=X509.from_cryptography(chain[0]),
+        extraCertChain=[X509.from_cryptography(c) for c in chain[1:]],
+        raiseMinimumTo=TLS_VERSIONS[settings.min_version],
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+        enableSessions=True,
+        **verify_options,
+    )
+    try:
+        context = options.getContext()
+    except SSL.Error:
+        raise TLSSettingsError("key", "does not match the certificate") from None
+    context.set_options(SSL.OP_NO_RENEGOTIATION)
+    for ca in cas:
+        # Tell clients which CAs we accept, so they pick the right certificate.
+        context.add_client_ca(ca)
+    return options
+
+
+@implementer(IOpenSSLContextFactory)
+class ReloadingContextFactory:
+    """
+    A server context factory whose certificate can be replaced while the
+    server runs: each new connection gets the current context, live
+    connections keep theirs.
+
+    Every instance is remembered (weakly) so that L{reload_certificates}
+    (called on SIGHUP by C{twistd wssec}) reaches them all.
+    """
+
+    _instances: weakref.WeakSet[ReloadingContextFactory] = weakref.WeakSet()
+
+    def __init__(self, settings: TLSSettings) -> None:
+        self.settings = settings
+        self._options = certificate_options(settings)
+        self._instances.add(self)
+
+    def reload(self) -> None:
+        """
+        Read the files again. On any error the current certificate stays in
+        use and the error is raised.
+
+        @raise TLSSettingsError: naming the unusable setting.
+        """
+        self._options = certificate_options(self.settings)
+
+    def getContext(self) -> SSL.Context:
+        """The current context (Twisted's old-style context factory API)."""
+        return self._options.getContext()
+
+
+def reload_certificates() -> tuple[int, int]:
+    """
+    Reload every L{ReloadingContextFactory}; failures are logged and leave
+    the old certificate in place.
+
+    @return: how many reloaded, and how many failed.
+    """
+    reloaded = failed = 0
+    for factory in list(ReloadingContextFactory._instances):
+        try:
+            factory.reload()
+        except TLSSettingsError as error:
+            failed += 1
+            log.error("certificate reload failed, keeping the old one: {error}", error=str(error))
+        else:
+            reloaded += 1
+            log.info("certificate reloaded from {cert}", cert=str(factory.settings.cert))
+    return reloaded, failed
+
+
+def peer_certificate(transport: Any) -> x509.Certificate | None:
+    """
+    The certificate the peer presented on a TLS transport (verified by
+    OpenSSL against the configured CAs, or the handshake would have failed),
+    or L{None}.
+    """
+    get = getattr(transport, "getPeerCertificate", None)
+    if get is None:
+        return None
+    try:
+        certificate = get()
+    except SSL.Error:
+        return None
+    return certificate.to_cryptography() if certificate is not None else None
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class WSSServerEndpointParser:
+    """
+    The C{wss:} server endpoint: TCP plus txwssec's hardened TLS context.
+
+    Arguments: C{PORT}, then C{cert}, C{key} (required), C{chain},
+    C{minVersion} (1.2/1.3), C{clientCA}, C{clientCert}
+    (none/optional/required), C{interface}, C{backlog}.
+    """
+
+    prefix = "wss"
+
+    def parseStreamServer(self, reactor: Any, *args: Any, **kwargs: Any) -> SSL4ServerEndpoint:
+        return self._parse(reactor, *args, **kwargs)
+
+    def _parse(
+        self,
+        reactor: Any,
+        port: str,
+        cert: str = "",
+        key: str = "",
+        chain: str = "",
+        minVersion: str = "1.2",
+        clientCA: str = "",
+        clientCert: str = "none",
+        interface: str = "",
+        backlog: str = "50",
+    ) -> SSL4ServerEndpoint:
+        if not cert or not key:
+            raise ValueError("wss endpoint needs cert= and key=")
+        settings = TLSSettings(
+            cert=Path(cert),
+            key=Path(key),
+            chain=Path(chain) if chain else None,
+            min_version=minVersion,
+            client_ca=Path(clientCA) if clientCA else None,
+            client_cert=clientCert,
+        )
+        return SSL4ServerEndpoint(
+            reactor,
+            int(port),
+            ReloadingContextFactory(settings),
+            backlog=int(backlog),
+            interface=interface,
+        )
