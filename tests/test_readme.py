@@ -43,7 +43,7 @@ async def test_python_api_example_serves() -> None:
     try:
 
         async def exchange() -> str | bytes:
-            for _ in range(100):
+            for _ in range(300):  # up to 30 s for the interpreter to start under load
                 try:
                     async with websockets.connect(
                         f"ws://127.0.0.1:{port}/hello", additional_headers={"apikey": "john-key"}
