@@ -169,7 +169,10 @@ def test_unknown_key(change: Callable[[dict[str, Any]], object], message: str) -
         ),
         (lambda d: d["route"][0].update(path="echo"), "route[0].path: must start with /"),
         (lambda d: d["route"][0].pop("path"), "route[0].path: is required"),
-        (lambda d: d["route"][0].pop("app"), "route[0].app: is required"),
+        (
+            lambda d: d["route"][0].pop("app"),
+            "route[0].app: is required (or upstream, for a gateway route)",
+        ),
         (lambda d: d.update(route={"path": "/x"}), "route: expected an array of tables"),
         (lambda d: d.update(route=[]), "route: at least one [[route]] is required"),
         (lambda d: d.pop("route"), "route: at least one [[route]] is required"),
@@ -427,9 +430,64 @@ def test_app_custom_class() -> None:
     assert parse(data).policy.routes[0].protocol is SecureServerProtocol
 
 
-def test_upstream_not_supported_yet() -> None:
+def test_route_has_app_or_upstream_not_both() -> None:
     message = config_error(lambda d: d["route"][0].update(upstream="ws://127.0.0.1:8080/"))
-    assert message == "route[0].upstream: gateway routes are not supported yet"
+    assert message == "route[0].upstream: a route has either app or upstream, not both"
+
+
+@pytest.mark.parametrize(
+    ("upstream", "message"),
+    [
+        (
+            "http://127.0.0.1:8080/",
+            "route[0].upstream: upstream 'http://127.0.0.1:8080/' is not a ws:// or wss:// URL",
+        ),
+        (
+            ["ws://a:1/", "ftp://b/"],
+            "route[0].upstream[1]: upstream 'ftp://b/' is not a ws:// or wss:// URL",
+        ),
+        (
+            "ws://user:pw@a:1/",
+            "route[0].upstream: upstream 'ws://user:pw@a:1/' must not carry user info or a fragment",
+        ),
+        ([], "route[0].upstream: needs at least one URL"),
+    ],
+)
+def test_bad_upstream_names_its_path(upstream: Any, message: str) -> None:
+    def change(data: dict[str, Any]) -> None:
+        del data["route"][0]["app"]
+        data["route"][0]["upstream"] = upstream
+
+    assert config_error(change) == message
+
+
+def test_upstream_options_need_an_upstream() -> None:
+    message = config_error(lambda d: d["route"][0].update(upstream_timeout=3))
+    assert message == "route[0].upstream_timeout: only applies to routes with an upstream"
+
+
+def test_gateway_route_parses(tmp_path: Path) -> None:
+    from txwssec.devcert import make_ca
+
+    (tmp_path / "ca.pem").write_bytes(make_ca().cert_pem())
+
+    def change(data: dict[str, Any]) -> None:
+        del data["route"][0]["app"]
+        data["route"][0].update(
+            upstream=["ws://127.0.0.1:8080/", "wss://up.example:443/feed"],
+            upstream_ca="ca.pem",
+            upstream_timeout=2.5,
+            upstream_cooldown=30,
+        )
+
+    data = minimal()
+    change(data)
+    route = parse(data, base_dir=tmp_path).policy.routes[0]
+    assert route.upstream is not None
+    assert route.upstream.urls == ("ws://127.0.0.1:8080/", "wss://up.example:443/feed")
+    assert route.upstream.ca_file == tmp_path / "ca.pem"
+    assert (route.upstream.timeout, route.upstream.cooldown) == (2.5, 30)
+    assert route.protocol is None
 
 
 def test_duplicate_route_path() -> None:

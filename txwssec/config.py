@@ -31,8 +31,14 @@ from txwssec.listen import Description, server_endpoint
 from txwssec.origin import OriginPolicy, parse_origin
 from txwssec.passwords import check_password_hash
 from txwssec.policy import RouteLimits, RoutePolicy, ServerPolicy
+from txwssec.proxy import Upstream
 from txwssec.server import SecureServerProtocol
-from txwssec.tls import ReloadingContextFactory, TLSSettings, TLSSettingsError
+from txwssec.tls import (
+    ReloadingContextFactory,
+    TLSSettings,
+    TLSSettingsError,
+    load_certificates,
+)
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
     seen: dict[str, str] = {}
     client_certificates = tls is not None and tls.settings.client_cert != "none"
     for table in routes_tables:
-        route = _route(table, authenticators, consumers, client_certificates)
+        route = _route(table, authenticators, consumers, client_certificates, base_dir)
         if route.path in seen:
             raise table.error("path", f"duplicate path {route.path} (also {seen[route.path]})")
         seen[route.path] = table.path
@@ -245,17 +251,18 @@ def _route(
     authenticators: _Authenticators,
     consumers: ConsumerDirectory,
     client_certificates: bool,
+    base_dir: Path,
 ) -> RoutePolicy:
     path = table.string("path", required=True)
     if not path.startswith("/"):
         raise table.error("path", "must start with /")
     app = table.string("app")
-    upstream = table.string("upstream")
-    if upstream:
-        raise table.error("upstream", "gateway routes are not supported yet")
-    if not app:
-        raise table.error("app", "is required")
-    protocol = _app(app, table.key_path("app"))
+    upstream = _upstream(table, base_dir)
+    if upstream is not None and app:
+        raise table.error("upstream", "a route has either app or upstream, not both")
+    if upstream is None and not app:
+        raise table.error("app", "is required (or upstream, for a gateway route)")
+    protocol = _app(app, table.key_path("app")) if app else None
     names = table.strings("auth", required=True)
     if not names:
         raise table.error("auth", 'needs at least one method (use "anonymous" to allow anyone)')
@@ -313,10 +320,46 @@ def _route(
             origins=OriginPolicy.from_list(origins),
             consumers=allowed_consumers,
             protocol=protocol,
+            upstream=upstream,
             **options,  # type: ignore[arg-type]
         )
     except ValueError as error:
         raise ConfigError(table.path, str(error)) from None
+
+
+def _upstream(table: Table, base_dir: Path) -> Upstream | None:
+    """C{upstream} (a URL or a list of URLs) with C{upstream_ca} and C{upstream_timeout}."""
+    urls: tuple[str, ...] = ()
+    if table.has("upstream"):
+        if isinstance(table.data["upstream"], str):
+            urls = (table.string("upstream"),)
+        else:
+            urls = table.strings("upstream")
+        if not urls:
+            raise table.error("upstream", "needs at least one URL")
+    ca = table.string("upstream_ca")
+    timeout = table.number("upstream_timeout", 5, minimum=0.1)
+    cooldown = table.number("upstream_cooldown", 10)
+    if not urls:
+        for key in ("upstream_ca", "upstream_timeout", "upstream_cooldown"):
+            if key in table.data:
+                raise table.error(key, "only applies to routes with an upstream")
+        return None
+    for index, url in enumerate(urls):
+        try:
+            Upstream((url,))
+        except ValueError as error:
+            where = table.key_path("upstream")
+            if not isinstance(table.data["upstream"], str):
+                where += f"[{index}]"
+            raise ConfigError(where, str(error)) from None
+    ca_file = base_dir / ca if ca else None
+    if ca_file is not None:
+        try:
+            load_certificates(ca_file, "upstream_ca")
+        except TLSSettingsError as error:
+            raise table.error("upstream_ca", error.message) from None
+    return Upstream(urls, ca_file=ca_file, timeout=timeout, cooldown=cooldown)
 
 
 def _limits(table: Table) -> RouteLimits:

@@ -13,6 +13,7 @@ from txwssec.interfaces import Authenticator
 from txwssec.origin import OriginPolicy
 
 if TYPE_CHECKING:
+    from txwssec.proxy import Upstream
     from txwssec.server import SecureServerProtocol
 
 #: Default largest message, after decompression (1 MiB).
@@ -91,6 +92,9 @@ class RoutePolicy:
     @ivar compression: accept C{permessage-deflate}. Off by default; when on,
         inflation stops at C{max_message_size} (a compression bomb closes
         1009 without being inflated).
+    @ivar upstream: relay to this upstream (gateway route) instead of
+        running an application; the protocol then defaults to
+        L{txwssec.proxy.GatewayProtocol}.
     """
 
     path: str
@@ -104,6 +108,7 @@ class RoutePolicy:
     protocol: type[SecureServerProtocol] | None = None
     limits: RouteLimits = field(default_factory=RouteLimits)
     compression: bool = False
+    upstream: Upstream | None = None
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):

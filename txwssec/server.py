@@ -9,7 +9,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import txaio
 from autobahn.exception import PayloadCorruptError, PayloadExceededError
@@ -43,7 +43,10 @@ from txwssec.session import Session
 from txwssec.subprotocols import select_subprotocol
 from txwssec.tls import peer_certificate
 from txwssec.traffic import TrafficGuard, Violation
-from txwssec.types import HandshakeRequest
+from txwssec.types import Accept, HandshakeRequest
+
+if TYPE_CHECKING:
+    from txwssec.proxy import UpstreamPool
 
 
 class SecureServerProtocol(WebSocketServerProtocol):
@@ -148,7 +151,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
         self._consumer_admitted = True
 
         # 6. subprotocol: credentials consumed, never echoed
-        subprotocol = select_subprotocol(handshake.subprotocols, route.subprotocols, accept)
+        subprotocol = await self.negotiate(handshake, accept)
 
         # 7. the session, its timers armed when the connection opens
         clock = factory.clock
@@ -167,6 +170,15 @@ class SecureServerProtocol(WebSocketServerProtocol):
             expires_at=expires_at,
         )
         return subprotocol
+
+    async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
+        """
+        Step 6 of the pipeline: choose the subprotocol to answer with (see
+        L{select_subprotocol}). A gateway overrides it to ask its upstream.
+        """
+        route = self.route
+        assert route is not None
+        return select_subprotocol(handshake.subprotocols, route.subprotocols, accept)
 
     def handshakeRequest(self, request: ConnectionRequest) -> HandshakeRequest:
         """
@@ -228,12 +240,13 @@ class SecureServerProtocol(WebSocketServerProtocol):
             setattr(self, name, value)
         if route.compression:
             self.perMessageCompressionAccept = _acceptDeflate(route.max_message_size)
-        if route.protocol is not None and type(self) is not route.protocol:
+        protocol = self.factory.protocolFor(route)
+        if protocol is not None and type(self) is not protocol:
             # The route's application class takes over this connection before
             # any application code runs. Route classes are subclasses of
             # SecureServerProtocol (checked by the policy), so the instance
             # layout is the same.
-            self.__class__ = route.protocol
+            self.__class__ = protocol
 
     # -- refusals ---------------------------------------------------------
 
@@ -491,6 +504,7 @@ class SecureServerFactory(WebSocketServerFactory):
         self.admission = Admission(policy)
         self.sessions: dict[str, set[SecureServerProtocol]] = {}
         self.counters: Counter[str] = Counter()
+        self._upstreamPools: dict[str, UpstreamPool] = {}
 
     @property
     def connections(self) -> ConnectionCounter:
@@ -511,6 +525,27 @@ class SecureServerFactory(WebSocketServerFactory):
             live.discard(protocol)
             if not live:
                 del self.sessions[consumer]
+
+    def protocolFor(self, route: RoutePolicy) -> type[SecureServerProtocol] | None:
+        """
+        The protocol class serving C{route}: its own, the gateway's for an
+        upstream route, or L{None} for this factory's C{protocol}.
+        """
+        if route.protocol is None and route.upstream is not None:
+            from txwssec.proxy import GatewayProtocol
+
+            return GatewayProtocol
+        return route.protocol
+
+    def upstreamPool(self, route: RoutePolicy) -> UpstreamPool:
+        """The round-robin pool of C{route}'s upstream (one per route)."""
+        from txwssec.proxy import UpstreamPool
+
+        assert route.upstream is not None
+        pool = self._upstreamPools.get(route.path)
+        if pool is None:
+            pool = self._upstreamPools[route.path] = UpstreamPool(route.upstream, self.clock)
+        return pool
 
     def revoke(self, consumer: str) -> int:
         """

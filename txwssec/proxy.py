@@ -1,0 +1,467 @@
+"""
+The gateway: relay an authenticated client connection to an upstream
+WebSocket server.
+
+The client's 101 is sent only once the upstream's 101 has arrived, so the
+client sees the upstream's subprotocol choice, and a refused or unreachable
+upstream is a 502 (504 on timeout) before the client is upgraded. Then
+messages, pings, pongs and close codes pass through both ways, with
+backpressure both ways: a peer that does not read pauses reading from the
+other one. txwssec keeps enforcing the route's limits and the session's
+expiry on the client leg for the whole session; when it ends a session
+(3000, 3003, 3008, 1008...) the upstream sees a plain 1001.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from txwssec.client import ClientTLS, SecureClientFactory, SecureClientProtocol
+from txwssec.errors import CloseCode, HandshakeRefused
+from txwssec.interfaces import Authenticator
+from txwssec.server import SecureServerProtocol
+from txwssec.types import Accept, HandshakeRequest
+
+#: Request headers that belong to one hop, or to the WebSocket handshake the
+#: gateway makes itself, or that the gateway sets: never forwarded as sent.
+HOP_HEADERS = frozenset(
+    {
+        "host",
+        "connection",
+        "upgrade",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "proxy-authorization",
+        "proxy-connection",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+        "origin",
+        "user-agent",
+        "x-consumer-username",
+        "x-forwarded-for",
+        "pragma",
+        "cache-control",
+    }
+)
+
+#: Close codes that may be put on the wire (RFC 6455 section 7.4).
+_SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+class BadGateway(HandshakeRefused):
+    """502: the upstream refused, failed TLS verification, or is unreachable."""
+
+    status = 502
+
+
+class GatewayTimeout(HandshakeRefused):
+    """504: the upstream did not complete its handshake in time."""
+
+    status = 504
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """
+    Where a gateway route relays to.
+
+    @ivar urls: C{ws://} or C{wss://} URLs, used round-robin.
+    @ivar ca_file: CA bundle for C{wss://} upstreams (default: the system's).
+    @ivar timeout: seconds for the upstream's TCP, TLS and WebSocket
+        handshakes together; beyond gives 504.
+    @ivar cooldown: seconds an upstream that failed is tried only after the
+        healthy ones (passive failure marking).
+    """
+
+    urls: tuple[str, ...]
+    ca_file: Path | None = None
+    timeout: float = 5.0
+    cooldown: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise ValueError("an upstream needs at least one URL")
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("ws", "wss") or not parts.hostname:
+                raise ValueError(f"upstream {url!r} is not a ws:// or wss:// URL")
+            if parts.username or parts.password or parts.fragment:
+                raise ValueError(f"upstream {url!r} must not carry user info or a fragment")
+
+
+class UpstreamPool:
+    """
+    Round-robin over an upstream's URLs, with passive failure marking: a URL
+    that failed within C{cooldown} seconds is tried after the others.
+    """
+
+    def __init__(self, upstream: Upstream, clock: IReactorTime) -> None:
+        self.upstream = upstream
+        self._clock = clock
+        self._next = 0
+        self._failed_at: dict[str, float] = {}
+
+    def order(self) -> list[str]:
+        """The URLs to try for one connection, best first."""
+        urls = self.upstream.urls
+        start = self._next
+        self._next = (self._next + 1) % len(urls)
+        rotated = [*urls[start:], *urls[:start]]
+        now = self._clock.seconds()
+        cooldown = self.upstream.cooldown
+
+        def down(url: str) -> bool:
+            return now - self._failed_at.get(url, -cooldown) < cooldown
+
+        return [u for u in rotated if not down(u)] + [u for u in rotated if down(u)]
+
+    def failed(self, url: str) -> None:
+        """Mark C{url} as failing now."""
+        self._failed_at[url] = self._clock.seconds()
+
+    def succeeded(self, url: str) -> None:
+        """Mark C{url} as healthy."""
+        self._failed_at.pop(url, None)
+
+
+class UpstreamProtocol(SecureClientProtocol):
+    """
+    The upstream leg of a gateway session. Messages are held until the
+    client leg is open (the upstream may speak right after its 101).
+    """
+
+    downstream: GatewayProtocol | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list[tuple[bytes, bool]] = []
+
+    def _onOpen(self) -> None:
+        self.registerProducer(self, True)
+        super()._onOpen()
+
+    def attach(self, downstream: GatewayProtocol) -> None:
+        """Relay to C{downstream} (called before the client's 101)."""
+        self.downstream = downstream
+
+    def flush(self) -> None:
+        """The client leg is open: deliver what arrived before."""
+        held, self._held = self._held, []
+        for payload, is_binary in held:
+            self.onMessage(payload, is_binary)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        downstream = self.downstream
+        if downstream is None or downstream.state == downstream.STATE_CONNECTING:
+            self._held.append((payload, isBinary))
+        elif downstream.state == downstream.STATE_OPEN:
+            downstream.sendMessage(payload, isBinary)
+
+    def onPing(self, payload: bytes) -> None:
+        downstream = self.downstream
+        if downstream is not None and downstream.state == downstream.STATE_OPEN:
+            downstream.sendPing(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        downstream = self.downstream
+        if downstream is not None and downstream.state == downstream.STATE_OPEN:
+            downstream.sendPong(payload)
+
+    def onCloseFrame(self, code: Any, reasonRaw: Any) -> bool:
+        downstream = self.downstream
+        if self.state == self.STATE_OPEN and downstream is not None:
+            # The upstream closes: the client gets its code and reason.
+            downstream.closeFromUpstream(code, reasonRaw)
+        return bool(super().onCloseFrame(code, reasonRaw))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        downstream, self.downstream = self.downstream, None
+        if downstream is not None:
+            downstream.upstreamLost(wasClean)
+
+    def pauseProducing(self) -> None:
+        """The upstream does not read: stop reading from the client."""
+        if self.downstream is not None:
+            transport: Any = self.downstream.transport
+            transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.downstream is not None:
+            transport: Any = self.downstream.transport
+            transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class GatewayProtocol(SecureServerProtocol):
+    """
+    The client leg of a gateway route (C{RoutePolicy(upstream=...)}).
+    """
+
+    gatewayLog: ClassVar[Logger] = Logger(namespace="txwssec.proxy")
+    upstream: UpstreamProtocol | None = None
+
+    async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
+        """
+        Open the upstream connection, and answer the client with the
+        upstream's subprotocol (or the credential marker, if it chose none).
+
+        @raise BadGateway: no upstream completed its handshake (502).
+        @raise GatewayTimeout: the last one tried timed out (504).
+        """
+        route = self.route
+        assert route is not None and route.upstream is not None
+        pool = self.factory.upstreamPool(route)
+        headers = forwarded_headers(
+            handshake,
+            route.authenticators,
+            accept,
+            self._directPeer(),
+            trust_forwarded_for=bool(self.factory.policy.trust_forwarded_for),
+        )
+        offered = [p for p in handshake.subprotocols if p not in accept.credential.subprotocols]
+        origin = handshake.header_values("origin")
+        target = forwarded_target(self.http_request_uri, route.authenticators, accept)
+        refusal: HandshakeRefused = BadGateway("no upstream")
+        for url in pool.order():
+            factory = SecureClientFactory(
+                _join(url, target),
+                subprotocols=offered,
+                tls=ClientTLS(ca_file=route.upstream.ca_file),
+                origin=origin[0] if origin else None,
+                max_message_size=route.max_message_size,
+                handshake_timeout=route.upstream.timeout,
+                reactor=self.factory.clock,
+            )
+            factory.protocol = UpstreamProtocol
+            factory.headers = headers
+            factory.useragent = None
+            try:
+                upstream = await _open(factory, route.upstream.timeout, self.factory.clock)
+            except GatewayTimeout as timeout:
+                pool.failed(url)
+                refusal = timeout
+                self.gatewayLog.warn("upstream {url} timed out", url=url)
+            except BadGateway as failure:
+                pool.failed(url)
+                refusal = failure
+                self.gatewayLog.warn(
+                    "upstream {url} failed: {reason}", url=url, reason=failure.reason
+                )
+            else:
+                pool.succeeded(url)
+                break
+        else:
+            raise refusal
+        if self.state == self.STATE_CLOSED:
+            upstream.sendCloseFrame(CloseCode.GOING_AWAY, b"going away")
+            raise HandshakeRefused("client left while the upstream connected")
+        self.upstream = upstream
+        upstream.attach(self)
+        chosen: str | None = upstream.websocket_protocol_in_use
+        return chosen or accept.credential.marker
+
+    def _directPeer(self) -> str:
+        transport: Any = self.transport
+        address = transport.getPeer()
+        return str(getattr(address, "host", self.peer))
+
+    def _onOpen(self) -> None:
+        super()._onOpen()
+        if self.upstream is not None:
+            self.upstream.flush()
+
+    # -- client -> upstream ----------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.state == upstream.STATE_OPEN:
+            upstream.sendMessage(payload, isBinary)
+
+    def onPing(self, payload: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.state == upstream.STATE_OPEN:
+            upstream.sendPing(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.state == upstream.STATE_OPEN:
+            upstream.sendPong(payload)
+
+    def onCloseFrame(self, code: Any, reasonRaw: Any) -> bool:
+        if self.state == self.STATE_OPEN:
+            # The client closes: the upstream gets its code and reason.
+            self._closeUpstream(code, reasonRaw)
+        return bool(super().onCloseFrame(code, reasonRaw))
+
+    # -- upstream -> client ----------------------------------------------------
+
+    def closeFromUpstream(self, code: int | None, reasonRaw: bytes | None) -> None:
+        """The upstream sent a close frame: pass it on."""
+        if self.state == self.STATE_OPEN:
+            _sendClose(self, code, reasonRaw)
+
+    def upstreamLost(self, wasClean: bool) -> None:
+        """The upstream connection ended; without a close, that is 1014."""
+        self.upstream = None
+        if self.state == self.STATE_OPEN:
+            self.factory.counters["gateway.upstream_lost"] += 1
+            self.gatewayLog.warn("upstream of {peer} went away", peer=self.peer)
+            _sendClose(self, CloseCode.BAD_GATEWAY, b"upstream failed")
+
+    # -- sessions the gateway ends, and the end of the client ------------------
+
+    def endSession(self, code: int, reason: str, event: str) -> None:
+        self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
+        super().endSession(code, reason, event)
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
+        super()._fail_connection(code, reason)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
+        super().connectionLost(reason)
+
+    def _closeUpstream(self, code: int | None, reasonRaw: bytes | None) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is None:
+            return
+        upstream.downstream = None
+        if upstream.state == upstream.STATE_OPEN:
+            _sendClose(upstream, code, reasonRaw)
+        elif upstream.state != upstream.STATE_CLOSED:
+            upstream.dropConnection(abort=True)
+
+    # -- backpressure ------------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The client does not read: stop reading from the upstream."""
+        super().pauseProducing()
+        if self.upstream is not None:
+            transport: Any = self.upstream.transport
+            transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        if self.upstream is not None:
+            transport: Any = self.upstream.transport
+            transport.resumeProducing()
+
+
+async def _open(factory: SecureClientFactory, timeout: float, clock: Any) -> UpstreamProtocol:
+    """Connect and complete the upstream's WebSocket handshake, or refuse."""
+    connecting: Deferred[Any] = Deferred.fromCoroutine(_connect(factory))
+    connecting.addTimeout(timeout, clock)
+    try:
+        protocol: UpstreamProtocol = await connecting
+    except (CancelledError, TimeoutError):
+        raise GatewayTimeout(f"{factory.url}: no handshake within {timeout:g} s") from None
+    except Exception as error:
+        raise BadGateway(f"{factory.url}: {error}") from None
+    return protocol
+
+
+async def _connect(factory: SecureClientFactory) -> UpstreamProtocol:
+    protocol: Any = await factory.connect()
+    try:
+        await protocol.opened
+    except CancelledError:
+        protocol.dropConnection(abort=True)
+        raise
+    return protocol  # type: ignore[no-any-return]
+
+
+def _sendClose(protocol: Any, code: int | None, reasonRaw: bytes | None) -> None:
+    """Send a close frame with C{code}, or none when it may not be sent."""
+    if code is not None and code not in _SENDABLE and not 3000 <= code <= 4999:
+        code, reasonRaw = None, None
+    protocol.sendCloseFrame(code, (reasonRaw or b"")[:123] if code is not None else None)
+
+
+def _credential_names(authenticators: Iterable[Authenticator]) -> tuple[set[str], set[str]]:
+    """The header and query names that any of the route's methods reads."""
+    headers: set[str] = set()
+    queries: set[str] = set()
+    for authenticator in authenticators:
+        for attribute, into in (("header", headers), ("query", queries)):
+            value = getattr(authenticator, attribute, "")
+            if isinstance(value, str) and value:
+                into.add(value.lower() if into is headers else value)
+        if authenticator.name in ("basic", "jwt"):
+            headers.add("authorization")
+    return headers, queries
+
+
+def forwarded_headers(
+    request: HandshakeRequest,
+    authenticators: Sequence[Authenticator],
+    accept: Accept,
+    direct_peer: str,
+    trust_forwarded_for: bool = False,
+) -> dict[str, str]:
+    """
+    The headers sent upstream: the client's, minus hop-by-hop and handshake
+    headers and every header any of the route's methods reads credentials
+    from; plus C{X-Consumer-Username} and C{X-Forwarded-For}: the address
+    that connected to us, after the chain the client sent when this server
+    trusts forwarded addresses (a client-made chain is dropped otherwise).
+    """
+    credential_headers, _ = _credential_names(authenticators)
+    if accept.credential.header:
+        credential_headers.add(accept.credential.header)
+    forwarded: dict[str, str] = {}
+    for name, value in request.headers:
+        if name in HOP_HEADERS or name in credential_headers:
+            continue
+        if name in forwarded:
+            forwarded[name] += ("; " if name == "cookie" else ", ") + value
+        else:
+            forwarded[name] = value
+    chain = list(request.header_values("x-forwarded-for")) if trust_forwarded_for else []
+    forwarded["X-Forwarded-For"] = ", ".join([*chain, direct_peer])
+    forwarded["X-Consumer-Username"] = accept.principal.consumer
+    return forwarded
+
+
+def forwarded_target(
+    request_uri: str, authenticators: Sequence[Authenticator], accept: Accept
+) -> str:
+    """
+    The client's path and query, minus any query parameter a method of the
+    route reads credentials from.
+    """
+    _, query_names = _credential_names(authenticators)
+    if accept.credential.query:
+        query_names.add(accept.credential.query)
+    parts = urlsplit(request_uri)
+    pairs = [
+        (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in query_names
+    ]
+    return parts.path + (f"?{urlencode(pairs)}" if pairs else "")
+
+
+def _join(upstream_url: str, target: str) -> str:
+    """
+    The upstream URL for a client's C{target}: the upstream's own path when
+    it has one, else the client's path; the client's query either way.
+    """
+    upstream = urlsplit(upstream_url)
+    client = urlsplit(target)
+    path = upstream.path if upstream.path not in ("", "/") else client.path
+    query = "&".join(q for q in (upstream.query, client.query) if q)
+    return upstream._replace(path=path or "/", query=query).geturl()
