@@ -5,6 +5,7 @@ every error, and a final check that no unknown key was left unread.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,8 +74,11 @@ class Table:
         return value
 
     def number(self, key: str, default: float = 0.0, *, minimum: float = 0.0) -> float:
-        """An integer or float value, at least C{minimum}."""
+        """An integer or float value, finite and at least C{minimum}."""
         value: float = self._get(key, float, default, False)
+        if not math.isfinite(value):
+            # TOML has nan and inf; 0 is how a limit or timeout is turned off.
+            raise self.error(key, "must be a finite number (0 turns it off)")
         if value < minimum:
             raise self.error(key, f"must be at least {minimum:g}")
         return value

@@ -84,6 +84,9 @@ class SecureServerProtocol(WebSocketServerProtocol):
     _idle_timer: IDelayedCall | None = None
     _last_message: float = 0.0
     _guard: TrafficGuard | None = None
+    # Autobahn's per-connection size limits (set from the route).
+    maxFramePayloadSize: int
+    maxMessagePayloadSize: int
     _discard_writes: bool = False
 
     # -- the handshake pipeline -------------------------------------------
@@ -327,22 +330,15 @@ class SecureServerProtocol(WebSocketServerProtocol):
     # -- traffic limits ---------------------------------------------------
 
     def onFrameBegin(self) -> None:
-        """Check each frame header against the route's limits first."""
-        guard = self._guard
-        if guard is not None and not self.failedByMe:
-            frame = self.current_frame
-            now = self.factory.clock.seconds() if guard.rated else 0.0
-            violation = guard.frame(frame.opcode, frame.length, not self.inside_message, now)
-            if violation is not None:
-                self._limitExceeded(violation)
+        """
+        Check each frame header against the route's limits, before its
+        payload is read: size first (Autobahn closes 1009), then rates,
+        fragments and control frames (1008).
+        """
         frame = self.current_frame
         route = self.route
-        if (
-            self._perMessageCompress is not None
-            and route is not None
-            and frame.opcode < 8
-            and not self.inside_message
-        ):
+        starts_message = frame.opcode < 8 and not self.inside_message
+        if self._perMessageCompress is not None and route is not None and starts_message:
             # A compressed message is limited by its inflated size, exactly
             # (by _BoundedDeflate). On the wire it can be a little longer (an
             # incompressible one): Autobahn's own checks, which count wire
@@ -351,7 +347,24 @@ class SecureServerProtocol(WebSocketServerProtocol):
             if frame.rsv == 4:
                 size = _deflated_bound(size)
             self.maxMessagePayloadSize = self.maxFramePayloadSize = size
+        guard = self._guard
+        if guard is not None and not self.failedByMe and not self._tooBig(frame, starts_message):
+            now = self.factory.clock.seconds() if guard.rated else 0.0
+            violation = guard.frame(frame.opcode, frame.length, starts_message, now)
+            if violation is not None:
+                self._limitExceeded(violation)
         super().onFrameBegin()
+
+    def _tooBig(self, frame: Any, starts_message: bool) -> bool:
+        """Whether Autobahn's size check is about to refuse this data frame."""
+        if frame.opcode >= 8:
+            return False
+        so_far = 0 if starts_message else self.message_data_total_length
+        length: int = frame.length
+        return (
+            0 < self.maxFramePayloadSize < length
+            or 0 < self.maxMessagePayloadSize < so_far + length
+        )
 
     def _limitExceeded(self, violation: Violation) -> None:
         self.factory.counters[violation.counter] += 1
@@ -362,6 +375,13 @@ class SecureServerProtocol(WebSocketServerProtocol):
         self.factory.counters["limit.max_message_size"] += 1
         self._logClose("limit.max_message_size", CloseCode.MESSAGE_TOO_BIG)
         self._fail_connection(CloseCode.MESSAGE_TOO_BIG, "message too big")
+
+    def onOpenHandshakeTimeout(self) -> None:
+        """The opening handshake took longer than C{handshake_timeout}."""
+        if self.state == self.STATE_CONNECTING:
+            self.factory.counters["limit.handshake_timeout"] += 1
+            self.securityLog.info("handshake timeout: dropping {peer}", peer=self.peer)
+        super().onOpenHandshakeTimeout()
 
     def onAutoPingTimeout(self) -> None:
         """The peer did not answer a ping in time: close 3008."""
