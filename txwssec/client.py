@@ -19,21 +19,29 @@ import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectionResponse
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txwssec._reactor import default_reactor
+from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
 from txwssec.policy import DEFAULT_MAX_MESSAGE_SIZE
+
+#: The client's own events. A module-level logger: a L{Logger} class
+#: attribute would take the (sub)class's name as its namespace instead.
+log = Logger(namespace="txwssec.client")
 
 
 @dataclass(frozen=True)
@@ -130,13 +138,17 @@ class SecureClientProtocol(WebSocketClientProtocol):
     Override C{onOpen}, C{onMessage} and C{onClose} as usual.
     """
 
-    securityLog: ClassVar[Logger] = Logger(namespace="txwssec.client")
     factory: SecureClientFactory
+    _lostReason: Failure | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self.opened: Deferred[SecureClientProtocol] = Deferred()
         self.closed: Deferred[tuple[bool, int | None, str | None]] = Deferred()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lostReason = reason
+        super().connectionLost(reason)
 
     def _onOpen(self) -> None:
         super()._onOpen()
@@ -150,11 +162,26 @@ class SecureClientProtocol(WebSocketClientProtocol):
             super()._onClose(wasClean, code, reason)
         finally:
             if not self.opened.called:
-                self.opened.errback(
-                    Failure(ConnectionError(f"connection closed before opening: {reason}"))
-                )
+                self.opened.errback(Failure(self._openingError(reason)))
             if not self.closed.called:
                 self.closed.callback((wasClean, code, reason))
+
+    def _openingError(self, reason: str | None) -> ConnectionError:
+        """
+        Why the WebSocket never opened. A failed TLS verification is named as
+        such (Autobahn would say the peer dropped the connection) and is the
+        error's C{__cause__}.
+        """
+        cause = self._lostReason.value if self._lostReason is not None else None
+        if isinstance(cause, VerificationError):
+            reason = (
+                "TLS verification failed: the server certificate is not valid for "
+                f"{self.factory.tls.hostname or self.factory.host} ({cause})"
+            )
+        error = ConnectionError(f"connection closed before opening: {reason}")
+        if isinstance(cause, (VerificationError, SSL.Error)):
+            error.__cause__ = cause
+        return error
 
     def onCredentialsExpired(self) -> None:
         """
@@ -185,7 +212,6 @@ class SecureClientFactory(WebSocketClientFactory):
     """
 
     protocol = SecureClientProtocol  # type: ignore[assignment]
-    log = Logger(namespace="txwssec.client")
 
     def __init__(
         self,
@@ -216,6 +242,8 @@ class SecureClientFactory(WebSocketClientFactory):
             closeHandshakeTimeout=1,
             failByDrop=False,
         )
+        # Exact handshake timeouts (txaio's batched timer rounds to seconds).
+        self._batched_timer = ExactTimers()
         self.tls = tls or ClientTLS()
         self.on_credentials_expired = on_credentials_expired
 
@@ -238,7 +266,7 @@ class SecureClientFactory(WebSocketClientFactory):
             key_pem = Path(tls.client_key or tls.client_cert).read_bytes()
             client_certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
         if tls.insecure:
-            self.log.warn(
+            log.warn(
                 "TLS verification is OFF for {url}: anyone on the path can read and "
                 "change this connection",
                 url=self.url,

@@ -17,10 +17,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -100,6 +101,10 @@ class Upstream:
                 raise ValueError(f"upstream {url!r} is not a ws:// or wss:// URL")
             if parts.username or parts.password or parts.fragment:
                 raise ValueError(f"upstream {url!r} must not carry user info or a fragment")
+
+
+#: The gateway's own events (module-level: the namespace stays "txwssec.proxy").
+gatewayLog = Logger(namespace="txwssec.proxy")
 
 
 class UpstreamPool:
@@ -212,7 +217,6 @@ class GatewayProtocol(SecureServerProtocol):
     The client leg of a gateway route (C{RoutePolicy(upstream=...)}).
     """
 
-    gatewayLog: ClassVar[Logger] = Logger(namespace="txwssec.proxy")
     upstream: UpstreamProtocol | None = None
 
     async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
@@ -255,13 +259,11 @@ class GatewayProtocol(SecureServerProtocol):
             except GatewayTimeout as timeout:
                 pool.failed(url)
                 refusal = timeout
-                self.gatewayLog.warn("upstream {url} timed out", url=url)
+                gatewayLog.warn("upstream {url} timed out", url=url)
             except BadGateway as failure:
                 pool.failed(url)
                 refusal = failure
-                self.gatewayLog.warn(
-                    "upstream {url} failed: {reason}", url=url, reason=failure.reason
-                )
+                gatewayLog.warn("upstream {url} failed: {reason}", url=url, reason=failure.reason)
             else:
                 pool.succeeded(url)
                 break
@@ -320,7 +322,7 @@ class GatewayProtocol(SecureServerProtocol):
         self.upstream = None
         if self.state == self.STATE_OPEN:
             self.factory.counters["gateway.upstream_lost"] += 1
-            self.gatewayLog.warn("upstream of {peer} went away", peer=self.peer)
+            gatewayLog.warn("upstream of {peer} went away", peer=self.peer)
             _sendClose(self, CloseCode.BAD_GATEWAY, b"upstream failed")
 
     # -- sessions the gateway ends, and the end of the client ------------------
@@ -369,7 +371,7 @@ async def _open(factory: SecureClientFactory, timeout: float, clock: Any) -> Ups
     connecting.addTimeout(timeout, clock)
     try:
         protocol: UpstreamProtocol = await connecting
-    except (CancelledError, TimeoutError):
+    except (CancelledError, TimeoutError, DeferredTimeout):
         raise GatewayTimeout(f"{factory.url}: no handshake within {timeout:g} s") from None
     except Exception as error:
         raise BadGateway(f"{factory.url}: {error}") from None

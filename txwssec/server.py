@@ -6,18 +6,13 @@ runs txwssec's pipeline (see L{SecureServerProtocol.secureHandshake}).
 from __future__ import annotations
 
 import re
-import zlib
 from collections import Counter
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import txaio
-from autobahn.exception import PayloadCorruptError, PayloadExceededError
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
     PerMessageDeflate,
-    PerMessageDeflateOffer,
-    PerMessageDeflateOfferAccept,
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
@@ -26,8 +21,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txwssec._reactor import default_reactor
+from txwssec._timers import ExactTimers
 from txwssec.admission import Admission
 from txwssec.auth.chain import authenticate
+from txwssec.compression import BoundedDeflate, accept_deflate, deflated_bound
 from txwssec.errors import (
     CloseCode,
     Forbidden,
@@ -47,6 +44,12 @@ from txwssec.types import Accept, HandshakeRequest
 
 if TYPE_CHECKING:
     from txwssec.proxy import UpstreamPool
+
+
+#: txwssec's own server events (refusals, sessions, limits), with named
+#: fields. Module-level so that the namespace stays "txwssec.server" for
+#: every application subclass (a Logger class attribute takes the class's).
+securityLog = Logger(namespace="txwssec.server")
 
 
 class SecureServerProtocol(WebSocketServerProtocol):
@@ -70,8 +73,6 @@ class SecureServerProtocol(WebSocketServerProtocol):
     #: global level: Autobahn's debug lines quote raw handshakes and frames,
     #: credentials included.
     log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
-    #: txwssec's own events (refusals, sessions), with named fields.
-    securityLog: ClassVar[Logger] = Logger(namespace="txwssec.server")
     factory: SecureServerFactory
     session: Session | None = None
     route: RoutePolicy | None = None
@@ -106,7 +107,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
         except HandshakeRefused as refusal:
             self._refusal = refusal
         except Exception:
-            self.securityLog.failure("handshake pipeline failed for {peer}", peer=self.peer)
+            securityLog.failure("handshake pipeline failed for {peer}", peer=self.peer)
             self._refusal = HandshakeRefused("internal error", status=500)
         raise ConnectionDeny(self._refusal.status, self._refusal.reason)
 
@@ -164,7 +165,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
             route.limits, route.max_message_size, clock.seconds(), consumer_buckets
         )
         expires_at = self.session.expires_at
-        self.securityLog.info(
+        securityLog.info(
             "accepted {peer} on {route} as {consumer} by {method}",
             peer=self.peer,
             route=route.path,
@@ -242,7 +243,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
         for name, value in route.protocol_attributes().items():
             setattr(self, name, value)
         if route.compression:
-            self.perMessageCompressionAccept = _acceptDeflate(route.max_message_size)
+            self.perMessageCompressionAccept = accept_deflate(route.max_message_size)
         protocol = self.factory.protocolFor(route)
         if protocol is not None and type(self) is not protocol:
             # The route's application class takes over this connection before
@@ -280,7 +281,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
             factory.counters[refusal.counter] += 1
         if isinstance(refusal, Unauthorized) and self._client_host is not None:
             factory.admission.authentication_failed(self._client_host, factory.clock.seconds())
-        self.securityLog.info(
+        securityLog.info(
             "refused {peer} on {route} with {status} ({method}): {reason}",
             peer=self.peer,
             route=self.route.path if self.route else None,
@@ -297,7 +298,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
         deflate: Any = self._perMessageCompress
         if type(deflate) is PerMessageDeflate:
             # Same object and state, inflation that cannot truncate.
-            deflate.__class__ = _BoundedDeflate
+            deflate.__class__ = BoundedDeflate
         session = self.session
         route = self.route
         if session is not None and route is not None:
@@ -340,12 +341,12 @@ class SecureServerProtocol(WebSocketServerProtocol):
         starts_message = frame.opcode < 8 and not self.inside_message
         if self._perMessageCompress is not None and route is not None and starts_message:
             # A compressed message is limited by its inflated size, exactly
-            # (by _BoundedDeflate). On the wire it can be a little longer (an
+            # (by BoundedDeflate). On the wire it can be a little longer (an
             # incompressible one): Autobahn's own checks, which count wire
             # bytes, get deflate's worst case for it instead of the limit.
             size = route.max_message_size
             if frame.rsv == 4:
-                size = _deflated_bound(size)
+                size = deflated_bound(size)
             self.maxMessagePayloadSize = self.maxFramePayloadSize = size
         guard = self._guard
         if guard is not None and not self.failedByMe and not self._tooBig(frame, starts_message):
@@ -380,7 +381,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
         """The opening handshake took longer than C{handshake_timeout}."""
         if self.state == self.STATE_CONNECTING:
             self.factory.counters["limit.handshake_timeout"] += 1
-            self.securityLog.info("handshake timeout: dropping {peer}", peer=self.peer)
+            securityLog.info("handshake timeout: dropping {peer}", peer=self.peer)
         super().onOpenHandshakeTimeout()
 
     def onAutoPingTimeout(self) -> None:
@@ -430,7 +431,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
 
     def _logClose(self, limit: str, code: int) -> None:
         session = self.session
-        self.securityLog.info(
+        securityLog.info(
             "limit {limit}: closing {peer} on {route} ({consumer}) with {code}",
             limit=limit,
             peer=self.peer,
@@ -452,7 +453,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
         C{event} (C{expired}, C{revoked}, C{idle}).
         """
         session = self.session
-        self.securityLog.info(
+        securityLog.info(
             "session {event}: closing {peer} on {route} ({consumer}) with {code}",
             event=event,
             peer=self.peer,
@@ -520,7 +521,7 @@ class SecureServerFactory(WebSocketServerFactory):
         self.policy = policy
         self.clock: IReactorTime = reactor
         self.setProtocolOptions(**policy.protocol_options())
-        self._batched_timer = _Timers()
+        self._batched_timer = ExactTimers()
         self.admission = Admission(policy)
         self.sessions: dict[str, set[SecureServerProtocol]] = {}
         self.counters: Counter[str] = Counter()
@@ -577,87 +578,6 @@ class SecureServerFactory(WebSocketServerFactory):
         for protocol in live:
             protocol.revoke()
         return len(live)
-
-
-class _Timers:
-    """
-    Autobahn's per-connection timers (opening and closing handshake,
-    auto-ping), on txaio's reactor like before, but exact: txaio's batched
-    timer, Autobahn's default, rounds every deadline down to a whole second,
-    so a 1 s handshake timeout could fire at once and a 0.5 s ping timeout
-    before any pong could arrive.
-    """
-
-    def call_later(self, delay: float, func: Callable[..., object], *args: Any) -> _TimerCall:
-        return _TimerCall(txaio.call_later(delay, func, *args))  # type: ignore[attr-defined]
-
-
-class _TimerCall:
-    """A timer that, like txaio's batched calls, may be cancelled twice."""
-
-    __slots__ = ("_call",)
-
-    def __init__(self, call: IDelayedCall) -> None:
-        self._call = call
-
-    def cancel(self) -> None:
-        if self._call.active():
-            self._call.cancel()
-
-
-class _BoundedDeflate(PerMessageDeflate):
-    """
-    Autobahn's permessage-deflate, with inflation that cannot silently
-    truncate a message.
-
-    Autobahn asks zlib for at most the remaining budget and calls leftover
-    compressed input "too big"; but zlib can take all the input while
-    output is still pending in its state (the end of a back-reference), and
-    that output was then dropped with the message's flush trailer: a
-    message of limit+1 zeros was delivered as limit bytes. Asking for one
-    byte more than the budget makes any excess visible.
-    """
-
-    def decompress_message_data(self, data: bytes, max_output_len: int | None = None) -> bytes:
-        if self.max_message_size is None:
-            return super().decompress_message_data(data, max_output_len)  # type: ignore[no-any-return]
-        budget = self.max_message_size - self._decompress_message_size
-        if max_output_len is not None:
-            budget = min(budget, max_output_len)
-        inflater: Any = self._decompressor
-        try:
-            inflated: bytes = inflater.decompress(data, max(budget, 0) + 1)
-        except zlib.error as e:
-            raise PayloadCorruptError(f"invalid permessage-deflate data: {e}") from e
-        if len(inflated) > budget:
-            raise PayloadExceededError("message over max_message_size once inflated")
-        self._decompress_message_size += len(inflated)
-        return inflated
-
-
-def _deflated_bound(size: int) -> int:
-    """
-    The most wire bytes a deflated message of C{size} bytes can take: zlib's
-    worst case for any settings (deflateBound: size/8 + size/64 + 5 more),
-    plus 16 KiB for the sync-flush markers clients may end frames with.
-    """
-    return size + ((size + 7) >> 3) + ((size + 63) >> 6) + 5 + 16384
-
-
-def _acceptDeflate(max_message_size: int) -> Any:
-    """
-    An Autobahn C{perMessageCompressionAccept} that accepts the client's
-    first permessage-deflate offer, with inflation bounded by the route's
-    message size.
-    """
-
-    def accept(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
-        for offer in offers:
-            if isinstance(offer, PerMessageDeflateOffer):
-                return PerMessageDeflateOfferAccept(offer, max_message_size=max_message_size)
-        return None
-
-    return accept
 
 
 def _peer_host(peer: str) -> str:
