@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -26,20 +27,31 @@ def key_digest(key: str) -> bytes:
 
 def normalise_subject(subject: str) -> str:
     """
-    The canonical RFC 4514 form of a distinguished name such as
-    C{"CN=alice, O=Example"}.
+    The canonical RFC 4514 form of a distinguished name, as written in
+    configuration files: C{"CN=alice,O=Example"}, C{"CN=alice, O=Example"}
+    and C{"cn=alice,o=Example"} are the same name. (Spaces around the
+    separators and the case of attribute names are folded; attribute
+    values are kept as written.)
 
     @raise ValueError: if C{subject} is not a distinguished name.
     """
+    parts = []
+    for part in _UNESCAPED_COMMA.split(subject):
+        attribute, equals, value = part.strip().partition("=")
+        attribute = attribute.strip()
+        if not equals or not attribute:
+            raise ValueError('not an RFC 4514 distinguished name (e.g. "CN=alice,O=Example")')
+        parts.append(f"{attribute.upper() if attribute.isalpha() else attribute}={value.strip()}")
     try:
-        name = x509.Name.from_rfc4514_string(subject)
+        name = x509.Name.from_rfc4514_string(",".join(parts))
     except ValueError:
         raise ValueError(
             'not an RFC 4514 distinguished name (e.g. "CN=alice,O=Example")'
         ) from None
-    if not len(name):
-        raise ValueError("empty distinguished name")
     return name.rfc4514_string()
+
+
+_UNESCAPED_COMMA = re.compile(r"(?<!\\),")
 
 
 def parse_fingerprint(text: str) -> bytes:

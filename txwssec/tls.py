@@ -98,8 +98,9 @@ def _read(path: Path, field: str) -> bytes:
 
 def load_certificates(path: Path, field: str) -> list[x509.Certificate]:
     """Every certificate in the PEM file at C{path}."""
+    data = _read(path, field)  # outside the try: its error is a ValueError too
     try:
-        certificates = x509.load_pem_x509_certificates(_read(path, field))
+        certificates = x509.load_pem_x509_certificates(data)
     except ValueError:
         raise TLSSettingsError(field, f"{path} holds no PEM certificate") from None
     return certificates
@@ -117,8 +118,9 @@ def certificate_options(settings: TLSSettings) -> ssl.CertificateOptions:
     chain = load_certificates(settings.cert, "cert")
     if settings.chain is not None:
         chain += load_certificates(settings.chain, "chain")
+    key_data = _read(settings.key, "key")
     try:
-        key = serialization.load_pem_private_key(_read(settings.key, "key"), password=None)
+        key = serialization.load_pem_private_key(key_data, password=None)
     except (ValueError, TypeError):
         raise TLSSettingsError(
             "key", f"{settings.key} holds no unencrypted PEM private key"
