@@ -35,12 +35,14 @@ def normalise_subject(subject: str) -> str:
 
     @raise ValueError: if C{subject} is not a distinguished name.
     """
+    if not subject.strip():
+        raise ValueError("empty distinguished name")
     parts = []
     for part in _UNESCAPED_COMMA.split(subject):
         attribute, equals, value = part.strip().partition("=")
         attribute = attribute.strip()
         if not equals or not attribute:
-            raise ValueError('not an RFC 4514 distinguished name (e.g. "CN=alice,O=Example")')
+            raise ValueError(_NOT_A_NAME)
         parts.append(f"{attribute.upper() if attribute.isalpha() else attribute}={value.strip()}")
     try:
         name = x509.Name.from_rfc4514_string(",".join(parts))
@@ -51,6 +53,7 @@ def normalise_subject(subject: str) -> str:
     return name.rfc4514_string()
 
 
+_NOT_A_NAME = 'not an RFC 4514 distinguished name (e.g. "CN=alice,O=Example")'
 _UNESCAPED_COMMA = re.compile(r"(?<!\\),")
 
 
