@@ -34,6 +34,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txwssec import _autobahn  # noqa: F401  (accept close code 1014)
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
@@ -140,6 +141,7 @@ class SecureClientProtocol(WebSocketClientProtocol):
 
     factory: SecureClientFactory
     _lostReason: Failure | None = None
+    _closeReceived: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -154,6 +156,18 @@ class SecureClientProtocol(WebSocketClientProtocol):
         super()._onOpen()
         if not self.opened.called:
             self.opened.callback(self)
+
+    def onCloseFrame(self, code: Any, reasonRaw: Any) -> bool:
+        self._closeReceived = True
+        return bool(super().onCloseFrame(code, reasonRaw))
+
+    def _onMessage(self, payload: bytes, isBinary: bool) -> None:
+        # The server's Close is its last frame (RFC 6455 section 5.5.1): a
+        # message after it is ignored (Autobahn case 7.1.4). Autobahn would
+        # deliver it, and an onMessage that answers raises Disconnected,
+        # which drops the connection before the close reply is written.
+        if not self._closeReceived:
+            super()._onMessage(payload, isBinary)
 
     def _onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTranspor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txwssec import _autobahn  # noqa: F401  (accept close code 1014)
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.admission import Admission

@@ -1,0 +1,27 @@
+"""
+The one adjustment txwssec makes to Autobahn, applied once on import.
+
+Close code 1014 (Bad Gateway) is in IANA's WebSocket close code registry and
+is txwssec's "upstream failed" code (DESIGN.md, "Close codes"). Autobahn
+26.10 accepts the registered 1012 and 1013 but not 1014, so an Autobahn peer
+receiving it would call it a protocol error (1002) instead of reconnecting
+with backoff. Autobahn checks the list through the class, so no subclass can
+change it; the list itself is extended. The Autobahn TestSuite's invalid
+close code cases (7.9.x) do not include 1014.
+"""
+
+from __future__ import annotations
+
+from autobahn.websocket.protocol import WebSocketProtocol
+
+BAD_GATEWAY = 1014
+
+
+def allow_bad_gateway_close_code() -> None:
+    """Let Autobahn accept close code 1014 from peers (idempotent)."""
+    allowed = WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED
+    if BAD_GATEWAY not in allowed:
+        allowed.append(BAD_GATEWAY)
+
+
+allow_bad_gateway_close_code()
