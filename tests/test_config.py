@@ -448,7 +448,8 @@ def test_route_has_app_or_upstream_not_both() -> None:
         ),
         (
             "ws://user:pw@a:1/",
-            "route[0].upstream: upstream 'ws://user:pw@a:1/' must not carry user info or a fragment",
+            "route[0].upstream: upstream 'ws://user:pw@a:1/' "
+            "must not carry user info or a fragment",
         ),
         ([], "route[0].upstream: needs at least one URL"),
     ],

@@ -1,5 +1,5 @@
 """
-The one adjustment txwssec makes to Autobahn, applied once on import.
+Adjustments to Autobahn behaviour that txwssec relies on.
 
 Close code 1014 (Bad Gateway) is in IANA's WebSocket close code registry and
 is txwssec's "upstream failed" code (DESIGN.md, "Close codes"). Autobahn
@@ -11,6 +11,8 @@ close code cases (7.9.x) do not include 1014.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
 
@@ -25,3 +27,15 @@ def allow_bad_gateway_close_code() -> None:
 
 
 allow_bad_gateway_close_code()
+
+
+def cancel_close_timer(protocol: Any) -> None:
+    """
+    Cancel a protocol's close-handshake timer when its connection is lost.
+    Autobahn cancels every other per-connection timer then, but leaves this
+    one to fire (harmlessly) up to the close timeout later.
+    """
+    call = getattr(protocol, "closeHandshakeTimeoutCall", None)
+    if call is not None:
+        call.cancel()
+        protocol.closeHandshakeTimeoutCall = None

@@ -34,7 +34,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txwssec import _autobahn  # noqa: F401  (accept close code 1014)
+from txwssec._autobahn import cancel_close_timer
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
@@ -149,6 +149,7 @@ class SecureClientProtocol(WebSocketClientProtocol):
         self.closed: Deferred[tuple[bool, int | None, str | None]] = Deferred()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        cancel_close_timer(self)
         self._lostReason = reason
         super().connectionLost(reason)
 

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTranspor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txwssec import _autobahn  # noqa: F401  (accept close code 1014)
+from txwssec._autobahn import cancel_close_timer
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.admission import Admission
@@ -469,6 +469,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         """Release everything this connection held, however it ended."""
+        cancel_close_timer(self)
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self._idle_timer = None
