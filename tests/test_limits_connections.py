@@ -646,7 +646,11 @@ def test_failure_window_two_minutes_later_forgets() -> None:
     assert window.blocked_for("a", 122.0) == 58.0
 
 
-def test_failure_window_evicts_oldest_key() -> None:
+def test_failure_window_evicts_least_recently_failed_key() -> None:
+    """
+    At max_keys, the key that failed least recently is forgotten: an
+    address that keeps failing cannot be flushed out by many new ones.
+    """
     window = FailureWindow(1, max_keys=2)
     window.record("a", 1.0)
     window.record("b", 1.0)
@@ -654,8 +658,8 @@ def test_failure_window_evicts_oldest_key() -> None:
     assert len(window) == 2
     window.record("c", 3.0)
     assert len(window) == 2
-    assert window.blocked_for("a", 3.0) == 0
-    assert window.blocked_for("b", 3.0) > 0
+    assert window.blocked_for("a", 3.0) > 0
+    assert window.blocked_for("b", 3.0) == 0
     assert window.blocked_for("c", 3.0) > 0
     for key in "defgh":
         window.record(key, 4.0)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectionResponse
 from OpenSSL import SSL
@@ -141,6 +142,9 @@ class SecureClientProtocol(WebSocketClientProtocol):
 
     factory: SecureClientFactory
     _lostReason: Failure | None = None
+    #: Autobahn's logger pinned at "info": its debug lines quote the
+    #: handshake this client sends, credentials included.
+    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
     _closeReceived: bool = False
 
     def __init__(self) -> None:
@@ -284,7 +288,7 @@ class SecureClientFactory(WebSocketClientFactory):
             log.warn(
                 "TLS verification is OFF for {url}: anyone on the path can read and "
                 "change this connection",
-                url=self.url,
+                url=urlsplit(self.url)._replace(query="").geturl(),
             )
             extra: dict[str, Any] = {}
             if client_certificate is not None:

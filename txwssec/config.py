@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from txwssec._schema import Table
 from txwssec.apps import BUILTIN_APPS
 from txwssec.auth.context import BuildContext
+from txwssec.auth.credentials import credential_markers
 from txwssec.auth.registry import builder_for, registered_names
 from txwssec.consumers import (
     Consumer,
@@ -297,7 +298,7 @@ def _route(
                     f"{table.key_path('consumers')}[{index}]", f'unknown consumer "{name}"'
                 )
     subprotocols = table.strings("subprotocols")
-    markers = {str(getattr(method, "subprotocol", "")) for method in methods} - {""}
+    markers = credential_markers(methods)
     for index, name in enumerate(subprotocols):
         if name in markers:
             raise ConfigError(

@@ -93,12 +93,6 @@ class HandshakeRefused(TxWSSecError):
         if status is not None:
             self.status = status
 
-    def response(self) -> bytes:
-        """
-        The complete HTTP response for this refusal, with a fixed body.
-        """
-        return http_refusal(self.status, self.headers)
-
 
 class MalformedHandshake(HandshakeRefused):
     """400: the upgrade request is malformed or ambiguous."""

@@ -21,6 +21,9 @@ class IAuthenticator(Interface):
     challenge = Attribute(
         "The C{WWW-Authenticate} value sent with a 401, e.g. C{'Basic realm=\"x\"'}."
     )
+    # Optional: credential_headers, credential_queries, credential_markers
+    # (tuples of names) tell the gateway what to strip and the subprotocol
+    # negotiation what never to echo; see txwssec.auth.credentials.
 
     def authenticate(request: HandshakeRequest) -> Verdict | Deferred[Verdict]:
         """

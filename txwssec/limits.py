@@ -98,8 +98,9 @@ class FailureWindow:
     def record(self, key: str, now: float) -> None:
         """Count one event for C{key}."""
         slot, current, previous, _ = self._estimate(key, now)
-        if key not in self._counts and len(self._counts) >= self.max_keys:
+        if self._counts.pop(key, None) is None and len(self._counts) >= self.max_keys:
             self._forget_oldest()
+        # Re-inserted at the end: the first key is the least recently failed.
         self._counts[key] = (slot, current + 1, previous)
 
     def blocked_for(self, key: str, now: float) -> float:
@@ -114,7 +115,7 @@ class FailureWindow:
         return self.window - (now % self.window)
 
     def _forget_oldest(self) -> None:
-        # Dicts keep insertion order: the first key is the longest-known one.
+        # Dicts keep insertion order: the first key failed least recently.
         del self._counts[next(iter(self._counts))]
 
     def __len__(self) -> int:

@@ -78,6 +78,17 @@ def verify_password(password: str, stored: str) -> bool:
 DUMMY_HASH = "scrypt:15:8:1:AAAAAAAAAAAAAAAAAAAAAA==:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
+def dummy_hash_like(stored: str) -> str:
+    """
+    A hash with the scheme and cost parameters of C{stored} that no password
+    matches: verifying against it takes as long as verifying against
+    C{stored}, so an unknown user name costs what a known one does.
+    """
+    scheme, params, salt, digest = _parse(stored)
+    zero_salt, zero_digest = _b64(bytes(len(salt))), _b64(bytes(len(digest)))
+    return ":".join([scheme, *map(str, params), zero_salt, zero_digest])
+
+
 def _scrypt(
     secret: bytes, salt: bytes, log2_n: int, r: int, p: int, length: int = _HASH_BYTES
 ) -> bytes:

@@ -4,10 +4,11 @@ Policies: everything a route and a server enforce, with safe defaults.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from txwssec.auth.credentials import credential_markers
 from txwssec.errors import RouteNotFound
 from txwssec.interfaces import Authenticator
 from txwssec.origin import OriginPolicy
@@ -117,8 +118,7 @@ class RoutePolicy:
             raise ValueError(f"route {self.path} has no authentication method")
         if self.max_message_size < 1:
             raise ValueError("max_message_size must be positive")
-        markers = {str(getattr(a, "subprotocol", "")) for a in self.authenticators}
-        clash = (markers - {""}) & set(self.subprotocols)
+        clash = credential_markers(self.authenticators) & set(self.subprotocols)
         if clash:
             raise ValueError(f"subprotocol {sorted(clash)[0]!r} is a credential marker")
 
@@ -201,6 +201,9 @@ class ServerPolicy:
         smallest = min(r.max_message_size for r in self.routes)
         return {
             "webStatus": False,
+            # RFC 6455 only: version 8 (hybi-10) carries the origin in
+            # Sec-WebSocket-Origin, which the Origin policy does not read.
+            "versions": [13],
             "openHandshakeTimeout": self.handshake_timeout,
             "closeHandshakeTimeout": self.close_timeout,
             "maxFramePayloadSize": smallest,
@@ -222,8 +225,3 @@ class ServerPolicy:
             # txwssec counts connections itself (see txwssec.limits).
             "maxConnections": 0,
         }
-
-
-def paths(routes: Iterable[RoutePolicy]) -> list[str]:
-    """The paths of C{routes}, for log messages."""
-    return [route.path for route in routes]

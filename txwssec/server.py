@@ -82,7 +82,8 @@ class SecureServerProtocol(WebSocketServerProtocol):
     #: The admitted address, kept after release: a failed authentication
     #: counts even if the client reset the connection before the verdict.
     _client_host: str | None = None
-    _consumer_admitted: bool = False
+    _pipelineStarted: bool = False
+    _consumer_admitted: tuple[RoutePolicy, str] | None = None
     _idle_timer: IDelayedCall | None = None
     _last_message: float = 0.0
     _guard: TrafficGuard | None = None
@@ -140,7 +141,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
         # 4. authentication (401, 403)
         accept = await authenticate(route.authenticators, handshake)
         if self.state == self.STATE_CLOSED:
-            # The client went away while the authentication ran: admit the
+            # The client went away while the authentication ran: admit no
             # consumer and open nothing (connectionLost released the rest).
             raise HandshakeRefused("connection lost during authentication")
         principal = accept.principal
@@ -153,7 +154,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
         consumer_buckets = factory.admission.admit_consumer(
             route, principal.consumer, factory.clock.seconds()
         )
-        self._consumer_admitted = True
+        self._consumer_admitted = (route, principal.consumer)
 
         # 6. subprotocol: credentials consumed, never echoed
         subprotocol = await self.negotiate(handshake, accept)
@@ -195,6 +196,10 @@ class SecureServerProtocol(WebSocketServerProtocol):
         for line in head:
             if not line:
                 continue
+            if _CONTROL_CHARACTERS.search(line):
+                # A bare CR, LF, NEL or other control character: other parsers
+                # (Autobahn's own, an upstream's) would split the line there.
+                raise MalformedHandshake("control character in a header line")
             name, colon, value = line.partition(":")
             if not colon or not _FIELD_NAME.fullmatch(name):
                 # RFC 9112 section 5: a line that is not "name: value" (no
@@ -216,8 +221,14 @@ class SecureServerProtocol(WebSocketServerProtocol):
     def processHandshake(self) -> None:
         """
         Refuse an oversized header block (431) before Autobahn parses it,
-        however slowly it arrives.
+        however slowly it arrives; then run the pipeline for the first
+        request only. While it runs (authentication may wait on a thread or
+        an upstream), the connection is not read: a client must wait for the
+        101, and a second request on the same connection must never start
+        a second pipeline.
         """
+        if self._pipelineStarted:
+            return
         policy = self.factory.policy
         end = self.data.find(b"\r\n\r\n")
         size = end
@@ -234,7 +245,18 @@ class SecureServerProtocol(WebSocketServerProtocol):
         if end >= 0 and self.data.count(b"\r\n", 0, end) > policy.max_headers:
             return self._refuse(HeaderFieldsTooLarge("too many header lines"))
         if end >= 0:
+            self._pipelineStarted = True
+            self._transport().pauseProducing()
             super().processHandshake()
+
+    def succeedHandshake(self, res: Any) -> None:
+        """Send the 101, then read again (frames that came early are kept)."""
+        super().succeedHandshake(res)
+        if self.state == self.STATE_OPEN:
+            self._transport().resumeProducing()
+
+    def _transport(self) -> Any:
+        return self.transport
 
     def _refuse(self, refusal: HandshakeRefused) -> None:
         self._refusal = refusal
@@ -477,9 +499,11 @@ class SecureServerProtocol(WebSocketServerProtocol):
             self.session.stop()
             self.factory.sessionClosed(self)
         admission = self.factory.admission
-        if self._consumer_admitted and self.route is not None and self.session is not None:
-            admission.release_consumer(self.route, self.session.consumer)
-            self._consumer_admitted = False
+        if self._consumer_admitted is not None:
+            # Released whatever happened after step 5 (502/504, a client that
+            # left during the upstream connection, a refused subprotocol...).
+            admission.release_consumer(*self._consumer_admitted)
+            self._consumer_admitted = None
         if self._admitted_host is not None:
             admission.release(self._admitted_host)
             self._admitted_host = None
@@ -520,6 +544,14 @@ class SecureServerFactory(WebSocketServerFactory):
         for route in policy.routes:
             if route.protocol is not None and not issubclass(route.protocol, SecureServerProtocol):
                 raise TypeError(f"route {route.path}: protocol must subclass SecureServerProtocol")
+            if route.upstream is not None and route.protocol is not None:
+                from txwssec.proxy import GatewayProtocol
+
+                if not issubclass(route.protocol, GatewayProtocol):
+                    raise TypeError(
+                        f"route {route.path}: an upstream route's protocol must subclass "
+                        "GatewayProtocol"
+                    )
         self.policy = policy
         self.clock: IReactorTime = reactor
         self.setProtocolOptions(**policy.protocol_options())
@@ -589,6 +621,10 @@ def _peer_host(peer: str) -> str:
         return rest.rsplit(":", 1)[0]
     return peer
 
+
+#: Characters no header line may hold (tab is allowed in values), including
+#: the ones str.splitlines() breaks lines on (\x0b, \x0c, \x1c-\x1e, \x85).
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85]")
 
 #: An HTTP field name (RFC 9110 section 5.1: a token).
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

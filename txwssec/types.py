@@ -114,7 +114,8 @@ class Deny:
     @ivar reason: a short text for the operator's log. It must never contain
         the credential. The client never sees it.
     @ivar status: 401 for a missing or invalid credential, 403 for a valid
-        credential that is not allowed here.
+        credential that is not allowed here, 400 for an ambiguous one, 429
+        or 503 when the method cannot take more work now.
     """
 
     reason: str

@@ -8,7 +8,14 @@ from collections.abc import Sequence
 
 from twisted.internet.defer import maybeDeferred
 
-from txwssec.errors import Forbidden, HandshakeRefused, MalformedHandshake, Unauthorized
+from txwssec.errors import (
+    Forbidden,
+    HandshakeRefused,
+    MalformedHandshake,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+)
 from txwssec.interfaces import Authenticator
 from txwssec.types import Accept, Deny, HandshakeRequest
 
@@ -44,6 +51,10 @@ async def authenticate(
             refusal = Forbidden(reason)
         elif verdict.status == 400:
             refusal = MalformedHandshake(reason)
+        elif verdict.status == 429:
+            refusal = TooManyRequests(reason, (("Retry-After", "1"),))
+        elif verdict.status == 503:
+            refusal = ServiceUnavailable(reason, (("Retry-After", "1"),))
         else:
             refusal = Unauthorized(reason, challenges)
         refusal.method = authenticator.name

@@ -160,10 +160,10 @@ class JWTAuthenticator:
             scheme, space, rest = found.value.partition(" ")
             if space and scheme.lower() == "bearer":
                 return Found(rest.strip(), found.credential)
-            if self.header.lower() == "authorization":
-                return None  # another scheme (Basic): not ours
-            return found
-        if found is not None:
+            if self.header.lower() != "authorization":
+                return found
+            # Another scheme (Basic) in Authorization is not ours: look on.
+        elif found is not None:
             return found
         return from_subprotocol(request, self.subprotocol) or from_query(request, self.query)
 
