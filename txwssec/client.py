@@ -28,8 +28,14 @@ from autobahn.websocket.types import ConnectionResponse
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -268,7 +274,14 @@ class SecureClientFactory(WebSocketClientFactory):
 
     def endpoint(self) -> IStreamClientEndpoint:
         """The client endpoint: TCP, wrapped in verified TLS for wss://."""
-        tcp = HostnameEndpoint(self.reactor, self.host, self.port)
+        tcp: IStreamClientEndpoint
+        if isIPAddress(self.host):
+            # No name to resolve (HostnameEndpoint would still use a thread).
+            tcp = TCP4ClientEndpoint(self.reactor, self.host, self.port)
+        elif isIPv6Address(self.host):
+            tcp = TCP6ClientEndpoint(self.reactor, self.host, self.port)
+        else:
+            tcp = HostnameEndpoint(self.reactor, self.host, self.port)
         if not self.isSecure:
             return tcp
         return wrapClientTLS(self.tls_options(), tcp)

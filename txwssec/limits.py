@@ -61,7 +61,9 @@ class TokenBucket:
 
         @return: whether they were available (if not, none are taken).
         """
-        tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        tokens = self._tokens + (now - self._last) * self.rate
+        if tokens > self.burst:  # (not min(): this runs for every frame)
+            tokens = self.burst
         self._last = now
         if tokens < amount:
             self._tokens = tokens

@@ -336,11 +336,6 @@ class SecureServerProtocol(WebSocketServerProtocol):
                 )
         super()._onOpen()
 
-    def _onMessageBegin(self, isBinary: bool) -> None:
-        if self._idle_timer is not None:
-            self._last_message = self.factory.clock.seconds()
-        super()._onMessageBegin(isBinary)
-
     def _checkIdle(self) -> None:
         assert self.route is not None
         idle = self.factory.clock.seconds() - self._last_message
@@ -373,11 +368,16 @@ class SecureServerProtocol(WebSocketServerProtocol):
             self.maxMessagePayloadSize = self.maxFramePayloadSize = size
         guard = self._guard
         if guard is not None and not self.failedByMe and not self._tooBig(frame, starts_message):
-            now = self.factory.clock.seconds() if guard.rated else 0.0
+            # One clock read per frame at most, shared by the rate buckets and
+            # the idle timer (a data message is activity; pings are not).
+            timed = guard.rated or (starts_message and self._idle_timer is not None)
+            now = self.factory.clock.seconds() if timed else 0.0
+            if starts_message and self._idle_timer is not None:
+                self._last_message = now
             violation = guard.frame(frame.opcode, frame.length, starts_message, now)
             if violation is not None:
                 self._limitExceeded(violation)
-        super().onFrameBegin()
+        WebSocketServerProtocol.onFrameBegin(self)
 
     def _tooBig(self, frame: Any, starts_message: bool) -> bool:
         """Whether Autobahn's size check is about to refuse this data frame."""
@@ -437,10 +437,10 @@ class SecureServerProtocol(WebSocketServerProtocol):
         if self._discard_writes:
             return
         guard = self._guard
-        if guard is not None and guard.wrote(len(data)):
+        if guard is not None and guard.writes_blocked and guard.wrote(len(data)):
             self._slowConsumer()
             return
-        super().sendData(data, sync, chopsize)
+        WebSocketServerProtocol.sendData(self, data, sync, chopsize)
 
     def _slowConsumer(self) -> None:
         # The close frame is the last thing written; what the application

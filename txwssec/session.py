@@ -26,6 +26,17 @@ class Session:
         L{refresh} cannot move, or L{None}.
     """
 
+    __slots__ = (
+        "_clock",
+        "_on_expired",
+        "_timer",
+        "ended",
+        "expires_at",
+        "not_after",
+        "principal",
+        "route",
+    )
+
     def __init__(
         self,
         principal: Principal,
