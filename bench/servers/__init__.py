@@ -1,0 +1,1 @@
+"""Peer echo servers for bench/bench.py (each runs as its own process)."""
