@@ -270,3 +270,100 @@ async def test_client_does_not_log_its_credentials_at_debug_level(
     finally:
         txaio.set_global_log_level("info")
     assert KEY not in captured_log.text()
+
+
+class Recorder(WebSocketServerProtocol):
+    """An upstream that records the request it received and picks nothing."""
+
+    requests: list[Any] = []
+
+    def onConnect(self, request: Any) -> None:
+        Recorder.requests.append(request)
+
+
+async def response_head(port: int, request: bytes) -> bytes:
+    """Send C{request}; return the response up to the end of its head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+
+
+def recording_upstream(serve: Any) -> int:
+    Recorder.requests = []
+    factory = WebSocketServerFactory()
+    factory.protocol = Recorder
+    return int(serve(factory))
+
+
+@pytest_twisted.ensureDeferred
+async def test_gateway_strips_every_methods_subprotocol_credential(serve: Any) -> None:
+    """
+    With auth = [jwt, key], a Bearer header accepts the connection while a
+    key also rides in Sec-WebSocket-Protocol: the key never goes upstream.
+    """
+    upstream = recording_upstream(serve)
+    token = jwt.encode({"sub": "alice", "exp": time.time() + 60}, SECRET, algorithm="HS256")
+    route = RoutePolicy(
+        "/gw",
+        [JWTAuthenticator(consumers(), SECRET), KeyAuthenticator(consumers())],
+        upstream=Upstream((f"ws://127.0.0.1:{upstream}/",)),
+    )
+    port = serve(SecureServerFactory(route))
+    request = upgrade_request(
+        "/gw",
+        f"Authorization: Bearer {token}",
+        f"Sec-WebSocket-Protocol: chat.v1, token, {KEY}",
+    )
+    raw = await aio(response_head(port, request))
+    assert raw.startswith(b"HTTP/1.1 101")
+    assert KEY.encode() not in raw
+    (seen,) = Recorder.requests
+    assert seen.protocols == ["chat.v1"]
+    assert KEY not in repr(seen.headers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_gateway_strips_declared_and_forgeable_headers(serve: Any) -> None:
+    """
+    A custom method's declared credential header, and forwarding headers a
+    client could forge (underscored names, Forwarded, X-Real-IP,
+    X-Forwarded-*), never reach the upstream.
+    """
+
+    class SharedSecret:
+        name = "shared-secret"
+        challenge = "SharedSecret"
+        credential_headers = ("x-shared-secret",)
+
+        def authenticate(self, request: HandshakeRequest) -> Accept | None:
+            if request.header_values("x-shared-secret") == ("s3cret-value",):
+                return Accept(Principal("alice", self.name))
+            return None
+
+    upstream = recording_upstream(serve)
+    route = RoutePolicy(
+        "/gw", [SharedSecret()], upstream=Upstream((f"ws://127.0.0.1:{upstream}/",))
+    )
+    port = serve(SecureServerFactory(route))
+    request = upgrade_request(
+        "/gw",
+        "X-Shared-Secret: s3cret-value",
+        "X_Consumer_Username: admin",
+        "Forwarded: for=6.6.6.6",
+        "X-Real-IP: 6.6.6.6",
+        "X-Forwarded-Host: evil.example",
+        "X-Trace: kept",
+    )
+    raw = await aio(response_head(port, request))
+    assert raw.startswith(b"HTTP/1.1 101")
+    (seen,) = Recorder.requests
+    headers = seen.headers
+    assert "x-shared-secret" not in headers
+    assert not any("_" in name for name in headers)
+    assert {"forwarded", "x-real-ip", "x-forwarded-host"}.isdisjoint(headers)
+    assert headers["x-trace"] == "kept"
+    assert headers["x-consumer-username"] == "alice"

@@ -14,7 +14,7 @@ expiry on the client leg for the whole session; when it ends a session
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from txwssec.auth.credentials import (
+    credential_headers,
+    credential_queries,
+    without_credentials,
+)
 from txwssec.client import ClientTLS, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import CloseCode, HandshakeRefused
 from txwssec.interfaces import Authenticator
@@ -218,6 +223,9 @@ class GatewayProtocol(SecureServerProtocol):
     """
 
     upstream: UpstreamProtocol | None = None
+    #: A client's protocol error, waiting for the upstream to close first.
+    _pendingFailure: tuple[int, str] | None = None
+    _drainTimer: IDelayedCall | None = None
 
     async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
         """
@@ -237,7 +245,11 @@ class GatewayProtocol(SecureServerProtocol):
             self._directPeer(),
             trust_forwarded_for=bool(self.factory.policy.trust_forwarded_for),
         )
-        offered = [p for p in handshake.subprotocols if p not in accept.credential.subprotocols]
+        offered = [
+            p
+            for p in without_credentials(handshake.subprotocols, route.authenticators)
+            if p not in accept.credential.subprotocols
+        ]
         origin = handshake.header_values("origin")
         target = forwarded_target(self.http_request_uri, route.authenticators, accept)
         refusal: HandshakeRefused = BadGateway("no upstream")
@@ -320,6 +332,9 @@ class GatewayProtocol(SecureServerProtocol):
     def upstreamLost(self, wasClean: bool) -> None:
         """The upstream connection ended; without a close, that is 1014."""
         self.upstream = None
+        if self._pendingFailure is not None:
+            self._failNow()
+            return
         if self.state == self.STATE_OPEN:
             self.factory.counters["gateway.upstream_lost"] += 1
             gatewayLog.warn("upstream of {peer} went away", peer=self.peer)
@@ -328,14 +343,70 @@ class GatewayProtocol(SecureServerProtocol):
     # -- sessions the gateway ends, and the end of the client ------------------
 
     def endSession(self, code: int, reason: str, event: str) -> None:
+        self._stopDraining()
         self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
         super().endSession(code, reason, event)
 
     def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        upstream = self.upstream
+        if (
+            code in _DRAINED_FAILURES
+            and self._pendingFailure is None
+            and self.state == self.STATE_OPEN
+            and upstream is not None
+            and upstream.state == upstream.STATE_OPEN
+        ):
+            self._drainUpstream(upstream, code, reason)
+            return
+        self._stopDraining()
         self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
         super()._fail_connection(code, reason)
 
+    def _protocol_violation(self, reason: str) -> bool:
+        # While the upstream drains, the client's bytes stay unread.
+        return bool(super()._protocol_violation(reason)) or self._pendingFailure is not None
+
+    def _invalid_payload(self, reason: str) -> bool:
+        return bool(super()._invalid_payload(reason)) or self._pendingFailure is not None
+
+    def _drainUpstream(self, upstream: UpstreamProtocol, code: int, reason: str) -> None:
+        """
+        The client broke the protocol (1002, 1007): close the upstream first
+        and fail the client once the upstream has closed (at most the close
+        timeout later), so that the upstream's answers to the client's earlier
+        messages, already on their way, reach the client before the close, as
+        from a server that answers in order (Autobahn cases 3.2-3.4, 4.1.3-
+        4.2.5, 5.15). Nothing the client sends meanwhile is read or relayed:
+        the rest of its bytes are parsed again once the close is sent, and a
+        second error then drops the connection, as Autobahn does.
+        """
+        self.failedByMe = True
+        self._pendingFailure = (code, reason)
+        transport: Any = self.transport
+        transport.pauseProducing()
+        _sendClose(upstream, CloseCode.GOING_AWAY, b"going away")
+        self._drainTimer = self.factory.clock.callLater(
+            self.factory.policy.close_timeout, self._failNow
+        )
+
+    def _failNow(self) -> None:
+        pending = self._pendingFailure
+        self._stopDraining()
+        if pending is not None:
+            self._fail_connection(*pending)
+
+    def _stopDraining(self, resume: bool = True) -> None:
+        timer, self._drainTimer = self._drainTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._pendingFailure is not None:
+            self._pendingFailure = None
+            if resume:
+                transport: Any = self.transport
+                transport.resumeProducing()
+
     def connectionLost(self, reason: Any = None) -> None:
+        self._stopDraining(resume=False)
         self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
         super().connectionLost(reason)
 
@@ -388,6 +459,12 @@ async def _connect(factory: SecureClientFactory) -> UpstreamProtocol:
     return protocol  # type: ignore[no-any-return]
 
 
+#: Client failures the gateway holds until the upstream has closed: protocol
+#: error and invalid payload (see L{GatewayProtocol._drainUpstream}). Limits
+#: (1008, 1009, 1013) and timeouts close at once.
+_DRAINED_FAILURES = frozenset({1002, 1007})
+
+
 def _sendClose(protocol: Any, code: int | None, reasonRaw: bytes | None) -> None:
     """Send a close frame with C{code}, or none when it may not be sent."""
     if code is not None and code not in _SENDABLE and not 3000 <= code <= 4999:
@@ -395,18 +472,18 @@ def _sendClose(protocol: Any, code: int | None, reasonRaw: bytes | None) -> None
     protocol.sendCloseFrame(code, (reasonRaw or b"")[:123] if code is not None else None)
 
 
-def _credential_names(authenticators: Iterable[Authenticator]) -> tuple[set[str], set[str]]:
-    """The header and query names that any of the route's methods reads."""
-    headers: set[str] = set()
-    queries: set[str] = set()
-    for authenticator in authenticators:
-        for attribute, into in (("header", headers), ("query", queries)):
-            value = getattr(authenticator, attribute, "")
-            if isinstance(value, str) and value:
-                into.add(value.lower() if into is headers else value)
-        if authenticator.name in ("basic", "jwt"):
-            headers.add("authorization")
-    return headers, queries
+def _spoofable(name: str) -> bool:
+    """
+    Headers an upstream may trust as set by its proxy: the gateway's own
+    (X-Consumer-Username, X-Forwarded-For, set below), the other forwarding
+    headers, and any name with an underscore (CGI and WSGI servers read
+    X_Consumer_Username as X-Consumer-Username).
+    """
+    return (
+        "_" in name
+        or name in ("forwarded", "x-real-ip", "x-client-ip")
+        or name.startswith("x-forwarded-")
+    )
 
 
 def forwarded_headers(
@@ -418,17 +495,18 @@ def forwarded_headers(
 ) -> dict[str, str]:
     """
     The headers sent upstream: the client's, minus hop-by-hop and handshake
-    headers and every header any of the route's methods reads credentials
-    from; plus C{X-Consumer-Username} and C{X-Forwarded-For}: the address
+    headers, every header any of the route's methods reads credentials from
+    (see L{txwssec.auth.credentials}) and forwarding headers a client could
+    forge; plus C{X-Consumer-Username} and C{X-Forwarded-For}: the address
     that connected to us, after the chain the client sent when this server
     trusts forwarded addresses (a client-made chain is dropped otherwise).
     """
-    credential_headers, _ = _credential_names(authenticators)
+    stripped = set(credential_headers(authenticators))
     if accept.credential.header:
-        credential_headers.add(accept.credential.header)
+        stripped.add(accept.credential.header)
     forwarded: dict[str, str] = {}
     for name, value in request.headers:
-        if name in HOP_HEADERS or name in credential_headers:
+        if name in HOP_HEADERS or name in stripped or _spoofable(name):
             continue
         if name in forwarded:
             forwarded[name] += ("; " if name == "cookie" else ", ") + value
@@ -447,7 +525,7 @@ def forwarded_target(
     The client's path and query, minus any query parameter a method of the
     route reads credentials from.
     """
-    _, query_names = _credential_names(authenticators)
+    query_names = set(credential_queries(authenticators))
     if accept.credential.query:
         query_names.add(accept.credential.query)
     parts = urlsplit(request_uri)
