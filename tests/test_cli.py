@@ -4,31 +4,26 @@ C{python -m txwssec}: the operator's helper commands, run as subprocesses.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import REPO, TIMEOUT, repo_env
 
 from txwssec.passwords import verify_password
-
-REPO = Path(__file__).resolve().parent.parent
-TIMEOUT = 15.0
 
 
 def txwssec(
     *args: str, stdin: str = "", cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run C{python -m txwssec ARGS} with C{stdin} piped (not a terminal)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, "-m", "txwssec", *args],
         input=stdin,
         capture_output=True,
         text=True,
-        env=env,
+        env=repo_env(),
         cwd=cwd or REPO,
         timeout=TIMEOUT,
     )

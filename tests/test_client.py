@@ -30,12 +30,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +43,7 @@ import pytest
 import pytest_twisted
 from conftest import CapturedLog
 from OpenSSL import SSL
+from processes import free_port, quickstart, repo_env, twistd
 from service_identity import VerificationError
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -77,7 +74,7 @@ from txwssec.client import (
     SecureClientProtocol,
 )
 from txwssec.consumers import key_digest, normalise_subject
-from txwssec.devcert import Issued, issue, make_ca, write_dev_certificates
+from txwssec.devcert import Issued, issue, make_ca
 from txwssec.interfaces import Authenticator
 
 T = TypeVar("T")
@@ -733,38 +730,6 @@ async def test_server_message_over_max_message_size(serve: Any) -> None:
 
 # -- examples/client.py against the real twistd ----------------------------
 
-TWISTD = Path(sys.executable).parent / "twistd"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def quickstart(folder: Path, port: int, tls_port: int) -> Path:
-    """
-    The shipped examples/quickstart.toml, listening on C{port} (ws) and
-    C{tls_port} (wss), with development certificates of its own in
-    C{folder/dev-certs}.
-    """
-    text = (REPO / "examples" / "quickstart.toml").read_text()
-    assert '"tcp:9080:interface=127.0.0.1"' in text
-    assert '"tls:9443:interface=127.0.0.1"' in text
-    write_dev_certificates(folder / "dev-certs")
-    path = folder / "quickstart.toml"
-    text = text.replace("tcp:9080:", f"tcp:{port}:")
-    path.write_text(text.replace("tls:9443:", f"tls:{tls_port}:"))
-    return path
-
-
-def repo_env() -> dict[str, str]:
-    """The environment: the repository first on the path, for its plugin."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
 
 @dataclass
 class Quickstart:
@@ -777,40 +742,15 @@ def quickstart_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Quic
     """C{twistd -n wssec} serving the quickstart example, until both listen."""
     folder = tmp_path_factory.mktemp("quickstart")
     port, tls_port = free_port(), free_port()
-    config = quickstart(folder, port, tls_port)
-    lines: list[str] = []
-    listening = threading.Event()
-    process = subprocess.Popen(
-        [str(TWISTD), "-n", "--pidfile=", "wssec", "--config", str(config)],
-        cwd=folder,
-        env=repo_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line)
-            if f"wssec listening on tls:{tls_port}:" in line:
-                listening.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    running = twistd(quickstart(folder, port, tls_port), folder)
     try:
-        if not listening.wait(TIMEOUT):
-            raise AssertionError("twistd did not listen:\n" + "".join(lines))
+        running.wait_for(f"wssec listening on tls:{tls_port}:")
         yield Quickstart(folder, tls_port)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
         try:
-            process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(TIMEOUT)
-        reader.join(TIMEOUT)
+            running.stop()
+        finally:
+            running.kill()
 
 
 def run_example(server: Quickstart, *args: str) -> subprocess.CompletedProcess[str]:

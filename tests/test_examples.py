@@ -6,72 +6,35 @@ port, real websockets clients holding different keys.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import EXAMPLES, TIMEOUT, Process
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-REPO = Path(__file__).resolve().parent.parent
-TIMEOUT = 15.0
 _LISTENING = re.compile(r"chat listening on ws://127\.0\.0\.1:(\d+)/chat")
 
 
-class ChatServer:
+class ChatServer(Process):
     """examples/chat_server.py on a free port, its output collected."""
 
     def __init__(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        self.lines: list[str] = []
-        self.port = 0
-        self._listening = threading.Event()
-        self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "examples" / "chat_server.py"), "--port", "0"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        if not self._listening.wait(TIMEOUT):
-            self.process.kill()
-            raise AssertionError("chat server did not listen:\n" + self.output())
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            found = _LISTENING.search(line)
-            if found:
-                self.port = int(found.group(1))
-                self._listening.set()
+        super().__init__([sys.executable, str(EXAMPLES / "chat_server.py"), "--port", "0"])
+        try:
+            self.port = int(self.wait_for(_LISTENING).group(1))
+        except AssertionError:
+            self.kill()
+            raise
 
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/chat"
-
-    def stop(self) -> int:
-        """SIGTERM, then the exit status (all output read)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        status = self.process.wait(TIMEOUT)
-        self._reader.join(TIMEOUT)
-        return status
-
-    def output(self) -> str:
-        return "".join(self.lines)
 
 
 @pytest.fixture

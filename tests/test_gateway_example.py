@@ -8,89 +8,23 @@ by the upstream with the consumer name the gateway forwarded.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import socket
-import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import EXAMPLES, TIMEOUT, Process, free_port, twistd
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
-TWISTD = Path(sys.executable).parent / "twistd"
-TIMEOUT = 15.0
 KEY = "this-is-jacks-key"
 
 UPSTREAM_LISTENING = re.compile(r"echo upstream listening on ws://127\.0\.0\.1:(\d+)/")
 GATEWAY_LISTENING = re.compile(r"wssec listening on tcp:(\d+):interface=127\.0\.0\.1")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Process:
-    """A subprocess, its output collected by a thread until C{ready} shows."""
-
-    def __init__(self, args: list[str], ready: re.Pattern[str], cwd: Path) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        self.lines: list[str] = []
-        self.ready: re.Match[str] | None = None
-        self._pattern = ready
-        self._ready = threading.Event()
-        self.process = subprocess.Popen(
-            args,
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            found = self._pattern.search(line)
-            if found and self.ready is None:
-                self.ready = found
-                self._ready.set()
-
-    def wait_ready(self) -> re.Match[str]:
-        if not self._ready.wait(TIMEOUT) or self.ready is None:
-            raise AssertionError(f"{self.process.args} did not start:\n{self.output()}")
-        return self.ready
-
-    def stop(self) -> int:
-        """SIGTERM, then the exit status (all output read)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        status = self.process.wait(TIMEOUT)
-        self._reader.join(TIMEOUT)
-        return status
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(TIMEOUT)
-
-    def output(self) -> str:
-        return "".join(self.lines)
 
 
 def gateway_config(tmp_path: Path, port: int, upstream_port: int) -> Path:
@@ -116,21 +50,15 @@ class Example:
 def example(tmp_path: Path) -> Iterator[Example]:
     """The echo upstream and the gateway, running; killed if a test left them."""
     upstream = Process(
-        [sys.executable, str(EXAMPLES / "echo_upstream.py"), "--port", "0"],
-        UPSTREAM_LISTENING,
-        tmp_path,
+        [sys.executable, str(EXAMPLES / "echo_upstream.py"), "--port", "0"], tmp_path
     )
     gateway: Process | None = None
     try:
-        upstream_port = int(upstream.wait_ready().group(1))
+        upstream_port = int(upstream.wait_for(UPSTREAM_LISTENING).group(1))
         port = free_port()
         config = gateway_config(tmp_path, port, upstream_port)
-        gateway = Process(
-            [str(TWISTD), "-n", "--pidfile=", "wssec", "--config", str(config)],
-            GATEWAY_LISTENING,
-            tmp_path,
-        )
-        assert int(gateway.wait_ready().group(1)) == port
+        gateway = twistd(config, tmp_path)
+        assert int(gateway.wait_for(GATEWAY_LISTENING).group(1)) == port
         yield Example(upstream, gateway, f"ws://127.0.0.1:{port}/ws")
     finally:
         if gateway is not None:

@@ -14,14 +14,10 @@ import asyncio
 import contextlib
 import datetime
 import json
-import os
 import select
 import signal
 import socket
 import ssl
-import subprocess
-import sys
-import threading
 import time
 import warnings
 import weakref
@@ -33,12 +29,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 import websockets
-from conftest import REPO, CapturedLog, aio, upgrade_request
+from conftest import CapturedLog, aio, upgrade_request
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+from processes import Process, free_port, twistd
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
@@ -979,64 +976,9 @@ async def test_reload_without_dropping_connections(
 
 # -- SIGHUP through twistd -----------------------------------------------------------
 
-TWISTD = Path(sys.executable).parent / "twistd"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Twistd:
-    """A running C{twistd -n wssec}, its output collected by a thread."""
-
-    def __init__(self, config: Path, cwd: Path) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.process = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", "wssec", "--config", str(config)],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    def wait_for(self, text: str, after: int = 0) -> None:
-        """Wait until a line from index C{after} on contains C{text}."""
-        with self._changed:
-            found = self._changed.wait_for(
-                lambda: any(text in line for line in self.lines[after:]), TIMEOUT
-            )
-        if not found:
-            raise AssertionError(f"twistd never said {text!r}:\n{self.output()}")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        status = self.process.wait(TIMEOUT)
-        self._reader.join(TIMEOUT)
-        return status
-
-    def output(self) -> str:
-        return "".join(self.lines)
-
 
 @pytest.fixture
-def twistd_tls(tmp_path: Path) -> Iterator[tuple[Twistd, ServerFiles, int]]:
+def twistd_tls(tmp_path: Path) -> Iterator[tuple[Process, ServerFiles, int]]:
     """twistd serving an anonymous echo route over tls: only."""
     files = make_server_files(tmp_path / "certs")
     port = free_port()
@@ -1044,14 +986,12 @@ def twistd_tls(tmp_path: Path) -> Iterator[tuple[Twistd, ServerFiles, int]]:
     config.write_text(
         TLS_CONFIG.replace("tls:8443:", f"tls:{port}:").replace('"server.', '"certs/server.')
     )
-    running = Twistd(config, tmp_path)
+    running = twistd(config, tmp_path)
     try:
         running.wait_for("wssec listening on")
         yield running, files, port
     finally:
-        if running.process.poll() is None:
-            running.process.kill()
-            running.process.wait(TIMEOUT)
+        running.kill()
 
 
 def sync_serial(ws: Any) -> int:
@@ -1061,7 +1001,7 @@ def sync_serial(ws: Any) -> int:
     return serial_of(sock.getpeercert(binary_form=True))
 
 
-def test_sighup_reloads_certificate(twistd_tls: tuple[Twistd, ServerFiles, int]) -> None:
+def test_sighup_reloads_certificate(twistd_tls: tuple[Process, ServerFiles, int]) -> None:
     """
     The real twistd: after the certificate files are replaced and SIGHUP is
     sent, new connections see the new certificate while the connection

@@ -11,110 +11,31 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import TIMEOUT, TWISTD, Process, free_port, quickstart, repo_env, twistd
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 from websockets.typing import Origin, Subprotocol
-
-from txwssec.devcert import write_dev_certificates
-
-REPO = Path(__file__).resolve().parent.parent
-TWISTD = Path(sys.executable).parent / "twistd"
-TIMEOUT = 15.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def twistd_command(*args: str) -> list[str]:
     return [str(TWISTD), *args]
 
 
-def twistd_env() -> dict[str, str]:
-    """The environment: the repository first on the path, for its plugin."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-def quickstart(tmp_path: Path, port: int, tls_port: int | None = None) -> Path:
-    """
-    The shipped examples/quickstart.toml, listening on C{port} (ws) and
-    C{tls_port} (wss, a free port when not given), with development
-    certificates of its own in C{tmp_path/dev-certs}.
-    """
-    text = (REPO / "examples" / "quickstart.toml").read_text()
-    assert '"tcp:9080:interface=127.0.0.1"' in text
-    assert '"tls:9443:interface=127.0.0.1"' in text
-    write_dev_certificates(tmp_path / "dev-certs")
-    path = tmp_path / "quickstart.toml"
-    text = text.replace("tcp:9080:", f"tcp:{port}:")
-    path.write_text(text.replace("tls:9443:", f"tls:{tls_port or free_port()}:"))
-    return path
-
-
-class Twistd:
-    """A running C{twistd -n wssec}, its output collected by a thread."""
-
-    def __init__(self, config: Path, cwd: Path) -> None:
-        self.lines: list[str] = []
-        self.listening = threading.Event()
-        self.process = subprocess.Popen(
-            twistd_command("-n", "--pidfile=", "wssec", "--config", str(config)),
-            cwd=cwd,
-            env=twistd_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if "wssec listening on" in line:
-                self.listening.set()
-
-    def wait_listening(self) -> None:
-        if not self.listening.wait(TIMEOUT):
-            raise AssertionError("twistd did not listen:\n" + self.output())
-
-    def stop(self) -> int:
-        """SIGTERM, then the exit status (all output read)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        status = self.process.wait(TIMEOUT)
-        self._reader.join(TIMEOUT)
-        return status
-
-    def output(self) -> str:
-        return "".join(self.lines)
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[Twistd, int]]:
+def server(tmp_path: Path) -> Iterator[tuple[Process, int]]:
     """twistd serving the quickstart example; killed if a test left it running."""
     port = free_port()
-    running = Twistd(quickstart(tmp_path, port), tmp_path)
+    running = twistd(quickstart(tmp_path, port), tmp_path)
     try:
-        running.wait_listening()
+        running.wait_for("wssec listening on")
         yield running, port
     finally:
-        if running.process.poll() is None:
-            running.process.kill()
-            running.process.wait(TIMEOUT)
+        running.kill()
 
 
 def websocket(url: str, **options: Any) -> Any:
@@ -129,7 +50,7 @@ def refused(url: str, **options: Any) -> InvalidStatus:
     return caught.value
 
 
-def test_serves_quickstart_and_stops_on_sigterm(server: tuple[Twistd, int]) -> None:
+def test_serves_quickstart_and_stops_on_sigterm(server: tuple[Process, int]) -> None:
     """
     One run of the real process: where it listens is logged, the API key
     works in a header and in Sec-WebSocket-Protocol, missing and wrong keys
@@ -205,7 +126,7 @@ def run_twistd(*args: str, cwd: Path) -> tuple[int, str]:
     done = subprocess.run(
         twistd_command(*args),
         cwd=cwd,
-        env=twistd_env(),
+        env=repo_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
