@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import jwt
 import pytest
@@ -787,3 +787,59 @@ def test_example_client_wrong_key(quickstart_server: Quickstart) -> None:
     assert result.stdout == ""
     assert "could not open:" in result.stderr
     assert "401" in result.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_after_the_servers_close_are_ignored() -> None:
+    """
+    RFC 6455 5.5.1: after a Close frame, no more data. A server that breaks
+    this must not reach onMessage (an echo there would drop the connection
+    before the close reply, as Autobahn's own client does in 7.1.4/7.1.5).
+    """
+    import asyncio
+    import base64
+    import hashlib
+
+    from conftest import aio
+
+    replies: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(
+            hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+        )
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        writer.write(b"\x88\x02\x03\xe8" + b"\x81\x05after")  # close 1000, then text
+        await writer.drain()
+        replies.append(await reader.read(64))
+        writer.close()
+
+    class Recording(SecureClientProtocol):
+        messages: ClassVar[list[bytes]] = []
+
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
+            Recording.messages.append(payload)
+            self.sendMessage(payload)
+
+    server = await aio(asyncio.start_server(handle, "127.0.0.1", 0))
+    try:
+        port = server.sockets[0].getsockname()[1]
+        factory = SecureClientFactory(f"ws://127.0.0.1:{port}/")
+        factory.protocol = Recording
+        protocol = await factory.connect()
+        await protocol.opened
+        _, code, _ = await protocol.closed
+    finally:
+        server.close()
+    assert Recording.messages == []
+    assert code == 1000
+    assert replies and replies[0][:1] == b"\x88"  # the client's close reply
