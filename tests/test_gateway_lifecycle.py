@@ -14,7 +14,6 @@ stop reading, or flood its client as fast as its transport takes it.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import struct
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import wsframes
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
 from conftest import CapturedLog, aio
+from memory import memory_kib, reset_peak_rss
 from twisted.internet.defer import Deferred, DeferredList, DeferredQueue
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
@@ -577,29 +577,6 @@ async def test_no_leaks_after_many_sessions(serve: Serve) -> None:
 
 
 # -- backpressure ----------------------------------------------------------------------
-
-
-def memory_kib(field: str) -> int:
-    """A field of /proc/self/status (VmRSS, VmHWM), in KiB."""
-    with open("/proc/self/status") as status:
-        match = re.search(rf"^{field}:\s+(\d+) kB$", status.read(), re.MULTILINE)
-    assert match is not None
-    return int(match.group(1))
-
-
-def reset_peak_rss() -> bool:
-    """
-    Reset this process's VmHWM to its current RSS (Linux C{clear_refs}
-    value 5), so that VmHWM afterwards is the peak of what follows.
-
-    @return: whether the kernel allowed it.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
 
 
 class Memory:

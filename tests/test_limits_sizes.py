@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import re
 import socket
 import zlib
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import pytest_twisted
 import websockets
 import wsframes
 from conftest import aio
+from memory import memory_kib, reset_peak_rss
 from websockets.exceptions import ConnectionClosed
 
 from txwssec import AnonymousAuthenticator, RoutePolicy, SecureServerFactory, ServerPolicy
@@ -104,29 +104,6 @@ def bomb() -> bytes:
     """64 MiB of zeros, deflated: about 64 KiB on the wire."""
     zeros = bytes(MIB)
     return deflate([zeros] * 64)
-
-
-def memory_kib(field: str) -> int:
-    """A field of /proc/self/status (VmRSS, VmHWM), in KiB."""
-    with open("/proc/self/status") as status:
-        match = re.search(rf"^{field}:\s+(\d+) kB$", status.read(), re.MULTILINE)
-    assert match is not None
-    return int(match.group(1))
-
-
-def reset_peak_rss() -> bool:
-    """
-    Reset this process's VmHWM to its current RSS (Linux C{clear_refs}
-    value 5), so that VmHWM afterwards is the peak of what follows.
-
-    @return: whether the kernel allowed it.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
 
 
 async def raw_close(client: wsframes.RawClient) -> tuple[list[wsframes.Frame], int | None]:
