@@ -38,21 +38,19 @@ class Admission:
         if policy.auth_failures_per_minute:
             wait = self.auth_failures.blocked_for(host, now)
             if wait:
-                refusal = TooManyRequests(
+                raise TooManyRequests(
                     f"auth_failures_per_minute reached for {host}",
                     (("Retry-After", str(max(1, round(wait)))),),
+                    counter="limit.auth_failures",
                 )
-                refusal.counter = "limit.auth_failures"
-                raise refusal
         if policy.max_connections and self.connections.total >= policy.max_connections:
-            refusal_full = ServiceUnavailable("max_connections reached")
-            refusal_full.counter = "limit.max_connections"
-            raise refusal_full
+            raise ServiceUnavailable("max_connections reached", counter="limit.max_connections")
         per_ip = policy.max_connections_per_ip
         if per_ip and self.connections.count(host) >= per_ip:
-            refusal = TooManyRequests(f"max_connections_per_ip reached for {host}")
-            refusal.counter = "limit.max_connections_per_ip"
-            raise refusal
+            raise TooManyRequests(
+                f"max_connections_per_ip reached for {host}",
+                counter="limit.max_connections_per_ip",
+            )
         self.connections.acquire(host)
 
     def release(self, host: str) -> None:
@@ -76,9 +74,10 @@ class Admission:
         key = _consumer_key(route, consumer)
         cap = limits.connections_per_consumer
         if cap and self.consumers.count(key) >= cap:
-            refusal = TooManyRequests(f"connections_per_consumer reached for {consumer}")
-            refusal.counter = "limit.connections_per_consumer"
-            raise refusal
+            raise TooManyRequests(
+                f"connections_per_consumer reached for {consumer}",
+                counter="limit.connections_per_consumer",
+            )
         self.consumers.acquire(key)
         buckets = self._buckets.get(key)
         if buckets is None:

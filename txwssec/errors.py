@@ -79,17 +79,19 @@ class HandshakeRefused(TxWSSecError):
 
     status = 400
     method: str | None = None
-    counter: str | None = None
 
     def __init__(
         self,
         reason: str,
         headers: tuple[tuple[str, str], ...] = (),
         status: int | None = None,
+        *,
+        counter: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.headers = headers
+        self.counter = counter
         if status is not None:
             self.status = status
 

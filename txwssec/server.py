@@ -391,14 +391,10 @@ class SecureServerProtocol(WebSocketServerProtocol):
         )
 
     def _limitExceeded(self, violation: Violation) -> None:
-        self.factory.counters[violation.counter] += 1
-        self._logClose(violation.counter, violation.code)
-        self._fail_connection(violation.code, violation.reason)
+        self._closeForLimit(violation.counter, violation.code, violation.reason)
 
     def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
-        self.factory.counters["limit.max_message_size"] += 1
-        self._logClose("limit.max_message_size", CloseCode.MESSAGE_TOO_BIG)
-        self._fail_connection(CloseCode.MESSAGE_TOO_BIG, "message too big")
+        self._closeForLimit("limit.max_message_size", CloseCode.MESSAGE_TOO_BIG, "message too big")
 
     def onOpenHandshakeTimeout(self) -> None:
         """The opening handshake took longer than C{handshake_timeout}."""
@@ -415,9 +411,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
         self.autoPingPending = None
         if self.state != self.STATE_OPEN:
             return
-        self.factory.counters["limit.ping_timeout"] += 1
-        self._logClose("limit.ping_timeout", CloseCode.TIMEOUT)
-        self._fail_connection(CloseCode.TIMEOUT, "ping timeout")
+        self._closeForLimit("limit.ping_timeout", CloseCode.TIMEOUT, "ping timeout")
 
     def pauseProducing(self) -> None:
         """The transport's buffer is full: the peer is not keeping up."""
@@ -447,21 +441,28 @@ class SecureServerProtocol(WebSocketServerProtocol):
         # sends after it is dropped, and the close timeout aborts the TCP
         # connection if the peer never reads it.
         self._guard = None
-        self.factory.counters["limit.max_buffered_bytes"] += 1
-        self._logClose("limit.max_buffered_bytes", CloseCode.TRY_AGAIN_LATER)
-        self._fail_connection(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+        self._closeForLimit("limit.max_buffered_bytes", CloseCode.TRY_AGAIN_LATER, "slow consumer")
         self._discard_writes = True
 
-    def _logClose(self, limit: str, code: int) -> None:
-        session = self.session
+    def _closeForLimit(self, limit: str, code: int, reason: str) -> None:
+        """Count, log and fail the connection for C{limit} (a counter name)."""
+        self.factory.counters[limit] += 1
         securityLog.info(
             "limit {limit}: closing {peer} on {route} ({consumer}) with {code}",
             limit=limit,
-            peer=self.peer,
-            route=session.route if session else None,
-            consumer=session.consumer if session else None,
             code=int(code),
+            **self._sessionFields(),
         )
+        self._fail_connection(code, reason)
+
+    def _sessionFields(self) -> dict[str, Any]:
+        """The named log fields that say whose connection this is."""
+        session = self.session
+        return {
+            "peer": self.peer,
+            "route": session.route if session else None,
+            "consumer": session.consumer if session else None,
+        }
 
     def _credentialsExpired(self) -> None:
         self.endSession(CloseCode.CREDENTIALS_EXPIRED, "credentials expired", "expired")
@@ -479,10 +480,8 @@ class SecureServerProtocol(WebSocketServerProtocol):
         securityLog.info(
             "session {event}: closing {peer} on {route} ({consumer}) with {code}",
             event=event,
-            peer=self.peer,
-            route=session.route if session else None,
-            consumer=session.consumer if session else None,
             code=int(code),
+            **self._sessionFields(),
         )
         if session is not None:
             session.stop()
