@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +24,9 @@ import pytest
 import pytest_twisted
 import websockets
 from conftest import aio, raw_exchange, upgrade_request
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -450,6 +452,13 @@ async def test_reset_while_authenticating_releases_everything(serve: Serve) -> N
     assert factory.counters["session.opened"] == 1
 
 
+async def _start_of_a_minute(margin: float) -> None:
+    """Wait, if need be, until at least C{margin} s remain in this minute."""
+    remaining = 60 - time.time() % 60
+    if remaining < margin:
+        await deferLater(reactor, remaining + 0.05)
+
+
 @pytest_twisted.ensureDeferred
 async def test_reset_while_authenticating_still_counts_failures(serve: Serve) -> None:
     """
@@ -458,8 +467,12 @@ async def test_reset_while_authenticating_still_counts_failures(serve: Serve) ->
     unlimited (and costly) password checks.
     """
     gate = GatedAuthenticator()
-    factory = make_factory(auth_failures_per_minute=3, gate=gate)
+    # A reset is noticed at the handshake timeout (reading is paused while
+    # the method runs): 1 s each, all three within one minute of the
+    # failure window, whose estimate weighs the previous minute down.
+    factory = make_factory(auth_failures_per_minute=3, gate=gate, handshake_timeout=1)
     port = serve(factory)
+    await _start_of_a_minute(margin=8)
 
     async def client() -> None:
         for _ in range(3):
@@ -487,6 +500,7 @@ async def test_auth_failures_block_the_address(serve: Serve) -> None:
     """
     factory = make_factory(auth_failures_per_minute=3)
     port = serve(factory)
+    await _start_of_a_minute(margin=5)
 
     async def client() -> None:
         async with connect(port, host="127.0.0.1") as before:
@@ -560,6 +574,7 @@ async def test_only_authentication_failures_count(serve: Serve) -> None:
     """
     factory = make_factory(auth_failures_per_minute=3)
     port = serve(factory)
+    await _start_of_a_minute(margin=5)
 
     async def client() -> None:
         for _ in range(5):
@@ -748,6 +763,7 @@ async def test_auth_failures_keyed_on_forwarded_address(serve: Serve) -> None:
     """
     factory = make_factory(auth_failures_per_minute=2, trust_forwarded_for=1)
     port = serve(factory)
+    await _start_of_a_minute(margin=5)
 
     async def client() -> None:
         attacker = {"X-Forwarded-For": "10.0.0.9"}
