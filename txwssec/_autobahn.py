@@ -12,6 +12,7 @@ close code cases (7.9.x) do not include 1014.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -39,3 +40,20 @@ def cancel_close_timer(protocol: Any) -> None:
     if call is not None:
         call.cancel()
         protocol.closeHandshakeTimeoutCall = None
+
+
+def copy_options(protocol: Any, names: Sequence[str]) -> None:
+    """
+    Copy the factory's protocol options onto a new connection as Autobahn's
+    C{_connectionMade} does (an option already set on the instance or its
+    class wins), without its debug line.
+
+    Autobahn builds that line with C{pprint.pformat} of every option on
+    every connection, eagerly, even when debug logging is off: about a tenth
+    of a plain handshake's CPU. txwssec's protocols call this, then let
+    Autobahn's own loop run over an empty C{CONFIG_ATTRS}.
+    """
+    factory = protocol.factory
+    for name in names:
+        if not hasattr(protocol, name):
+            setattr(protocol, name, getattr(factory, name))

@@ -41,7 +41,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txwssec._autobahn import cancel_close_timer
+from txwssec._autobahn import cancel_close_timer, copy_options
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
@@ -151,12 +151,18 @@ class SecureClientProtocol(WebSocketClientProtocol):
     #: Autobahn's logger pinned at "info": its debug lines quote the
     #: handshake this client sends, credentials included.
     log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
+    #: Empty: the options are copied by L{_connectionMade} (see copy_options).
+    CONFIG_ATTRS: list[str] = []
     _closeReceived: bool = False
 
     def __init__(self) -> None:
         super().__init__()
         self.opened: Deferred[SecureClientProtocol] = Deferred()
         self.closed: Deferred[tuple[bool, int | None, str | None]] = Deferred()
+
+    def _connectionMade(self) -> None:
+        copy_options(self, WebSocketClientProtocol.CONFIG_ATTRS)
+        super()._connectionMade()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         cancel_close_timer(self)

@@ -122,15 +122,6 @@ class RoutePolicy:
         if clash:
             raise ValueError(f"subprotocol {sorted(clash)[0]!r} is a credential marker")
 
-    def protocol_attributes(self) -> dict[str, Any]:
-        """
-        Autobahn protocol attributes this route sets on each connection.
-        """
-        return {
-            "maxMessagePayloadSize": self.max_message_size,
-            "maxFramePayloadSize": self.max_message_size,
-        }
-
 
 @dataclass(frozen=True)
 class ServerPolicy:

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTranspor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txwssec._autobahn import cancel_close_timer
+from txwssec._autobahn import cancel_close_timer, copy_options
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.admission import Admission
@@ -74,6 +74,8 @@ class SecureServerProtocol(WebSocketServerProtocol):
     #: global level: Autobahn's debug lines quote raw handshakes and frames,
     #: credentials included.
     log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
+    #: Empty: the options are copied by L{_connectionMade} (see copy_options).
+    CONFIG_ATTRS: list[str] = []
     factory: SecureServerFactory
     session: Session | None = None
     route: RoutePolicy | None = None
@@ -91,6 +93,10 @@ class SecureServerProtocol(WebSocketServerProtocol):
     maxFramePayloadSize: int
     maxMessagePayloadSize: int
     _discard_writes: bool = False
+
+    def _connectionMade(self) -> None:
+        copy_options(self, WebSocketServerProtocol.CONFIG_ATTRS)
+        super()._connectionMade()
 
     # -- the handshake pipeline -------------------------------------------
 
@@ -263,17 +269,20 @@ class SecureServerProtocol(WebSocketServerProtocol):
         self.failHandshake(refusal.reason, refusal.status)
 
     def _useRoute(self, route: RoutePolicy) -> None:
-        for name, value in route.protocol_attributes().items():
-            setattr(self, name, value)
-        if route.compression:
-            self.perMessageCompressionAccept = accept_deflate(route.max_message_size)
         protocol = self.factory.protocolFor(route)
         if protocol is not None and type(self) is not protocol:
             # The route's application class takes over this connection before
             # any application code runs. Route classes are subclasses of
             # SecureServerProtocol (checked by the policy), so the instance
-            # layout is the same.
+            # layout is the same. Options the class sets itself win over the
+            # factory's copies, as they would have at connectionMade; the
+            # route's own limits, set next, win over both.
             self.__class__ = protocol
+            for name in _own_options(protocol):
+                self.__dict__.pop(name, None)
+        self.maxMessagePayloadSize = self.maxFramePayloadSize = route.max_message_size
+        if route.compression:
+            self.perMessageCompressionAccept = accept_deflate(route.max_message_size)
 
     # -- refusals ---------------------------------------------------------
 
@@ -611,6 +620,19 @@ class SecureServerFactory(WebSocketServerFactory):
         for protocol in live:
             protocol.revoke()
         return len(live)
+
+
+def _own_options(protocol: type[SecureServerProtocol]) -> tuple[str, ...]:
+    """The Autobahn options an application protocol class sets itself."""
+    names = _OWN_OPTIONS.get(protocol)
+    if names is None:
+        names = _OWN_OPTIONS[protocol] = tuple(
+            name for name in WebSocketServerProtocol.CONFIG_ATTRS if hasattr(protocol, name)
+        )
+    return names
+
+
+_OWN_OPTIONS: dict[type, tuple[str, ...]] = {}
 
 
 def _peer_host(peer: str) -> str:
