@@ -122,7 +122,18 @@ async def test_second_request_on_a_connection_never_starts_a_second_pipeline(ser
     assert factory.connections.total == 0
 
 
-@pytest.mark.parametrize("value", [b"hi\nX-Consumer-Username: admin", b"hi\x85X-Trace: 1"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"hi\nX-Consumer-Username: admin",
+        b"hi\rX-Consumer-Username: admin",
+        b"hi\x85X-Trace: 1",
+        b"hi\x0bX-Trace: 1",
+        b"hi\x00",
+        b"hi\r",
+        b"hi\n\r\n\r",
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_header_line_with_a_line_break_never_reaches_the_upstream(
     serve: Any, value: bytes

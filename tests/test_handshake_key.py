@@ -41,6 +41,7 @@ from txwssec import (
 from txwssec.apps.echo import EchoProtocol
 from txwssec.consumers import key_digest, parse_stored_key
 from txwssec.errors import FIXED_BODIES
+from txwssec.origin import parse_origin
 
 ALICE_KEY = "alice-key-7f3c9a"
 BOB_KEY = "bob-key-21d0e4"
@@ -555,6 +556,26 @@ async def test_origin_exact_match_accepted(serve):
         assert session.consumer == "alice", origin
     session = await aio(converse(port, headers={"apikey": ALICE_KEY}))
     assert session.consumer == "alice"
+
+
+def test_origin_fast_path_texts_are_the_allowed_origins():
+    """
+    Origins compared as written (no parsing) are exactly the browser forms
+    of the configured ones, whatever case and default ports they were
+    written with; a form that is not listed still goes through parsing.
+    """
+    policy = OriginPolicy.from_list(
+        ["HTTPS://App.Example.com:443", "http://x.example:8080", "https://[::1]", "null"]
+    )
+    assert policy.allowed_texts == {
+        "https://app.example.com",
+        "http://x.example:8080",
+        "https://[::1]",
+    }
+    assert all(parse_origin(text) in policy.allowed for text in policy.allowed_texts)
+    assert policy.allows("https://app.example.com:443", "h", secure=True)
+    assert policy.allows("null", "h", secure=True)
+    assert not policy.allows("http://x.example", "h", secure=True)
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,9 @@ class OriginPolicy:
     allowed: frozenset[Origin] = frozenset()
     any_origin: bool = False
     same_origin_only: bool = True
+    #: Header values accepted as written, without parsing (the configured
+    #: texts, already normalised: a browser sends exactly these).
+    allowed_texts: frozenset[str] = frozenset()
 
     @classmethod
     def from_list(cls, origins: Iterable[str] | None) -> OriginPolicy:
@@ -66,10 +69,12 @@ class OriginPolicy:
         if origins is None:
             return cls()
         entries = list(origins)
+        allowed = frozenset(parse_origin(o) for o in entries if o != "*")
         return cls(
-            allowed=frozenset(parse_origin(o) for o in entries if o != "*"),
+            allowed=allowed,
             any_origin="*" in entries,
             same_origin_only=False,
+            allowed_texts=frozenset(_browser_form(o) for o in allowed if o != "null"),
         )
 
     def allows(self, origin_header: str | None, host_header: str, secure: bool) -> bool:
@@ -79,7 +84,7 @@ class OriginPolicy:
         """
         if origin_header is None:
             return True
-        if self.any_origin:
+        if self.any_origin or origin_header in self.allowed_texts:
             return True
         try:
             origin = parse_origin(origin_header)
@@ -96,3 +101,18 @@ def _request_origin(host_header: str, secure: bool) -> Origin | None:
         return parse_origin(f"{scheme}://{host_header}")
     except ValueError:
         return None
+
+
+def _browser_form(origin: Origin) -> str:
+    """
+    The Origin header a browser sends for C{origin} (RFC 6454 section 6.1:
+    lower-case scheme and host, the port only when not the default).
+    """
+    if isinstance(origin, str):
+        return origin
+    scheme, host, port = origin
+    if ":" in host:
+        host = f"[{host}]"
+    if port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"

@@ -196,29 +196,31 @@ class SecureServerProtocol(WebSocketServerProtocol):
         """
         Build the L{HandshakeRequest} the authenticators see, keeping every
         header line (Autobahn's own dictionary folds duplicates together).
+
+        @raise MalformedHandshake: a header line that is not C{name: value},
+            or holds a control character (400).
         """
-        head = self.http_request_data.decode("iso-8859-1").split("\r\n")[1:]
-        headers = []
-        for line in head:
-            if not line:
-                continue
-            if _CONTROL_CHARACTERS.search(line):
-                # A bare CR, LF, NEL or other control character: other parsers
-                # (Autobahn's own, an upstream's) would split the line there.
-                raise MalformedHandshake("control character in a header line")
-            name, colon, value = line.partition(":")
-            if not colon or not _FIELD_NAME.fullmatch(name):
-                # RFC 9112 section 5: a line that is not "name: value" (no
-                # colon, no name, space before the colon, a folded line).
-                raise MalformedHandshake("malformed header line")
-            headers.append((name.lower(), value.strip()))
+        head = self.http_request_data.decode("iso-8859-1")
+        # The header lines, each with its CRLF: from after the request line
+        # up to the blank line that ends the block.
+        block = head[head.find("\r\n") + 2 : -2]
+        if _CONTROL_CHARACTERS.search(block):
+            # A bare CR, LF, NEL or other control character: other parsers
+            # (Autobahn's own, an upstream's) would split the line there.
+            raise MalformedHandshake("control character in a header line")
+        if not _HEADER_BLOCK.fullmatch(block):
+            # RFC 9112 section 5: a line that is not "name: value" (no
+            # colon, no name, space before the colon, a folded line).
+            raise MalformedHandshake("malformed header line")
         peer = str(self.peer)
         return HandshakeRequest(
             peer=peer,
             host=_peer_host(peer),
             path=request.path,
             query={k: tuple(v) for k, v in request.params.items()},
-            headers=tuple(headers),
+            headers=tuple(
+                (name.lower(), value.strip()) for name, value in _HEADER_LINE.findall(block)
+            ),
             subprotocols=tuple(request.protocols),
             secure=ISSLTransport.providedBy(self.transport),
             peer_certificate=peer_certificate(self.transport),
@@ -644,11 +646,19 @@ def _peer_host(peer: str) -> str:
 
 
 #: Characters no header line may hold (tab is allowed in values), including
-#: the ones str.splitlines() breaks lines on (\x0b, \x0c, \x1c-\x1e, \x85).
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85]")
+#: the ones str.splitlines() breaks lines on (\x0b, \x0c, \x1c-\x1e, \x85),
+#: and CR or LF anywhere but together, ending a line.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85]|\r(?!\n)|(?<!\r)\n")
 
 #: An HTTP field name (RFC 9110 section 5.1: a token).
-_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+
+#: A block of header lines, each C{name: value} and its CRLF (control
+#: characters are refused before this is tried).
+_HEADER_BLOCK = re.compile(rf"(?:{_FIELD_NAME}:[^\r]*\r\n)*")
+
+#: One header line's name and value.
+_HEADER_LINE = re.compile(rf"({_FIELD_NAME}):([^\r]*)\r\n")
 
 
 def _host_header(request: ConnectionRequest) -> str:

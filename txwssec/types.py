@@ -50,7 +50,7 @@ class HandshakeRequest:
         All values of header C{name} (case-insensitive), in arrival order.
         """
         wanted = name.lower()
-        return tuple(value for key, value in self.headers if key == wanted)
+        return tuple([value for key, value in self.headers if key == wanted])
 
 
 @dataclass(frozen=True)
