@@ -455,6 +455,67 @@ async def test_denying_custom_then_key_first_credential_decides(
     assert (event["method"], event["reason"]) == ("denier", "denier: not today")
 
 
+class CoroutineAuthenticator:
+    """An C{async def} method: abstains, accepts or denies after a pause."""
+
+    name = "coro"
+    challenge = "Coro"
+
+    def __init__(self, verdict: Verdict) -> None:
+        self.verdict = verdict
+        self.calls = 0
+
+    async def authenticate(self, request: HandshakeRequest) -> Verdict:
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        self.calls += 1
+        await deferLater(reactor, 0.01)
+        return self.verdict
+
+
+@pytest_twisted.ensureDeferred
+async def test_coroutine_authenticator_accepts_and_denies(serve: Serve) -> None:
+    """An C{async def authenticate} decides like any other method."""
+    accepting = CoroutineAuthenticator(Accept(Principal("awaited", "coro")))
+    port = serve(factory_for([accepting]))
+    assert await aio(who(port)) == "awaited coro"
+    denying = CoroutineAuthenticator(Deny("no"))
+    port = serve(factory_for([denying, KeyAuthenticator(directory())]))
+    response = await aio(refused(port, {"apikey": JOHN_KEY}))
+    assert response.status_code == 401
+    assert challenges(response) == ["Coro", KEY_CHALLENGE]
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_abstainers_then_synchronous_methods_in_order(serve: Serve) -> None:
+    """
+    Methods that abstain later (a Deferred, a coroutine) hand over to the
+    next ones in order, synchronous or not, and the first credential found
+    decides.
+    """
+    deferred_abstain = DelayedAuthenticator()
+    deferred_abstain.authenticate = lambda request: _later(None)  # type: ignore[method-assign]
+    coroutine_abstain = CoroutineAuthenticator(None)
+    sync_abstain = ConstantAuthenticator("abstain", None, "Abstain")
+    key = KeyAuthenticator(directory())
+    port = serve(factory_for([deferred_abstain, sync_abstain, coroutine_abstain, key]))
+    assert await aio(who(port, {"apikey": JOHN_KEY})) == "john key"
+    response = await aio(refused(port, {"apikey": "wrong"}))
+    assert response.status_code == 401
+    assert challenges(response) == ["Delayed", "Abstain", "Coro", KEY_CHALLENGE]
+    response = await aio(refused(port, {}))
+    assert response.status_code == 401
+    assert (sync_abstain.calls, coroutine_abstain.calls) == (3, 3)
+
+
+def _later(verdict: Verdict) -> Deferred[Verdict]:
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, 0.01, lambda: verdict)
+
+
 @pytest_twisted.ensureDeferred
 async def test_key_then_custom_key_decides_first(serve: Serve) -> None:
     """The order is the route's: a valid key first wins over a denier after."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -15,7 +16,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflate,
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,7 +24,7 @@ from twisted.python.failure import Failure
 from txwssec._autobahn import cancel_close_timer, copy_options
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
-from txwssec.admission import Admission
+from txwssec.admission import Admission, ConsumerBuckets
 from txwssec.auth.chain import authenticate
 from txwssec.compression import BoundedDeflate, accept_deflate, deflated_bound
 from txwssec.errors import (
@@ -102,26 +103,36 @@ class SecureServerProtocol(WebSocketServerProtocol):
 
     def onConnect(  # type: ignore[override]
         self, request: ConnectionRequest
-    ) -> Deferred[str | None]:
+    ) -> str | Deferred[str | None] | None:
         """
         Autobahn's handshake hook: run L{secureHandshake} and turn any
         refusal into a L{ConnectionDeny} (rendered by L{failHandshake}).
         """
-        return Deferred.fromCoroutine(self._guardedHandshake(request))
-
-    async def _guardedHandshake(self, request: ConnectionRequest) -> str | None:
         try:
-            return await self.secureHandshake(request)
-        except HandshakeRefused as refusal:
-            self._refusal = refusal
+            subprotocol = self.secureHandshake(request)
         except Exception:
-            securityLog.failure("handshake pipeline failed for {peer}", peer=self.peer)
-            self._refusal = HandshakeRefused("internal error", status=500)
-        raise ConnectionDeny(self._refusal.status, self._refusal.reason)
+            self._deny(Failure())
+        if isinstance(subprotocol, Deferred):
+            return subprotocol.addErrback(self._deny)
+        return subprotocol
 
-    async def secureHandshake(self, request: ConnectionRequest) -> str | None:
+    def _deny(self, failure: Failure) -> NoReturn:
+        error = failure.value
+        if isinstance(error, HandshakeRefused):
+            self._refusal = error
+        else:
+            securityLog.failure("handshake pipeline failed for {peer}", failure, peer=self.peer)
+            self._refusal = error = HandshakeRefused("internal error", status=500)
+        raise ConnectionDeny(error.status, error.reason)
+
+    def secureHandshake(self, request: ConnectionRequest) -> str | Deferred[str | None] | None:
         """
         The pipeline, in order; the first refusal raises L{HandshakeRefused}.
+
+        It runs synchronously while every step does, and then returns the
+        subprotocol itself; a step that waits (a method that verifies a
+        password in a thread, a gateway that connects to its upstream) makes
+        the rest run when it is done, and the result a L{Deferred}.
 
         @return: the subprotocol to answer with, or L{None}.
         """
@@ -145,7 +156,16 @@ class SecureServerProtocol(WebSocketServerProtocol):
             raise Forbidden(f"origin {origin[0]!r} not allowed")
 
         # 4. authentication (401, 403)
-        accept = await authenticate(route.authenticators, handshake)
+        accept = authenticate(route.authenticators, handshake)
+        if isinstance(accept, Deferred):
+            return accept.addCallback(self._authenticated, handshake)
+        return self._authenticated(accept, handshake)
+
+    def _authenticated(
+        self, accept: Accept, handshake: HandshakeRequest
+    ) -> str | Deferred[str | None] | None:
+        factory, route = self.factory, self.route
+        assert route is not None
         if self.state == self.STATE_CLOSED:
             # The client went away while the authentication ran: admit no
             # consumer and open nothing (connectionLost released the rest).
@@ -163,30 +183,40 @@ class SecureServerProtocol(WebSocketServerProtocol):
         self._consumer_admitted = (route, principal.consumer)
 
         # 6. subprotocol: credentials consumed, never echoed
-        subprotocol = await self.negotiate(handshake, accept)
+        subprotocol = self.negotiate(handshake, accept)
+        if isinstance(subprotocol, Deferred | Coroutine):
+            negotiated: Deferred[str | None] = ensureDeferred(subprotocol)
+            return negotiated.addCallback(self._startSession, accept, consumer_buckets)
+        return self._startSession(subprotocol, accept, consumer_buckets)
 
+    def _startSession(
+        self, subprotocol: str | None, accept: Accept, consumer_buckets: ConsumerBuckets
+    ) -> str | None:
         # 7. the session, its timers armed when the connection opens
-        clock = factory.clock
-        not_after = clock.seconds() + route.max_lifetime if route.max_lifetime else None
+        route, clock, principal = self.route, self.factory.clock, accept.principal
+        assert route is not None
+        now = clock.seconds()
+        not_after = now + route.max_lifetime if route.max_lifetime else None
         self.session = Session(principal, accept.expires_at, route.path, clock, not_after)
-        self._guard = TrafficGuard(
-            route.limits, route.max_message_size, clock.seconds(), consumer_buckets
-        )
-        expires_at = self.session.expires_at
+        self._guard = TrafficGuard(route.limits, route.max_message_size, now, consumer_buckets)
         securityLog.info(
             "accepted {peer} on {route} as {consumer} by {method}",
             peer=self.peer,
             route=route.path,
             consumer=principal.consumer,
             method=principal.method,
-            expires_at=expires_at,
+            expires_at=self.session.expires_at,
         )
         return subprotocol
 
-    async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
+    def negotiate(
+        self, handshake: HandshakeRequest, accept: Accept
+    ) -> str | Deferred[str | None] | Coroutine[Any, Any, str | None] | None:
         """
         Step 6 of the pipeline: choose the subprotocol to answer with (see
-        L{select_subprotocol}). A gateway overrides it to ask its upstream.
+        L{select_subprotocol}). A gateway overrides it to ask its upstream:
+        an override may be a coroutine (C{async def}) or return a
+        L{Deferred}.
         """
         route = self.route
         assert route is not None
