@@ -758,13 +758,47 @@ async def test_malformed_token(
     await refused_with(port, captured_log, reason, token)
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"not json",
+        b'["alg", "HS256"]',
+        b'"HS256"',
+        b'{"alg": "HS256"',
+        b'{"alg": "HS256", "x": "\xff"}',
+        b"[" * 3000 + b"]" * 3000,
+    ],
+    ids=["text", "array", "string", "truncated", "not-utf8", "nested"],
+)
 @pytest_twisted.ensureDeferred
-async def test_undecodable_header(serve: Any, captured_log: CapturedLog) -> None:
-    """Right shape, but the header segment is not base64url JSON."""
+async def test_undecodable_header(serve: Any, captured_log: CapturedLog, header: bytes) -> None:
+    """Right shape, but the header segment is not a base64url JSON object."""
     port = serve(jwt_factory())
     _, payload, signature = hs256(claims()).split(".")
-    token = f"{b64url(b'not json')}.{payload}.{signature}"
+    token = f"{b64url(header)}.{payload}.{signature}"
     await refused_with(port, captured_log, "jwt: malformed token header", token)
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_base64_that_only_pyjwt_refuses(
+    serve: Any, captured_log: CapturedLog
+) -> None:
+    """
+    A header segment with non-zero trailing bits decodes leniently for the
+    precise refusals, but PyJWT, which verifies, refuses it: still 401.
+    """
+    port = serve(jwt_factory())
+    header, payload, signature = next(
+        token.split(".")
+        for token in (hs256(claims(), note="x" * n) for n in range(3))
+        if len(token.split(".")[0]) % 4 in (2, 3)
+    )
+    last = header[-1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    tweaked = header[:-1] + alphabet[alphabet.index(last) | 1]
+    assert tweaked != header
+    token = f"{tweaked}.{payload}.{signature}"
+    await refused_with(port, captured_log, "jwt: invalid token: Invalid header padding", token)
 
 
 @pytest_twisted.ensureDeferred

@@ -9,7 +9,9 @@ source (C{jku}, C{x5u}, C{jwk}, C{x5c}) are refused: keys are never fetched.
 
 from __future__ import annotations
 
+import json
 import re
+from base64 import urlsafe_b64decode
 from collections.abc import Sequence
 from typing import Any
 
@@ -176,9 +178,8 @@ class JWTAuthenticator:
             return Deny("token too long")
         if not _TOKEN_SHAPE.fullmatch(token):
             return Deny("malformed token")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        header = _unverified_header(token)
+        if header is None:
             return Deny("malformed token header")
         named = [name for name in _KEY_SOURCE_HEADERS if name in header]
         if named:
@@ -211,6 +212,21 @@ class JWTAuthenticator:
             expires_at=float(exp) + self.leeway,
             credential=found.credential,
         )
+
+
+def _unverified_header(token: str) -> dict[str, Any] | None:
+    """
+    The JOSE header of a token of the right shape, before verification, or
+    L{None} if it is not a JSON object. It only lets a bad token be refused
+    with a precise reason, before any key is used: PyJWT parses it again,
+    strictly, when it verifies the token, and decides.
+    """
+    segment = token[: token.index(".")]
+    try:
+        header = json.loads(urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, RecursionError):  # binascii.Error, UnicodeDecodeError, JSON
+        return None
+    return header if isinstance(header, dict) else None
 
 
 def build(section: Table, context: BuildContext) -> JWTAuthenticator:
