@@ -393,43 +393,45 @@ class SecureServerProtocol(WebSocketServerProtocol):
         """
         Check each frame header against the route's limits, before its
         payload is read: size first (Autobahn closes 1009), then rates,
-        fragments and control frames (1008).
+        fragments and control frames (1008). This runs for every frame.
         """
         frame = self.current_frame
-        route = self.route
-        starts_message = frame.opcode < 8 and not self.inside_message
-        if self._perMessageCompress is not None and route is not None and starts_message:
-            # A compressed message is limited by its inflated size, exactly
-            # (by BoundedDeflate). On the wire it can be a little longer (an
-            # incompressible one): Autobahn's own checks, which count wire
-            # bytes, get deflate's worst case for it instead of the limit.
-            size = route.max_message_size
-            if frame.rsv == 4:
-                size = deflated_bound(size)
-            self.maxMessagePayloadSize = self.maxFramePayloadSize = size
+        opcode: int = frame.opcode
+        length: int = frame.length
         guard = self._guard
-        if guard is not None and not self.failedByMe and not self._tooBig(frame, starts_message):
+        starts_message = False
+        if opcode < 8:
+            starts_message = not self.inside_message
+            if starts_message and self._perMessageCompress is not None:
+                self._limitWireSize(frame.rsv == 4)
+            so_far = length if starts_message else self.message_data_total_length + length
+            if 0 < self.maxFramePayloadSize < length or 0 < self.maxMessagePayloadSize < so_far:
+                guard = None  # Autobahn's size check refuses it (1009)
+        if guard is not None and not self.failedByMe:
             # One clock read per frame at most, shared by the rate buckets and
             # the idle timer (a data message is activity; pings are not).
-            timed = guard.rated or (starts_message and self._idle_timer is not None)
-            now = self.factory.clock.seconds() if timed else 0.0
-            if starts_message and self._idle_timer is not None:
+            active = starts_message and self._idle_timer is not None
+            now = self.factory.clock.seconds() if guard.rated or active else 0.0
+            if active:
                 self._last_message = now
-            violation = guard.frame(frame.opcode, frame.length, starts_message, now)
+            violation = guard.frame(opcode, length, starts_message, now)
             if violation is not None:
                 self._limitExceeded(violation)
         WebSocketServerProtocol.onFrameBegin(self)
 
-    def _tooBig(self, frame: Any, starts_message: bool) -> bool:
-        """Whether Autobahn's size check is about to refuse this data frame."""
-        if frame.opcode >= 8:
-            return False
-        so_far = 0 if starts_message else self.message_data_total_length
-        length: int = frame.length
-        return (
-            0 < self.maxFramePayloadSize < length
-            or 0 < self.maxMessagePayloadSize < so_far + length
-        )
+    def _limitWireSize(self, compressed: bool) -> None:
+        """
+        A compressed message is limited by its inflated size, exactly (by
+        L{BoundedDeflate}). On the wire it can be a little longer (an
+        incompressible one): Autobahn's own checks, which count wire bytes,
+        get deflate's worst case for it instead of the limit.
+        """
+        route = self.route
+        if route is not None:
+            size = route.max_message_size
+            if compressed:
+                size = deflated_bound(size)
+            self.maxMessagePayloadSize = self.maxFramePayloadSize = size
 
     def _limitExceeded(self, violation: Violation) -> None:
         self._closeForLimit(violation.counter, violation.code, violation.reason)
