@@ -408,16 +408,27 @@ class SecureServerProtocol(WebSocketServerProtocol):
             if 0 < self.maxFramePayloadSize < length or 0 < self.maxMessagePayloadSize < so_far:
                 guard = None  # Autobahn's size check refuses it (1009)
         if guard is not None and not self.failedByMe:
-            # One clock read per frame at most, shared by the rate buckets and
-            # the idle timer (a data message is activity; pings are not).
-            active = starts_message and self._idle_timer is not None
-            now = self.factory.clock.seconds() if guard.rated or active else 0.0
-            if active:
-                self._last_message = now
-            violation = guard.frame(opcode, length, starts_message, now)
+            violation = self._accountFrame(guard, opcode, length, starts_message)
             if violation is not None:
                 self._limitExceeded(violation)
         WebSocketServerProtocol.onFrameBegin(self)
+
+    def _accountFrame(
+        self, guard: TrafficGuard, opcode: int, length: int, starts_message: bool
+    ) -> Violation | None:
+        """
+        Account a received frame header (within the size limits) against
+        the route's limits; a data message is activity for the idle timeout.
+
+        @return: the limit exceeded, if any (the caller closes).
+        """
+        # One clock read per frame at most, shared by the rate buckets and
+        # the idle timer (a data message is activity; pings are not).
+        active = starts_message and self._idle_timer is not None
+        now = self.factory.clock.seconds() if guard.rated or active else 0.0
+        if active:
+            self._last_message = now
+        return guard.frame(opcode, length, starts_message, now)
 
     def _limitWireSize(self, compressed: bool) -> None:
         """
