@@ -11,11 +11,12 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from txwssec.config import Config, load
 from txwssec.errors import ConfigError
+from txwssec.logs import twistdLogObserver
 from txwssec.server import SecureServerFactory
 from txwssec.tls import reload_certificates
 
@@ -124,6 +125,28 @@ class CertificateReloader(Service):
         self._reactor.callFromThread(reload_certificates)
 
 
+class WssecService(MultiService):
+    """
+    The root of C{twistd wssec}'s service tree. When twistd attaches it to
+    its application, it gives the application txwssec's log observer (the
+    documented way for a twistd application to choose its observer), unless
+    twistd's own must be used (see L{twistdLogObserver}).
+    """
+
+    def __init__(self, twistdOptions: Any = None) -> None:
+        super().__init__()
+        self._twistdOptions = twistdOptions
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if self._twistdOptions is None or not hasattr(parent, "setComponent"):
+            return
+        if parent.getComponent(ILogObserver, None) is None:
+            observer = twistdLogObserver(self._twistdOptions)
+            if observer is not None:
+                parent.setComponent(ILogObserver, observer)
+
+
 def makeService(options: Options) -> IService:
     """
     Build the service tree: one listening service per C{[server] listen}
@@ -134,7 +157,7 @@ def makeService(options: Options) -> IService:
 
     config = options.config
     factory = SecureServerFactory(config.policy, reactor=reactor)
-    service = MultiService()
+    service = WssecService(getattr(options, "parent", None))
     for description, endpoint in zip(config.listen, config.endpoints(reactor), strict=True):
         ListeningService(endpoint, factory, description).setServiceParent(service)
     if config.tls is not None:
