@@ -398,30 +398,31 @@ class SecureServerProtocol(WebSocketServerProtocol):
         frame = self.current_frame
         opcode: int = frame.opcode
         length: int = frame.length
-        guard = self._guard
         starts_message = False
+        accounted = not self.failedByMe
         if opcode < 8:
             starts_message = not self.inside_message
             if starts_message and self._perMessageCompress is not None:
                 self._limitWireSize(frame.rsv == 4)
             so_far = length if starts_message else self.message_data_total_length + length
             if 0 < self.maxFramePayloadSize < length or 0 < self.maxMessagePayloadSize < so_far:
-                guard = None  # Autobahn's size check refuses it (1009)
-        if guard is not None and not self.failedByMe:
-            violation = self._accountFrame(guard, opcode, length, starts_message)
+                accounted = False  # Autobahn's size check refuses it (1009)
+        if accounted:
+            violation = self._accountFrame(opcode, length, starts_message)
             if violation is not None:
                 self._limitExceeded(violation)
         WebSocketServerProtocol.onFrameBegin(self)
 
-    def _accountFrame(
-        self, guard: TrafficGuard, opcode: int, length: int, starts_message: bool
-    ) -> Violation | None:
+    def _accountFrame(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
         """
         Account a received frame header (within the size limits) against
         the route's limits; a data message is activity for the idle timeout.
 
         @return: the limit exceeded, if any (the caller closes).
         """
+        guard = self._guard
+        if guard is None:
+            return None
         # One clock read per frame at most, shared by the rate buckets and
         # the idle timer (a data message is activity; pings are not).
         active = starts_message and self._idle_timer is not None
