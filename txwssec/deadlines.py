@@ -29,6 +29,10 @@ from twisted.logger import Logger
 
 _log = Logger()
 
+#: Logs an error raised by a timer's function (at "critical", with its
+#: traceback) and lets the batch go on, as the reactor does for its calls.
+_timerFailures = _log.failureHandler("while handling timed call")
+
 #: Below this many cancelled deadlines the heap is not compacted (they
 #: leave it as they reach the top).
 _COMPACT_MINIMUM = 64
@@ -54,7 +58,7 @@ class Deadline:
         self._seq = seq
         self._func: Callable[..., object] | None = func
         self._args = args
-        #: The L{Deadlines} whose heap holds it; L{None} once out of the heap.
+        #: The L{Deadlines} whose heap holds it; L{None} once taken out to run.
         self._owner: Deadlines | None = owner
 
     def __lt__(self, other: Deadline) -> bool:
@@ -142,10 +146,10 @@ class Deadlines:
             delay = math.nextafter(delay, math.inf)
         self._armed = when
         call = self._call
-        if call is None:
-            self._call = self.clock.callLater(delay, self._run)
-        else:
+        if call is not None and call.active():
             call.reset(delay)
+        else:
+            self._call = self.clock.callLater(delay, self._run)
 
     def _run(self) -> None:
         """Run every deadline due now, in order, then re-arm."""
@@ -173,11 +177,8 @@ class Deadlines:
                 args = deadline._args
                 deadline._func = None
                 deadline._args = ()
-                try:
+                with _timerFailures:
                     func(*args)
-                except BaseException:
-                    # As the reactor does for its own calls: log, go on.
-                    _log.failure("Unhandled error in a timer ({func!r})", func=func)
         finally:
             self._running = False
             self._rearm()
