@@ -751,6 +751,52 @@ def test_session_stop_cancels() -> None:
     assert expired == []
 
 
+def test_session_stopped_before_start_never_fires() -> None:
+    """A connection lost before it opened: starting the session arms nothing."""
+    clock = Clock()
+    expired: list[bool] = []
+    session = clock_session(10, clock)
+    session.stop()
+    session.start(lambda: expired.append(True))
+    assert clock.getDelayedCalls() == []
+    clock.advance(20)
+    assert expired == []
+
+
+def test_session_shared_deadlines_refresh() -> None:
+    """
+    Sessions on one shared L{Deadlines}: refreshing one to a later and then
+    to an earlier time re-arms the single reactor call, the other keeps its
+    time, and the hard end (max_lifetime) still caps the refresh.
+    """
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    fired: list[tuple[str, float]] = []
+    first = clock_session(10, clock)
+    second = Session(Principal("mary", "jwt"), 15, "/echo", clock, not_after=30)
+    first.start(lambda: fired.append(("first", clock.seconds())), deadlines)
+    second.start(lambda: fired.append(("second", clock.seconds())), deadlines)
+    assert len(deadlines) == 2
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [10]
+    first.refresh(20)
+    second.refresh(100)
+    assert second.expires_at == 30
+    assert len(deadlines) == 2
+    clock.advance(10)
+    assert fired == []
+    first.refresh(12)
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [12]
+    clock.advance(2)
+    assert fired == [("first", 12)]
+    first.stop()
+    clock.advance(17.9)
+    assert fired == [("first", 12)]
+    clock.advance(0.1)
+    assert fired == [("first", 12), ("second", 30)]
+    assert len(deadlines) == 0
+    assert clock.getDelayedCalls() == []
+
+
 def test_session_refresh_rearms() -> None:
     clock = Clock()
     expired: list[float] = []

@@ -98,10 +98,12 @@ class Session:
     def _arm(self) -> None:
         self._cancel()
         deadlines = self._deadlines
-        if self.expires_at is not None and self._on_expired is not None and deadlines is not None:
-            # The callback itself, not a wrapper: stop() and refresh() cancel
-            # this deadline, so it only ever runs for a live session.
-            self._timer = deadlines.call_at(self.expires_at, self._on_expired)
+        on_expired = self._on_expired
+        if self.expires_at is None or on_expired is None or deadlines is None or self.ended:
+            return
+        # The callback itself, not a wrapper: stop() and refresh() cancel this
+        # deadline, so it only ever runs for a live session.
+        self._timer = deadlines.call_at(self.expires_at, on_expired)
 
     def _cancel(self) -> None:
         timer = self._timer
