@@ -102,6 +102,26 @@ def test_equal_deadlines_run_in_the_order_scheduled() -> None:
     assert [name for name, _ in ran] == ["before", *names, "after"]
 
 
+def test_equal_times_are_separate_timers() -> None:
+    """
+    A deadline is its time (a float), so two due together compare equal;
+    they are still two timers, and a timer at time 0 is still true (Autobahn
+    tests its timers with "if call:").
+    """
+    clock, deadlines, ran = make(0.0)
+    first = deadlines.call_at(0.0, record(ran, clock, "first"))
+    second = deadlines.call_at(0.0, record(ran, clock, "second"))
+    assert first == second == 0.0
+    assert first is not second
+    assert first and second
+    first.cancel()
+    assert second.active()
+    clock.advance(0)
+    assert ran == [("second", 0.0)]
+    assert first.getTime() == 0.0
+    assert type(first.getTime()) is float
+
+
 def test_all_due_run_in_one_reactor_call() -> None:
     """Deadlines due by the time the reactor call fires run in one batch."""
     clock, deadlines, ran = make()

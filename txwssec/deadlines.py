@@ -11,7 +11,8 @@ deadline due by then runs in the same reactor turn (so a thousand sessions
 expiring together send their close frames before any reply is read).
 
 Deadlines are exact: a timer never runs before its time (txaio's batched
-timer, Autobahn's default, rounds deadlines down by up to one second).
+timer, Autobahn's default, rounds deadlines down by up to one second), and
+timers due at the same time run in the order they were scheduled.
 Cancelling is lazy: a cancelled deadline forgets its function at once (so
 it keeps no connection alive) and leaves the heap when it reaches the top,
 or when cancelled deadlines make up half the heap.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from heapq import heapify, heappop, heappush
+from operator import attrgetter
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -33,45 +35,56 @@ _log = Logger()
 #: traceback) and lets the batch go on, as the reactor does for its calls.
 _timerFailures = _log.failureHandler("while handling timed call")
 
+#: The order in which deadlines were scheduled.
+_scheduled = attrgetter("_seq")
+
 #: Below this many cancelled deadlines the heap is not compacted (they
 #: leave it as they reach the top).
 _COMPACT_MINIMUM = 64
 
 
-class Deadline:
+class Deadline(float):
     """
     One timer of a L{Deadlines}: cancel it with L{cancel} (any number of
     times, before or after it ran).
+
+    Its value is its time: the heap orders deadlines with C{float}'s own
+    comparison, without a call into Python (four times faster in a heap of
+    tens of thousands), and the time needs no object of its own. So two
+    deadlines due at the same time are equal: tell them apart with C{is}.
     """
 
-    __slots__ = ("_args", "_func", "_owner", "_seq", "_when")
+    __slots__ = ("_args", "_func", "_owner", "_seq")
 
-    def __init__(
-        self,
+    _seq: int
+    _func: Callable[..., object] | None
+    _args: tuple[Any, ...]
+    #: The L{Deadlines} whose heap holds it; L{None} once taken out to run.
+    _owner: Deadlines | None
+
+    def __new__(
+        cls,
         when: float,
         seq: int,
         func: Callable[..., object],
         args: tuple[Any, ...],
         owner: Deadlines,
-    ) -> None:
-        self._when = when
+    ) -> Deadline:
+        self = float.__new__(cls, when)
         self._seq = seq
-        self._func: Callable[..., object] | None = func
+        self._func = func
         self._args = args
-        #: The L{Deadlines} whose heap holds it; L{None} once taken out to run.
-        self._owner: Deadlines | None = owner
+        self._owner = owner
+        return self
 
-    def __lt__(self, other: Deadline) -> bool:
-        when = self._when
-        other_when = other._when
-        if when == other_when:
-            # Equal deadlines run in the order they were scheduled.
-            return self._seq < other._seq
-        return when < other_when
+    def __bool__(self) -> bool:
+        # A timer is a timer, whatever its time (Autobahn tests its timers
+        # with "if call:", and a fake clock starts at 0).
+        return True
 
     def getTime(self) -> float:
         """The POSIX time at which it runs (or was due to)."""
-        return self._when
+        return float(self)
 
     def active(self) -> bool:
         """Whether it is still to run: neither run nor cancelled."""
@@ -126,8 +139,8 @@ class Deadlines:
         self._seq = seq = self._seq + 1
         deadline = Deadline(when, seq, func, args, self)
         heappush(self._heap, deadline)
-        if when < self._armed and not self._running:
-            self._arm(when)
+        if deadline < self._armed and not self._running:
+            self._arm(float(deadline))
         return deadline
 
     def call_later(self, delay: float, func: Callable[..., object], *args: Any) -> Deadline:
@@ -161,13 +174,18 @@ class Deadlines:
         # The batch: what is due now. Deadlines scheduled while it runs wait
         # for the next turn (one rescheduling itself at once cannot loop).
         batch = []
-        while heap and heap[0]._when <= now:
+        while heap and heap[0] <= now:
             deadline = heappop(heap)
             deadline._owner = None
             if deadline._func is None:
                 self._dead -= 1
             else:
                 batch.append(deadline)
+        if len(batch) > 1:
+            # The heap does not order equal times: by schedule, then by
+            # time (a stable sort).
+            batch.sort(key=_scheduled)
+            batch.sort()
         try:
             for deadline in batch:
                 func = deadline._func
@@ -190,7 +208,7 @@ class Deadlines:
             heappop(heap)
             self._dead -= 1
         if heap:
-            when = heap[0]._when
+            when = float(heap[0])
             if when < self._armed:
                 self._arm(when)
 
