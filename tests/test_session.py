@@ -11,10 +11,12 @@ sanity timeout so a missing close fails the test instead of hanging it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import struct
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,7 +24,7 @@ import jwt
 import pytest
 import pytest_twisted
 import websockets
-from conftest import aio, upgrade_request
+from conftest import CapturedLog, aio, upgrade_request
 from twisted.internet.task import Clock
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -42,6 +44,7 @@ from txwssec import (
 )
 from txwssec.apps.echo import EchoProtocol
 from txwssec.consumers import key_digest
+from txwssec.deadlines import Deadlines
 
 JWT_SECRET = "session-tests-hmac-secret-of-at-least-32-bytes"
 JOHN_KEY = "john-session-key"
@@ -340,6 +343,49 @@ async def test_idle_timeout_does_not_affect_credential_expiry(serve: Serve) -> N
     assert seen >= exp
 
 
+async def open_raw(port: int, headers: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An open WebSocket on a raw socket (which never answers a close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(upgrade_request("/echo", headers))
+    response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SANITY_TIMEOUT)
+    assert response.startswith(b"HTTP/1.1 101 "), response
+    return reader, writer
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_idle_close_while_closing(serve: Serve, captured_log: CapturedLog) -> None:
+    """
+    A session that expired is closing; its peer does not answer the close
+    frame. The idle timeout falling during the close handshake is not a
+    second event: one close frame (3000), one "expired", no "idle".
+    """
+    directory = consumers()
+    route = RoutePolicy("/echo", [KeyAuthenticator(directory)], max_lifetime=0.2, idle_timeout=0.5)
+    factory = SecureServerFactory(ServerPolicy.single(route, close_timeout=1.5))
+    port = serve(factory)
+
+    async def client() -> bytes:
+        reader, writer = await open_raw(port, f"apikey: {JOHN_KEY}")
+        received = b""
+        try:
+            async with asyncio.timeout(SANITY_TIMEOUT):
+                while chunk := await reader.read(4096):
+                    received += chunk
+        except ConnectionResetError:
+            pass  # the close timeout aborts the connection
+        finally:
+            writer.close()
+        return received
+
+    received = await aio(client())
+    # One close frame, 3000 "credentials expired", then the TCP close (by
+    # the close timeout).
+    assert received == b"\x88\x15\x0b\xb8credentials expired"
+    assert factory.counters["session.expired"] == 1
+    assert factory.counters["session.idle"] == 0
+    assert captured_log.matching(event="idle") == []
+
+
 # -- revocation -------------------------------------------------------------
 
 
@@ -506,13 +552,16 @@ async def raw_handshake_then_reset(port: int) -> None:
 
 
 def session_delayed_calls() -> list[Any]:
-    """Pending reactor calls whose target is a session or a server protocol."""
+    """
+    Pending reactor calls whose target is a session, a server protocol or
+    a heap of deadlines (which holds their timers).
+    """
     from twisted.internet import reactor
 
     owned = []
     for call in reactor.getDelayedCalls():
         owner = getattr(getattr(call, "func", None), "__self__", None)
-        if isinstance(owner, Session | SecureServerProtocol):
+        if isinstance(owner, Session | SecureServerProtocol | Deadlines):
             owned.append(call)
     return owned
 
@@ -548,8 +597,58 @@ async def test_no_leaks_after_50_sessions(serve: Serve) -> None:
     assert await aio(clients()) == 0
     assert factory.sessions == {}
     assert len(factory.connections) == 0
+    assert len(factory.deadlines) == 0
     assert session_delayed_calls() == []
     assert len(reactor.getDelayedCalls()) == calls_before
+
+
+class Tracked(EchoProtocol):
+    """An echo whose instances can be counted after they are gone."""
+
+    alive: weakref.WeakSet[Tracked] = weakref.WeakSet()
+
+    def onOpen(self) -> None:
+        Tracked.alive.add(self)
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_connections_are_freed(serve: Serve) -> None:
+    """
+    120 sessions with every timer armed (expiry, idle, auto-ping), ended
+    every way: closed by the client, reset, expired by the server: none
+    stays reachable (the shared heap of timers holds no connection), and
+    the heap is empty.
+    """
+    factory = make_factory(protocol=Tracked, max_lifetime=30, idle_timeout=30)
+    port = serve(factory)
+
+    async def normal(index: int) -> None:
+        ws = await connect(port, key_headers())
+        await echo(ws, f"n{index}")
+        await ws.close()
+
+    async def expiring() -> None:
+        ws = await connect(port, bearer_headers(token(exp=time.time() + 2.5)))
+        code, _, _ = await wait_closed(ws)
+        assert code == 3000
+
+    async def clients() -> int:
+        opened_before = factory.counters["session.opened"]
+        await asyncio.gather(
+            *(normal(i) for i in range(40)),
+            *(raw_handshake_then_reset(port) for _ in range(40)),
+            *(expiring() for _ in range(40)),
+        )
+        await settle(lambda: factory.connections.total == 0 and not factory.sessions)
+        await asyncio.sleep(0.1)
+        return factory.counters["session.opened"] - opened_before
+
+    assert await aio(clients()) == 120
+    gc.collect()
+    assert len(Tracked.alive) == 0
+    assert len(factory.deadlines) == 0
+    assert factory.deadlines._heap == []
+    assert session_delayed_calls() == []
 
 
 @pytest_twisted.ensureDeferred
@@ -561,22 +660,26 @@ async def test_timers_armed_while_open_then_released(serve: Serve) -> None:
     factory = make_factory(max_lifetime=30, idle_timeout=30)
     port = serve(factory)
 
-    async def client() -> tuple[int, int]:
+    async def client() -> tuple[int, int, int]:
         sockets = [await connect(port, key_headers()) for _ in range(3)]
         for ws in sockets:
             await echo(ws, "armed")
-        while_open = len(session_delayed_calls())
+        while_open = len(factory.deadlines)
+        reactor_calls = len(session_delayed_calls())
         for ws in sockets:
             await ws.close()
         await settle(lambda: factory.connections.total == 0)
         await asyncio.sleep(0.05)
-        return while_open, len(session_delayed_calls())
+        return while_open, reactor_calls, len(factory.deadlines)
 
-    while_open, after = await aio(client())
+    while_open, reactor_calls, after = await aio(client())
     # Per connection: the expiry timer, the idle timer, and Autobahn's
-    # auto-ping timer (ServerPolicy.ping_interval is on by default).
+    # auto-ping timer (ServerPolicy.ping_interval is on by default), all in
+    # the factory's heap, served by one reactor call.
     assert while_open == 9
+    assert reactor_calls == 1
     assert after == 0
+    assert session_delayed_calls() == []
 
 
 # -- Session with a fake clock ----------------------------------------------
@@ -646,6 +749,52 @@ def test_session_stop_cancels() -> None:
     assert clock.getDelayedCalls() == []
     clock.advance(40)
     assert expired == []
+
+
+def test_session_stopped_before_start_never_fires() -> None:
+    """A connection lost before it opened: starting the session arms nothing."""
+    clock = Clock()
+    expired: list[bool] = []
+    session = clock_session(10, clock)
+    session.stop()
+    session.start(lambda: expired.append(True))
+    assert clock.getDelayedCalls() == []
+    clock.advance(20)
+    assert expired == []
+
+
+def test_session_shared_deadlines_refresh() -> None:
+    """
+    Sessions on one shared L{Deadlines}: refreshing one to a later and then
+    to an earlier time re-arms the single reactor call, the other keeps its
+    time, and the hard end (max_lifetime) still caps the refresh.
+    """
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    fired: list[tuple[str, float]] = []
+    first = clock_session(10, clock)
+    second = Session(Principal("mary", "jwt"), 15, "/echo", clock, not_after=30)
+    first.start(lambda: fired.append(("first", clock.seconds())), deadlines)
+    second.start(lambda: fired.append(("second", clock.seconds())), deadlines)
+    assert len(deadlines) == 2
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [10]
+    first.refresh(20)
+    second.refresh(100)
+    assert second.expires_at == 30
+    assert len(deadlines) == 2
+    clock.advance(10)
+    assert fired == []
+    first.refresh(12)
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [12]
+    clock.advance(2)
+    assert fired == [("first", 12)]
+    first.stop()
+    clock.advance(17.9)
+    assert fired == [("first", 12)]
+    clock.advance(0.1)
+    assert fired == [("first", 12), ("second", 30)]
+    assert len(deadlines) == 0
+    assert clock.getDelayedCalls() == []
 
 
 def test_session_refresh_rearms() -> None:

@@ -17,16 +17,16 @@ from autobahn.websocket.compress import (
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txwssec._autobahn import cancel_close_timer, copy_options
 from txwssec._reactor import default_reactor
-from txwssec._timers import ExactTimers
 from txwssec.admission import Admission, ConsumerBuckets
 from txwssec.auth.chain import authenticate
 from txwssec.compression import BoundedDeflate, accept_deflate, deflated_bound
+from txwssec.deadlines import Deadline, Deadlines
 from txwssec.errors import (
     CloseCode,
     Forbidden,
@@ -87,7 +87,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
     _client_host: str | None = None
     _pipelineStarted: bool = False
     _consumer_admitted: tuple[RoutePolicy, str] | None = None
-    _idle_timer: IDelayedCall | None = None
+    _idle_timer: Deadline | None = None
     _last_message: float = 0.0
     _guard: TrafficGuard | None = None
     # Autobahn's per-connection size limits (set from the route).
@@ -366,23 +366,29 @@ class SecureServerProtocol(WebSocketServerProtocol):
         session = self.session
         route = self.route
         if session is not None and route is not None:
-            session.start(self._credentialsExpired)
-            self.factory.sessionOpened(self)
-            self.factory.counters["session.opened"] += 1
+            factory = self.factory
+            deadlines = factory.deadlines
+            session.start(self._credentialsExpired, deadlines)
+            factory.sessionOpened(self)
+            factory.counters["session.opened"] += 1
             self.registerProducer(self, True)
             if route.idle_timeout:
-                self._last_message = self.factory.clock.seconds()
-                self._idle_timer = self.factory.clock.callLater(
-                    route.idle_timeout, self._checkIdle
-                )
+                self._last_message = now = factory.clock.seconds()
+                self._idle_timer = deadlines.call_at(now + route.idle_timeout, self._checkIdle)
         super()._onOpen()
 
     def _checkIdle(self) -> None:
+        # Messages do not move the timer (onFrameBegin only notes the time):
+        # when it fires, it either closes or re-arms for the new deadline.
         assert self.route is not None
-        idle = self.factory.clock.seconds() - self._last_message
-        remaining = self.route.idle_timeout - idle
-        if remaining > 0:
-            self._idle_timer = self.factory.clock.callLater(remaining, self._checkIdle)
+        if self.state != self.STATE_OPEN:
+            # Already closing (expired, revoked, a limit): not idle.
+            self._idle_timer = None
+            return
+        factory = self.factory
+        deadline = self._last_message + self.route.idle_timeout
+        if deadline > factory.clock.seconds():
+            self._idle_timer = factory.deadlines.call_at(deadline, self._checkIdle)
             return
         self._idle_timer = None
         self.endSession(CloseCode.TIMEOUT, "idle timeout", "idle")
@@ -546,9 +552,10 @@ class SecureServerProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         """Release everything this connection held, however it ended."""
         cancel_close_timer(self)
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
+        idle_timer = self._idle_timer
+        if idle_timer is not None:
+            idle_timer.cancel()
+            self._idle_timer = None
         if self.session is not None:
             self.session.stop()
             self.factory.sessionClosed(self)
@@ -574,6 +581,7 @@ class SecureServerFactory(WebSocketServerFactory):
 
     @ivar policy: the policy.
     @ivar clock: the reactor used for timers.
+    @ivar deadlines: the connections' timers (L{Deadlines} on C{clock}).
     @ivar admission: connection counters and caps (L{Admission}).
     @ivar counters: events by name: C{handshake.refused.<status>},
         C{session.opened}, C{session.expired|revoked|idle}, and one
@@ -609,7 +617,10 @@ class SecureServerFactory(WebSocketServerFactory):
         self.policy = policy
         self.clock: IReactorTime = reactor
         self.setProtocolOptions(**policy.protocol_options())
-        self._batched_timer = ExactTimers()
+        self.deadlines = Deadlines(reactor)
+        # Autobahn's own per-connection timers (handshake timeouts,
+        # auto-ping) go to the same heap: exact, and no DelayedCall each.
+        self._batched_timer = self.deadlines
         self.admission = Admission(policy)
         self.sessions: dict[str, set[SecureServerProtocol]] = {}
         self.counters: Counter[str] = Counter()

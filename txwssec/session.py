@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 
+from txwssec.deadlines import Deadline, Deadlines
 from txwssec.types import Principal
 
 
@@ -17,7 +18,8 @@ class Session:
 
     The expiry timer is armed by L{start} (when the connection opens) and
     cancelled by L{stop} (when it ends, whatever way), so timers never
-    outlive their connections.
+    outlive their connections. It runs exactly at C{expires_at}, on the
+    server's shared L{Deadlines}.
 
     @ivar principal: who authenticated.
     @ivar expires_at: POSIX time when the session ends, or L{None}.
@@ -28,6 +30,7 @@ class Session:
 
     __slots__ = (
         "_clock",
+        "_deadlines",
         "_on_expired",
         "_timer",
         "ended",
@@ -50,7 +53,8 @@ class Session:
         self.expires_at = _earliest(expires_at, not_after)
         self.route = route
         self._clock = clock
-        self._timer: IDelayedCall | None = None
+        self._deadlines: Deadlines | None = None
+        self._timer: Deadline | None = None
         self._on_expired: Callable[[], object] | None = None
         self.ended = False
 
@@ -65,9 +69,16 @@ class Session:
             return None
         return max(0.0, self.expires_at - self._clock.seconds())
 
-    def start(self, on_expired: Callable[[], object]) -> None:
-        """Arm the expiry timer; C{on_expired} is called at the expiry instant."""
+    def start(self, on_expired: Callable[[], object], deadlines: Deadlines | None = None) -> None:
+        """
+        Arm the expiry timer: C{on_expired} is called at the expiry instant,
+        unless L{stop} was called first.
+
+        @param deadlines: the timers to use (a server shares one for all its
+            connections); by default, the session's own on its clock.
+        """
         self._on_expired = on_expired
+        self._deadlines = deadlines if deadlines is not None else Deadlines(self._clock)
         self._arm()
 
     def refresh(self, expires_at: float | None) -> None:
@@ -86,19 +97,19 @@ class Session:
 
     def _arm(self) -> None:
         self._cancel()
-        delay = self.remaining()
-        if delay is not None:
-            self._timer = self._clock.callLater(delay, self._expire)
+        deadlines = self._deadlines
+        on_expired = self._on_expired
+        if self.expires_at is None or on_expired is None or deadlines is None or self.ended:
+            return
+        # The callback itself, not a wrapper: stop() and refresh() cancel this
+        # deadline, so it only ever runs for a live session.
+        self._timer = deadlines.call_at(self.expires_at, on_expired)
 
     def _cancel(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _expire(self) -> None:
-        self._timer = None
-        if not self.ended and self._on_expired is not None:
-            self._on_expired()
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
 
 
 def _earliest(first: float | None, second: float | None) -> float | None:
