@@ -366,18 +366,29 @@ class SecureServerProtocol(WebSocketServerProtocol):
             if frame.rsv == 4:
                 size = deflated_bound(size)
             self.maxMessagePayloadSize = self.maxFramePayloadSize = size
-        guard = self._guard
-        if guard is not None and not self.failedByMe and not self._tooBig(frame, starts_message):
-            # One clock read per frame at most, shared by the rate buckets and
-            # the idle timer (a data message is activity; pings are not).
-            timed = guard.rated or (starts_message and self._idle_timer is not None)
-            now = self.factory.clock.seconds() if timed else 0.0
-            if starts_message and self._idle_timer is not None:
-                self._last_message = now
-            violation = guard.frame(frame.opcode, frame.length, starts_message, now)
+        if not self.failedByMe and not self._tooBig(frame, starts_message):
+            violation = self._accountFrame(frame.opcode, frame.length, starts_message)
             if violation is not None:
                 self._limitExceeded(violation)
         WebSocketServerProtocol.onFrameBegin(self)
+
+    def _accountFrame(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
+        """
+        Account a received frame header (within the size limits) against
+        the route's limits; a data message is activity for the idle timeout.
+
+        @return: the limit exceeded, if any (the caller closes).
+        """
+        guard = self._guard
+        if guard is None:
+            return None
+        # One clock read per frame at most, shared by the rate buckets and
+        # the idle timer (a data message is activity; pings are not).
+        timed = guard.rated or (starts_message and self._idle_timer is not None)
+        now = self.factory.clock.seconds() if timed else 0.0
+        if starts_message and self._idle_timer is not None:
+            self._last_message = now
+        return guard.frame(opcode, length, starts_message, now)
 
     def _tooBig(self, frame: Any, starts_message: bool) -> bool:
         """Whether Autobahn's size check is about to refuse this data frame."""
