@@ -25,15 +25,17 @@ L{GatewayProtocol} subclass that overrides C{onMessage}.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from txwssec.auth.credentials import (
@@ -98,7 +100,8 @@ class Upstream:
     Where a gateway route relays to.
 
     @ivar urls: C{ws://} or C{wss://} URLs, used round-robin.
-    @ivar ca_file: CA bundle for C{wss://} upstreams (default: the system's).
+    @ivar ca_file: CA bundle for C{wss://} upstreams (default: the system's),
+        read at the first connection to each URL.
     @ivar timeout: seconds for the upstream's TCP, TLS and WebSocket
         handshakes together; beyond gives 504.
     @ivar cooldown: seconds an upstream that failed is tried only after the
@@ -136,6 +139,18 @@ class UpstreamPool:
         self._clock = clock
         self._next = 0
         self._failed_at: dict[str, float] = {}
+        self._endpoints: dict[str, IStreamClientEndpoint] = {}
+
+    def endpoint(self, url: str, factory: SecureClientFactory) -> IStreamClientEndpoint:
+        """
+        The endpoint for C{url} (TCP, in verified TLS for C{wss://}), made
+        with the first connection's C{factory} and kept: the TLS options
+        (CA file read, context made) are built once per upstream URL.
+        """
+        endpoint = self._endpoints.get(url)
+        if endpoint is None:
+            endpoint = self._endpoints[url] = factory.endpoint()
+        return endpoint
 
     def order(self) -> list[str]:
         """The URLs to try for one connection, best first."""
@@ -181,6 +196,25 @@ class UpstreamProtocol(SecureClientProtocol):
     def _onOpen(self) -> None:
         self.registerProducer(self, True)
         super()._onOpen()
+
+    def startHandshake(self) -> None:
+        """
+        Send the upgrade request, as Autobahn does without an C{onConnecting}
+        hook but without its debug line, which pretty-prints the transport's
+        details on every connection whatever the log level.
+        """
+        factory = self.factory
+        self._actuallyStartHandshake(
+            ConnectingRequest(
+                host=factory.host,
+                port=factory.port,
+                resource=factory.resource,
+                headers=factory.headers,
+                useragent=factory.useragent,
+                origin=factory.origin,
+                protocols=factory.protocols,
+            )
+        )
 
     def attach(self, downstream: GatewayProtocol) -> None:
         """Relay to C{downstream} (called before the client's 101)."""
@@ -327,6 +361,7 @@ class GatewayProtocol(SecureServerProtocol):
         ]
         origin = handshake.header_values("origin")
         target = forwarded_target(self.http_request_uri, route.authenticators, accept)
+        clock = self.factory.clock
         refusal: HandshakeRefused = BadGateway("no upstream")
         for url in pool.order():
             factory = SecureClientFactory(
@@ -336,13 +371,16 @@ class GatewayProtocol(SecureServerProtocol):
                 origin=origin[0] if origin else None,
                 max_message_size=route.max_message_size,
                 handshake_timeout=route.upstream.timeout,
-                reactor=self.factory.clock,
+                reactor=clock,
             )
             factory.protocol = UpstreamProtocol
             factory.headers = headers
             factory.useragent = None
+            # A factory per connection: no "Starting/Stopping factory" lines.
+            factory.noisy = False
+            endpoint = partial(pool.endpoint, url, factory)
             try:
-                upstream = await _open(factory, route.upstream.timeout, self.factory.clock)
+                upstream = await _open(factory, endpoint, route.upstream.timeout, clock)
             except GatewayTimeout as timeout:
                 pool.failed(url)
                 refusal = timeout
@@ -576,9 +614,14 @@ class GatewayProtocol(SecureServerProtocol):
             transport.resumeProducing()
 
 
-async def _open(factory: SecureClientFactory, timeout: float, clock: Any) -> UpstreamProtocol:
+async def _open(
+    factory: SecureClientFactory,
+    endpoint: Callable[[], IStreamClientEndpoint],
+    timeout: float,
+    clock: Any,
+) -> UpstreamProtocol:
     """Connect and complete the upstream's WebSocket handshake, or refuse."""
-    connecting: Deferred[Any] = Deferred.fromCoroutine(_connect(factory))
+    connecting: Deferred[Any] = Deferred.fromCoroutine(_connect(factory, endpoint))
     connecting.addTimeout(timeout, clock)
     try:
         protocol: UpstreamProtocol = await connecting
@@ -589,8 +632,10 @@ async def _open(factory: SecureClientFactory, timeout: float, clock: Any) -> Ups
     return protocol
 
 
-async def _connect(factory: SecureClientFactory) -> UpstreamProtocol:
-    protocol: Any = await factory.connect()
+async def _connect(
+    factory: SecureClientFactory, endpoint: Callable[[], IStreamClientEndpoint]
+) -> UpstreamProtocol:
+    protocol: Any = await endpoint().connect(factory)
     try:
         await protocol.opened
     except CancelledError:
