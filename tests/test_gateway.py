@@ -709,6 +709,52 @@ async def test_wss_upstream_with_its_ca_relays(serve: Any, tls_upstreams: TLSUps
     assert backend.last.header_lines("x-consumer-username") == ["john"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_wss_upstream_tls_options_are_built_once_per_url(
+    serve: Any, tls_upstreams: TLSUpstreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The CA file is read and the TLS options made at the first connection
+    to an upstream URL, then reused: every session still verifies and
+    relays.
+    """
+    built: list[str] = []
+    tls_options = SecureClientFactory.tls_options
+
+    def counting(self: SecureClientFactory) -> Any:
+        built.append(self.url)
+        return tls_options(self)
+
+    monkeypatch.setattr(SecureClientFactory, "tls_options", counting)
+    tls_port, backend = await tls_upstreams.serve(
+        "good", issue(tls_upstreams.ca, "127.0.0.1", ip_addresses=("127.0.0.1",))
+    )
+    port = serve(gateway(f"wss://127.0.0.1:{tls_port}/", ca_file=tls_upstreams.ca_file))
+    for index in range(3):
+        ws = await aio(connect(port, f"/echo?n={index}"))
+        assert await aio(exchange(ws, f"over tls {index}")) == f"over tls {index}"
+        await aio(ws.close())
+    assert len(built) == 1
+    assert [m for m, _ in backend.messages] == [b"over tls 0", b"over tls 1", b"over tls 2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_do_not_log_the_upstream_factory(
+    serve: Any, captured_log: CapturedLog
+) -> None:
+    """One line per session (accepted), not Twisted's start/stop of a factory."""
+    backend = BackendFactory()
+    port = serve(gateway(ws_url(serve(backend))))
+    before = len(captured_log.events)
+    ws = await aio(connect(port))
+    assert await aio(exchange(ws, "x")) == "x"
+    await aio(ws.close())
+    await eventually(lambda: len(backend.closes) == 1, "the upstream closed")
+    lines = [formatEvent(e) or "" for e in captured_log.events[before:]]
+    assert [line for line in lines if "factory" in line.lower()] == []
+    assert len([line for line in lines if line.startswith("accepted ")]) == 1
+
+
 # -- relaying ------------------------------------------------------------------------
 
 

@@ -10,19 +10,32 @@ backpressure both ways: a peer that does not read pauses reading from the
 other one. txwssec keeps enforcing the route's limits and the session's
 expiry on the client leg for the whole session; when it ends a session
 (3000, 3003, 3008, 1008...) the upstream sees a plain 1001.
+
+Once both legs are open, data frames pass as they came, with their
+fragment boundaries (L{txwssec.relay}): their headers are checked against
+the route's limits, their payloads are not read. Text is not UTF-8
+validated by the gateway: the upstream validates what the client sends
+(invalid UTF-8 gets its 1007, relayed), the client what the upstream sends.
+Control frames go through Autobahn (pings and pongs relayed, close codes
+relayed, protocol errors failed as before). A route with compression keeps
+the full relay: Autobahn inflates, checks and reassembles every message,
+and the gateway sends it again, uncompressed, to the upstream; so does a
+L{GatewayProtocol} subclass that overrides C{onMessage}.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from txwssec.auth.credentials import (
@@ -33,7 +46,9 @@ from txwssec.auth.credentials import (
 from txwssec.client import ClientTLS, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import CloseCode, HandshakeRefused
 from txwssec.interfaces import Authenticator
+from txwssec.relay import FrameScanner, autobahn_control, autobahn_idle, autobahn_rest
 from txwssec.server import SecureServerProtocol
+from txwssec.traffic import Violation
 from txwssec.types import Accept, HandshakeRequest
 
 #: Request headers that belong to one hop, or to the WebSocket handshake the
@@ -85,7 +100,8 @@ class Upstream:
     Where a gateway route relays to.
 
     @ivar urls: C{ws://} or C{wss://} URLs, used round-robin.
-    @ivar ca_file: CA bundle for C{wss://} upstreams (default: the system's).
+    @ivar ca_file: CA bundle for C{wss://} upstreams (default: the system's),
+        read at the first connection to each URL.
     @ivar timeout: seconds for the upstream's TCP, TLS and WebSocket
         handshakes together; beyond gives 504.
     @ivar cooldown: seconds an upstream that failed is tried only after the
@@ -123,6 +139,18 @@ class UpstreamPool:
         self._clock = clock
         self._next = 0
         self._failed_at: dict[str, float] = {}
+        self._endpoints: dict[str, IStreamClientEndpoint] = {}
+
+    def endpoint(self, url: str, factory: SecureClientFactory) -> IStreamClientEndpoint:
+        """
+        The endpoint for C{url} (TCP, in verified TLS for C{wss://}), made
+        with the first connection's C{factory} and kept: the TLS options
+        (CA file read, context made) are built once per upstream URL.
+        """
+        endpoint = self._endpoints.get(url)
+        if endpoint is None:
+            endpoint = self._endpoints[url] = factory.endpoint()
+        return endpoint
 
     def order(self) -> list[str]:
         """The URLs to try for one connection, best first."""
@@ -154,6 +182,12 @@ class UpstreamProtocol(SecureClientProtocol):
     """
 
     downstream: GatewayProtocol | None = None
+    # Autobahn's size limits (set from the factory's options).
+    maxFramePayloadSize: int
+    maxMessagePayloadSize: int
+    #: The frame relay, once the session is open (see L{txwssec.relay}).
+    _scanner: FrameScanner | None = None
+    _scanning: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -162,6 +196,25 @@ class UpstreamProtocol(SecureClientProtocol):
     def _onOpen(self) -> None:
         self.registerProducer(self, True)
         super()._onOpen()
+
+    def startHandshake(self) -> None:
+        """
+        Send the upgrade request, as Autobahn does without an C{onConnecting}
+        hook but without its debug line, which pretty-prints the transport's
+        details on every connection whatever the log level.
+        """
+        factory = self.factory
+        self._actuallyStartHandshake(
+            ConnectingRequest(
+                host=factory.host,
+                port=factory.port,
+                resource=factory.resource,
+                headers=factory.headers,
+                useragent=factory.useragent,
+                origin=factory.origin,
+                protocols=factory.protocols,
+            )
+        )
 
     def attach(self, downstream: GatewayProtocol) -> None:
         """Relay to C{downstream} (called before the client's 101)."""
@@ -172,6 +225,58 @@ class UpstreamProtocol(SecureClientProtocol):
         held, self._held = self._held, []
         for payload, is_binary in held:
             self.onMessage(payload, is_binary)
+
+    # -- the frame relay (see txwssec.relay) ------------------------------------
+
+    def startRelay(self) -> None:
+        """Relay the upstream's data frames to the client as they come."""
+        self._scanner = FrameScanner(
+            self,
+            masked=False,
+            max_frame=self.maxFramePayloadSize,
+            max_message=self.maxMessagePayloadSize,
+            accounted=False,
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        scanner = self._scanner
+        if scanner is not None and (self._scanning or autobahn_idle(self)):
+            self._scanning = True
+            scanner.feed(data)
+        else:
+            super().dataReceived(data)
+
+    def relayOpen(self) -> bool:
+        # Closing after the gateway's close, the upstream's frames still go
+        # to the client (the answers it owes, see _drainUpstream); not after
+        # the upstream's own close, or once this leg failed.
+        state = self.state
+        return (
+            (state == self.STATE_OPEN or state == self.STATE_CLOSING)
+            and not self.failedByMe
+            and not self._closeReceived
+        )
+
+    def relayAccount(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
+        return None
+
+    def relayLimit(self, violation: Violation) -> None:
+        pass
+
+    def relayForward(self, frames: bytes) -> None:
+        downstream = self.downstream
+        if downstream is not None and downstream.state == downstream.STATE_OPEN:
+            # Through sendData: the client's slow-consumer limit (1013) counts.
+            downstream.sendData(frames)
+
+    def relayControl(self, frame: bytes) -> bool:
+        return autobahn_control(self, frame) and self.relayOpen()
+
+    def relayStop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
+        self._scanner = None
+        autobahn_rest(self, rest, inside, so_far, binary)
+
+    # -- Autobahn's path (before the relay, and with extensions) ----------------
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         downstream = self.downstream
@@ -198,6 +303,7 @@ class UpstreamProtocol(SecureClientProtocol):
         return bool(super().onCloseFrame(code, reasonRaw))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._scanner = None
         downstream, self.downstream = self.downstream, None
         if downstream is not None:
             downstream.upstreamLost(wasClean)
@@ -226,6 +332,9 @@ class GatewayProtocol(SecureServerProtocol):
     #: A client's protocol error, waiting for the upstream to close first.
     _pendingFailure: tuple[int, str] | None = None
     _drainTimer: IDelayedCall | None = None
+    #: The frame relay, once the session is open (see L{txwssec.relay}).
+    _scanner: FrameScanner | None = None
+    _scanning: bool = False
 
     async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
         """
@@ -252,6 +361,7 @@ class GatewayProtocol(SecureServerProtocol):
         ]
         origin = handshake.header_values("origin")
         target = forwarded_target(self.http_request_uri, route.authenticators, accept)
+        clock = self.factory.clock
         refusal: HandshakeRefused = BadGateway("no upstream")
         for url in pool.order():
             factory = SecureClientFactory(
@@ -261,13 +371,16 @@ class GatewayProtocol(SecureServerProtocol):
                 origin=origin[0] if origin else None,
                 max_message_size=route.max_message_size,
                 handshake_timeout=route.upstream.timeout,
-                reactor=self.factory.clock,
+                reactor=clock,
             )
             factory.protocol = UpstreamProtocol
             factory.headers = headers
             factory.useragent = None
+            # A factory per connection: no "Starting/Stopping factory" lines.
+            factory.noisy = False
+            endpoint = partial(pool.endpoint, url, factory)
             try:
-                upstream = await _open(factory, route.upstream.timeout, self.factory.clock)
+                upstream = await _open(factory, endpoint, route.upstream.timeout, clock)
             except GatewayTimeout as timeout:
                 pool.failed(url)
                 refusal = timeout
@@ -296,8 +409,72 @@ class GatewayProtocol(SecureServerProtocol):
 
     def _onOpen(self) -> None:
         super()._onOpen()
-        if self.upstream is not None:
-            self.upstream.flush()
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.flush()
+            if self._relays(upstream):
+                self._startRelay(upstream)
+
+    # -- the frame relay (see txwssec.relay) ------------------------------------
+
+    def _relays(self, upstream: UpstreamProtocol) -> bool:
+        """
+        Whether data frames are relayed as they come: not with an extension
+        (permessage-deflate: Autobahn inflates and checks the client's
+        messages and sends them uncompressed to the upstream), nor for a
+        subclass that reads the client's messages (overrides C{onMessage}).
+        """
+        return (
+            self._perMessageCompress is None
+            and upstream._perMessageCompress is None
+            and type(self).onMessage is GatewayProtocol.onMessage
+        )
+
+    def _startRelay(self, upstream: UpstreamProtocol) -> None:
+        """Relay data frames both ways as they come (see L{txwssec.relay})."""
+        self._scanner = FrameScanner(
+            self,
+            masked=True,
+            max_frame=self.maxFramePayloadSize,
+            max_message=self.maxMessagePayloadSize,
+            accounted=True,
+        )
+        upstream.startRelay()
+
+    def dataReceived(self, data: bytes) -> None:
+        scanner = self._scanner
+        if scanner is not None and (self._scanning or autobahn_idle(self)):
+            self._scanning = True
+            scanner.feed(data)
+        else:
+            super().dataReceived(data)
+
+    def relayOpen(self) -> bool:
+        return (
+            self.state == self.STATE_OPEN and not self.failedByMe and self._pendingFailure is None
+        )
+
+    def relayAccount(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
+        return self._accountFrame(opcode, length, starts_message)
+
+    def relayLimit(self, violation: Violation) -> None:
+        self._limitExceeded(violation)
+
+    def relayForward(self, frames: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.state == upstream.STATE_OPEN:
+            transport: Any = upstream.transport
+            transport.write(frames)
+        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            # As Autobahn does on data frames: traffic answers a ping.
+            self._cancelAutoPingTimeoutCall()
+
+    def relayControl(self, frame: bytes) -> bool:
+        return autobahn_control(self, frame) and self.relayOpen()
+
+    def relayStop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
+        self._scanner = None
+        autobahn_rest(self, rest, inside, so_far, binary)
 
     # -- client -> upstream ----------------------------------------------------
 
@@ -406,6 +583,7 @@ class GatewayProtocol(SecureServerProtocol):
                 transport.resumeProducing()
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._scanner = None
         self._stopDraining(resume=False)
         self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
         super().connectionLost(reason)
@@ -436,9 +614,14 @@ class GatewayProtocol(SecureServerProtocol):
             transport.resumeProducing()
 
 
-async def _open(factory: SecureClientFactory, timeout: float, clock: Any) -> UpstreamProtocol:
+async def _open(
+    factory: SecureClientFactory,
+    endpoint: Callable[[], IStreamClientEndpoint],
+    timeout: float,
+    clock: Any,
+) -> UpstreamProtocol:
     """Connect and complete the upstream's WebSocket handshake, or refuse."""
-    connecting: Deferred[Any] = Deferred.fromCoroutine(_connect(factory))
+    connecting: Deferred[Any] = Deferred.fromCoroutine(_connect(factory, endpoint))
     connecting.addTimeout(timeout, clock)
     try:
         protocol: UpstreamProtocol = await connecting
@@ -449,8 +632,10 @@ async def _open(factory: SecureClientFactory, timeout: float, clock: Any) -> Ups
     return protocol
 
 
-async def _connect(factory: SecureClientFactory) -> UpstreamProtocol:
-    protocol: Any = await factory.connect()
+async def _connect(
+    factory: SecureClientFactory, endpoint: Callable[[], IStreamClientEndpoint]
+) -> UpstreamProtocol:
+    protocol: Any = await endpoint().connect(factory)
     try:
         await protocol.opened
     except CancelledError:
