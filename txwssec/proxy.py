@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
@@ -266,8 +267,7 @@ class UpstreamProtocol(SecureClientProtocol):
     def relayForward(self, frames: bytes) -> None:
         downstream = self.downstream
         if downstream is not None and downstream.state == downstream.STATE_OPEN:
-            # Through sendData: the client's slow-consumer limit (1013) counts.
-            downstream.sendData(frames)
+            downstream.relayWrite(frames)
 
     def relayControl(self, frame: bytes) -> bool:
         return autobahn_control(self, frame) and self.relayOpen()
@@ -475,6 +475,19 @@ class GatewayProtocol(SecureServerProtocol):
     def relayStop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
         self._scanner = None
         autobahn_rest(self, rest, inside, so_far, binary)
+
+    def relayWrite(self, frames: bytes) -> None:
+        """
+        Write frames relayed from the upstream, as sendData does (the
+        slow-consumer limit counts them) without Autobahn's per-write debug
+        line, whose arguments are formatted whatever the log level.
+        """
+        if self._writable(len(frames)):
+            if self.send_queue:
+                WebSocketServerProtocol.sendData(self, frames)  # after what is queued
+            else:
+                transport: Any = self.transport
+                transport.write(frames)
 
     # -- client -> upstream ----------------------------------------------------
 

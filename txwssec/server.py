@@ -489,13 +489,22 @@ class SecureServerProtocol(WebSocketServerProtocol):
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """Write C{data}, unless the peer is too far behind (then close 1013)."""
+        if self._writable(len(data)):
+            WebSocketServerProtocol.sendData(self, data, sync, chopsize)
+
+    def _writable(self, size: int) -> bool:
+        """
+        Whether C{size} more bytes may be written: not after the close for a
+        slow consumer, nor when they take the peer past max_buffered_bytes
+        (then this closes 1013).
+        """
         if self._discard_writes:
-            return
+            return False
         guard = self._guard
-        if guard is not None and guard.writes_blocked and guard.wrote(len(data)):
+        if guard is not None and guard.writes_blocked and guard.wrote(size):
             self._slowConsumer()
-            return
-        WebSocketServerProtocol.sendData(self, data, sync, chopsize)
+            return False
+        return True
 
     def _slowConsumer(self) -> None:
         # The close frame is the last thing written; what the application
