@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
@@ -478,16 +477,10 @@ class GatewayProtocol(SecureServerProtocol):
 
     def relayWrite(self, frames: bytes) -> None:
         """
-        Write frames relayed from the upstream, as sendData does (the
-        slow-consumer limit counts them) without Autobahn's per-write debug
-        line, whose arguments are formatted whatever the log level.
+        Write frames relayed from the upstream: through L{sendData}, so that
+        the slow-consumer limit counts them.
         """
-        if self._writable(len(frames)):
-            if self.send_queue:
-                WebSocketServerProtocol.sendData(self, frames)  # after what is queued
-            else:
-                transport: Any = self.transport
-                transport.write(frames)
+        self.sendData(frames)
 
     # -- client -> upstream ----------------------------------------------------
 

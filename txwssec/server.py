@@ -488,9 +488,29 @@ class SecureServerProtocol(WebSocketServerProtocol):
         """The connection is going away."""
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        """Write C{data}, unless the peer is too far behind (then close 1013)."""
-        if self._writable(len(data)):
+        """
+        Write C{data}, unless the peer is too far behind (then close 1013).
+
+        The common write (not chopped, not synchronous, nothing queued) goes
+        to the transport here, as Autobahn's C{sendData} would, without the
+        arguments of its debug line, which Autobahn formats on every write
+        whatever the log level.
+        """
+        if self._discard_writes or (self._guard is not None and self._guard.writes_blocked):
+            if not self._writable(len(data)):
+                return
+        if sync or chopsize or self.send_queue:
             WebSocketServerProtocol.sendData(self, data, sync, chopsize)
+            return
+        transport: Any = self.transport
+        transport.write(data)
+        state = self.state
+        if state == self.STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        elif state == self.STATE_CONNECTING:
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+        if self.logOctets:  # type: ignore[attr-defined]
+            self.logTxOctets(data, False)
 
     def _writable(self, size: int) -> bool:
         """
