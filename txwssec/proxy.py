@@ -239,11 +239,7 @@ class UpstreamProtocol(SecureClientProtocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
-        scanner = self._scanner
-        if scanner is not None and (self._scanning or autobahn_idle(self)):
-            self._scanning = True
-            scanner.feed(data)
-        else:
+        if not _relayed(self, data):
             super().dataReceived(data)
 
     def relayOpen(self) -> bool:
@@ -441,11 +437,7 @@ class GatewayProtocol(SecureServerProtocol):
         upstream.startRelay()
 
     def dataReceived(self, data: bytes) -> None:
-        scanner = self._scanner
-        if scanner is not None and (self._scanning or autobahn_idle(self)):
-            self._scanning = True
-            scanner.feed(data)
-        else:
+        if not _relayed(self, data):
             super().dataReceived(data)
 
     def relayOpen(self) -> bool:
@@ -648,6 +640,20 @@ async def _connect(
         protocol.dropConnection(abort=True)
         raise
     return protocol  # type: ignore[no-any-return]
+
+
+def _relayed(leg: UpstreamProtocol | GatewayProtocol, data: bytes) -> bool:
+    """
+    Give C{data} to C{leg}'s frame scanner if it relays (from the first read
+    where Autobahn holds no partial frame on); L{False} when Autobahn must
+    parse it.
+    """
+    scanner = leg._scanner
+    if scanner is None or not (leg._scanning or autobahn_idle(leg)):
+        return False
+    leg._scanning = True
+    scanner.feed(data)
+    return True
 
 
 #: Client failures the gateway holds until the upstream has closed: protocol
