@@ -31,6 +31,16 @@ FINDINGS = """
   server that answers in order (`txwssec/proxy.py`,
   `GatewayProtocol._drainUpstream`). Limits (1008, 1009, 1013) and timeouts
   still close at once.
+- **The gateway relays frames, not messages, and reads no payload**
+  (`txwssec/relay.py`): once both legs are open without an extension, each
+  whole frame is written to the other leg as it came, after its header went
+  through the limits. UTF-8 is left to the peers (the upstream answers
+  invalid UTF-8 with 1007, which is relayed), so the gateway is no longer
+  fail-fast on a frame that arrives in pieces: 6.4.3 and 6.4.4 are
+  NON-STRICT. Forwarding partial frames would make them strict, but then a
+  frame the gateway sends itself (a ping, the 1001 after an expiry) would
+  have to wait for the end of a frame the peer may send as slowly as it
+  likes.
 - **Autobahn's client fails 7.1.4 and 7.1.5 (depending on timing);
   txwssec's client does not.** Autobahn delivers a message that arrives
   after the server's Close frame to `onMessage`; an echo client's
@@ -78,6 +88,16 @@ NOTES: tuple[Note, ...] = (
         "messages in between) would return them too; it is not done, because the "
         "client's close reply would then wait on the upstream (up to "
         "`close_timeout`).",
+        targets=("gateway",),
+    ),
+    Note(
+        "6.4.[34]",
+        "The gateway relays whole frames (see Findings): these cases send one "
+        "text frame with invalid UTF-8 in several TCP pieces and wait between "
+        "them, so the upstream sees the invalid bytes, and fails the connection "
+        "with 1007 (relayed), only when the frame is complete, not at the first "
+        "invalid byte. 6.4.1 and 6.4.2, which split the message into frames, "
+        "stay OK.",
         targets=("gateway",),
     ),
     Note(
