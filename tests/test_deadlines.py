@@ -292,6 +292,27 @@ def test_cancelling_everything_leaves_no_reactor_call() -> None:
     assert ran == [("again", 1101.0)]
 
 
+def test_reactor_call_cancelled_behind_its_back() -> None:
+    """
+    A test harness may cancel pending reactor calls (trial's cleanup): the
+    next deadline gets a new call, and cancelling everything afterwards does
+    not cancel the dead call twice.
+    """
+    clock, deadlines, ran = make()
+    first = deadlines.call_later(5, record(ran, clock, "lost"))
+    (call,) = clock.getDelayedCalls()
+    call.cancel()
+    deadlines.call_later(1, record(ran, clock, "rearmed"))
+    assert armed_at(clock) == [1001.0]
+    clock.advance(1)
+    assert ran == [("rearmed", 1001.0)]
+    (call,) = clock.getDelayedCalls()
+    call.cancel()
+    first.cancel()
+    assert len(deadlines) == 0
+    assert clock.getDelayedCalls() == []
+
+
 def test_cancelled_deadline_holds_nothing() -> None:
     """A cancelled deadline drops its function and arguments at once."""
 

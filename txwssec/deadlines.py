@@ -222,7 +222,8 @@ class Deadlines:
             self._dead = 0
             call = self._call
             if call is not None:
-                call.cancel()
+                if call.active():
+                    call.cancel()
                 self._call = None
                 self._armed = math.inf
         elif dead >= _COMPACT_MINIMUM and dead * 2 > len(heap):
