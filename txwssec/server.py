@@ -496,9 +496,12 @@ class SecureServerProtocol(WebSocketServerProtocol):
         arguments of its debug line, which Autobahn formats on every write
         whatever the log level.
         """
-        if self._discard_writes or (self._guard is not None and self._guard.writes_blocked):
-            if not self._writable(len(data)):
-                return
+        if self._discard_writes:
+            return  # after the close for a slow consumer
+        guard = self._guard
+        if guard is not None and guard.writes_blocked and guard.wrote(len(data)):
+            self._slowConsumer()
+            return
         if sync or chopsize or self.send_queue:
             WebSocketServerProtocol.sendData(self, data, sync, chopsize)
             return
@@ -511,20 +514,6 @@ class SecureServerProtocol(WebSocketServerProtocol):
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
         if self.logOctets:  # type: ignore[attr-defined]
             self.logTxOctets(data, False)
-
-    def _writable(self, size: int) -> bool:
-        """
-        Whether C{size} more bytes may be written: not after the close for a
-        slow consumer, nor when they take the peer past max_buffered_bytes
-        (then this closes 1013).
-        """
-        if self._discard_writes:
-            return False
-        guard = self._guard
-        if guard is not None and guard.writes_blocked and guard.wrote(size):
-            self._slowConsumer()
-            return False
-        return True
 
     def _slowConsumer(self) -> None:
         # The close frame is the last thing written; what the application
