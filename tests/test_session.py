@@ -652,6 +652,81 @@ async def test_closed_connections_are_freed(serve: Serve) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_closed_connections_are_freed_without_the_cycle_collector(
+    serve: Serve,
+) -> None:
+    """
+    A closed connection is freed by reference counting as soon as it is
+    lost, however it ended: no reference cycle (Autobahn's C{is_closed}
+    fired with the protocol, the session's expiry callback) leaves it for
+    the garbage collector, whose full passes over thousands of connections
+    stall the reactor.
+    """
+    factory = make_factory(protocol=Tracked, max_lifetime=30, idle_timeout=30)
+    port = serve(factory)
+
+    async def normal() -> None:
+        ws = await connect(port, key_headers())
+        await echo(ws, "n")
+        await ws.close()
+
+    async def expiring() -> None:
+        ws = await connect(port, bearer_headers(token(exp=time.time() + 1.5)))
+        code, _, _ = await wait_closed(ws)
+        assert code == 3000
+
+    async def clients() -> int:
+        opened_before = factory.counters["session.opened"]
+        await asyncio.gather(
+            *(normal() for _ in range(10)),
+            *(raw_handshake_then_reset(port) for _ in range(10)),
+            *(expiring() for _ in range(10)),
+        )
+        await settle(lambda: factory.connections.total == 0 and not factory.sessions)
+        await asyncio.sleep(0.1)
+        return factory.counters["session.opened"] - opened_before
+
+    gc.collect()
+    gc.disable()
+    try:
+        assert await aio(clients()) == 30
+        assert len(Tracked.alive) == 0
+    finally:
+        gc.enable()
+    assert factory.countConnections == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_is_closed_fires_with_the_protocol_before_and_after_the_close(
+    serve: Serve,
+) -> None:
+    """
+    Autobahn's C{is_closed} still fires with the protocol: for a callback
+    added while the connection is open, and for one added once it is gone
+    (the protocol then forgets the fired Deferred, see L{FiredWithProtocol}).
+    """
+    factory = make_factory(protocol=Tracked)
+    port = serve(factory)
+
+    async def client() -> tuple[Any, list[Any], list[Any]]:
+        ws = await connect(port, key_headers())
+        await echo(ws, "x")
+        (protocol,) = Tracked.alive
+        before: list[Any] = []
+        protocol.is_closed.addCallback(lambda result: before.append(result) or result)
+        await ws.close()
+        await settle(lambda: factory.connections.total == 0)
+        after: list[Any] = []
+        protocol.is_closed.addCallback(after.append)
+        return protocol, before, after
+
+    protocol, before, after = await aio(client())
+    assert before == [protocol]
+    assert after == [protocol]
+    assert protocol.__dict__["_is_closed_deferred"] is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_timers_armed_while_open_then_released(serve: Serve) -> None:
     """
     While sessions are open their expiry and idle timers are pending (so

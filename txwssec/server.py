@@ -15,13 +15,17 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.compress import (
     PerMessageDeflate,
 )
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txwssec._autobahn import cancel_close_timer, copy_options
+from txwssec._cycles import FiredWithProtocol
 from txwssec._reactor import default_reactor
 from txwssec.admission import Admission, ConsumerBuckets
 from txwssec.auth.chain import authenticate
@@ -94,6 +98,9 @@ class SecureServerProtocol(WebSocketServerProtocol):
     maxFramePayloadSize: int
     maxMessagePayloadSize: int
     _discard_writes: bool = False
+    #: Autobahn's Deferred that fires with this protocol when the connection
+    #: ends, forgotten once fired (see L{txwssec._cycles}).
+    is_closed = FiredWithProtocol()
 
     def _connectionMade(self) -> None:
         copy_options(self, WebSocketServerProtocol.CONFIG_ATTRS)
@@ -588,9 +595,27 @@ class SecureServerProtocol(WebSocketServerProtocol):
             self._admitted_host = None
         self._guard = None
         if reason is None:
-            super().connectionLost()
-        else:
+            reason = Failure(ConnectionDone())
+        if isinstance(reason.value, SSL.Error):
+            # Autobahn logs a TLS failure (at "error"): its own path.
             super().connectionLost(reason)
+        else:
+            # Autobahn's connectionLost only logs debug lines, whose
+            # arguments it formats first, then calls _connectionLost.
+            self._connectionLost(reason)
+        SecureServerProtocol.is_closed.release(self)
+
+    def _connectionLost(self, reason: Any) -> None:
+        # Autobahn's server _connectionLost without its debug line, which
+        # formats the failure's traceback (hlval(reason)) on every
+        # connection, whatever the log level.
+        WebSocketProtocol._connectionLost(self, reason)
+        self.factory.countConnections -= 1
+
+    def dataReceived(self, data: bytes) -> None:
+        # Autobahn's dataReceived formats its debug line's arguments (hltype,
+        # hlval) on every read, whatever the log level, then does this.
+        self._dataReceived(data)
 
 
 class SecureServerFactory(WebSocketServerFactory):

@@ -91,8 +91,14 @@ class Session:
             self._arm()
 
     def stop(self) -> None:
-        """Cancel the timer; the session is over."""
+        """
+        Cancel the timer; the session is over. It forgets its callback (a
+        connection's bound method, which would otherwise make the session
+        and its connection a reference cycle that only the garbage
+        collector can free).
+        """
         self.ended = True
+        self._on_expired = None
         self._cancel()
 
     def _arm(self) -> None:

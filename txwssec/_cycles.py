@@ -1,0 +1,62 @@
+"""
+Closed connections freed by reference counting, not by the cycle collector.
+
+A Deferred that fired with the protocol holding it is a reference cycle:
+the protocol refers to the Deferred, whose result is the protocol. Autobahn's
+C{is_closed} is one (resolved with the protocol when the connection ends),
+as is the client's C{opened}. Through the protocol the cycle holds the whole
+connection: its transport, buffers, NVX state and session. CPython frees
+such cycles only in a garbage collection, and with thousands of connections
+a full collection takes hundreds of milliseconds, often triggered in the
+middle of a burst of closes (10,000 sessions expiring within a second).
+
+L{FiredWithProtocol} holds such a Deferred for its protocol. Once the
+connection is lost, L{FiredWithProtocol.release} lets the protocol forget a
+Deferred that has fired with the protocol and has nothing left to run:
+reading the attribute afterwards gives a new Deferred, already fired with
+the protocol, which is everything a caller could observe of the old one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+
+
+class FiredWithProtocol:
+    """
+    A protocol attribute holding a Deferred that fires with the protocol.
+
+    Use it as a class attribute; assign the Deferred as usual.
+    """
+
+    _slot: str
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = f"_{name}_deferred"
+
+    def __get__(self, protocol: object, owner: type | None = None) -> Any:
+        if protocol is None:
+            return self
+        deferred = protocol.__dict__[self._slot]
+        if deferred is None:
+            return succeed(protocol)
+        return deferred
+
+    def __set__(self, protocol: object, deferred: Deferred[Any]) -> None:
+        protocol.__dict__[self._slot] = deferred
+
+    def release(self, protocol: object) -> None:
+        """
+        Forget the Deferred if it has fired with C{protocol} and has run
+        its callbacks (it is not paused waiting for another Deferred).
+        """
+        deferred = protocol.__dict__.get(self._slot)
+        if (
+            deferred is not None
+            and deferred.called
+            and not deferred.paused
+            and deferred.result is protocol
+        ):
+            protocol.__dict__[self._slot] = None
