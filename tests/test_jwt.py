@@ -411,7 +411,9 @@ async def test_leeway_extended_session_closed_3000(serve: Any) -> None:
     C{exp + leeway} passes (about a second here).
     """
     port = serve(jwt_factory(JWTAuthenticator(CONSUMERS, SECRET, leeway=2)))
-    payload = claims(lifetime=-1)
+    # A fractional exp: with claims()' whole seconds, exp + leeway could fall
+    # a few milliseconds after now, and the handshake would be refused.
+    payload = {**claims(), "exp": time.time() - 1}
 
     async def client() -> tuple[int, str]:
         async with websockets.connect(
