@@ -29,10 +29,12 @@ request, and the credentials in it, never leave the client.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionLost
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
@@ -364,6 +367,32 @@ async def test_api_key_in_header(serve: Any) -> None:
     assert report == {"consumer": "john", "method": "key", "params": []}
     assert protocol.response.protocol is None
     assert b"apikey: john-key\r\n" in factory.received[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_client_freed_without_the_cycle_collector(serve: Any) -> None:
+    """
+    A client protocol is freed by reference counting once its connection is
+    lost: C{opened} and Autobahn's C{is_closed}, fired with the protocol,
+    are forgotten then; read again, C{is_closed} still gives the protocol.
+    """
+    from twisted.internet import reactor
+
+    port = serve(key_server())
+    gc.collect()
+    gc.disable()
+    try:
+        protocol = await open_client(client(f"ws://127.0.0.1:{port}/who", ApiKey("john-key")))
+        await within(protocol.first)
+        protocol.sendClose(1000)
+        assert await within(protocol.closed) == (True, 1000, None)
+        await deferLater(reactor, 0.05)
+        assert await within(protocol.is_closed) is protocol
+        alive = weakref.ref(protocol)
+        del protocol
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 @pytest_twisted.ensureDeferred

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
+from OpenSSL import SSL
+from twisted.python.failure import Failure
 
 BAD_GATEWAY = 1014
 
@@ -57,3 +59,17 @@ def copy_options(protocol: Any, names: Sequence[str]) -> None:
     for name in names:
         if not hasattr(protocol, name):
             setattr(protocol, name, getattr(factory, name))
+
+
+def connection_lost_quietly(protocol: Any, reason: Failure, adapter: Any) -> None:
+    """
+    Autobahn's Twisted C{connectionLost} for C{protocol}, without its debug
+    lines: it formats their arguments (C{hltype}, C{hlval}) before the level
+    check, on every connection, then calls C{_connectionLost}, as this
+    does. An OpenSSL failure still goes through C{adapter.connectionLost}
+    (Autobahn's class), which logs it at "error".
+    """
+    if isinstance(reason.value, SSL.Error):
+        adapter.connectionLost(protocol, reason)
+    else:
+        protocol._connectionLost(reason)

@@ -24,6 +24,7 @@ from urllib.parse import quote, urlsplit
 
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionResponse
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -41,7 +42,8 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txwssec._autobahn import cancel_close_timer, copy_options
+from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
+from txwssec._cycles import FiredWithProtocol
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
@@ -154,10 +156,14 @@ class SecureClientProtocol(WebSocketClientProtocol):
     #: Empty: the options are copied by L{_connectionMade} (see copy_options).
     CONFIG_ATTRS: list[str] = []
     _closeReceived: bool = False
+    #: Deferreds that fire with this protocol, forgotten once fired and the
+    #: connection is lost (see L{txwssec._cycles}).
+    opened = FiredWithProtocol()
+    is_closed = FiredWithProtocol()
 
     def __init__(self) -> None:
         super().__init__()
-        self.opened: Deferred[SecureClientProtocol] = Deferred()
+        self.opened = Deferred()
         self.closed: Deferred[tuple[bool, int | None, str | None]] = Deferred()
 
     def _connectionMade(self) -> None:
@@ -167,7 +173,19 @@ class SecureClientProtocol(WebSocketClientProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         cancel_close_timer(self)
         self._lostReason = reason
-        super().connectionLost(reason)
+        connection_lost_quietly(self, reason, WebSocketClientProtocol)
+        SecureClientProtocol.opened.release(self)
+        SecureClientProtocol.is_closed.release(self)
+
+    def _connectionLost(self, reason: Any) -> None:
+        # Autobahn's client _connectionLost without its debug line, which
+        # formats the failure's traceback (hlval(reason)) whatever the level.
+        WebSocketProtocol._connectionLost(self, reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        # Autobahn's dataReceived formats its debug line's arguments (hltype,
+        # hlval) on every read, whatever the log level, then does this.
+        self._dataReceived(data)
 
     def _onOpen(self) -> None:
         super()._onOpen()

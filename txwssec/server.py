@@ -17,14 +17,13 @@ from autobahn.websocket.compress import (
 )
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from OpenSSL import SSL
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txwssec._autobahn import cancel_close_timer, copy_options
+from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
 from txwssec._cycles import FiredWithProtocol
 from txwssec._reactor import default_reactor
 from txwssec.admission import Admission, ConsumerBuckets
@@ -594,15 +593,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
             admission.release(self._admitted_host)
             self._admitted_host = None
         self._guard = None
-        if reason is None:
-            reason = Failure(ConnectionDone())
-        if isinstance(reason.value, SSL.Error):
-            # Autobahn logs a TLS failure (at "error"): its own path.
-            super().connectionLost(reason)
-        else:
-            # Autobahn's connectionLost only logs debug lines, whose
-            # arguments it formats first, then calls _connectionLost.
-            self._connectionLost(reason)
+        connection_lost_quietly(self, reason or connectionDone, WebSocketServerProtocol)
         SecureServerProtocol.is_closed.release(self)
 
     def _connectionLost(self, reason: Any) -> None:
