@@ -39,6 +39,7 @@ SERVER_KEYS = {
     "ping_timeout": ("number", 0.1),
     "max_header_bytes": ("integer", 1024),
     "max_headers": ("integer", 10),
+    "gc_young_threshold": ("integer", 0),
 }
 
 
@@ -110,6 +111,16 @@ def test_server_keys() -> None:
     # ...and they reach Autobahn.
     options = policy.protocol_options()
     assert (options["autoPingInterval"], options["autoPingTimeout"]) == (2.5, 1.0)
+
+
+def test_gc_young_threshold() -> None:
+    """
+    twistd wssec tunes the cycle collector by default (50,000); 0 leaves it
+    as Python set it.
+    """
+    assert parse(config()).gc_young_threshold == 50_000
+    assert parse(config({"gc_young_threshold": 0})).gc_young_threshold == 0
+    assert parse(config({"gc_young_threshold": 2000})).gc_young_threshold == 2000
 
 
 def test_zero_turns_server_limits_off() -> None:
@@ -337,6 +348,7 @@ def test_negative_limit(key: str) -> None:
         ("ping_timeout", 0.05, "must be at least 0.1"),
         ("max_header_bytes", 1023, "must be at least 1024"),
         ("max_headers", 9, "must be at least 10"),
+        ("gc_young_threshold", -1, "must be at least 0"),
     ],
 )
 def test_server_minimums(key: str, value: float, message: str) -> None:

@@ -62,6 +62,9 @@ def test_serves_quickstart_and_stops_on_sigterm(server: tuple[Process, int]) -> 
     assert f"wssec listening on tcp:{port}:interface=127.0.0.1 (127.0.0.1:{port})" in (
         running.output()
     )
+    assert "wssec garbage collector: young generation every 50000 allocations, " in (
+        running.output()
+    )
 
     with websocket(url, additional_headers={"apikey": "john-key"}) as ws:
         assert ws.subprotocol is None

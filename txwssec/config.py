@@ -19,6 +19,7 @@ from txwssec.apps import BUILTIN_APPS
 from txwssec.auth.context import BuildContext
 from txwssec.auth.credentials import credential_markers
 from txwssec.auth.registry import builder_for, registered_names
+from txwssec.collector import DEFAULT_YOUNG_THRESHOLD
 from txwssec.consumers import (
     Consumer,
     ConsumerDirectory,
@@ -51,12 +52,16 @@ class Config:
     @ivar policy: the server policy with its routes.
     @ivar consumers: the consumers.
     @ivar tls: the context factory of the C{[tls]} table, if any.
+    @ivar gc_young_threshold: the cycle collector's young-generation
+        threshold C{twistd wssec} sets (see L{txwssec.collector}); 0 leaves
+        the collector as Python set it.
     """
 
     listen: tuple[str, ...]
     policy: ServerPolicy
     consumers: ConsumerDirectory
     tls: ReloadingContextFactory | None = None
+    gc_young_threshold: int = DEFAULT_YOUNG_THRESHOLD
 
     def endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
         """One server endpoint per listen description."""
@@ -109,6 +114,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         "max_header_bytes": server.integer("max_header_bytes", 16384, minimum=1024),
         "max_headers": server.integer("max_headers", 100, minimum=10),
     }
+    gc_young_threshold = server.integer("gc_young_threshold", DEFAULT_YOUNG_THRESHOLD)
     server.finish()
     tls = _tls(root.table("tls"), base_dir) if root.has("tls") else None
     _check_listeners(listen, allow_plaintext, tls)
@@ -135,7 +141,13 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         policy = ServerPolicy(routes=routes, **server_options)  # type: ignore[arg-type]
     except ValueError as error:
         raise ConfigError("route", str(error)) from None
-    return Config(listen=listen, policy=policy, consumers=consumers, tls=tls)
+    return Config(
+        listen=listen,
+        policy=policy,
+        consumers=consumers,
+        tls=tls,
+        gc_young_threshold=gc_young_threshold,
+    )
 
 
 def _tls(table: Table, base_dir: Path) -> ReloadingContextFactory:

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
+from txwssec.collector import tune_collector
 from txwssec.config import Config, load
 from txwssec.errors import ConfigError
 from txwssec.logs import twistdLogObserver
@@ -130,12 +131,28 @@ class WssecService(MultiService):
     The root of C{twistd wssec}'s service tree. When twistd attaches it to
     its application, it gives the application txwssec's log observer (the
     documented way for a twistd application to choose its observer), unless
-    twistd's own must be used (see L{twistdLogObserver}).
+    twistd's own must be used (see L{twistdLogObserver}). Before its listeners
+    start, it tunes the cycle collector (see L{txwssec.collector}).
     """
 
-    def __init__(self, twistdOptions: Any = None) -> None:
+    log = Logger()
+
+    def __init__(self, twistdOptions: Any = None, gcYoungThreshold: int = 0) -> None:
         super().__init__()
         self._twistdOptions = twistdOptions
+        self._gcYoungThreshold = gcYoungThreshold
+
+    def privilegedStartService(self) -> None:
+        # Before the listeners start: what exists now is start-up state.
+        if self._gcYoungThreshold:
+            frozen = tune_collector(self._gcYoungThreshold)
+            self.log.info(
+                "wssec garbage collector: young generation every {threshold} allocations,"
+                " {frozen} start-up objects frozen",
+                threshold=self._gcYoungThreshold,
+                frozen=frozen,
+            )
+        super().privilegedStartService()
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -157,7 +174,7 @@ def makeService(options: Options) -> IService:
 
     config = options.config
     factory = SecureServerFactory(config.policy, reactor=reactor)
-    service = WssecService(getattr(options, "parent", None))
+    service = WssecService(getattr(options, "parent", None), config.gc_young_threshold)
     for description, endpoint in zip(config.listen, config.endpoints(reactor), strict=True):
         ListeningService(endpoint, factory, description).setServiceParent(service)
     if config.tls is not None:
