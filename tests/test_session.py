@@ -602,6 +602,37 @@ async def test_no_leaks_after_50_sessions(serve: Serve) -> None:
     assert len(reactor.getDelayedCalls()) == calls_before
 
 
+async def end_sessions_every_way(
+    factory: SecureServerFactory, port: int, each: int, expires_in: float
+) -> int:
+    """
+    Open C{3 * each} sessions and end them every way: C{each} closed by the
+    client after an echo, C{each} reset at the TCP level, C{each} expired by
+    the server (JWT C{exp} C{expires_in} seconds away). Return how many
+    sessions opened, once every connection is gone.
+    """
+
+    async def normal(index: int) -> None:
+        ws = await connect(port, key_headers())
+        await echo(ws, f"n{index}")
+        await ws.close()
+
+    async def expiring() -> None:
+        ws = await connect(port, bearer_headers(token(exp=time.time() + expires_in)))
+        code, _, _ = await wait_closed(ws)
+        assert code == 3000
+
+    opened_before = factory.counters["session.opened"]
+    await asyncio.gather(
+        *(normal(i) for i in range(each)),
+        *(raw_handshake_then_reset(port) for _ in range(each)),
+        *(expiring() for _ in range(each)),
+    )
+    await settle(lambda: factory.connections.total == 0 and not factory.sessions)
+    await asyncio.sleep(0.1)
+    return factory.counters["session.opened"] - opened_before
+
+
 class Tracked(EchoProtocol):
     """An echo whose instances can be counted after they are gone."""
 
@@ -621,29 +652,7 @@ async def test_closed_connections_are_freed(serve: Serve) -> None:
     """
     factory = make_factory(protocol=Tracked, max_lifetime=30, idle_timeout=30)
     port = serve(factory)
-
-    async def normal(index: int) -> None:
-        ws = await connect(port, key_headers())
-        await echo(ws, f"n{index}")
-        await ws.close()
-
-    async def expiring() -> None:
-        ws = await connect(port, bearer_headers(token(exp=time.time() + 2.5)))
-        code, _, _ = await wait_closed(ws)
-        assert code == 3000
-
-    async def clients() -> int:
-        opened_before = factory.counters["session.opened"]
-        await asyncio.gather(
-            *(normal(i) for i in range(40)),
-            *(raw_handshake_then_reset(port) for _ in range(40)),
-            *(expiring() for _ in range(40)),
-        )
-        await settle(lambda: factory.connections.total == 0 and not factory.sessions)
-        await asyncio.sleep(0.1)
-        return factory.counters["session.opened"] - opened_before
-
-    assert await aio(clients()) == 120
+    assert await aio(end_sessions_every_way(factory, port, 40, expires_in=2.5)) == 120
     gc.collect()
     assert len(Tracked.alive) == 0
     assert len(factory.deadlines) == 0
@@ -664,32 +673,10 @@ async def test_closed_connections_are_freed_without_the_cycle_collector(
     """
     factory = make_factory(protocol=Tracked, max_lifetime=30, idle_timeout=30)
     port = serve(factory)
-
-    async def normal() -> None:
-        ws = await connect(port, key_headers())
-        await echo(ws, "n")
-        await ws.close()
-
-    async def expiring() -> None:
-        ws = await connect(port, bearer_headers(token(exp=time.time() + 1.5)))
-        code, _, _ = await wait_closed(ws)
-        assert code == 3000
-
-    async def clients() -> int:
-        opened_before = factory.counters["session.opened"]
-        await asyncio.gather(
-            *(normal() for _ in range(10)),
-            *(raw_handshake_then_reset(port) for _ in range(10)),
-            *(expiring() for _ in range(10)),
-        )
-        await settle(lambda: factory.connections.total == 0 and not factory.sessions)
-        await asyncio.sleep(0.1)
-        return factory.counters["session.opened"] - opened_before
-
     gc.collect()
     gc.disable()
     try:
-        assert await aio(clients()) == 30
+        assert await aio(end_sessions_every_way(factory, port, 10, expires_in=1.5)) == 30
         assert len(Tracked.alive) == 0
     finally:
         gc.enable()
