@@ -39,7 +39,10 @@ class FiredWithProtocol:
     def __get__(self, protocol: object, owner: type | None = None) -> Any:
         if protocol is None:
             return self
-        deferred = protocol.__dict__[self._slot]
+        try:
+            deferred = protocol.__dict__[self._slot]
+        except KeyError:
+            raise AttributeError(self._slot[1:].removesuffix("_deferred")) from None
         if deferred is None:
             return succeed(protocol)
         return deferred
