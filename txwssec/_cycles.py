@@ -19,7 +19,7 @@ the protocol, which is everything a caller could observe of the old one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -35,6 +35,12 @@ class FiredWithProtocol:
 
     def __set_name__(self, owner: type, name: str) -> None:
         self._slot = f"_{name}_deferred"
+
+    @overload
+    def __get__(self, protocol: None, owner: type | None = None) -> FiredWithProtocol: ...
+
+    @overload
+    def __get__(self, protocol: object, owner: type | None = None) -> Deferred[Any]: ...
 
     def __get__(self, protocol: object, owner: type | None = None) -> Any:
         if protocol is None:
