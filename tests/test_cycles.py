@@ -17,6 +17,14 @@ class Holder:
     closed = FiredWithProtocol()
 
 
+def holding() -> tuple[Holder, Deferred[Any]]:
+    """A holder and the (unfired) Deferred it holds."""
+    holder = Holder()
+    deferred: Deferred[Any] = Deferred()
+    holder.closed = deferred
+    return holder, deferred
+
+
 def results(deferred: Deferred[Any]) -> list[Any]:
     seen: list[Any] = []
     deferred.addCallback(lambda result: seen.append(result) or result)
@@ -31,17 +39,13 @@ def test_unset_is_an_attribute_error() -> None:
 
 
 def test_pending_deferred_is_kept() -> None:
-    holder = Holder()
-    deferred: Deferred[Any] = Deferred()
-    holder.closed = deferred
+    holder, deferred = holding()
     Holder.closed.release(holder)
     assert holder.closed is deferred
 
 
 def test_fired_with_the_protocol_is_forgotten() -> None:
-    holder = Holder()
-    deferred: Deferred[Any] = Deferred()
-    holder.closed = deferred
+    holder, deferred = holding()
     before = results(deferred)
     deferred.callback(holder)
     Holder.closed.release(holder)
@@ -55,18 +59,14 @@ def test_fired_with_the_protocol_is_forgotten() -> None:
 
 @pytest.mark.parametrize("result", [None, "something else"])
 def test_fired_with_something_else_is_kept(result: Any) -> None:
-    holder = Holder()
-    deferred: Deferred[Any] = Deferred()
-    holder.closed = deferred
+    holder, deferred = holding()
     deferred.callback(result)
     Holder.closed.release(holder)
     assert holder.closed is deferred
 
 
 def test_paused_deferred_is_kept() -> None:
-    holder = Holder()
-    deferred: Deferred[Any] = Deferred()
-    holder.closed = deferred
+    holder, deferred = holding()
     waiting: Deferred[Any] = Deferred()
     deferred.addCallback(lambda result: waiting)
     deferred.callback(holder)
