@@ -14,7 +14,6 @@ Prints ``LISTENING <port>`` once it listens on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 import txaio
@@ -29,8 +28,8 @@ from autobahn.websocket.compress import (  # noqa: E402
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
 )
+from listening import serve  # noqa: E402
 from twisted.internet import reactor as _reactor  # noqa: E402
-from twisted.internet.endpoints import TCP4ServerEndpoint  # noqa: E402
 
 reactor: Any = _reactor
 
@@ -63,16 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any)")
     options = parser.parse_args(argv)
 
-    def listening(port: Any) -> None:
-        print(f"LISTENING {port.getHost().port}", flush=True)
-
-    def failed(failure: Any) -> None:
-        print(f"cannot listen: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
-        reactor.stop()
-
-    endpoint = TCP4ServerEndpoint(reactor, options.port, interface="127.0.0.1")
-    endpoint.listen(make_factory()).addCallbacks(listening, failed)
-    reactor.run()
+    serve(reactor, make_factory(), options.port)
 
 
 if __name__ == "__main__":

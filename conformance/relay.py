@@ -27,13 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from listening import serve
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP4ServerEndpoint,
-    wrapClientTLS,
-)
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -225,16 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         header=f"{options.header_name}: {key}".encode("ascii"),
     )
 
-    def listening(port: Any) -> None:
-        print(f"LISTENING {port.getHost().port}", flush=True)
-
-    def failed(failure: Failure) -> None:
-        print(f"cannot listen: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
-        reactor.stop()
-
-    endpoint = TCP4ServerEndpoint(reactor, options.port, interface="127.0.0.1")
-    endpoint.listen(RelayFactory(settings)).addCallbacks(listening, failed)
-    reactor.run()
+    serve(reactor, RelayFactory(settings), options.port)
 
 
 if __name__ == "__main__":
