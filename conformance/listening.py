@@ -19,16 +19,21 @@ def serve(reactor: Any, factory: Any, port: int) -> None:
     """
     Listen with C{factory} on 127.0.0.1:C{port} (0: any), report the port,
     and run the reactor. A port that cannot be listened on is reported on
-    standard error and stops the reactor.
+    standard error, and the process exits with status 1.
     """
+    failures: list[Failure] = []
 
     def listening(listeningPort: Any) -> None:
         print(f"LISTENING {listeningPort.getHost().port}", flush=True)
 
     def failed(failure: Failure) -> None:
         print(f"cannot listen: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
-        reactor.stop()
+        failures.append(failure)
+        # The listen may fail before the reactor runs: stop it once it does.
+        reactor.callWhenRunning(reactor.stop)
 
     endpoint = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
     endpoint.listen(factory).addCallbacks(listening, failed)
     reactor.run()
+    if failures:
+        sys.exit(1)
