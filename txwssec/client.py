@@ -48,6 +48,7 @@ from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
 from txwssec.policy import DEFAULT_MAX_MESSAGE_SIZE
+from txwssec.tls import HTTP_1_1
 
 #: The client's own events. A module-level logger: a L{Logger} class
 #: attribute would take the (sub)class's name as its namespace instead.
@@ -313,7 +314,8 @@ class SecureClientFactory(WebSocketClientFactory):
     def tls_options(self) -> Any:
         """
         Client TLS options: hostname or IP address verified with
-        service_identity against the system's CAs or C{tls.ca_file}.
+        service_identity against the system's CAs or C{tls.ca_file}; ALPN
+        offers C{http/1.1} only (a WebSocket is an HTTP/1.1 upgrade).
         """
         tls = self.tls
         client_certificate = None
@@ -333,7 +335,7 @@ class SecureClientFactory(WebSocketClientFactory):
                     "privateKey": client_certificate.privateKey.original,
                     "certificate": client_certificate.original,
                 }
-            return ssl.CertificateOptions(verify=False, **extra)
+            return ssl.CertificateOptions(verify=False, acceptableProtocols=[HTTP_1_1], **extra)
         trust_root: Any = None
         if tls.ca_file is not None:
             trust_root = ssl.trustRootFromCertificates(
@@ -343,6 +345,7 @@ class SecureClientFactory(WebSocketClientFactory):
             tls.hostname or self.host,
             trustRoot=trust_root,
             clientCertificate=client_certificate,
+            acceptableProtocols=[HTTP_1_1],
         )
 
     def connect(self) -> Deferred[SecureClientProtocol]:

@@ -37,6 +37,10 @@ from zope.interface import implementer
 #: 1.3 suites are all AEAD with ephemeral key exchange.)
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
+#: The application protocol a listener selects, and a client offers, by ALPN:
+#: a WebSocket (RFC 6455) opens with an HTTP/1.1 upgrade.
+HTTP_1_1 = b"http/1.1"
+
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 CLIENT_CERT_MODES = ("none", "optional", "required")
 
@@ -110,8 +114,9 @@ def certificate_options(settings: TLSSettings) -> ssl.CertificateOptions:
     """
     Build hardened server options: TLS 1.2 or 1.3 minimum, ECDHE + AEAD
     suites, no compression, server cipher preference (set by Twisted), no
-    renegotiation, a server-side session cache, client certificates checked
-    against C{client_ca} when asked for.
+    renegotiation, a server-side session cache, ALPN C{http/1.1} (see
+    L{select_alpn}), client certificates checked against C{client_ca} when
+    asked for. Every server context txwssec makes comes from here.
 
     @raise TLSSettingsError: naming the setting that is unusable.
     """
@@ -149,10 +154,24 @@ def certificate_options(settings: TLSSettings) -> ssl.CertificateOptions:
     except SSL.Error:
         raise TLSSettingsError("key", "does not match the certificate") from None
     context.set_options(SSL.OP_NO_RENEGOTIATION)
+    context.set_alpn_select_callback(select_alpn)
     for ca in cas:
         # Tell clients which CAs we accept, so they pick the right certificate.
         context.add_client_ca(ca)
     return options
+
+
+def select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """
+    The ALPN choice of a txwssec listener: C{http/1.1} when the client offers
+    it (browsers offer C{h2, http/1.1}), otherwise no protocol at all, and
+    the handshake goes on as with a client that offers none.
+
+    Twisted's own selection answers an empty protocol when it has none
+    configured, which OpenSSL 4 refuses with an C{internal_error}
+    alert: every browser's C{wss://} handshake failed.
+    """
+    return HTTP_1_1 if HTTP_1_1 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 @implementer(IOpenSSLContextFactory)
