@@ -26,11 +26,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
+from service_identity.hazmat import DNS_ID, IPAddress_ID, ServiceID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.interfaces import IOpenSSLContextFactory, IStreamServerEndpointStringParser
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    IStreamServerEndpointStringParser,
+)
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 #: TLS 1.2 suites: ephemeral ECDH key exchange and AEAD ciphers only. (TLS
@@ -240,6 +248,64 @@ def peer_certificate(transport: Any) -> x509.Certificate | None:
     except SSL.Error:
         return None
     return certificate.to_cryptography() if certificate is not None else None
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class VerifyingClientTLS:
+    """
+    Client TLS for C{wss://}: Twisted's L{optionsForClientTLS
+    <twisted.internet.ssl.optionsForClientTLS>} (trust root, SNI, client
+    certificate, ALPN C{http/1.1}), with the server's identity checked by
+    service_identity so that I{any} failure fails the handshake.
+
+    Twisted's own check fails it only on C{VerificationError}: anything else,
+    such as the C{CertificateError} of a certificate without
+    subjectAltName, was logged and the handshake went on, so a certificate
+    from the trusted CA with no subjectAltName was accepted for every name.
+
+    @param hostname: the DNS name or IP address the certificate must be for.
+    @param trust_root: CAs to trust (L{None}: the system's).
+    @param client_certificate: the certificate to present (mutual TLS).
+    """
+
+    def __init__(
+        self,
+        hostname: str,
+        trust_root: Any = None,
+        client_certificate: ssl.PrivateCertificate | None = None,
+    ) -> None:
+        self._options = ssl.optionsForClientTLS(
+            hostname,
+            trustRoot=trust_root,
+            clientCertificate=client_certificate,
+            acceptableProtocols=[HTTP_1_1],
+        )
+        self._service_id: ServiceID = (
+            IPAddress_ID(hostname)
+            if isIPAddress(hostname) or isIPv6Address(hostname)
+            else DNS_ID(hostname)
+        )
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """A connection from Twisted's options, verified by L{_verify}."""
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        return connection
+
+    def _verify(
+        self, connection: SSL.Connection, certificate: X509, error: int, depth: int, ok: int
+    ) -> bool:
+        # OpenSSL has checked the chain (trust, dates, purpose); then the
+        # leaf's name. Any exception fails the handshake and becomes the
+        # reason the connection was lost.
+        if depth != 0 or not ok:
+            return bool(ok)
+        try:
+            verify_service_identity(extract_patterns(certificate), [self._service_id], [])
+        except Exception:
+            connection.get_app_data().failVerification(Failure())
+            return False
+        return True
 
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)
