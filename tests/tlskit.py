@@ -19,6 +19,8 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
 from twisted.internet import defer
 from twisted.internet import ssl as twisted_ssl
@@ -144,16 +146,21 @@ class Listeners:
             serverFromString(reactor(), ":".join([description, *extra])), factory
         )
 
-    async def twisted_tls(self, factory: Any, server: Issued, alpn: Sequence[bytes]) -> int:
+    async def twisted_tls(
+        self, factory: Any, server: Issued, alpn: Sequence[bytes], groups: str = ""
+    ) -> int:
         """
         Twisted's own TLS options (not txwssec's), selecting among C{alpn} by
-        ALPN: another server that does ALPN selection.
+        ALPN (another server that does ALPN selection), with only the key
+        exchange C{groups} when given.
         """
         options = twisted_ssl.CertificateOptions(
             privateKey=PKey.from_cryptography_key(server.key),
             certificate=X509.from_cryptography(server.certificate),
             acceptableProtocols=list(alpn),
         )
+        if groups:
+            only_groups(options.getContext(), groups)
         endpoint = SSL4ServerEndpoint(reactor(), 0, options, interface="127.0.0.1")
         return await self.listen(endpoint, factory)
 
@@ -170,6 +177,15 @@ def gateway(url: str, ca_file: Path | None) -> SecureServerFactory:
         upstream=Upstream((url,), ca_file=ca_file, timeout=TIMEOUT / 2),
     )
     return SecureServerFactory(ServerPolicy.single(route, ping_interval=0))
+
+
+def only_groups(context: SSL.Context, groups: str) -> None:
+    """
+    Allow only the key exchange C{groups} (C{"X448"}, C{"ffdhe2048:P-256"})
+    on a pyOpenSSL context, which has no API for it.
+    """
+    lib = Binding().lib
+    assert lib.SSL_CTX_set1_curves_list(context._context, groups.encode()) == 1, groups
 
 
 # -- clients ---------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
 from txwssec.policy import DEFAULT_MAX_MESSAGE_SIZE
-from txwssec.tls import HTTP_1_1, VerifyingClientTLS
+from txwssec.tls import HTTP_1_1, VerifyingClientTLS, restrict_groups
 
 #: The client's own events. A module-level logger: a L{Logger} class
 #: attribute would take the (sub)class's name as its namespace instead.
@@ -336,7 +336,9 @@ class SecureClientFactory(WebSocketClientFactory):
                     "privateKey": client_certificate.privateKey.original,
                     "certificate": client_certificate.original,
                 }
-            return ssl.CertificateOptions(verify=False, acceptableProtocols=[HTTP_1_1], **extra)
+            options = ssl.CertificateOptions(verify=False, acceptableProtocols=[HTTP_1_1], **extra)
+            restrict_groups(options.getContext())
+            return options
         trust_root: Any = None
         if tls.ca_file is not None:
             trust_root = ssl.trustRootFromCertificates(
