@@ -36,7 +36,7 @@ from tlskit import (
     within,
     write_pem,
 )
-from twisted.logger import formatEvent
+from twisted.logger import LogLevel, formatEvent
 from websockets.exceptions import InvalidStatus
 
 from txwssec.client import ClientTLS, SecureClientFactory
@@ -171,8 +171,12 @@ def client(upstream: Upstream) -> SecureClientFactory:
 
 @pytest.mark.parametrize("case", WRONG)
 @pytest_twisted.ensureDeferred
-async def test_client_refuses(upstream_with: Any, case: str) -> None:
-    """The connection fails with an error that says why; the server got nothing."""
+async def test_client_refuses(upstream_with: Any, captured_log: CapturedLog, case: str) -> None:
+    """
+    The connection fails with an error that says why; the server got
+    nothing; nothing was logged as critical (Twisted's own check logged
+    "critical while verifying certificate" and went on).
+    """
     wrong = WRONG[case]
     upstream = await upstream_with(wrong.certificate, wrong.host)
     protocol = await within(client(upstream).connect())
@@ -183,6 +187,7 @@ async def test_client_refuses(upstream_with: Any, case: str) -> None:
     assert wrong.says in str(caught.value)
     assert isinstance(caught.value.__cause__, wrong.cause)
     assert_nothing_reached(upstream)
+    assert captured_log.matching(log_level=LogLevel.critical) == []
 
 
 @pytest.mark.parametrize("case", GOOD)
@@ -239,6 +244,7 @@ async def test_gateway_refuses(
     [failure] = [formatEvent(e) for e in captured_log.matching(url=upstream.url)]
     assert wrong.says in failure
     assert KEY not in failure
+    assert captured_log.matching(log_level=LogLevel.critical) == []
 
 
 @pytest.mark.parametrize("case", GOOD)
