@@ -27,7 +27,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionResponse
 from OpenSSL import SSL
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
@@ -48,6 +48,7 @@ from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
 from txwssec.policy import DEFAULT_MAX_MESSAGE_SIZE
+from txwssec.tls import HTTP_1_1, VerifyingClientTLS, restrict_groups
 
 #: The client's own events. A module-level logger: a L{Logger} class
 #: attribute would take the (sub)class's name as its namespace instead.
@@ -222,13 +223,13 @@ class SecureClientProtocol(WebSocketClientProtocol):
         error's C{__cause__}.
         """
         cause = self._lostReason.value if self._lostReason is not None else None
-        if isinstance(cause, VerificationError):
+        if isinstance(cause, (VerificationError, CertificateError)):
             reason = (
                 "TLS verification failed: the server certificate is not valid for "
                 f"{self.factory.tls.hostname or self.factory.host} ({cause})"
             )
         error = ConnectionError(f"connection closed before opening: {reason}")
-        if isinstance(cause, (VerificationError, SSL.Error)):
+        if isinstance(cause, (VerificationError, CertificateError, SSL.Error)):
             error.__cause__ = cause
         return error
 
@@ -313,7 +314,9 @@ class SecureClientFactory(WebSocketClientFactory):
     def tls_options(self) -> Any:
         """
         Client TLS options: hostname or IP address verified with
-        service_identity against the system's CAs or C{tls.ca_file}.
+        service_identity against the system's CAs or C{tls.ca_file}, any
+        failure failing the handshake (see L{VerifyingClientTLS}); ALPN
+        offers C{http/1.1} only (a WebSocket is an HTTP/1.1 upgrade).
         """
         tls = self.tls
         client_certificate = None
@@ -333,17 +336,15 @@ class SecureClientFactory(WebSocketClientFactory):
                     "privateKey": client_certificate.privateKey.original,
                     "certificate": client_certificate.original,
                 }
-            return ssl.CertificateOptions(verify=False, **extra)
+            options = ssl.CertificateOptions(verify=False, acceptableProtocols=[HTTP_1_1], **extra)
+            restrict_groups(options.getContext())
+            return options
         trust_root: Any = None
         if tls.ca_file is not None:
             trust_root = ssl.trustRootFromCertificates(
                 [ssl.Certificate.loadPEM(pem) for pem in _pem_blocks(Path(tls.ca_file))]
             )
-        return ssl.optionsForClientTLS(
-            tls.hostname or self.host,
-            trustRoot=trust_root,
-            clientCertificate=client_certificate,
-        )
+        return VerifyingClientTLS(tls.hostname or self.host, trust_root, client_certificate)
 
     def connect(self) -> Deferred[SecureClientProtocol]:
         """

@@ -17,25 +17,45 @@ and becomes such an endpoint.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.bindings.openssl.binding import Binding
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
+from service_identity.hazmat import DNS_ID, IPAddress_ID, ServiceID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.interfaces import IOpenSSLContextFactory, IStreamServerEndpointStringParser
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    IStreamServerEndpointStringParser,
+)
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 #: TLS 1.2 suites: ephemeral ECDH key exchange and AEAD ciphers only. (TLS
 #: 1.3 suites are all AEAD with ephemeral key exchange.)
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+#: The application protocol a listener selects, and a client offers, by ALPN:
+#: a WebSocket (RFC 6455) opens with an HTTP/1.1 upgrade.
+HTTP_1_1 = b"http/1.1"
+
+#: Key exchange groups, preferred first, for TLS 1.3 and TLS 1.2's ECDHE
+#: alike: the hybrid X25519MLKEM768 (X25519 ECDHE plus ML-KEM-768, when the
+#: linked OpenSSL has it, as OpenSSL 3.5 and later do), then ECDHE only. No
+#: finite-field groups (ffdhe2048...), no X448, no other curves.
+GROUPS = ("X25519MLKEM768", "X25519", "P-256", "P-384")
 
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 CLIENT_CERT_MODES = ("none", "optional", "required")
@@ -106,12 +126,51 @@ def load_certificates(path: Path, field: str) -> list[x509.Certificate]:
     return certificates
 
 
+@functools.cache
+def _openssl_groups() -> bytes:
+    """
+    L{GROUPS} as an OpenSSL list, less the groups the linked OpenSSL does
+    not have (the hybrid before OpenSSL 3.5, X25519 in some FIPS builds).
+    """
+    lib = Binding().lib
+    probe = SSL.Context(SSL.TLS_METHOD)
+    known = []
+    for group in GROUPS:
+        if lib.SSL_CTX_set1_curves_list(probe._context, group.encode("ascii")) == 1:
+            known.append(group)
+        else:
+            lib.ERR_clear_error()
+    if not known:
+        raise RuntimeError(f"OpenSSL has none of the key exchange groups {GROUPS}")
+    return ":".join(known).encode("ascii")
+
+
+def restrict_groups(target: SSL.Context | SSL.Connection) -> None:
+    """
+    Limit the key exchange groups of a context or of one connection to
+    L{GROUPS}. pyOpenSSL (26) has no API for groups beyond C{set_tmp_ecdh}
+    (one curve): this calls OpenSSL's C{SSL_CTX_set1_groups_list} (or
+    C{SSL_set1_groups_list}), under their C{curves} names, through the
+    binding pyOpenSSL itself uses.
+    """
+    lib = Binding().lib
+    if isinstance(target, SSL.Context):
+        result = lib.SSL_CTX_set1_curves_list(target._context, _openssl_groups())
+    else:
+        result = lib.SSL_set1_curves_list(target._ssl, _openssl_groups())
+    if result != 1:
+        lib.ERR_clear_error()
+        raise RuntimeError("OpenSSL refused the key exchange groups")
+
+
 def certificate_options(settings: TLSSettings) -> ssl.CertificateOptions:
     """
     Build hardened server options: TLS 1.2 or 1.3 minimum, ECDHE + AEAD
-    suites, no compression, server cipher preference (set by Twisted), no
-    renegotiation, a server-side session cache, client certificates checked
-    against C{client_ca} when asked for.
+    suites, the key exchange groups of L{GROUPS}, no compression, server
+    cipher preference (set by Twisted), no renegotiation, a server-side
+    session cache, ALPN C{http/1.1} (see L{select_alpn}), client certificates
+    checked against C{client_ca} when asked for. Every server context
+    txwssec makes comes from here.
 
     @raise TLSSettingsError: naming the setting that is unusable.
     """
@@ -149,10 +208,25 @@ def certificate_options(settings: TLSSettings) -> ssl.CertificateOptions:
     except SSL.Error:
         raise TLSSettingsError("key", "does not match the certificate") from None
     context.set_options(SSL.OP_NO_RENEGOTIATION)
+    context.set_alpn_select_callback(select_alpn)
+    restrict_groups(context)
     for ca in cas:
         # Tell clients which CAs we accept, so they pick the right certificate.
         context.add_client_ca(ca)
     return options
+
+
+def select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """
+    The ALPN choice of a txwssec listener: C{http/1.1} when the client offers
+    it (browsers offer C{h2, http/1.1}), otherwise no protocol at all, and
+    the handshake goes on as with a client that offers none.
+
+    Twisted's own selection answers an empty protocol when it has none
+    configured, which OpenSSL 4 refuses with an C{internal_error}
+    alert: every browser's C{wss://} handshake failed.
+    """
+    return HTTP_1_1 if HTTP_1_1 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 @implementer(IOpenSSLContextFactory)
@@ -221,6 +295,66 @@ def peer_certificate(transport: Any) -> x509.Certificate | None:
     except SSL.Error:
         return None
     return certificate.to_cryptography() if certificate is not None else None
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class VerifyingClientTLS:
+    """
+    Client TLS for C{wss://}: Twisted's L{optionsForClientTLS
+    <twisted.internet.ssl.optionsForClientTLS>} (trust root, SNI, client
+    certificate, ALPN C{http/1.1}), the key exchange groups of L{GROUPS},
+    and the server's identity checked by service_identity so that I{any}
+    failure fails the handshake.
+
+    Twisted's own check fails it only on C{VerificationError}: anything else,
+    such as the C{CertificateError} of a certificate without
+    subjectAltName, was logged and the handshake went on, so a certificate
+    from the trusted CA with no subjectAltName was accepted for every name.
+
+    @param hostname: the DNS name or IP address the certificate must be for.
+    @param trust_root: CAs to trust (L{None}: the system's).
+    @param client_certificate: the certificate to present (mutual TLS).
+    """
+
+    def __init__(
+        self,
+        hostname: str,
+        trust_root: Any = None,
+        client_certificate: ssl.PrivateCertificate | None = None,
+    ) -> None:
+        self._options = ssl.optionsForClientTLS(
+            hostname,
+            trustRoot=trust_root,
+            clientCertificate=client_certificate,
+            acceptableProtocols=[HTTP_1_1],
+        )
+        self._service_id: ServiceID = (
+            IPAddress_ID(hostname)
+            if isIPAddress(hostname) or isIPv6Address(hostname)
+            else DNS_ID(hostname)
+        )
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """A connection from Twisted's options, verified by L{_verify}."""
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        restrict_groups(connection)
+        return connection
+
+    def _verify(
+        self, connection: SSL.Connection, certificate: X509, error: int, depth: int, ok: int
+    ) -> bool:
+        # OpenSSL has checked the chain (trust, dates, purpose); then the
+        # leaf's name. Any exception fails the handshake and becomes the
+        # reason the connection was lost.
+        if depth != 0 or not ok:
+            return bool(ok)
+        try:
+            verify_service_identity(extract_patterns(certificate), [self._service_id], [])
+        except Exception:
+            connection.get_app_data().failVerification(Failure())
+            return False
+        return True
 
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)
