@@ -546,6 +546,7 @@ FULL = """
 [server]
 listen = ["tcp:9080:interface=127.0.0.1", 'tcp6:9443:interface=\\:\\:1']
 trust_forwarded_for = 1
+trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "fd00::/8"]
 handshake_timeout = 2.5
 max_connections = 100
 max_connections_per_ip = 5
@@ -622,6 +623,7 @@ def test_full_server(full_config: tuple[Config, str]) -> None:
     assert config.listen == ("tcp:9080:interface=127.0.0.1", r"tcp6:9443:interface=\:\:1")
     policy = config.policy
     assert policy.trust_forwarded_for == 1
+    assert [str(n) for n in policy.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]
     assert policy.handshake_timeout == 2.5
     assert policy.max_connections == 100
     assert policy.max_connections_per_ip == 5

@@ -292,7 +292,12 @@ def gateway(
         upstream=Upstream(urls, ca_file=ca_file, timeout=timeout, cooldown=cooldown),
     )
     return SecureServerFactory(
-        ServerPolicy.single(route, ping_interval=0, trust_forwarded_for=trust_forwarded_for)
+        ServerPolicy.single(
+            route,
+            ping_interval=0,
+            trust_forwarded_for=trust_forwarded_for,
+            trusted_proxies=("127.0.0.1",) if trust_forwarded_for else (),
+        )
     )
 
 

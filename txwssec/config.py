@@ -6,6 +6,7 @@ typed values, with errors that name the key path.
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from txwssec.interfaces import Authenticator
 from txwssec.listen import Description, server_endpoint
 from txwssec.origin import OriginPolicy, parse_origin
 from txwssec.passwords import check_password_hash
-from txwssec.policy import RouteLimits, RoutePolicy, ServerPolicy
+from txwssec.policy import ProxyNetwork, RouteLimits, RoutePolicy, ServerPolicy
 from txwssec.proxy import Upstream
 from txwssec.server import SecureServerProtocol
 from txwssec.tls import (
@@ -114,6 +115,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         "max_header_bytes": server.integer("max_header_bytes", 16384, minimum=1024),
         "max_headers": server.integer("max_headers", 100, minimum=10),
     }
+    trusted_proxies = _trusted_proxies(server, server_options)
     gc_young_threshold = server.integer("gc_young_threshold", DEFAULT_YOUNG_THRESHOLD)
     server.finish()
     tls = _tls(root.table("tls"), base_dir) if root.has("tls") else None
@@ -138,7 +140,11 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
     authenticators.finish()
     root.finish()
     try:
-        policy = ServerPolicy(routes=routes, **server_options)  # type: ignore[arg-type]
+        policy = ServerPolicy(
+            routes=routes,
+            trusted_proxies=trusted_proxies,
+            **server_options,  # type: ignore[arg-type]
+        )
     except ValueError as error:
         raise ConfigError("route", str(error)) from None
     return Config(
@@ -148,6 +154,36 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         tls=tls,
         gc_young_threshold=gc_young_threshold,
     )
+
+
+def _trusted_proxies(server: Table, options: Mapping[str, Any]) -> tuple[ProxyNetwork, ...]:
+    """
+    C{[server] trusted_proxies}: addresses or CIDR networks. Both it and
+    C{trust_forwarded_for} are needed to believe X-Forwarded-For: either
+    one alone is an error naming both.
+    """
+    networks: list[ProxyNetwork] = []
+    for index, text in enumerate(server.strings("trusted_proxies")):
+        try:
+            networks.append(ipaddress.ip_network(text.strip()))
+        except ValueError:
+            raise ConfigError(
+                f"{server.key_path('trusted_proxies')}[{index}]",
+                "expected an IP address or network (CIDR, host bits zero)",
+            ) from None
+    hops = options["trust_forwarded_for"]
+    if hops and not networks:
+        raise server.error(
+            "trust_forwarded_for",
+            "needs server.trusted_proxies: the addresses of the proxies whose "
+            "X-Forwarded-For is believed",
+        )
+    if networks and not hops:
+        raise server.error(
+            "trusted_proxies",
+            "has no effect with server.trust_forwarded_for = 0 (set the hop count)",
+        )
+    return tuple(networks)
 
 
 def _tls(table: Table, base_dir: Path) -> ReloadingContextFactory:

@@ -4,6 +4,7 @@ Policies: everything a route and a server enforce, with safe defaults.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,9 @@ from txwssec.origin import OriginPolicy
 if TYPE_CHECKING:
     from txwssec.proxy import Upstream
     from txwssec.server import SecureServerProtocol
+
+#: A trusted proxy's network (a single address is a /32 or /128).
+ProxyNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Default largest message, after decompression (1 MiB).
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
@@ -134,7 +138,12 @@ class ServerPolicy:
     @ivar max_connections: connections at once; beyond gives 503 (0: off).
     @ivar max_connections_per_ip: connections at once per client address;
         beyond gives 429 (0: off).
-    @ivar trust_forwarded_for: X-Forwarded-For hops to believe (0: none).
+    @ivar trust_forwarded_for: X-Forwarded-For hops to believe (0: none),
+        each only from a peer in C{trusted_proxies} (see
+        L{txwssec.admission.client_address}).
+    @ivar trusted_proxies: the proxies whose X-Forwarded-For is believed
+        (networks; strings are parsed). Required when
+        C{trust_forwarded_for} is set.
     @ivar auth_failures_per_minute: failed authentications per client
         address per minute; beyond gives 429 with C{Retry-After} (0: off).
     @ivar ping_interval: seconds between automatic pings to each peer (0:
@@ -152,6 +161,7 @@ class ServerPolicy:
     max_connections: int = 10000
     max_connections_per_ip: int = 0
     trust_forwarded_for: int = 0
+    trusted_proxies: Sequence[ProxyNetwork] = ()
     auth_failures_per_minute: int = 10
     ping_interval: float = 30
     ping_timeout: float = 10
@@ -166,6 +176,16 @@ class ServerPolicy:
                 raise ValueError(f"two routes for path {route.path}")
             by_path[route.path] = route
         object.__setattr__(self, "_by_path", by_path)
+        object.__setattr__(
+            self,
+            "trusted_proxies",
+            tuple(ipaddress.ip_network(network) for network in self.trusted_proxies),
+        )
+        if self.trust_forwarded_for and not self.trusted_proxies:
+            raise ValueError(
+                "trust_forwarded_for needs trusted_proxies (the proxies whose "
+                "X-Forwarded-For is believed)"
+            )
 
     @classmethod
     def single(cls, route: RoutePolicy, **options: Any) -> ServerPolicy:
@@ -207,7 +227,10 @@ class ServerPolicy:
             "autoPingInterval": self.ping_interval,
             "autoPingTimeout": self.ping_timeout,
             "echoCloseCodeReason": False,
-            "trustXForwardedFor": self.trust_forwarded_for,
+            # txwssec derives the client address itself, from trusted proxies
+            # only (see txwssec.admission.client_address): Autobahn would put
+            # any client-sent X-Forwarded-For value in its peer string.
+            "trustXForwardedFor": 0,
             # txwssec checks Origin itself, exactly (see txwssec.origin).
             "allowedOrigins": ["*"],
             # Autobahn refuses Origin: null with 400 unless told otherwise;

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
 from txwssec._cycles import FiredWithProtocol
 from txwssec._reactor import default_reactor
-from txwssec.admission import Admission, ConsumerBuckets
+from txwssec.admission import Admission, ConsumerBuckets, client_address
 from txwssec.auth.chain import authenticate
 from txwssec.compression import BoundedDeflate, accept_deflate, deflated_bound
 from txwssec.deadlines import Deadline, Deadlines
@@ -249,14 +249,22 @@ class SecureServerProtocol(WebSocketServerProtocol):
             # colon, no name, space before the colon, a folded line).
             raise MalformedHandshake("malformed header line")
         peer = str(self.peer)
+        headers = tuple(
+            (name.lower(), value.strip()) for name, value in _HEADER_LINE.findall(block)
+        )
+        policy = self.factory.policy
+        host = client_address(
+            _peer_host(peer),
+            (value for name, value in headers if name == "x-forwarded-for"),
+            policy.trusted_proxies,
+            policy.trust_forwarded_for,
+        )
         return HandshakeRequest(
             peer=peer,
-            host=_peer_host(peer),
+            host=host,
             path=request.path,
             query={k: tuple(v) for k, v in request.params.items()},
-            headers=tuple(
-                (name.lower(), value.strip()) for name, value in _HEADER_LINE.findall(block)
-            ),
+            headers=headers,
             subprotocols=tuple(request.protocols),
             secure=ISSLTransport.providedBy(self.transport),
             peer_certificate=peer_certificate(self.transport),
