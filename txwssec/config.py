@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from txwssec._schema import Table
 from txwssec.apps import BUILTIN_APPS
 from txwssec.auth.context import BuildContext
-from txwssec.auth.credentials import credential_markers
+from txwssec.auth.credentials import credential_headers, credential_markers
 from txwssec.auth.registry import builder_for, registered_names
 from txwssec.collector import DEFAULT_YOUNG_THRESHOLD
 from txwssec.consumers import (
@@ -353,7 +353,9 @@ def _route(
                 f"{table.key_path('subprotocols')}[{index}]",
                 f'"{name}" is the credential marker of an auth method',
             )
+    forwarding = _forwarding(table, upstream is not None, methods)
     options = {
+        **forwarding,
         "subprotocols": subprotocols,
         "max_message_size": table.integer("max_message_size", 1024 * 1024, minimum=1),
         "max_lifetime": table.number("max_lifetime", 0),
@@ -374,6 +376,24 @@ def _route(
         )
     except ValueError as error:
         raise ConfigError(table.path, str(error)) from None
+
+
+def _forwarding(table: Table, gateway: bool, methods: list[Authenticator]) -> dict[str, bool]:
+    """C{forward_cookie} and C{forward_authorization} of a gateway route."""
+    read = credential_headers(methods)
+    options: dict[str, bool] = {}
+    for header in ("cookie", "authorization"):
+        key = f"forward_{header}"
+        options[key] = table.boolean(key, False)
+        if key in table.data and not gateway:
+            raise table.error(key, "only applies to routes with an upstream")
+        if options[key] and header in read:
+            raise table.error(
+                key,
+                f"a method of this route reads its credential from {header.capitalize()}, "
+                "which is never forwarded",
+            )
+    return options
 
 
 def _upstream(table: Table, base_dir: Path) -> Upstream | None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from txwssec.auth.credentials import credential_markers
+from txwssec.auth.credentials import credential_headers, credential_markers
 from txwssec.errors import RouteNotFound
 from txwssec.interfaces import Authenticator
 from txwssec.origin import OriginPolicy
@@ -100,6 +100,12 @@ class RoutePolicy:
     @ivar upstream: relay to this upstream (gateway route) instead of
         running an application; the protocol then defaults to
         L{txwssec.proxy.GatewayProtocol}.
+    @ivar forward_cookie: a gateway route forwards the client's C{Cookie}
+        header (stripped by default).
+    @ivar forward_authorization: a gateway route forwards the client's
+        C{Authorization} header (stripped by default). Not allowed when a
+        method of the route reads its credential from C{Authorization}: a
+        consumed credential is never forwarded.
     """
 
     path: str
@@ -114,6 +120,8 @@ class RoutePolicy:
     limits: RouteLimits = field(default_factory=RouteLimits)
     compression: bool = False
     upstream: Upstream | None = None
+    forward_cookie: bool = False
+    forward_authorization: bool = False
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -125,6 +133,16 @@ class RoutePolicy:
         clash = credential_markers(self.authenticators) & set(self.subprotocols)
         if clash:
             raise ValueError(f"subprotocol {sorted(clash)[0]!r} is a credential marker")
+        read = credential_headers(self.authenticators)
+        for header, forwarded in (
+            ("authorization", self.forward_authorization),
+            ("cookie", self.forward_cookie),
+        ):
+            if forwarded and header in read:
+                raise ValueError(
+                    f"forward_{header} = true, but a method of the route reads its "
+                    f"credential from {header.capitalize()}"
+                )
 
 
 @dataclass(frozen=True)
