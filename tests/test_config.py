@@ -649,8 +649,8 @@ def test_full_chat_route(full_config: tuple[Config, str]) -> None:
     assert route.origins == OriginPolicy.from_list(
         ["https://app.example.com", "http://localhost:8000"]
     )
-    assert route.origins.allows("https://app.example.com:443", "x", False)
-    assert not route.origins.allows("https://evil.example", "x", False)
+    assert route.origins.allows("https://app.example.com:443")
+    assert not route.origins.allows("https://evil.example")
     assert route.subprotocols == ("chat.v2", "chat.v1")
     assert route.max_message_size == 65536
     assert route.max_lifetime == 3600

@@ -224,3 +224,148 @@ async def test_two_ipv6_addresses_in_one_64_share_lockout_and_cap(serve: Serve) 
             await echo(other)
 
     await aio(client())
+
+
+# -- the default Origin rule: configured names, never the Host header -------------
+
+
+def origin_factory(**server_options: Any) -> Any:
+    """C{/echo} for anyone, with no allowed_origins (the default rule)."""
+    from txwssec import AnonymousAuthenticator, RoutePolicy, SecureServerFactory, ServerPolicy
+    from txwssec.apps.echo import EchoProtocol
+
+    route = RoutePolicy("/echo", [AnonymousAuthenticator()], protocol=EchoProtocol)
+    return SecureServerFactory(ServerPolicy.single(route, ping_interval=0, **server_options))
+
+
+async def status_of(port: int, host: str, origin: str | None, tls: Any = None) -> bytes:
+    """The status line answered to an upgrade with this Host and Origin."""
+    import asyncio
+
+    extra = [f"Origin: {origin}"] if origin is not None else []
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=tls, server_hostname="app.example.test" if tls else None
+    )
+    writer.write(upgrade_request("/echo", *extra, host=host))
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    return head.split(b"\r\n", 1)[0]
+
+
+OK = b"HTTP/1.1 101 Switching Protocols"
+FORBIDDEN = b"HTTP/1.1 403 Forbidden"
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_rebinding_origin_is_refused(serve: Serve) -> None:
+    """
+    A page on evil.test whose name now resolves to this server sends
+    Host: evil.test and Origin: http://evil.test: 403, with or without the
+    port. Before, the Origin matched the Host header and was accepted.
+    """
+    port = serve(origin_factory())
+    for host, origin in (
+        ("evil.test", "http://evil.test"),
+        (f"evil.test:{port}", f"http://evil.test:{port}"),
+        (f"127.0.0.1:{port}", "http://evil.test"),
+        (f"127.0.0.1:{port}", f"http://127.0.0.1:{port + 1 if port < 65535 else port - 1}"),
+    ):
+        assert await aio(status_of(port, host, origin)) == FORBIDDEN, (host, origin)
+    # The listener's own loopback origin, whatever the Host header says.
+    for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
+        assert await aio(status_of(port, "evil.test", origin)) == OK
+    # No Origin header: not a browser, allowed.
+    assert await aio(status_of(port, "evil.test", None)) == OK
+
+
+@pytest_twisted.ensureDeferred
+async def test_configured_public_origin_is_allowed(serve: Serve) -> None:
+    port = serve(origin_factory(public_origins=("https://app.example.com",)))
+    assert await aio(status_of(port, "app.example.com", "https://app.example.com")) == OK
+    assert await aio(status_of(port, "app.example.com", "https://app.example.com:443")) == OK
+    assert await aio(status_of(port, "evil.test", "https://evil.test")) == FORBIDDEN
+    assert await aio(status_of(port, "app.example.com", "http://app.example.com")) == FORBIDDEN
+
+
+@pytest_twisted.ensureDeferred
+async def test_certificate_name_origin_on_tls(tmp_path: Any) -> None:
+    """
+    On a wss listener, https://NAME:PORT is allowed for the certificate's
+    DNS names (a wildcard covers one label) and the listener's port.
+    """
+    import ssl
+
+    from test_tls_server import endpoint_for, write
+    from twisted.internet import reactor
+
+    from txwssec.devcert import issue, make_ca
+
+    ca = make_ca("hardening CA")
+    server = issue(ca, "app.example.test", dns_names=("app.example.test", "*.apps.example.test"))
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    write(server, cert, key)
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem())
+    listening = await endpoint_for(cert, key).listen(origin_factory())
+    try:
+        port = listening.getHost().port
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+
+        async def status(origin: str) -> bytes:
+            return await status_of(port, "app.example.test", origin, context)
+
+        assert await aio(status(f"https://app.example.test:{port}")) == OK
+        assert await aio(status(f"https://one.apps.example.test:{port}")) == OK
+        for refused_origin in (
+            f"https://evil.test:{port}",
+            f"http://app.example.test:{port}",
+            "https://app.example.test",
+            f"https://two.one.apps.example.test:{port}",
+            f"https://apps.example.test:{port}",
+        ):
+            assert await aio(status(refused_origin)) == FORBIDDEN, refused_origin
+        # The listener is on loopback: its loopback origin over https too.
+        assert await aio(status(f"https://localhost:{port}")) == OK
+    finally:
+        await listening.stopListening()
+    del reactor
+
+
+def test_listener_rule_off_loopback() -> None:
+    """A listener on a public address allows no loopback origin by default."""
+    from txwssec.origin import Listener, OriginPolicy
+
+    public = Listener(host="192.0.2.10", port=8080)
+    assert not OriginPolicy().allows("http://localhost:8080", public)
+    assert not OriginPolicy().allows("http://192.0.2.10:8080", public)
+    assert OriginPolicy().allows(None, public)
+    loopback = Listener(host="::1", port=8080)
+    assert OriginPolicy().allows("http://[::1]:8080", loopback)
+    assert OriginPolicy().allows("http://app.localhost:8080", loopback)
+    assert not OriginPolicy().allows("null", loopback)
+    listed = Listener(
+        host="192.0.2.10", port=8080, public_origins=frozenset({("https", "a.test", 443)})
+    )
+    assert OriginPolicy().allows("https://a.test", listed)
+    # A route's own list replaces the default rule entirely.
+    assert not OriginPolicy.from_list(["https://b.test"]).allows("https://a.test", listed)
+
+
+def test_public_origins_config() -> None:
+    base: dict[str, Any] = {"route": [{"path": "/", "app": "echo", "auth": ["anonymous"]}]}
+    assert parse(base).policy.public_origins == ()
+    policy = parse({**base, "server": {"public_origins": ["https://app.example.com"]}}).policy
+    assert policy.public_origins == ("https://app.example.com",)
+    for value, message in (
+        ("https://a.test", "server.public_origins: expected array"),
+        (
+            ["https://a.test/path"],
+            "server.public_origins[0]: an origin is scheme://host[:port] only",
+        ),
+        (["null"], "server.public_origins[0]: null is not a public origin"),
+        ([1], "server.public_origins[0]: expected string"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            parse({**base, "server": {"public_origins": value}})
+        assert str(caught.value) == message

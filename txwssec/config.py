@@ -116,6 +116,15 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         "max_headers": server.integer("max_headers", 100, minimum=10),
     }
     trusted_proxies = _trusted_proxies(server, server_options)
+    public_origins = server.strings("public_origins")
+    for index, origin in enumerate(public_origins):
+        try:
+            if parse_origin(origin) == "null":
+                raise ValueError("null is not a public origin")
+        except ValueError as error:
+            raise ConfigError(
+                f"{server.key_path('public_origins')}[{index}]", str(error)
+            ) from None
     gc_young_threshold = server.integer("gc_young_threshold", DEFAULT_YOUNG_THRESHOLD)
     server.finish()
     tls = _tls(root.table("tls"), base_dir) if root.has("tls") else None
@@ -143,6 +152,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         policy = ServerPolicy(
             routes=routes,
             trusted_proxies=trusted_proxies,
+            public_origins=public_origins,
             **server_options,  # type: ignore[arg-type]
         )
     except ValueError as error:
@@ -184,6 +194,20 @@ def _trusted_proxies(server: Table, options: Mapping[str, Any]) -> tuple[ProxyNe
             "has no effect with server.trust_forwarded_for = 0 (set the hop count)",
         )
     return tuple(networks)
+
+
+def _public_origins(server: Table) -> tuple[str, ...]:
+    """C{[server] public_origins}: origins (C{scheme://host[:port]}), not null."""
+    origins = server.strings("public_origins")
+    for index, origin in enumerate(origins):
+        where = f"{server.key_path('public_origins')}[{index}]"
+        try:
+            parsed = parse_origin(origin)
+        except ValueError as error:
+            raise ConfigError(where, str(error)) from None
+        if parsed == "null":
+            raise ConfigError(where, "null is not a public origin")
+    return origins
 
 
 def _tls(table: Table, base_dir: Path) -> ReloadingContextFactory:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from txwssec.auth.credentials import credential_headers, credential_markers
 from txwssec.errors import RouteNotFound
 from txwssec.interfaces import Authenticator
-from txwssec.origin import OriginPolicy
+from txwssec.origin import OriginPolicy, parse_origin
 
 if TYPE_CHECKING:
     from txwssec.proxy import Upstream
@@ -162,6 +162,9 @@ class ServerPolicy:
     @ivar trusted_proxies: the proxies whose X-Forwarded-For is believed
         (networks; strings are parsed). Required when
         C{trust_forwarded_for} is set.
+    @ivar public_origins: the origins this server is published as (for
+        example C{https://app.example.com}): allowed by routes without
+        C{allowed_origins} (see L{txwssec.origin}).
     @ivar auth_failures_per_minute: failed authentications per client
         address per minute; beyond gives 429 with C{Retry-After} (0: off).
     @ivar ping_interval: seconds between automatic pings to each peer (0:
@@ -180,6 +183,7 @@ class ServerPolicy:
     max_connections_per_ip: int = 0
     trust_forwarded_for: int = 0
     trusted_proxies: Sequence[ProxyNetwork] = ()
+    public_origins: Sequence[str] = ()
     auth_failures_per_minute: int = 10
     ping_interval: float = 30
     ping_timeout: float = 10
@@ -199,6 +203,10 @@ class ServerPolicy:
             "trusted_proxies",
             tuple(ipaddress.ip_network(network) for network in self.trusted_proxies),
         )
+        for origin in self.public_origins:
+            if parse_origin(origin) == "null":
+                raise ValueError("public_origins cannot hold null")
+        object.__setattr__(self, "public_origins", tuple(self.public_origins))
         if self.trust_forwarded_for and not self.trusted_proxies:
             raise ValueError(
                 "trust_forwarded_for needs trusted_proxies (the proxies whose "

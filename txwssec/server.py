@@ -40,6 +40,7 @@ from txwssec.errors import (
     http_refusal,
 )
 from txwssec.limits import ConnectionCounter
+from txwssec.origin import listener_for
 from txwssec.policy import RoutePolicy, ServerPolicy
 from txwssec.session import Session
 from txwssec.subprotocols import select_subprotocol
@@ -157,7 +158,8 @@ class SecureServerProtocol(WebSocketServerProtocol):
         # 3. Origin (403)
         origin = handshake.header_values("origin")
         if not route.origins.allows(
-            origin[0] if origin else None, _host_header(request), handshake.secure
+            origin[0] if origin else None,
+            listener_for(self.transport, factory.policy.public_origins),
         ):
             raise Forbidden(f"origin {origin[0]!r} not allowed")
 
@@ -756,11 +758,6 @@ _HEADER_BLOCK = re.compile(rf"(?:{_FIELD_NAME}:[^\r]*\r\n)*")
 
 #: One header line's name and value.
 _HEADER_LINE = re.compile(rf"({_FIELD_NAME}):([^\r]*)\r\n")
-
-
-def _host_header(request: ConnectionRequest) -> str:
-    values: Any = request.headers.get("host", "")
-    return str(values).strip()
 
 
 def _redact(reason: str) -> str:
