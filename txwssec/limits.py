@@ -104,6 +104,10 @@ class FailureWindow:
 
     Each key keeps a fixed-window pair (current and previous minute), and the
     estimate is weighted like a sliding window: cheap and close enough.
+
+    At C{max_keys} the least recently failed key is forgotten. With keys
+    from L{address_key} (at most 24 characters for an IPv6 /64), 100,000
+    keys take about 20 MiB.
     """
 
     def __init__(self, limit: int, window: float = 60.0, max_keys: int = 100_000) -> None:
