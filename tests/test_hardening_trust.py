@@ -369,3 +369,13 @@ def test_public_origins_config() -> None:
         with pytest.raises(ConfigError) as caught:
             parse({**base, "server": {"public_origins": value}})
         assert str(caught.value) == message
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_origin_is_logged_bounded(serve: Serve, captured_log: Any) -> None:
+    port = serve(origin_factory())
+    long_origin = "http://" + "a" * 4000 + ".test"
+    assert await aio(status_of(port, "evil.test", long_origin)) == FORBIDDEN
+    (event,) = captured_log.matching(status=403)
+    assert event["reason"] == f"origin {long_origin[:100]!r} not allowed"
+    assert "a" * 101 not in captured_log.text()

@@ -161,7 +161,8 @@ class SecureServerProtocol(WebSocketServerProtocol):
             origin[0] if origin else None,
             listener_for(self.transport, factory.policy.public_origins),
         ):
-            raise Forbidden(f"origin {origin[0]!r} not allowed")
+            # The header's value, cut: the log line stays bounded.
+            raise Forbidden(f"origin {origin[0][:100]!r} not allowed")
 
         # 4. authentication (401, 403)
         accept = authenticate(route.authenticators, handshake)
