@@ -157,9 +157,8 @@ class SecureServerProtocol(WebSocketServerProtocol):
 
         # 3. Origin (403)
         origin = handshake.header_values("origin")
-        if not route.origins.allows(
-            origin[0] if origin else None,
-            listener_for(self.transport, factory.policy.public_origins),
+        if origin and not route.origins.allows(
+            origin[0], listener_for(self.transport, factory.policy.public_origins)
         ):
             # The header's value, cut: the log line stays bounded.
             raise Forbidden(f"origin {origin[0][:100]!r} not allowed")
