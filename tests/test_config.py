@@ -546,6 +546,7 @@ FULL = """
 [server]
 listen = ["tcp:9080:interface=127.0.0.1", 'tcp6:9443:interface=\\:\\:1']
 trust_forwarded_for = 1
+trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "fd00::/8"]
 handshake_timeout = 2.5
 max_connections = 100
 max_connections_per_ip = 5
@@ -622,6 +623,7 @@ def test_full_server(full_config: tuple[Config, str]) -> None:
     assert config.listen == ("tcp:9080:interface=127.0.0.1", r"tcp6:9443:interface=\:\:1")
     policy = config.policy
     assert policy.trust_forwarded_for == 1
+    assert [str(n) for n in policy.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]
     assert policy.handshake_timeout == 2.5
     assert policy.max_connections == 100
     assert policy.max_connections_per_ip == 5
@@ -647,8 +649,8 @@ def test_full_chat_route(full_config: tuple[Config, str]) -> None:
     assert route.origins == OriginPolicy.from_list(
         ["https://app.example.com", "http://localhost:8000"]
     )
-    assert route.origins.allows("https://app.example.com:443", "x", False)
-    assert not route.origins.allows("https://evil.example", "x", False)
+    assert route.origins.allows("https://app.example.com:443")
+    assert not route.origins.allows("https://evil.example")
     assert route.subprotocols == ("chat.v2", "chat.v1")
     assert route.max_message_size == 65536
     assert route.max_lifetime == 3600

@@ -573,9 +573,9 @@ def test_origin_fast_path_texts_are_the_allowed_origins():
         "https://[::1]",
     }
     assert all(parse_origin(text) in policy.allowed for text in policy.allowed_texts)
-    assert policy.allows("https://app.example.com:443", "h", secure=True)
-    assert policy.allows("null", "h", secure=True)
-    assert not policy.allows("http://x.example", "h", secure=True)
+    assert policy.allows("https://app.example.com:443")
+    assert policy.allows("null")
+    assert not policy.allows("http://x.example")
 
 
 @pytest.mark.parametrize(
@@ -619,19 +619,19 @@ async def test_origin_star_allows_any(serve):
 @pytest_twisted.ensureDeferred
 async def test_default_origin_policy_same_origin_only(serve):
     """
-    With C{OriginPolicy()} (no list), only an Origin naming the host the
-    request was sent to (its C{Host} header) is allowed.
+    With C{OriginPolicy()} (no list) on a loopback listener, only an Origin
+    naming a loopback host with the listener's own scheme and port is
+    allowed (see tests/test_hardening_trust.py for the whole rule).
     """
     port = start(serve, route(origins=OriginPolicy()))
-    session = await aio(
-        converse(port, headers={"apikey": ALICE_KEY}, origin=f"http://127.0.0.1:{port}")
-    )
-    assert session.consumer == "alice"
+    for own in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
+        session = await aio(converse(port, headers={"apikey": ALICE_KEY}, origin=own))
+        assert session.consumer == "alice"
     for foreign in (
         "https://app.example.com",
         f"https://127.0.0.1:{port}",
         f"http://127.0.0.1:{port + 1 if port < 65535 else port - 1}",
-        f"http://localhost:{port}",
+        f"http://evil.example:{port}",
         "null",
     ):
         refusal = await aio(ws_refusal(port, headers={"apikey": ALICE_KEY}, origin=foreign))

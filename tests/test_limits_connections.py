@@ -692,7 +692,9 @@ async def test_forwarded_for_trusted_counts_forwarded_address(serve: Serve) -> N
     same forwarded address twice is refused. Only the last hop is believed:
     a client-supplied address further left changes nothing.
     """
-    factory = make_factory(max_connections_per_ip=1, trust_forwarded_for=1)
+    factory = make_factory(
+        max_connections_per_ip=1, trust_forwarded_for=1, trusted_proxies=("127.0.0.1",)
+    )
     port = serve(factory)
 
     async def client() -> None:
@@ -739,8 +741,15 @@ async def test_forwarded_for_ignored_when_untrusted(serve: Serve) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_forwarded_for_two_hops(serve: Serve) -> None:
-    """C{trust_forwarded_for=2}: the second address from the right is the client."""
-    factory = make_factory(max_connections_per_ip=1, trust_forwarded_for=2)
+    """
+    C{trust_forwarded_for=2}: the second address from the right is the
+    client, when the first is a trusted proxy too.
+    """
+    factory = make_factory(
+        max_connections_per_ip=1,
+        trust_forwarded_for=2,
+        trusted_proxies=("127.0.0.1", "192.168.0.0/16"),
+    )
     port = serve(factory)
 
     async def client() -> None:
@@ -761,7 +770,9 @@ async def test_auth_failures_keyed_on_forwarded_address(serve: Serve) -> None:
     Behind a trusted proxy the failure window keys on the forwarded
     address: one client's failures block it, not the proxy's other clients.
     """
-    factory = make_factory(auth_failures_per_minute=2, trust_forwarded_for=1)
+    factory = make_factory(
+        auth_failures_per_minute=2, trust_forwarded_for=1, trusted_proxies=("127.0.0.1",)
+    )
     port = serve(factory)
     await _start_of_a_minute(margin=5)
 

@@ -332,8 +332,9 @@ async def test_wss_endpoint_serves_echo(tmp_path: Path, listen: Listen) -> None:
 @pytest_twisted.ensureDeferred
 async def test_same_origin_over_tls_is_https(tmp_path: Path, listen: Listen, serve: Any) -> None:
     """
-    The default Origin policy (same origin only) compares with https://
-    on a TLS listener, and with http:// on a plain one.
+    The default Origin policy (no allowed_origins) compares with https://
+    on a TLS listener, and with http:// on a plain one (here: loopback
+    listeners, whose loopback origins are allowed on their own port).
     """
     files = make_server_files(tmp_path)
     tls_port = await listen(wss_endpoint(files), echo_factory())
@@ -358,7 +359,7 @@ async def test_same_origin_over_tls_is_https(tmp_path: Path, listen: Listen, ser
         return [
             await refused(wss, f"http://127.0.0.1:{tls_port}", ssl=context),
             await refused(wss, f"https://127.0.0.1:{tls_port + 1}", ssl=context),
-            await refused(wss, f"https://localhost:{tls_port}", ssl=context),
+            await refused(wss, f"https://evil.test:{tls_port}", ssl=context),
             await refused(ws, f"https://127.0.0.1:{plain_port}"),
         ]
 

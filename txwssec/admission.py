@@ -6,17 +6,80 @@ buckets a consumer's connections share.
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable, Sequence
+
 from txwssec.errors import ServiceUnavailable, TooManyRequests
-from txwssec.limits import ConnectionCounter, FailureWindow, TokenBucket
-from txwssec.policy import RoutePolicy, ServerPolicy
+from txwssec.limits import ConnectionCounter, FailureWindow, TokenBucket, address_key
+from txwssec.policy import ProxyNetwork, RoutePolicy, ServerPolicy
 
 ConsumerBuckets = tuple[TokenBucket | None, TokenBucket | None]
+
+#: At most this many X-Forwarded-For entries are looked at, from the right.
+MAX_FORWARDED_ENTRIES = 32
+
+
+def client_address(
+    peer_host: str,
+    forwarded_for: Iterable[str],
+    trusted_proxies: Sequence[ProxyNetwork],
+    hops: int,
+) -> str:
+    """
+    The client's address: the address that connected (C{peer_host}), or,
+    when that is a trusted proxy, the address it says it forwarded for.
+
+    The X-Forwarded-For entries (all header lines, comma-separated) are
+    walked from the right, at most C{hops} of them: each entry is believed
+    only while the address it came from is in C{trusted_proxies}, and must
+    parse as an IP address (L{ipaddress.ip_address}); the walk stops at the
+    first address that is not a trusted proxy, at the first entry that is
+    not an address (the last believed address is used), or after C{hops}.
+
+    @return: an IP address in its normal text form (an IPv4-mapped IPv6
+        address as IPv4), or C{peer_host} if it is not an IP address.
+    """
+    current = _parse_address(peer_host)
+    if current is None:
+        return peer_host
+    if hops and trusted_proxies:
+        entries = [entry for value in forwarded_for for entry in value.split(",")]
+        entries = entries[-min(hops, MAX_FORWARDED_ENTRIES) :]
+        for entry in reversed(entries):
+            if not any(current in network for network in trusted_proxies):
+                break
+            forwarded = _parse_address(entry.strip())
+            if forwarded is None:
+                break
+            current = forwarded
+    return str(current)
+
+
+def is_trusted_proxy(host: str, trusted_proxies: Sequence[ProxyNetwork]) -> bool:
+    """Whether the address C{host} is in one of C{trusted_proxies}."""
+    address = _parse_address(host)
+    return address is not None and any(address in network for network in trusted_proxies)
+
+
+def _parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if len(text) > 64:  # longer than any address text (with a zone index)
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 class Admission:
     """
     Connection admission for one server policy. All state is in memory and
     shrinks back as connections end.
+
+    Client addresses are counted under L{address_key}: an IPv6 client's
+    whole /64 shares one per-address cap and one failure window.
     """
 
     def __init__(self, policy: ServerPolicy) -> None:
@@ -35,6 +98,7 @@ class Admission:
             has failed authentication too often (with C{Retry-After}).
         """
         policy = self.policy
+        host = address_key(host)
         if policy.auth_failures_per_minute:
             wait = self.auth_failures.blocked_for(host, now)
             if wait:
@@ -55,12 +119,12 @@ class Admission:
 
     def release(self, host: str) -> None:
         """Forget a connection counted by L{admit}."""
-        self.connections.release(host)
+        self.connections.release(address_key(host))
 
     def authentication_failed(self, host: str, now: float) -> None:
         """Count a failed authentication from C{host}."""
         if self.policy.auth_failures_per_minute:
-            self.auth_failures.record(host, now)
+            self.auth_failures.record(address_key(host), now)
 
     def admit_consumer(self, route: RoutePolicy, consumer: str, now: float) -> ConsumerBuckets:
         """

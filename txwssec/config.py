@@ -6,6 +6,7 @@ typed values, with errors that name the key path.
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from txwssec._schema import Table
 from txwssec.apps import BUILTIN_APPS
 from txwssec.auth.context import BuildContext
-from txwssec.auth.credentials import credential_markers
+from txwssec.auth.credentials import credential_headers, credential_markers
 from txwssec.auth.registry import builder_for, registered_names
 from txwssec.collector import DEFAULT_YOUNG_THRESHOLD
 from txwssec.consumers import (
@@ -32,7 +33,7 @@ from txwssec.interfaces import Authenticator
 from txwssec.listen import Description, server_endpoint
 from txwssec.origin import OriginPolicy, parse_origin
 from txwssec.passwords import check_password_hash
-from txwssec.policy import RouteLimits, RoutePolicy, ServerPolicy
+from txwssec.policy import ProxyNetwork, RouteLimits, RoutePolicy, ServerPolicy
 from txwssec.proxy import Upstream
 from txwssec.server import SecureServerProtocol
 from txwssec.tls import (
@@ -114,6 +115,16 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         "max_header_bytes": server.integer("max_header_bytes", 16384, minimum=1024),
         "max_headers": server.integer("max_headers", 100, minimum=10),
     }
+    trusted_proxies = _trusted_proxies(server, server_options)
+    public_origins = server.strings("public_origins")
+    for index, origin in enumerate(public_origins):
+        try:
+            if parse_origin(origin) == "null":
+                raise ValueError("null is not a public origin")
+        except ValueError as error:
+            raise ConfigError(
+                f"{server.key_path('public_origins')}[{index}]", str(error)
+            ) from None
     gc_young_threshold = server.integer("gc_young_threshold", DEFAULT_YOUNG_THRESHOLD)
     server.finish()
     tls = _tls(root.table("tls"), base_dir) if root.has("tls") else None
@@ -138,7 +149,12 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
     authenticators.finish()
     root.finish()
     try:
-        policy = ServerPolicy(routes=routes, **server_options)  # type: ignore[arg-type]
+        policy = ServerPolicy(
+            routes=routes,
+            trusted_proxies=trusted_proxies,
+            public_origins=public_origins,
+            **server_options,  # type: ignore[arg-type]
+        )
     except ValueError as error:
         raise ConfigError("route", str(error)) from None
     return Config(
@@ -148,6 +164,50 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         tls=tls,
         gc_young_threshold=gc_young_threshold,
     )
+
+
+def _trusted_proxies(server: Table, options: Mapping[str, Any]) -> tuple[ProxyNetwork, ...]:
+    """
+    C{[server] trusted_proxies}: addresses or CIDR networks. Both it and
+    C{trust_forwarded_for} are needed to believe X-Forwarded-For: either
+    one alone is an error naming both.
+    """
+    networks: list[ProxyNetwork] = []
+    for index, text in enumerate(server.strings("trusted_proxies")):
+        try:
+            networks.append(ipaddress.ip_network(text.strip()))
+        except ValueError:
+            raise ConfigError(
+                f"{server.key_path('trusted_proxies')}[{index}]",
+                "expected an IP address or network (CIDR, host bits zero)",
+            ) from None
+    hops = options["trust_forwarded_for"]
+    if hops and not networks:
+        raise server.error(
+            "trust_forwarded_for",
+            "needs server.trusted_proxies: the addresses of the proxies whose "
+            "X-Forwarded-For is believed",
+        )
+    if networks and not hops:
+        raise server.error(
+            "trusted_proxies",
+            "has no effect with server.trust_forwarded_for = 0 (set the hop count)",
+        )
+    return tuple(networks)
+
+
+def _public_origins(server: Table) -> tuple[str, ...]:
+    """C{[server] public_origins}: origins (C{scheme://host[:port]}), not null."""
+    origins = server.strings("public_origins")
+    for index, origin in enumerate(origins):
+        where = f"{server.key_path('public_origins')}[{index}]"
+        try:
+            parsed = parse_origin(origin)
+        except ValueError as error:
+            raise ConfigError(where, str(error)) from None
+        if parsed == "null":
+            raise ConfigError(where, "null is not a public origin")
+    return origins
 
 
 def _tls(table: Table, base_dir: Path) -> ReloadingContextFactory:
@@ -317,7 +377,9 @@ def _route(
                 f"{table.key_path('subprotocols')}[{index}]",
                 f'"{name}" is the credential marker of an auth method',
             )
+    forwarding = _forwarding(table, upstream is not None, methods)
     options = {
+        **forwarding,
         "subprotocols": subprotocols,
         "max_message_size": table.integer("max_message_size", 1024 * 1024, minimum=1),
         "max_lifetime": table.number("max_lifetime", 0),
@@ -338,6 +400,24 @@ def _route(
         )
     except ValueError as error:
         raise ConfigError(table.path, str(error)) from None
+
+
+def _forwarding(table: Table, gateway: bool, methods: list[Authenticator]) -> dict[str, bool]:
+    """C{forward_cookie} and C{forward_authorization} of a gateway route."""
+    read = credential_headers(methods)
+    options: dict[str, bool] = {}
+    for header in ("cookie", "authorization"):
+        key = f"forward_{header}"
+        options[key] = table.boolean(key, False)
+        if key in table.data and not gateway:
+            raise table.error(key, "only applies to routes with an upstream")
+        if options[key] and header in read:
+            raise table.error(
+                key,
+                f"a method of this route reads its credential from {header.capitalize()}, "
+                "which is never forwarded",
+            )
+    return options
 
 
 def _upstream(table: Table, base_dir: Path) -> Upstream | None:

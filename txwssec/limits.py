@@ -4,7 +4,32 @@ Connection counters: global, per client address, per consumer.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
+
+#: IPv6 clients are counted per /64: one host usually has a whole /64, and
+#: would otherwise escape per-address limits by rotating its interface ID.
+IPV6_KEY_PREFIX = 64
+
+
+def address_key(host: str) -> str:
+    """
+    The key an address is counted under for per-address caps and the
+    failed-authentication window: an IPv4 address as written, an IPv6
+    address as its /64 (C{2001:db8::/64}), an IPv4-mapped IPv6 address as
+    its IPv4 address. Anything else (a UNIX socket's peer) is kept, cut to
+    64 characters.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host[:64]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        network = ipaddress.IPv6Network((address, IPV6_KEY_PREFIX), strict=False)
+        return str(network)
+    return str(address)
 
 
 class ConnectionCounter:
@@ -79,6 +104,10 @@ class FailureWindow:
 
     Each key keeps a fixed-window pair (current and previous minute), and the
     estimate is weighted like a sliding window: cheap and close enough.
+
+    At C{max_keys} the least recently failed key is forgotten. With keys
+    from L{address_key} (at most 24 characters for an IPv6 /64), 100,000
+    keys take about 20 MiB.
     """
 
     def __init__(self, limit: int, window: float = 60.0, max_keys: int = 100_000) -> None:

@@ -4,15 +4,34 @@ The Origin allow-list that stops cross-site WebSocket hijacking (CSWSH).
 Origins are compared exactly on scheme, host and port (default ports made
 explicit). A request without an Origin header (a non-browser client) is
 allowed. C{null} is refused unless listed. C{"*"} allows every origin.
-With no list at all, only same-origin browser requests are allowed: the
-Origin must name the host the request was sent to.
+
+With no list at all, the Origin is compared with what the operator
+configured, never with what the client claims (its C{Host} header, which a
+DNS-rebinding page controls). It is allowed when it is
+
+  1. one of the server's C{public_origins}; or
+  2. on a TLS listener, C{https://NAME[:PORT]} where NAME is a DNS name (or
+     IP address) of the listener's certificate (a wildcard covers one
+     label) and PORT the listener's port; or
+  3. on a listener bound to a loopback address, C{http(s)://HOST[:PORT]}
+     where HOST is a loopback name or address (C{localhost},
+     C{*.localhost}, 127.0.0.0/8, C{::1}), the scheme is the listener's
+     (https on TLS) and PORT the listener's port;
+
+and refused otherwise (403).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import ipaddress
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
 from urllib.parse import urlsplit
+
+from cryptography import x509
+from twisted.internet.interfaces import ISSLTransport
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -77,10 +96,12 @@ class OriginPolicy:
             allowed_texts=frozenset(_browser_form(o) for o in allowed if o != "null"),
         )
 
-    def allows(self, origin_header: str | None, host_header: str, secure: bool) -> bool:
+    def allows(self, origin_header: str | None, listener: Listener | None = None) -> bool:
         """
         Whether a request with this Origin header (L{None} when absent) may
-        connect. C{host_header} and C{secure} define "same origin".
+        connect. With no list, C{listener} (the listener the connection
+        arrived on) defines the allowed origins (see the module docstring);
+        without it, no browser origin is allowed.
         """
         if origin_header is None:
             return True
@@ -91,16 +112,110 @@ class OriginPolicy:
         except ValueError:
             return False
         if self.same_origin_only:
-            return origin != "null" and origin == _request_origin(host_header, secure)
+            return listener is not None and listener.allows(origin)
         return origin in self.allowed
 
 
-def _request_origin(host_header: str, secure: bool) -> Origin | None:
-    scheme = "https" if secure else "http"
+@dataclass(frozen=True)
+class Listener:
+    """
+    The listener a connection arrived on, as the default Origin rule (no
+    C{allowed_origins}) sees it.
+
+    @ivar secure: a TLS listener.
+    @ivar host: the local address the connection arrived on.
+    @ivar port: the local port.
+    @ivar public_origins: the server's C{public_origins}, normalised.
+    @ivar certificate: returns the listener's own certificate (read only
+        when needed), or L{None}.
+    """
+
+    secure: bool = False
+    host: str = ""
+    port: int = 0
+    public_origins: frozenset[Origin] = frozenset()
+    certificate: Callable[[], x509.Certificate | None] = field(default=lambda: None)
+
+    def allows(self, origin: Origin) -> bool:
+        """The default rule for a parsed Origin (never C{null})."""
+        if isinstance(origin, str):
+            return False
+        if origin in self.public_origins:
+            return True
+        scheme, host, port = origin
+        scheme = _HTTP_SCHEMES[scheme]
+        if port != self.port or scheme != ("https" if self.secure else "http"):
+            return False
+        if _is_loopback_address(self.host) and _is_loopback_name(host):
+            return True
+        if self.secure:
+            certificate = self.certificate()
+            if certificate is not None:
+                return any(_name_matches(name, host) for name in certificate_names(certificate))
+        return False
+
+
+def listener_for(transport: Any, public_origins: Iterable[str] = ()) -> Listener:
+    """The L{Listener} a server C{transport}'s connection arrived on."""
+    local = transport.getHost()
+    secure = ISSLTransport.providedBy(transport)
+
+    def certificate() -> x509.Certificate | None:
+        handle = transport.getHandle() if secure else None
+        own = getattr(handle, "get_certificate", lambda: None)()
+        return own.to_cryptography() if own is not None else None
+
+    return Listener(
+        secure=bool(secure),
+        host=str(getattr(local, "host", "")),
+        port=int(getattr(local, "port", 0)),
+        public_origins=_normalised(tuple(public_origins)),
+        certificate=certificate,
+    )
+
+
+@lru_cache(maxsize=16)
+def _normalised(origins: tuple[str, ...]) -> frozenset[Origin]:
+    return frozenset(parse_origin(text) for text in origins)
+
+
+@lru_cache(maxsize=16)
+def certificate_names(certificate: x509.Certificate) -> tuple[str, ...]:
+    """The DNS names and IP addresses of C{certificate}'s subjectAltName."""
     try:
-        return parse_origin(f"{scheme}://{host_header}")
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    dns = [name.lower().rstrip(".") for name in names.get_values_for_type(x509.DNSName)]
+    ips = [str(address) for address in names.get_values_for_type(x509.IPAddress)]
+    return (*dns, *ips)
+
+
+def _name_matches(pattern: str, host: str) -> bool:
+    """A certificate name against an origin host (C{*.} covers one label)."""
+    if pattern.startswith("*."):
+        label, dot, rest = host.partition(".")
+        return bool(label) and bool(dot) and rest == pattern[2:]
+    return pattern == host
+
+
+def _is_loopback_name(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    return _is_loopback_address(host.strip("[]"))
+
+
+def _is_loopback_address(text: str) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
     except ValueError:
-        return None
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+_HTTP_SCHEMES = {"http": "http", "ws": "http", "https": "https", "wss": "https"}
 
 
 def _browser_form(origin: Origin) -> str:

@@ -4,18 +4,22 @@ Policies: everything a route and a server enforce, with safe defaults.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from txwssec.auth.credentials import credential_markers
+from txwssec.auth.credentials import credential_headers, credential_markers
 from txwssec.errors import RouteNotFound
 from txwssec.interfaces import Authenticator
-from txwssec.origin import OriginPolicy
+from txwssec.origin import OriginPolicy, parse_origin
 
 if TYPE_CHECKING:
     from txwssec.proxy import Upstream
     from txwssec.server import SecureServerProtocol
+
+#: A trusted proxy's network (a single address is a /32 or /128).
+ProxyNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Default largest message, after decompression (1 MiB).
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
@@ -96,6 +100,12 @@ class RoutePolicy:
     @ivar upstream: relay to this upstream (gateway route) instead of
         running an application; the protocol then defaults to
         L{txwssec.proxy.GatewayProtocol}.
+    @ivar forward_cookie: a gateway route forwards the client's C{Cookie}
+        header (stripped by default).
+    @ivar forward_authorization: a gateway route forwards the client's
+        C{Authorization} header (stripped by default). Not allowed when a
+        method of the route reads its credential from C{Authorization}: a
+        consumed credential is never forwarded.
     """
 
     path: str
@@ -110,6 +120,8 @@ class RoutePolicy:
     limits: RouteLimits = field(default_factory=RouteLimits)
     compression: bool = False
     upstream: Upstream | None = None
+    forward_cookie: bool = False
+    forward_authorization: bool = False
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -121,6 +133,16 @@ class RoutePolicy:
         clash = credential_markers(self.authenticators) & set(self.subprotocols)
         if clash:
             raise ValueError(f"subprotocol {sorted(clash)[0]!r} is a credential marker")
+        read = credential_headers(self.authenticators)
+        for header, forwarded in (
+            ("authorization", self.forward_authorization),
+            ("cookie", self.forward_cookie),
+        ):
+            if forwarded and header in read:
+                raise ValueError(
+                    f"forward_{header} = true, but a method of the route reads its "
+                    f"credential from {header.capitalize()}"
+                )
 
 
 @dataclass(frozen=True)
@@ -134,7 +156,15 @@ class ServerPolicy:
     @ivar max_connections: connections at once; beyond gives 503 (0: off).
     @ivar max_connections_per_ip: connections at once per client address;
         beyond gives 429 (0: off).
-    @ivar trust_forwarded_for: X-Forwarded-For hops to believe (0: none).
+    @ivar trust_forwarded_for: X-Forwarded-For hops to believe (0: none),
+        each only from a peer in C{trusted_proxies} (see
+        L{txwssec.admission.client_address}).
+    @ivar trusted_proxies: the proxies whose X-Forwarded-For is believed
+        (networks; strings are parsed). Required when
+        C{trust_forwarded_for} is set.
+    @ivar public_origins: the origins this server is published as (for
+        example C{https://app.example.com}): allowed by routes without
+        C{allowed_origins} (see L{txwssec.origin}).
     @ivar auth_failures_per_minute: failed authentications per client
         address per minute; beyond gives 429 with C{Retry-After} (0: off).
     @ivar ping_interval: seconds between automatic pings to each peer (0:
@@ -152,6 +182,8 @@ class ServerPolicy:
     max_connections: int = 10000
     max_connections_per_ip: int = 0
     trust_forwarded_for: int = 0
+    trusted_proxies: Sequence[ProxyNetwork] = ()
+    public_origins: Sequence[str] = ()
     auth_failures_per_minute: int = 10
     ping_interval: float = 30
     ping_timeout: float = 10
@@ -166,6 +198,20 @@ class ServerPolicy:
                 raise ValueError(f"two routes for path {route.path}")
             by_path[route.path] = route
         object.__setattr__(self, "_by_path", by_path)
+        object.__setattr__(
+            self,
+            "trusted_proxies",
+            tuple(ipaddress.ip_network(network) for network in self.trusted_proxies),
+        )
+        for origin in self.public_origins:
+            if parse_origin(origin) == "null":
+                raise ValueError("public_origins cannot hold null")
+        object.__setattr__(self, "public_origins", tuple(self.public_origins))
+        if self.trust_forwarded_for and not self.trusted_proxies:
+            raise ValueError(
+                "trust_forwarded_for needs trusted_proxies (the proxies whose "
+                "X-Forwarded-For is believed)"
+            )
 
     @classmethod
     def single(cls, route: RoutePolicy, **options: Any) -> ServerPolicy:
@@ -207,7 +253,10 @@ class ServerPolicy:
             "autoPingInterval": self.ping_interval,
             "autoPingTimeout": self.ping_timeout,
             "echoCloseCodeReason": False,
-            "trustXForwardedFor": self.trust_forwarded_for,
+            # txwssec derives the client address itself, from trusted proxies
+            # only (see txwssec.admission.client_address): Autobahn would put
+            # any client-sent X-Forwarded-For value in its peer string.
+            "trustXForwardedFor": 0,
             # txwssec checks Origin itself, exactly (see txwssec.origin).
             "allowedOrigins": ["*"],
             # Autobahn refuses Origin: null with 400 unless told otherwise;

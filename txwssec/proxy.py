@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import CancelledError, Deferred
@@ -38,6 +38,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
+from txwssec.admission import is_trusted_proxy
 from txwssec.auth.credentials import (
     credential_headers,
     credential_queries,
@@ -63,6 +64,7 @@ HOP_HEADERS = frozenset(
         "trailer",
         "transfer-encoding",
         "proxy-authorization",
+        "proxy-authenticate",
         "proxy-connection",
         "sec-websocket-key",
         "sec-websocket-version",
@@ -342,12 +344,19 @@ class GatewayProtocol(SecureServerProtocol):
         route = self.route
         assert route is not None and route.upstream is not None
         pool = self.factory.upstreamPool(route)
+        policy = self.factory.policy
+        known = [method for each in policy.routes for method in each.authenticators]
+        direct_peer = self._directPeer()
         headers = forwarded_headers(
             handshake,
             route.authenticators,
             accept,
-            self._directPeer(),
-            trust_forwarded_for=bool(self.factory.policy.trust_forwarded_for),
+            direct_peer,
+            trust_forwarded_for=bool(policy.trust_forwarded_for)
+            and is_trusted_proxy(direct_peer, policy.trusted_proxies),
+            known_authenticators=known,
+            forward_cookie=route.forward_cookie,
+            forward_authorization=route.forward_authorization,
         )
         offered = [
             p
@@ -355,7 +364,7 @@ class GatewayProtocol(SecureServerProtocol):
             if p not in accept.credential.subprotocols
         ]
         origin = handshake.header_values("origin")
-        target = forwarded_target(self.http_request_uri, route.authenticators, accept)
+        target = forwarded_target(self.http_request_uri, route.authenticators, accept, known)
         clock = self.factory.clock
         refusal: HandshakeRefused = BadGateway("no upstream")
         for url in pool.order():
@@ -689,18 +698,37 @@ def forwarded_headers(
     accept: Accept,
     direct_peer: str,
     trust_forwarded_for: bool = False,
+    *,
+    known_authenticators: Sequence[Authenticator] = (),
+    forward_cookie: bool = False,
+    forward_authorization: bool = False,
 ) -> dict[str, str]:
     """
-    The headers sent upstream: the client's, minus hop-by-hop and handshake
-    headers, every header any of the route's methods reads credentials from
-    (see L{txwssec.auth.credentials}) and forwarding headers a client could
-    forge; plus C{X-Consumer-Username} and C{X-Forwarded-For}: the address
-    that connected to us, after the chain the client sent when this server
-    trusts forwarded addresses (a client-made chain is dropped otherwise).
+    The headers sent upstream: the client's, minus
+
+      - hop-by-hop and handshake headers (L{HOP_HEADERS}) and every header
+        the client's C{Connection} header names (RFC 9110 section 7.6.1);
+      - every header any of the route's methods reads credentials from, and
+        the one the accepting method read (see L{txwssec.auth.credentials});
+      - every header any method of C{known_authenticators} (the server's
+        other routes) reads credentials from, and C{Authorization} and
+        C{Cookie}, unless C{forward_authorization} / C{forward_cookie} allow
+        that one (a route's own credential header is stripped regardless);
+      - forwarding headers a client could forge;
+
+    plus C{X-Consumer-Username} and C{X-Forwarded-For}: the address that
+    connected to us, after the chain the client sent when C{trust_forwarded_for}
+    (the peer is a trusted proxy; a client-made chain is dropped otherwise).
     """
-    stripped = set(credential_headers(authenticators))
+    always = set(credential_headers(authenticators))
     if accept.credential.header:
-        stripped.add(accept.credential.header)
+        always.add(accept.credential.header.lower())
+    known = set(credential_headers(known_authenticators)) | {"authorization", "cookie"}
+    if forward_authorization:
+        known.discard("authorization")
+    if forward_cookie:
+        known.discard("cookie")
+    stripped = always | known | connection_options(request)
     forwarded: dict[str, str] = {}
     for name, value in request.headers:
         if name in HOP_HEADERS or name in stripped or _spoofable(name):
@@ -715,21 +743,47 @@ def forwarded_headers(
     return forwarded
 
 
+def connection_options(request: HandshakeRequest) -> frozenset[str]:
+    """
+    The header names listed in the request's C{Connection} header(s): they
+    are meant for this hop only and are never forwarded.
+    """
+    return frozenset(
+        token.strip().lower()
+        for value in request.header_values("connection")
+        for token in value.split(",")
+        if token.strip()
+    )
+
+
 def forwarded_target(
-    request_uri: str, authenticators: Sequence[Authenticator], accept: Accept
+    request_uri: str,
+    authenticators: Sequence[Authenticator],
+    accept: Accept,
+    known_authenticators: Sequence[Authenticator] = (),
 ) -> str:
     """
-    The client's path and query, minus any query parameter a method of the
-    route reads credentials from.
+    The client's path and query, minus every query parameter a method of
+    the route or of C{known_authenticators} reads credentials from.
+
+    The query is edited as sent: only the removed C{name=value} pieces go,
+    every other byte (percent-encoding, C{+}, order, empty pieces between
+    kept ones) is left as the client wrote it, so signed URLs still verify.
     """
-    query_names = set(credential_queries(authenticators))
+    names = set(credential_queries(authenticators)) | set(credential_queries(known_authenticators))
     if accept.credential.query:
-        query_names.add(accept.credential.query)
-    parts = urlsplit(request_uri)
-    pairs = [
-        (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in query_names
+        names.add(accept.credential.query)
+    path, question, query = request_uri.partition("?")
+    query = query.partition("#")[0]  # a client sends none; never forwarded
+    if not question or not names:
+        return path + (question + query if query else "")
+    kept = [
+        piece
+        for piece in query.split("&")
+        if unquote_plus(piece.partition("=")[0], errors="replace") not in names
     ]
-    return parts.path + (f"?{urlencode(pairs)}" if pairs else "")
+    edited = "&".join(kept)
+    return path + ("?" + edited if edited else "")
 
 
 def _join(upstream_url: str, target: str) -> str:

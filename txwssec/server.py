@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
 from txwssec._cycles import FiredWithProtocol
 from txwssec._reactor import default_reactor
-from txwssec.admission import Admission, ConsumerBuckets
+from txwssec.admission import Admission, ConsumerBuckets, client_address
 from txwssec.auth.chain import authenticate
 from txwssec.compression import BoundedDeflate, accept_deflate, deflated_bound
 from txwssec.deadlines import Deadline, Deadlines
@@ -40,6 +40,7 @@ from txwssec.errors import (
     http_refusal,
 )
 from txwssec.limits import ConnectionCounter
+from txwssec.origin import listener_for
 from txwssec.policy import RoutePolicy, ServerPolicy
 from txwssec.session import Session
 from txwssec.subprotocols import select_subprotocol
@@ -156,10 +157,11 @@ class SecureServerProtocol(WebSocketServerProtocol):
 
         # 3. Origin (403)
         origin = handshake.header_values("origin")
-        if not route.origins.allows(
-            origin[0] if origin else None, _host_header(request), handshake.secure
+        if origin and not route.origins.allows(
+            origin[0], listener_for(self.transport, factory.policy.public_origins)
         ):
-            raise Forbidden(f"origin {origin[0]!r} not allowed")
+            # The header's value, cut: the log line stays bounded.
+            raise Forbidden(f"origin {origin[0][:100]!r} not allowed")
 
         # 4. authentication (401, 403)
         accept = authenticate(route.authenticators, handshake)
@@ -249,14 +251,22 @@ class SecureServerProtocol(WebSocketServerProtocol):
             # colon, no name, space before the colon, a folded line).
             raise MalformedHandshake("malformed header line")
         peer = str(self.peer)
+        headers = tuple(
+            (name.lower(), value.strip()) for name, value in _HEADER_LINE.findall(block)
+        )
+        policy = self.factory.policy
+        host = client_address(
+            _peer_host(peer),
+            (value for name, value in headers if name == "x-forwarded-for"),
+            policy.trusted_proxies,
+            policy.trust_forwarded_for,
+        )
         return HandshakeRequest(
             peer=peer,
-            host=_peer_host(peer),
+            host=host,
             path=request.path,
             query={k: tuple(v) for k, v in request.params.items()},
-            headers=tuple(
-                (name.lower(), value.strip()) for name, value in _HEADER_LINE.findall(block)
-            ),
+            headers=headers,
             subprotocols=tuple(request.protocols),
             secure=ISSLTransport.providedBy(self.transport),
             peer_certificate=peer_certificate(self.transport),
@@ -748,11 +758,6 @@ _HEADER_BLOCK = re.compile(rf"(?:{_FIELD_NAME}:[^\r]*\r\n)*")
 
 #: One header line's name and value.
 _HEADER_LINE = re.compile(rf"({_FIELD_NAME}):([^\r]*)\r\n")
-
-
-def _host_header(request: ConnectionRequest) -> str:
-    values: Any = request.headers.get("host", "")
-    return str(values).strip()
 
 
 def _redact(reason: str) -> str:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
@@ -19,6 +21,7 @@ from txwssec.auth._extract import from_header
 from txwssec.auth.context import BuildContext
 from txwssec.consumers import ConsumerDirectory
 from txwssec.interfaces import IAuthenticator
+from txwssec.limits import address_key
 from txwssec.passwords import DUMMY_HASH, dummy_hash_like, verify_password
 from txwssec.types import Accept, Deny, HandshakeRequest, Principal, Verdict
 
@@ -36,10 +39,19 @@ class BasicAuthenticator:
     configured password), and gets the same answer.
 
     Hashing is deliberately slow, so the work in flight is bounded: at most
-    C{max_per_address} verifications per client address (more at once get
-    429, and do not wait in the queue) and C{max_pending} in all (503).
-    Without that, a burst of concurrent guesses would all be hashed before
-    the first failure counts towards C{auth_failures_per_minute}.
+    C{max_per_address} verifications per client address (an IPv6 /64, see
+    L{txwssec.limits.address_key}; more at once get 429, and do not wait in
+    the queue) and C{max_pending} in all (503). Without that, a burst of
+    concurrent guesses would all be hashed before the first failure counts
+    towards C{auth_failures_per_minute}.
+
+    So that a flood cannot starve the consumers' own logins, the budget is
+    shared out: checks for user names that are not consumers with a
+    password hold at most half of C{max_pending} (503 beyond); checks for
+    one consumer's name hold at most C{max_per_consumer} (429 beyond). At
+    most C{max_running} hashes run at once; the others wait in a queue that
+    serves consumers' names first, and takes turns between client addresses
+    (round robin), so one address's checks never wait behind another's.
     """
 
     name = "basic"
@@ -53,14 +65,25 @@ class BasicAuthenticator:
         reactor: IReactorThreads | None = None,
         max_per_address: int = 2,
         max_pending: int = 64,
+        max_per_consumer: int = 8,
+        max_running: int = 4,
+        verify: Callable[[str, str], Deferred[bool]] | None = None,
     ) -> None:
+        """
+        @param verify: checks a password against a stored hash (default:
+            L{verify_password} in the reactor's thread pool).
+        """
         self.consumers = consumers
         self.realm = realm
         self.challenge = f'Basic realm="{realm}", charset="UTF-8"'
         self._reactor = reactor
         self.max_per_address = max_per_address
         self.max_pending = max_pending
+        self.max_per_consumer = max_per_consumer
         self._in_flight: Counter[str] = Counter()
+        self._per_consumer: Counter[str] = Counter()
+        self._unknown = 0
+        self._queue = FairQueue(verify or self._verify_in_thread, max_running)
         stored = [c.password for c in consumers.names().values() if c.password]
         self._dummy = dummy_hash_like(stored[0]) if stored else DUMMY_HASH
 
@@ -81,13 +104,18 @@ class BasicAuthenticator:
         user, colon, password = decoded.partition(":")
         if not colon:
             return Deny("malformed basic credentials")
-        host = request.host
+        host = address_key(request.host)
         if self._in_flight[host] >= self.max_per_address:
             return Deny("too many password checks at once from this address", status=429)
-        if self._in_flight.total() >= self.max_pending:
-            return Deny("too many password checks pending", status=503)
         consumer = self.consumers.by_name(user)
         stored = consumer.password if consumer is not None else None
+        known = stored is not None
+        if self._in_flight.total() >= self.max_pending:
+            return Deny("too many password checks pending", status=503)
+        if not known and self._unknown >= self.max_pending // 2:
+            return Deny("too many password checks pending for unknown users", status=503)
+        if known and self._per_consumer[user] >= self.max_per_consumer:
+            return Deny("too many password checks at once for this consumer", status=429)
         credential = found.credential
 
         def verified(ok: bool) -> Verdict:
@@ -96,21 +124,88 @@ class BasicAuthenticator:
             return Deny("wrong user name or password")
 
         def done(result: bool) -> bool:
-            self._in_flight[host] -= 1
-            if not self._in_flight[host]:
-                del self._in_flight[host]
+            _decrement(self._in_flight, host)
+            if known:
+                _decrement(self._per_consumer, user)
+            else:
+                self._unknown -= 1
             return result
 
         self._in_flight[host] += 1
-        reactor = self._reactor or default_reactor()
-        d: Deferred[bool] = deferToThreadPool(
-            reactor,
-            reactor.getThreadPool(),
-            verify_password,
-            password,
-            stored or self._dummy,
-        )
+        if known:
+            self._per_consumer[user] += 1
+        else:
+            self._unknown += 1
+        d = self._queue.submit(host, known, password, stored or self._dummy)
         return d.addBoth(done).addCallback(verified)
+
+    def _verify_in_thread(self, password: str, stored: str) -> Deferred[bool]:
+        reactor = self._reactor or default_reactor()
+        return deferToThreadPool(
+            reactor, reactor.getThreadPool(), verify_password, password, stored
+        )
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]
+
+
+_Job = tuple[str, str, "Deferred[bool]"]
+
+
+class FairQueue:
+    """
+    Runs password checks at most C{max_running} at once. Waiting checks are
+    served in two classes, consumers' names first, and within a class one
+    check per client address in turn (round robin), so a client with many
+    checks waiting delays another client by at most one check per turn.
+    """
+
+    def __init__(self, run: Callable[[str, str], Deferred[bool]], max_running: int) -> None:
+        self._run = run
+        self.max_running = max(1, max_running)
+        self.running = 0
+        #: Per class (known, unknown): address -> its waiting checks, in turn order.
+        self._waiting: tuple[dict[str, deque[_Job]], dict[str, deque[_Job]]] = ({}, {})
+
+    def submit(self, address: str, known: bool, password: str, stored: str) -> Deferred[bool]:
+        """Queue a check; fires with its result once it has run."""
+        result: Deferred[bool] = Deferred()
+        waiting = self._waiting[0 if known else 1]
+        waiting.setdefault(address, deque()).append((password, stored, result))
+        self._start()
+        return result
+
+    def __len__(self) -> int:
+        """Checks waiting (not running)."""
+        return sum(len(jobs) for waiting in self._waiting for jobs in waiting.values())
+
+    def _start(self) -> None:
+        while self.running < self.max_running:
+            job = self._next()
+            if job is None:
+                return
+            password, stored, result = job
+            self.running += 1
+            self._run(password, stored).addBoth(self._finished, result)
+
+    def _next(self) -> _Job | None:
+        for waiting in self._waiting:
+            if waiting:
+                address = next(iter(waiting))
+                jobs = waiting.pop(address)
+                job = jobs.popleft()
+                if jobs:
+                    waiting[address] = jobs  # to the end of the turn
+                return job
+        return None
+
+    def _finished(self, outcome: Any, result: Deferred[bool]) -> None:
+        self.running -= 1
+        self._start()
+        result.callback(outcome)
 
 
 def build(section: Table, context: BuildContext) -> BasicAuthenticator:
