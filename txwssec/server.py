@@ -26,9 +26,16 @@ from twisted.python.failure import Failure
 from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
 from txwssec._cycles import FiredWithProtocol
 from txwssec._reactor import default_reactor
+from txwssec._request import check_request_head
 from txwssec.admission import Admission, ConsumerBuckets
 from txwssec.auth.chain import authenticate
-from txwssec.compression import BoundedDeflate, accept_deflate, deflated_bound
+from txwssec.compression import (
+    BoundedDeflate,
+    ExtensionOffer,
+    accept_deflate,
+    deflated_bound,
+    parse_extensions,
+)
 from txwssec.deadlines import Deadline, Deadlines
 from txwssec.errors import (
     CloseCode,
@@ -291,7 +298,22 @@ class SecureServerProtocol(WebSocketServerProtocol):
         if end >= 0:
             self._pipelineStarted = True
             self._transport().pauseProducing()
+            try:
+                # Before anything else reads the request: a body, malformed
+                # extension offers (400).
+                self.data = check_request_head(self.data, end)
+            except HandshakeRefused as refusal:
+                return self._refuse(refusal)
             super().processHandshake()
+
+    def _parseExtensionsHeader(
+        self, header: str, removeQuotes: bool = True
+    ) -> list[ExtensionOffer]:
+        """
+        The client's extension offers, parsed strictly in place of Autobahn's
+        parser (the header was checked by L{check_request_head}).
+        """
+        return parse_extensions(header)
 
     def succeedHandshake(self, res: Any) -> None:
         """Send the 101, then read again (frames that came early are kept)."""
