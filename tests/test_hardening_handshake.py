@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from conftest import CapturedLog, aio, raw_exchange, upgrade_request
+from twisted.logger import formatEvent
 from wsframes import TEXT, frame_header
 
 from txwssec import (
@@ -36,6 +37,7 @@ from txwssec import (
 from txwssec.apps.echo import EchoProtocol
 from txwssec.consumers import key_digest
 from txwssec.errors import FIXED_BODIES
+from txwssec.logs import MAX_LOGGED_VALUE, bounded
 from txwssec.origin import OriginPolicy
 
 Serve = Callable[[Any], int]
@@ -173,6 +175,7 @@ async def test_malformed_extensions_refused(
     assert raw == BAD_REQUEST
     (event,) = refusal_events(captured_log)
     assert event["status"] == 400
+    assert event["route"] == "/deflate"
     assert "Sec-WebSocket-Extensions" in event["reason"]
 
 
@@ -249,3 +252,141 @@ async def test_content_length_zero_accepted(serve: Serve) -> None:
     port = serve(factory())
     await aio(opened(port, upgrade_request("/plain", "Content-Length: 0")))
     await aio(opened(port, upgrade_request("/plain", "Content-Length:  0 ")))
+
+
+# -- 4. bounded logging ----------------------------------------------------
+
+LONG = 15 * 1024
+#: The longest formatted refusal line: the reason and each value bounded.
+MAX_LINE = 3000
+
+
+def refusal_lines(log: CapturedLog) -> list[str]:
+    return [formatEvent(e) for e in refusal_events(log)]
+
+
+def assert_bounded(line: str) -> None:
+    assert len(line) < MAX_LINE, len(line)
+    assert "more chars]" in line
+    assert "\n" not in line and "\r" not in line
+
+
+def test_bounded_helper() -> None:
+    assert bounded("/echo") == "/echo"
+    assert bounded(12) == "12"
+    assert bounded("a\r\nb\x00\x1b\x7f\x85\u2028é") == "a\\x0d\\x0ab\\x00\\x1b\\x7f\\x85\\u2028é"
+    text = "x" * (MAX_LOGGED_VALUE + 10)
+    assert bounded(text) == "x" * MAX_LOGGED_VALUE + "\u2026[10 more chars]"
+    assert bounded("x" * MAX_LOGGED_VALUE) == "x" * MAX_LOGGED_VALUE
+    assert bounded("abcdef", 3) == "abc\u2026[3 more chars]"
+    assert len(bounded("\n" * LONG)) < 6 * MAX_LOGGED_VALUE + 30
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_path_logged_bounded(serve: Serve, captured_log: CapturedLog) -> None:
+    port = serve(factory())
+    path = "/" + "p" * LONG
+    raw = await aio(raw_exchange(port, upgrade_request(path)))
+    assert raw.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    (line,) = refusal_lines(captured_log)
+    assert_bounded(line)
+    (event,) = refusal_events(captured_log)
+    assert event["route"] == "-"
+    assert len(event["path"]) < MAX_LOGGED_VALUE + 30
+    assert event["path"].startswith("/ppp")
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_origin_logged_bounded(serve: Serve, captured_log: CapturedLog) -> None:
+    port = serve(factory())
+    origin = "https://" + "o" * LONG + ".example"
+    request = upgrade_request("/keyed", f"apikey: {KEY}", f"Origin: {origin}")
+    raw = await aio(raw_exchange(port, request))
+    assert raw.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    (line,) = refusal_lines(captured_log)
+    assert_bounded(line)
+    assert KEY not in line
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_forwarded_for_logged_bounded(serve: Serve, captured_log: CapturedLog) -> None:
+    """The peer taken from a trusted X-Forwarded-For is bounded everywhere."""
+    port = serve(factory(trust_forwarded_for=1))
+    forwarded = "f" * LONG
+    raw = await aio(raw_exchange(port, upgrade_request("/keyed", f"X-Forwarded-For: {forwarded}")))
+    assert raw.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+    (line,) = refusal_lines(captured_log)
+    assert_bounded(line)
+    await aio(opened(port, upgrade_request("/plain", f"X-Forwarded-For: 10.0.0.1, {forwarded}")))
+    (accepted,) = [e for e in captured_log.events if e.get("consumer") == "anonymous"]
+    assert len(formatEvent(accepted)) < MAX_LINE
+    assert "more chars]" in accepted["peer"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_header_in_autobahn_refusal_bounded(
+    serve: Serve, captured_log: CapturedLog
+) -> None:
+    """A refusal Autobahn words itself (a long subprotocol list)."""
+    port = serve(factory())
+    protocols = ", ".join(["p" * 100] * 2 + [f"q{i}" for i in range(LONG // 8)])
+    raw = await aio(
+        raw_exchange(port, upgrade_request("/plain", f"Sec-WebSocket-Protocol: {protocols}"))
+    )
+    assert raw == BAD_REQUEST
+    (line,) = refusal_lines(captured_log)
+    assert len(line) < MAX_LINE
+
+
+@pytest.mark.parametrize("character", [b"\x0b", b"\x1b", b"\x85", b"\x7f"])
+@pytest_twisted.ensureDeferred
+async def test_control_characters_escaped(
+    serve: Serve, captured_log: CapturedLog, character: bytes
+) -> None:
+    """A control character in the request line does not reach the log raw."""
+    port = serve(factory())
+    request = upgrade_request("/plain").replace(b"/plain", b"/pl" + character + b"ain\n", 1)
+    raw = await aio(raw_exchange(port, request))
+    assert raw == BAD_REQUEST
+    (event,) = refusal_events(captured_log)
+    text = formatEvent(event) + repr(event["path"])
+    assert character.decode("latin-1") not in text
+    assert "\n" not in formatEvent(event)
+    assert event["path"] == "/pl" + bounded(character.decode("latin-1")) + "ain\\x0a"
+
+
+# -- 5. refusals detected inside Autobahn: the route -----------------------
+
+AUTOBAHN_REFUSALS: dict[str, tuple[bytes, bytes]] = {
+    "bad-key": (b"dGhlIHNhbXBsZSBub25jZQ==", b"not-a-websocket-key-at-all"),
+    "bad-version": (b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 12"),
+    "no-upgrade": (b"Upgrade: websocket", b"Upgrade: h2c"),
+}
+
+
+@pytest.mark.parametrize("name", list(AUTOBAHN_REFUSALS))
+@pytest.mark.parametrize(("path", "route"), [("/plain", "/plain"), ("/nowhere", "-")])
+@pytest_twisted.ensureDeferred
+async def test_autobahn_refusal_logged_with_route(
+    serve: Serve, captured_log: CapturedLog, name: str, path: str, route: str
+) -> None:
+    port = serve(factory())
+    old, new = AUTOBAHN_REFUSALS[name]
+    request = upgrade_request(path + "?apikey=SECRET-IN-QUERY").replace(old, new)
+    raw = await aio(raw_exchange(port, request))
+    assert raw.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    (event,) = refusal_events(captured_log)
+    assert event["route"] == route
+    assert event["path"] == path
+    assert "SECRET-IN-QUERY" not in captured_log.text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unparsable_request_line_logged_unmatched(
+    serve: Serve, captured_log: CapturedLog
+) -> None:
+    port = serve(factory())
+    raw = await aio(raw_exchange(port, b"GARBAGE\r\nHost: x\r\n\r\n"))
+    assert raw == BAD_REQUEST
+    (event,) = refusal_events(captured_log)
+    assert (event["route"], event["path"]) == ("-", "")
