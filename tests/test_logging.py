@@ -305,7 +305,8 @@ async def test_unknown_route_and_origin_refusals_logged(
     assert response.startswith(b"HTTP/1.1 403 ")
 
     (not_found,) = refusal_events(captured_log, 404)
-    assert not_found["route"] is None
+    assert not_found["route"] == "-"  # no route serves the path
+    assert not_found["path"] == "/nowhere"
     assert not_found["method"] is None
     assert "/nowhere" in not_found["reason"]
     (forbidden,) = refusal_events(captured_log, 403)

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 from txwssec.errors import ServiceUnavailable, TooManyRequests
 from txwssec.limits import ConnectionCounter, FailureWindow, TokenBucket, address_key
+from txwssec.logs import bounded
 from txwssec.policy import ProxyNetwork, RoutePolicy, ServerPolicy
 
 ConsumerBuckets = tuple[TokenBucket | None, TokenBucket | None]
@@ -103,7 +104,7 @@ class Admission:
             wait = self.auth_failures.blocked_for(host, now)
             if wait:
                 raise TooManyRequests(
-                    f"auth_failures_per_minute reached for {host}",
+                    f"auth_failures_per_minute reached for {bounded(host)}",
                     (("Retry-After", str(max(1, round(wait)))),),
                     counter="limit.auth_failures",
                 )
@@ -112,7 +113,7 @@ class Admission:
         per_ip = policy.max_connections_per_ip
         if per_ip and self.connections.count(host) >= per_ip:
             raise TooManyRequests(
-                f"max_connections_per_ip reached for {host}",
+                f"max_connections_per_ip reached for {bounded(host)}",
                 counter="limit.max_connections_per_ip",
             )
         self.connections.acquire(host)
@@ -139,7 +140,7 @@ class Admission:
         cap = limits.connections_per_consumer
         if cap and self.consumers.count(key) >= cap:
             raise TooManyRequests(
-                f"connections_per_consumer reached for {consumer}",
+                f"connections_per_consumer reached for {bounded(consumer)}",
                 counter="limit.connections_per_consumer",
             )
         self.consumers.acquire(key)

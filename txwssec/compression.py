@@ -2,10 +2,16 @@
 permessage-deflate (RFC 7692) with inflation bounded by the route's
 C{max_message_size}: a compression bomb is refused with 1009 without being
 inflated, and a message over the limit is never silently truncated.
+
+The client's C{Sec-WebSocket-Extensions} offers are parsed here too, strictly
+(L{parse_extensions}): Autobahn's own parser splits on every comma and
+semicolon, even inside a quoted string, so a quoted parameter value could
+smuggle in an offer the client never made.
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 from typing import Any
 
@@ -70,3 +76,79 @@ def accept_deflate(max_message_size: int) -> Any:
         return None
 
     return accept
+
+
+#: RFC 9110 section 5.6.2: a token.
+_TCHARS = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+#: RFC 9110 section 5.6.4: a quoted-string (qdtext and quoted-pairs).
+_QUOTED = r'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_OWS = r"[ \t]*"
+_PARAM = rf"{_OWS};{_OWS}({_TCHARS})(?:{_OWS}={_OWS}({_TCHARS}|{_QUOTED}))?"
+_EXTENSION = rf"{_TCHARS}(?:{_OWS};{_OWS}{_TCHARS}(?:{_OWS}={_OWS}(?:{_TCHARS}|{_QUOTED}))?)*"
+#: RFC 6455 section 9.1 with the list rule of RFC 9110 section 5.6.1: one
+#: extension at least; empty elements between commas are allowed.
+_EXTENSION_LIST = re.compile(
+    rf"{_OWS}(?:,{_OWS})*{_EXTENSION}(?:{_OWS},(?:{_OWS}{_EXTENSION})?)*{_OWS}"
+)
+_EXTENSION_PARTS = re.compile(rf"({_TCHARS})((?:{_PARAM})*)")
+_PARAM_PARTS = re.compile(_PARAM)
+_QUOTED_PAIR = re.compile(r"\\(.)")
+_WHOLE_TCHARS = re.compile(_TCHARS)
+#: RFC 7692 section 7.1.2: 8 to 15, decimal, no leading zero.
+_WINDOW_BITS = re.compile(r"[89]|1[0-5]")
+_WINDOW_BITS_PARAMS = ("client_max_window_bits", "server_max_window_bits")
+
+#: One parsed offer as Autobahn represents it: the extension name and, per
+#: parameter name, its values (C{True} for a parameter without a value).
+ExtensionOffer = tuple[str, dict[str, list[str | bool]]]
+
+
+def parse_extensions(value: str) -> list[ExtensionOffer]:
+    """
+    Parse a C{Sec-WebSocket-Extensions} value (all its header lines joined
+    with commas) the way RFC 6455 section 9.1 defines it::
+
+        extension-list = 1#extension
+        extension = token *( ";" param )
+        param = token [ "=" ( token / quoted-string ) ]
+
+    A quoted value must be a token once unquoted. Names are lower-cased, as
+    Autobahn does. The C{permessage-deflate} window sizes
+    (C{client_max_window_bits}, C{server_max_window_bits}) must be C{8} to
+    C{15} written without a sign or leading zero (RFC 7692 section 7.1.2),
+    and C{server_max_window_bits} must have one; Autobahn checks the rest of
+    each offer (and refuses 8, which zlib does not support).
+
+    @return: the offers, in order, in the form of Autobahn's
+        C{_parseExtensionsHeader}.
+    @raise ValueError: naming what is malformed (no header value in it).
+    """
+    if not _EXTENSION_LIST.fullmatch(value):
+        raise ValueError("Sec-WebSocket-Extensions is not a list of extensions")
+    offers: list[ExtensionOffer] = []
+    for extension in _EXTENSION_PARTS.finditer(value):
+        name = extension.group(1).lower()
+        params: dict[str, list[str | bool]] = {}
+        for param in _PARAM_PARTS.finditer(extension.group(2)):
+            key, raw = param.group(1).lower(), param.group(2)
+            parsed: str | bool = True
+            if raw is not None:
+                parsed = raw
+                if raw.startswith('"'):
+                    parsed = _QUOTED_PAIR.sub(r"\1", raw[1:-1])
+                    if not _WHOLE_TCHARS.fullmatch(parsed):
+                        raise ValueError(
+                            "Sec-WebSocket-Extensions has a quoted value that is not a token"
+                        )
+            if name == "permessage-deflate" and key in _WINDOW_BITS_PARAMS:
+                # client_max_window_bits may come without a value; the
+                # server's size needs one (RFC 7692 section 7.1.2).
+                if parsed is True:
+                    valid = key == "client_max_window_bits"
+                else:
+                    valid = _WINDOW_BITS.fullmatch(str(parsed)) is not None
+                if not valid:
+                    raise ValueError(f"Sec-WebSocket-Extensions has an invalid {key}")
+            params.setdefault(key, []).append(parsed)
+        offers.append((name, params))
+    return offers

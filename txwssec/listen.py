@@ -1,6 +1,11 @@
 """
 Listen descriptions: Twisted server endpoint strings, plus C{tls:PORT}
 which is served with the configuration's C{[tls]} table.
+
+Listeners get a backlog of L{DEFAULT_BACKLOG} pending connections unless
+their description sets C{backlog=} itself: Twisted's default of 50 leaves
+the rest of a burst of connections waiting in the kernel for retransmitted
+SYNs, seconds each.
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ from txwssec.tls import ReloadingContextFactory
 PLAINTEXT_KINDS = ("tcp", "tcp6")
 #: Keyword arguments a C{tls:} description may carry (the rest is in [tls]).
 TLS_KEYWORDS = ("interface", "backlog")
+#: The listen backlog when a description does not set C{backlog=} (Linux
+#: caps it at C{net.core.somaxconn}, 4096 by default).
+DEFAULT_BACKLOG = 1024
+#: Endpoint kinds that take C{backlog=}: they get L{DEFAULT_BACKLOG}.
+BACKLOG_KINDS = ("tcp", "tcp6", "ssl", "unix", "wss", "tls")
 
 
 @dataclass(frozen=True)
@@ -74,9 +84,14 @@ def server_endpoint(
     """
     The endpoint for C{description}: C{tls:PORT[:interface=..][:backlog=..]}
     with the C{[tls]} context, anything else through Twisted's
-    C{serverFromString} (C{tcp:}, C{unix:}, C{wss:}, C{ssl:}...).
+    C{serverFromString} (C{tcp:}, C{unix:}, C{wss:}, C{ssl:}...). The
+    kinds of L{BACKLOG_KINDS} get C{backlog=}L{DEFAULT_BACKLOG} unless the
+    description sets it.
     """
     parsed = Description.parse(description)
+    if parsed.kind in BACKLOG_KINDS and "backlog" not in parsed.kwargs:
+        description += f":backlog={DEFAULT_BACKLOG}"
+        parsed = Description.parse(description)
     if parsed.kind != "tls":
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
         return endpoint
@@ -93,6 +108,6 @@ def server_endpoint(
         reactor,
         int(parsed.args[0]),
         tls,
-        backlog=int(parsed.kwargs.get("backlog", "50")),
+        backlog=int(parsed.kwargs["backlog"]),
         interface=parsed.kwargs.get("interface", ""),
     )

@@ -13,10 +13,16 @@ do not apply) to Twisted's own formatter.
 C{twistd wssec} uses it when it would write to a file or to standard output
 (see L{twistdLogObserver}); with C{--syslog} or C{--logger} twistd's own
 observer is used, as always.
+
+Every value a client chose (a path, a header value, an address from
+C{X-Forwarded-For}, a certificate subject...) goes through L{bounded} before
+it reaches a log event: cut to L{MAX_LOGGED_VALUE} characters with a visible
+marker, control characters escaped so that no value can split a log line.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from typing import IO, Any
@@ -29,6 +35,36 @@ from twisted.logger import (
     formatTime,
 )
 from twisted.python.logfile import LogFile
+
+#: The most characters of one client-supplied value that reach a log event.
+MAX_LOGGED_VALUE = 256
+
+#: What L{bounded} escapes: C0 and C1 controls, DEL, and the Unicode line and
+#: paragraph separators (everything C{str.splitlines} breaks a line on).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def bounded(value: object, limit: int = MAX_LOGGED_VALUE) -> str:
+    """
+    C{value} (a client-supplied string, or anything C{str()} takes) made safe
+    for a log line: its first C{limit} characters, then C{"…[N more chars]"}
+    when it was longer, with every control character written C{\\xNN}
+    (C{\\uNNNN} for the Unicode line separators). The result is at most
+    C{6 * limit} characters plus the marker, whatever the client sent.
+    """
+    text = value if isinstance(value, str) else str(value)
+    over = len(text) - limit
+    if over > 0:
+        text = text[:limit]
+    text = _UNSAFE.sub(_escape, text)
+    if over > 0:
+        text += f"\u2026[{over} more chars]"
+    return text
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class ClassicLogFormatter:

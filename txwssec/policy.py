@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from txwssec.auth.credentials import credential_headers, credential_markers
 from txwssec.errors import RouteNotFound
 from txwssec.interfaces import Authenticator
+from txwssec.logs import bounded
 from txwssec.origin import OriginPolicy, parse_origin
 
 if TYPE_CHECKING:
@@ -227,7 +228,7 @@ class ServerPolicy:
         try:
             return self._by_path[path]
         except KeyError:
-            raise RouteNotFound(f"no route for path {path!r}") from None
+            raise RouteNotFound(f"no route for path {bounded(path)!r}") from None
 
     def protocol_options(self) -> dict[str, Any]:
         """

@@ -26,9 +26,16 @@ from twisted.python.failure import Failure
 from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
 from txwssec._cycles import FiredWithProtocol
 from txwssec._reactor import default_reactor
+from txwssec._request import check_request_head
 from txwssec.admission import Admission, ConsumerBuckets, client_address
 from txwssec.auth.chain import authenticate
-from txwssec.compression import BoundedDeflate, accept_deflate, deflated_bound
+from txwssec.compression import (
+    BoundedDeflate,
+    ExtensionOffer,
+    accept_deflate,
+    deflated_bound,
+    parse_extensions,
+)
 from txwssec.deadlines import Deadline, Deadlines
 from txwssec.errors import (
     CloseCode,
@@ -36,10 +43,12 @@ from txwssec.errors import (
     HandshakeRefused,
     HeaderFieldsTooLarge,
     MalformedHandshake,
+    RouteNotFound,
     Unauthorized,
     http_refusal,
 )
 from txwssec.limits import ConnectionCounter
+from txwssec.logs import bounded
 from txwssec.origin import listener_for
 from txwssec.policy import RoutePolicy, ServerPolicy
 from txwssec.session import Session
@@ -160,8 +169,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
         if origin and not route.origins.allows(
             origin[0], listener_for(self.transport, factory.policy.public_origins)
         ):
-            # The header's value, cut: the log line stays bounded.
-            raise Forbidden(f"origin {origin[0][:100]!r} not allowed")
+            raise Forbidden(f"origin {bounded(origin[0])!r} not allowed")
 
         # 4. authentication (401, 403)
         accept = authenticate(route.authenticators, handshake)
@@ -180,7 +188,7 @@ class SecureServerProtocol(WebSocketServerProtocol):
             raise HandshakeRefused("connection lost during authentication")
         principal = accept.principal
         if route.consumers is not None and principal.consumer not in route.consumers:
-            refusal = Forbidden(f"consumer {principal.consumer!r} not allowed on route")
+            refusal = Forbidden(f"consumer {bounded(principal.consumer)!r} not allowed on route")
             refusal.method = principal.method
             raise refusal
 
@@ -301,7 +309,22 @@ class SecureServerProtocol(WebSocketServerProtocol):
         if end >= 0:
             self._pipelineStarted = True
             self._transport().pauseProducing()
+            try:
+                # Before anything else reads the request: a body, malformed
+                # extension offers (400).
+                self.data = check_request_head(self.data, end)
+            except HandshakeRefused as refusal:
+                return self._refuse(refusal)
             super().processHandshake()
+
+    def _parseExtensionsHeader(
+        self, header: str, removeQuotes: bool = True
+    ) -> list[ExtensionOffer]:
+        """
+        The client's extension offers, parsed strictly in place of Autobahn's
+        parser (the header was checked by L{check_request_head}).
+        """
+        return parse_extensions(header)
 
     def succeedHandshake(self, res: Any) -> None:
         """Send the 101, then read again (frames that came early are kept)."""
@@ -361,16 +384,40 @@ class SecureServerProtocol(WebSocketServerProtocol):
             factory.counters[refusal.counter] += 1
         if isinstance(refusal, Unauthorized) and self._client_host is not None:
             factory.admission.authentication_failed(self._client_host, factory.clock.seconds())
+        path = self._requestPath()
         securityLog.info(
             "refused {peer} on {route} with {status} ({method}): {reason}",
-            peer=self.peer,
-            route=self.route.path if self.route else None,
+            peer=bounded(self.peer),
+            route=self._routeFor(path),
+            path=bounded(path),
             status=refusal.status,
             method=refusal.method,
-            reason=refusal.reason,
+            reason=bounded(refusal.reason, _MAX_LOGGED_REASON),
         )
         self.sendData(http_refusal(refusal.status, refusal.headers))
         self.dropConnection(abort=False)
+
+    def _requestPath(self) -> str:
+        """
+        The path of the request line (no query: it may carry credentials),
+        as Autobahn parsed it or, for a request it refused, as sent.
+        """
+        path: str | None = getattr(self, "http_request_path", None)
+        if path is None:
+            head: bytes = getattr(self, "http_request_data", None) or self.data
+            parts = head.split(b"\r\n", 1)[0].decode("iso-8859-1").split(" ")
+            target = parts[1] if len(parts) > 1 else ""
+            path = target.partition("?")[0].partition("#")[0]
+        return path
+
+    def _routeFor(self, path: str) -> str:
+        """The route serving C{path} for the log: its path, or C{-}."""
+        if self.route is not None:
+            return self.route.path
+        try:
+            return self.factory.policy.route_for(path).path
+        except RouteNotFound:
+            return "-"
 
     # -- the open session -------------------------------------------------
 
@@ -743,6 +790,10 @@ def _peer_host(peer: str) -> str:
         return rest.rsplit(":", 1)[0]
     return peer
 
+
+#: The most characters of a refusal's reason that reach the log (the values
+#: in it are bounded each, see L{bounded}; this bounds the rest).
+_MAX_LOGGED_REASON = 1024
 
 #: Characters no header line may hold (tab is allowed in values), including
 #: the ones str.splitlines() breaks lines on (\x0b, \x0c, \x1c-\x1e, \x85),

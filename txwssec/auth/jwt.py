@@ -2,14 +2,17 @@
 JWT bearer authentication with PyJWT and static keys.
 
 The accepted algorithms come from configuration, never from the token. Every
-token must carry C{exp}; C{nbf} and C{iat} are checked when present; C{iss}
-and C{aud} must match exactly when configured. Tokens whose header names a key
+token must carry C{exp}; C{nbf} and C{iat} are checked when present; each of
+the three must be a JSON number (RFC 7519 NumericDate), never a string, a
+boolean or null, which PyJWT would convert; C{iss} and C{aud} must match
+exactly when configured. Tokens whose header names a key
 source (C{jku}, C{x5u}, C{jwk}, C{x5c}) are refused: keys are never fetched.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from base64 import urlsafe_b64decode
 from collections.abc import Sequence
@@ -25,6 +28,7 @@ from txwssec.auth._extract import Found, from_header, from_query, from_subprotoc
 from txwssec.auth.context import BuildContext
 from txwssec.consumers import ConsumerDirectory
 from txwssec.interfaces import IAuthenticator
+from txwssec.logs import bounded
 from txwssec.types import Accept, Deny, HandshakeRequest, Principal, Verdict
 
 #: Longer tokens are refused before any parsing.
@@ -32,6 +36,8 @@ MAX_TOKEN_LENGTH = 8192
 
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _KEY_SOURCE_HEADERS = ("jku", "x5u", "jwk", "x5c")
+#: The claims that hold a NumericDate (RFC 7519 section 2).
+_NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
 
 _HMAC = ("HS256", "HS384", "HS512")
 _RSA = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
@@ -199,7 +205,10 @@ class JWTAuthenticator:
                 options=self._options,
             )
         except jwt.PyJWTError as error:
-            return Deny(f"invalid token: {error}")
+            return Deny(f"invalid token: {bounded(error)}")
+        for claim in _NUMERIC_DATE_CLAIMS:
+            if claim in claims and not _is_numeric_date(claims[claim]):
+                return Deny(f"invalid token: {claim} is not a number")
         name = claims.get(self.consumer_claim)
         if not isinstance(name, str):
             return Deny(f"token has no string {self.consumer_claim} claim")
@@ -212,6 +221,20 @@ class JWTAuthenticator:
             expires_at=float(exp) + self.leeway,
             credential=found.credential,
         )
+
+
+def _is_numeric_date(value: object) -> bool:
+    """
+    Whether a claim is a NumericDate: a JSON number (an int or a float, not
+    a bool), finite as a float (so that an expiry can be computed from it).
+    """
+    if type(value) is int:
+        return abs(value) <= _LARGEST_FLOAT_INT
+    return type(value) is float and math.isfinite(value)
+
+
+#: Larger ints have no float value (C{float()} raises OverflowError).
+_LARGEST_FLOAT_INT = int(float.fromhex("0x1.fffffffffffffp+1023"))
 
 
 def _unverified_header(token: str) -> dict[str, Any] | None:

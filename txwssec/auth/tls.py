@@ -15,6 +15,7 @@ from txwssec._schema import Table
 from txwssec.auth.context import BuildContext
 from txwssec.consumers import ConsumerDirectory
 from txwssec.interfaces import IAuthenticator
+from txwssec.logs import bounded
 from txwssec.types import Accept, Deny, HandshakeRequest, Principal, Verdict
 
 
@@ -42,7 +43,7 @@ class TLSClientCertificateAuthenticator:
         consumer = self.consumers.by_certificate(certificate)
         subject = certificate.subject.rfc4514_string()
         if consumer is None:
-            return Deny(f"client certificate {subject!r} maps to no consumer")
+            return Deny(f"client certificate {bounded(subject)!r} maps to no consumer")
         claims = {
             "subject": subject,
             "issuer": certificate.issuer.rfc4514_string(),
