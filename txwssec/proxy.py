@@ -569,6 +569,13 @@ class GatewayProtocol(SecureServerProtocol):
         self._stopDraining()
         if pending is not None:
             self._fail_connection(*pending)
+            if self.data and self.state == self.STATE_CLOSING:
+                # The bytes held back since the error (the offending frame
+                # first) are parsed now, not when the client next sends: a
+                # client whose last frame was the error (a close frame with
+                # a 1-byte body) sends nothing more, and would otherwise
+                # wait for the close timeout and a reset.
+                self.consumeData()
 
     def _stopDraining(self, resume: bool = True) -> None:
         timer, self._drainTimer = self._drainTimer, None

@@ -573,6 +573,26 @@ class SecureServerProtocol(WebSocketServerProtocol):
         self.factory.counters[f"session.{event}"] += 1
         self.sendClose(int(code), reason)
 
+    def dropConnection(self, abort: bool = False) -> None:
+        """
+        Close the TCP connection: in order (a FIN, after every byte written)
+        once the close handshake is complete, with a reset only when it was
+        not (a close timeout, a handshake timeout).
+
+        Autobahn aborts a server's connection as soon as it has both sent
+        and received a close frame. An abort is a reset (SO_LINGER 0) that
+        also discards what is still unsent: a browser then reports
+        C{wasClean=false} for a routine close (3000, 1009...), and the close
+        frame answering an invalid close frame (1002, 1007) never leaves.
+        While a close the server started waits for the peer's reply,
+        Autobahn keeps reading and discarding what the peer sends (the rest
+        of an oversized message, say), so the reply is the last byte read
+        and nothing unread is left to turn the close into a reset.
+        """
+        if abort and self.wasClean:
+            abort = False
+        super().dropConnection(abort)
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         """Release everything this connection held, however it ended."""
         cancel_close_timer(self)
