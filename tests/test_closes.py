@@ -140,7 +140,7 @@ async def test_revocation_3003_ends_with_fin(serve: Serve, path: str) -> None:
 @PATHS
 @pytest_twisted.ensureDeferred
 async def test_idle_3008_ends_with_fin(serve: Serve, path: str) -> None:
-    factory, port = start(serve, idle_timeout=0.05)
+    _, port = start(serve, idle_timeout=0.05)
     client = await run(wsframes.connect(port, path))
     await run(ends_cleanly(client, 3008))
 
@@ -148,7 +148,7 @@ async def test_idle_3008_ends_with_fin(serve: Serve, path: str) -> None:
 @PATHS
 @pytest_twisted.ensureDeferred
 async def test_message_rate_1008_ends_with_fin(serve: Serve, path: str) -> None:
-    factory, port = start(serve, limits=RouteLimits(messages_per_second=0.001, burst=1))
+    _, port = start(serve, limits=RouteLimits(messages_per_second=0.001, burst=1))
     client = await run(wsframes.connect(port, path))
     flood = wsframes.frame(wsframes.TEXT, b"one") + wsframes.frame(wsframes.TEXT, b"two")
     await run(client.send(flood))
@@ -162,7 +162,7 @@ async def test_message_too_big_1009_ends_with_fin_after_the_rest(serve: Serve, p
     The server closes 1009 on the oversized frame's header; the client
     finishes sending that frame (as a browser does) and then replies.
     """
-    factory, port = start(serve)
+    _, port = start(serve)
     client = await run(opened(port, path))
     mask = b"\x01\x02\x03\x04"
     payload = wsframes.apply_mask(b"x" * 10 * LIMIT, mask)
@@ -184,7 +184,7 @@ async def test_slow_consumer_1013_ends_with_fin(serve: Serve, path: str) -> None
 @PATHS
 @pytest_twisted.ensureDeferred
 async def test_protocol_error_1002_ends_with_fin(serve: Serve, path: str) -> None:
-    factory, port = start(serve)
+    _, port = start(serve)
     client = await run(opened(port, path))
     await run(client.send(b"\x81\x02hi"))  # an unmasked client frame
     await run(ends_cleanly(client, 1002))
@@ -193,7 +193,7 @@ async def test_protocol_error_1002_ends_with_fin(serve: Serve, path: str) -> Non
 @PATHS
 @pytest_twisted.ensureDeferred
 async def test_invalid_utf8_1007_ends_with_fin(serve: Serve, path: str) -> None:
-    factory, port = start(serve)
+    _, port = start(serve)
     client = await run(opened(port, path))
     await run(client.send(wsframes.frame(wsframes.TEXT, b"\xff\xfe")))
     await run(ends_cleanly(client, 1007))
@@ -203,7 +203,7 @@ async def test_invalid_utf8_1007_ends_with_fin(serve: Serve, path: str) -> None:
 @pytest_twisted.ensureDeferred
 async def test_client_close_is_answered_and_ends_with_fin(serve: Serve, path: str) -> None:
     """The peer-initiated close, for comparison: 1000 back, then a FIN."""
-    factory, port = start(serve)
+    _, port = start(serve)
     client = await run(opened(port, path))
     await run(client.send(wsframes.close_frame(1000)))
     await run(ends_cleanly(client, 1000, reply=False))
