@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
+from itertools import chain
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import txaio
@@ -25,6 +26,7 @@ from twisted.python.failure import Failure
 
 from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
 from txwssec._cycles import FiredWithProtocol
+from txwssec._hooks import run_hook, transport_details
 from txwssec._reactor import default_reactor
 from txwssec.admission import Admission, ConsumerBuckets
 from txwssec.auth.chain import authenticate
@@ -381,7 +383,76 @@ class SecureServerProtocol(WebSocketServerProtocol):
             if route.idle_timeout:
                 self._last_message = now = factory.clock.seconds()
                 self._idle_timer = deadlines.call_at(now + route.idle_timeout, self._checkIdle)
-        super()._onOpen()
+        transport_details(self)
+        run_hook(self, "onOpen", self.onOpen)
+
+    # -- application hooks and errors ---------------------------------------
+
+    def _onMessage(self, payload: bytes, isBinary: bool) -> None:
+        run_hook(self, "onMessage", self.onMessage, payload, isBinary)
+
+    def _onPing(self, payload: bytes) -> None:
+        run_hook(self, "onPing", self.onPing, payload)
+
+    def _onPong(self, payload: bytes) -> None:
+        run_hook(self, "onPong", self.onPong, payload)
+
+    def _onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        run_hook(self, "onClose", self.onClose, wasClean, code, reason)
+
+    def _applicationFailed(self, hook: str, failure: Failure) -> None:
+        """
+        The application's C{hook} raised, or its coroutine or L{Deferred}
+        failed: log it once, with the traceback, and close this connection
+        with 1011 (an error in C{onClose} is only logged). Other
+        connections are not affected.
+        """
+        securityLog.failure(
+            "error in {hook} on {route} for {peer}",
+            failure,
+            hook=hook,
+            **self._sessionFields(),
+        )
+        self.factory.counters["application.error"] += 1
+        if hook != "onClose":
+            self._internalError()
+
+    def _internalError(self) -> None:
+        """
+        Close with 1011 after an error in this connection's code: the close
+        handshake as for any close (nothing the peer sends after it reaches
+        the application), or, before the connection opened or once it is
+        closing, the TCP connection.
+        """
+        self.failedByMe = True
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(CloseCode.INTERNAL_ERROR, b"internal error")
+        elif self.state != self.STATE_CLOSED and not self.closeHandshakeTimeoutCall:
+            self.dropConnection(abort=True)
+
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> bool:
+        """
+        Send a message, as Autobahn's C{sendMessage}, if the connection is
+        open; to a peer that is closing or gone it is a no-op (Autobahn
+        raises), so that sending to other sessions (a broadcast) is safe
+        from any handler.
+
+        @return: whether the message was sent: L{False} if the connection
+            was not open, or closed for a slow consumer instead of sending it.
+        """
+        if self.state != self.STATE_OPEN:
+            return False
+        WebSocketServerProtocol.sendMessage(
+            self, payload, isBinary, fragmentSize, sync, doNotCompress
+        )
+        return bool(self.state == self.STATE_OPEN)
 
     def _checkIdle(self) -> None:
         # Messages do not move the timer (onFrameBegin only notes the time):
@@ -626,7 +697,12 @@ class SecureServerProtocol(WebSocketServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's dataReceived formats its debug line's arguments (hltype,
         # hlval) on every read, whatever the log level, then does this.
-        self._dataReceived(data)
+        try:
+            self._dataReceived(data)
+        except Exception:
+            # A bug in txwssec or Autobahn while parsing (application hooks
+            # have their own guard): 1011 rather than the reactor's reset.
+            self._applicationFailed("dataReceived", Failure())
 
 
 class SecureServerFactory(WebSocketServerFactory):
@@ -677,6 +753,7 @@ class SecureServerFactory(WebSocketServerFactory):
         self._batched_timer = self.deadlines
         self.admission = Admission(policy)
         self.sessions: dict[str, set[SecureServerProtocol]] = {}
+        self._routeSessions: dict[str, set[SecureServerProtocol]] = {}
         self.counters: Counter[str] = Counter()
         self._upstreamPools: dict[str, UpstreamPool] = {}
 
@@ -687,18 +764,54 @@ class SecureServerFactory(WebSocketServerFactory):
 
     def sessionOpened(self, protocol: SecureServerProtocol) -> None:
         """Track an open session (for L{revoke})."""
-        assert protocol.session is not None
-        self.sessions.setdefault(protocol.session.consumer, set()).add(protocol)
+        session = protocol.session
+        assert session is not None
+        self.sessions.setdefault(session.consumer, set()).add(protocol)
+        self._routeSessions.setdefault(session.route, set()).add(protocol)
 
     def sessionClosed(self, protocol: SecureServerProtocol) -> None:
         """Stop tracking a session."""
-        assert protocol.session is not None
-        consumer = protocol.session.consumer
-        live = self.sessions.get(consumer)
-        if live is not None:
-            live.discard(protocol)
-            if not live:
-                del self.sessions[consumer]
+        session = protocol.session
+        assert session is not None
+        indexes = ((self.sessions, session.consumer), (self._routeSessions, session.route))
+        for index, key in indexes:
+            live = index.get(key)
+            if live is not None:
+                live.discard(protocol)
+                if not live:
+                    del index[key]
+
+    def openSessions(self, route: str | None = None) -> list[SecureServerProtocol]:
+        """
+        The sessions that are open now (not closing), on C{route} (a path)
+        or on every route: a new list, so that sessions may close while the
+        caller goes through it.
+        """
+        if route is None:
+            candidates: Iterable[SecureServerProtocol] = chain.from_iterable(
+                self._routeSessions.values()
+            )
+        else:
+            candidates = self._routeSessions.get(route, ())
+        return [protocol for protocol in candidates if protocol.state == protocol.STATE_OPEN]
+
+    def broadcast(
+        self, payload: bytes, isBinary: bool = False, *, route: str | None = None
+    ) -> int:
+        """
+        Send one message to every open session of C{route} (a path; all
+        routes if L{None}), from any handler or timer. Sessions that are
+        closing, or that close during the broadcast (a slow consumer), are
+        skipped. Meant for application routes: on a gateway route the
+        clients' messages come from their upstream.
+
+        @return: how many sessions it was sent to.
+        """
+        sent = 0
+        for protocol in self.openSessions(route):
+            if protocol.sendMessage(payload, isBinary):
+                sent += 1
+        return sent
 
     def protocolFor(self, route: RoutePolicy) -> type[SecureServerProtocol] | None:
         """
