@@ -74,6 +74,14 @@ class SecureServerProtocol(WebSocketServerProtocol):
     1008 (rates, fragments, control frames), 1009 (message size) and 1013
     (a peer that does not read). This protocol registers itself as the
     transport's producer to learn when the peer stops reading.
+
+    Hooks may be coroutines (C{async def}). An exception in a hook, or a
+    coroutine or L{Deferred} of one that fails, closes this connection
+    with 1011 and is logged once with its traceback (an error in
+    C{onClose} is only logged). C{sendMessage} to a connection that is not
+    open does nothing and returns L{False}. Every close ends with an
+    orderly TCP close once the peer's close frame has arrived (see
+    L{dropConnection}).
     """
 
     #: Autobahn's logger for this protocol, pinned at "info" whatever txaio's
@@ -716,7 +724,8 @@ class SecureServerFactory(WebSocketServerFactory):
     @ivar counters: events by name: C{handshake.refused.<status>},
         C{session.opened}, C{session.expired|revoked|idle}, and one
         C{limit.<name>} per limit that refused a handshake or closed a
-        connection (C{limit.message_rate}, C{limit.max_buffered_bytes}...).
+        connection (C{limit.message_rate}, C{limit.max_buffered_bytes}...),
+        and C{application.error} per error in an application hook.
     """
 
     protocol = SecureServerProtocol  # type: ignore[assignment]
