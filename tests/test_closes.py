@@ -38,6 +38,7 @@ Serve = Callable[[Any], int]
 TIMEOUT = 10.0
 #: The routes' max_message_size (small: an oversized message is cheap).
 LIMIT = 64
+MIB = 1024 * 1024
 
 
 def routes(port_of_upstream: int, **options: Any) -> ServerPolicy:
@@ -207,6 +208,42 @@ async def test_client_close_is_answered_and_ends_with_fin(serve: Serve, path: st
     client = await run(opened(port, path))
     await run(client.send(wsframes.close_frame(1000)))
     await run(ends_cleanly(client, 1000, reply=False))
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_that_answers_but_stops_reading_is_reset_after_the_close_timeout(
+    serve: Serve,
+) -> None:
+    """
+    The orderly close waits for the peer to read what was written before
+    the close frame; a peer that sends its close reply without reading
+    cannot hold the connection open: it is reset after the close timeout.
+    """
+    route = RoutePolicy(
+        "/echo",
+        [AnonymousAuthenticator()],
+        protocol=EchoProtocol,
+        max_message_size=MIB,
+        limits=RouteLimits(max_buffered_bytes=0),
+    )
+    factory = SecureServerFactory(ServerPolicy((route,), close_timeout=0.2))
+    port = serve(factory)
+
+    async def stop_reading() -> None:
+        client = await wsframes.connect(port, "/echo", rcvbuf=4096)
+        try:
+            for _ in range(16):  # 16 MiB echoed into buffers nobody reads
+                await client.send(wsframes.frame(wsframes.BINARY, bytes(MIB)))
+            await wait(lambda: the_session(factory).trafficStats.incomingWebSocketMessages == 16)
+            assert factory.revoke("anonymous") == 1
+            # The reply, without reading the server's close frame.
+            await client.send(wsframes.close_frame(3003))
+            await wait(lambda: factory.connections.total == 0)
+        finally:
+            client.close()
+
+    await aio(stop_reading())
+    assert factory.counters["limit.close_linger"] == 1
 
 
 # -- B. invalid close frames -----------------------------------------------------

@@ -101,6 +101,8 @@ class SecureServerProtocol(WebSocketServerProtocol):
     _pipelineStarted: bool = False
     _consumer_admitted: tuple[RoutePolicy, str] | None = None
     _idle_timer: Deadline | None = None
+    #: Aborts an orderly close that the peer does not let finish.
+    _loseTimer: Deadline | None = None
     _last_message: float = 0.0
     _guard: TrafficGuard | None = None
     # Autobahn's per-connection size limits (set from the route).
@@ -666,15 +668,36 @@ class SecureServerProtocol(WebSocketServerProtocol):
         While a close the server started waits for the peer's reply,
         Autobahn keeps reading and discarding what the peer sends (the rest
         of an oversized message, say), so the reply is the last byte read
-        and nothing unread is left to turn the close into a reset.
+        and nothing unread is left to turn the close into a reset. An
+        orderly close that the peer does not let finish (it stops reading)
+        is reset after the close timeout.
         """
         if abort and self.wasClean:
             abort = False
+        close_timeout = self.factory.policy.close_timeout
+        if not abort and self.state != self.STATE_CLOSED and close_timeout > 0:
+            # An orderly close waits until the peer has read every byte
+            # written: a peer that answered the close but reads nothing
+            # more would hold the connection forever. Bounded, then a reset.
+            self._loseTimer = self.factory.deadlines.call_later(
+                close_timeout, self._abortLingering
+            )
         super().dropConnection(abort)
+
+    def _abortLingering(self) -> None:
+        self._loseTimer = None
+        self.factory.counters["limit.close_linger"] += 1
+        securityLog.info("close timeout: resetting {peer}", peer=self.peer)
+        transport: Any = self.transport
+        transport.abortConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         """Release everything this connection held, however it ended."""
         cancel_close_timer(self)
+        lose_timer = self._loseTimer
+        if lose_timer is not None:
+            lose_timer.cancel()
+            self._loseTimer = None
         idle_timer = self._idle_timer
         if idle_timer is not None:
             idle_timer.cancel()
