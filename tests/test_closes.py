@@ -10,6 +10,10 @@ Clients are raw sockets (L{wsframes}): after the server's close frame they
 send what a browser would (the rest of a message it was sending, then its
 close reply) and read to the end: C{b""} is a FIN, a reset raises
 C{ConnectionResetError}, the reason a browser reports C{wasClean=false}.
+A headless Chromium (skipped where it is not installed) checks that last
+point itself, and C{twistd wssec} is checked once. The orderly close stays
+bounded: a peer that answers the close but stops reading is reset after the
+close timeout.
 """
 
 from __future__ import annotations
@@ -26,8 +30,17 @@ import pytest_twisted
 import wsframes
 from conftest import aio
 from processes import free_port, twistd
+from twisted.internet.threads import deferToThread
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
-from txwssec import AnonymousAuthenticator, RoutePolicy, SecureServerFactory, ServerPolicy
+from txwssec import (
+    AnonymousAuthenticator,
+    OriginPolicy,
+    RoutePolicy,
+    SecureServerFactory,
+    ServerPolicy,
+)
 from txwssec.apps.echo import EchoProtocol
 from txwssec.policy import RouteLimits
 from txwssec.proxy import Upstream
@@ -282,6 +295,82 @@ async def test_invalid_close_frame_is_answered_then_fin(
     await run(wait(lambda: not factory.sessions))
     # The server still serves.
     (await run(opened(port, path))).close()
+
+
+# -- a real browser ---------------------------------------------------------------------
+
+
+def chromium() -> Any:
+    """A headless Chromium through Selenium, or skip."""
+    import shutil
+
+    driver_path = shutil.which("chromedriver")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if driver_path is None or shutil.which("chromium") is None:
+        pytest.skip("chromium and chromedriver are not installed")
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
+
+
+class ExpiresOnMessage(SecureServerProtocol):
+    """Its credentials expire when the client says so."""
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self._credentialsExpired()
+
+
+class Page(Resource):
+    """An empty page, for an http://127.0.0.1 origin."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/html")
+        return b"<!doctype html><title>closes</title>"
+
+
+@pytest_twisted.ensureDeferred
+async def test_browser_sees_clean_closes(serve: Serve) -> None:
+    """
+    Chromium reports C{wasClean: true} with the server's code for a 3000
+    expiry, a 1009 and a 3008 idle timeout (it reported C{false} when the
+    server reset the connection after the close handshake). The page comes
+    from 127.0.0.1, as browsers refuse a loopback WebSocket from elsewhere.
+    """
+    anyone = OriginPolicy.from_list(["*"])
+    anonymous = [AnonymousAuthenticator()]
+    policy = ServerPolicy(
+        (
+            RoutePolicy("/expire", anonymous, protocol=ExpiresOnMessage, origins=anyone),
+            RoutePolicy("/small", anonymous, max_message_size=16, origins=anyone),
+            RoutePolicy("/idle", anonymous, idle_timeout=0.2, origins=anyone),
+        )
+    )
+    port = serve(SecureServerFactory(policy))
+    page = serve(Site(Page()))
+    scripts = {"/expire": "ws.send('expire')", "/small": "ws.send('x'.repeat(1000))", "/idle": ""}
+
+    def browse() -> dict[str, Any]:
+        driver = chromium()
+        try:
+            driver.set_script_timeout(TIMEOUT)
+            driver.get(f"http://127.0.0.1:{page}/")
+            return {
+                path: driver.execute_async_script(
+                    "const done = arguments[arguments.length - 1];"
+                    f"const ws = new WebSocket('ws://127.0.0.1:{port}{path}');"
+                    f"ws.onopen = () => {{ {script} }};"
+                    "ws.onclose = (e) => done([e.code, e.wasClean]);"
+                )
+                for path, script in scripts.items()
+            }
+        finally:
+            driver.quit()
+
+    seen = await deferToThread(browse)
+    assert seen == {"/expire": [3000, True], "/small": [1009, True], "/idle": [3008, True]}
 
 
 # -- through twistd wssec ------------------------------------------------------------
