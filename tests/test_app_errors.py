@@ -289,14 +289,31 @@ async def test_send_to_a_closing_peer_is_a_noop_and_broadcast_skips_it(
 
 
 @pytest_twisted.ensureDeferred
-async def test_broadcast_reaches_open_sessions_of_the_route_only(serve: Serve) -> None:
-    factory, port = faulty_server(serve)
+async def test_broadcast_reaches_open_sessions_of_the_route_only(
+    serve: Serve, captured_log: CapturedLog
+) -> None:
+    """
+    Broadcasts go to the open sessions of one route, or of all; a session
+    whose route's max_message_size is smaller than the message is skipped
+    (with one warning) instead of failing the whole broadcast.
+    """
+    anonymous = [AnonymousAuthenticator()]
+    factory = SecureServerFactory(
+        ServerPolicy(
+            (
+                RoutePolicy("/echo", anonymous, protocol=Faulty),
+                RoutePolicy("/other", anonymous, protocol=Faulty),
+                RoutePolicy("/tiny", anonymous, protocol=Faulty, max_message_size=2),
+            )
+        )
+    )
+    port = serve(factory)
 
     async def scenario() -> None:
         async with (
             websockets.connect(url(port, "/echo")) as one,
             websockets.connect(url(port, "/echo")) as two,
-            websockets.connect(url(port, "/close")) as elsewhere,
+            websockets.connect(url(port, "/other")) as elsewhere,
         ):
             for ws in (one, two, elsewhere):
                 await still_echoes(ws)
@@ -307,8 +324,17 @@ async def test_broadcast_reaches_open_sessions_of_the_route_only(serve: Serve) -
             for ws in (one, two, elsewhere):
                 assert await asyncio.wait_for(ws.recv(), TIMEOUT) == "all"
             assert factory.broadcast(b"nobody", route="/nowhere") == 0
+            async with websockets.connect(url(port, "/tiny")) as tiny:
+                assert factory.broadcast(b"big", route=None) == 3
+                assert factory.broadcast(b"ok", route="/tiny") == 1
+                assert await asyncio.wait_for(tiny.recv(), TIMEOUT) == "ok"
+            for ws in (one, two, elsewhere):
+                assert await asyncio.wait_for(ws.recv(), TIMEOUT) == "big"
 
     await aio(scenario())
+    (warning,) = captured_log.matching(log_namespace="txwssec.server", count=1)
+    assert warning["size"] == 3
+    assert failures(captured_log) == []
 
 
 # -- gateway ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from itertools import chain
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import txaio
+from autobahn.exception import PayloadExceededError
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
     PerMessageDeflate,
@@ -834,15 +835,31 @@ class SecureServerFactory(WebSocketServerFactory):
         Send one message to every open session of C{route} (a path; all
         routes if L{None}), from any handler or timer. Sessions that are
         closing, or that close during the broadcast (a slow consumer), are
-        skipped. Meant for application routes: on a gateway route the
+        skipped. So are sessions whose route's C{max_message_size} (which
+        bounds what is sent too) is below the message's size, with one
+        warning. Meant for application routes: on a gateway route the
         clients' messages come from their upstream.
 
         @return: how many sessions it was sent to.
         """
-        sent = 0
+        sent = too_big = 0
+        size = len(payload)
         for protocol in self.openSessions(route):
-            if protocol.sendMessage(payload, isBinary):
-                sent += 1
+            policy = protocol.route
+            if policy is not None and size > policy.max_message_size:
+                too_big += 1
+                continue
+            try:
+                if protocol.sendMessage(payload, isBinary):
+                    sent += 1
+            except PayloadExceededError:  # compressed, a little over the limit
+                too_big += 1
+        if too_big:
+            securityLog.warn(
+                "broadcast of {size} bytes not sent to {count} sessions: over max_message_size",
+                size=size,
+                count=too_big,
+            )
         return sent
 
     def protocolFor(self, route: RoutePolicy) -> type[SecureServerProtocol] | None:
