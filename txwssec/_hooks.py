@@ -41,7 +41,7 @@ def run_hook(
     except Exception:
         protocol._applicationFailed(hook, Failure())
         return
-    if isinstance(result, Deferred) or iscoroutine(result):
+    if result is not None and (isinstance(result, Deferred) or iscoroutine(result)):
         waiting: Deferred[object] = ensureDeferred(result)
         waiting.addErrback(_failed_later, protocol, hook)
 
