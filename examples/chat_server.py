@@ -79,6 +79,10 @@ UNSUPPORTED_DATA = 1003
 log = Logger(namespace="chat")
 
 
+#: The chat route's path.
+CHAT = "/chat"
+
+
 class ChatProtocol(SecureServerProtocol):
     """
     One chat member. The handshake has already authenticated it, so
@@ -86,6 +90,8 @@ class ChatProtocol(SecureServerProtocol):
     """
 
     factory: ChatFactory
+    #: Set once the member is announced (a refused handshake never joins).
+    joined = False
 
     @property
     def consumer(self) -> str:
@@ -94,6 +100,7 @@ class ChatProtocol(SecureServerProtocol):
         return self.session.consumer
 
     def onOpen(self) -> None:
+        self.joined = True
         self.factory.join(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -101,10 +108,11 @@ class ChatProtocol(SecureServerProtocol):
             self.closeWith(UNSUPPORTED_DATA, "text messages only")
             return
         # Autobahn has already checked that text messages are valid UTF-8.
-        self.factory.broadcast({"from": self.consumer, "text": payload.decode("utf-8")})
+        self.factory.announce({"from": self.consumer, "text": payload.decode("utf-8")})
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.leave(self)
+        if self.joined:
+            self.factory.leave(self)
 
     def closeWith(self, code: int, reason: str) -> None:
         """
@@ -117,44 +125,35 @@ class ChatProtocol(SecureServerProtocol):
 
 class ChatFactory(SecureServerFactory):
     """
-    The chat room: the set of open member connections.
-
-    @ivar members: every open connection, joined and not yet left.
+    The chat room: its members are the route's open sessions
+    (C{openSessions(CHAT)}), which the factory keeps for us.
     """
 
     protocol = ChatProtocol
 
-    def __init__(self, route: RoutePolicy, **options: Any) -> None:
-        super().__init__(route, **options)
-        self.members: set[ChatProtocol] = set()
+    def online(self) -> int:
+        """How many members are connected (and not leaving)."""
+        return len(self.openSessions(CHAT))
 
     def join(self, member: ChatProtocol) -> None:
-        """Add C{member} and tell everyone, the newcomer included."""
-        self.members.add(member)
+        """Tell everyone, the newcomer included, that C{member} joined."""
         log.info(
-            "{consumer} joined ({count} online)", consumer=member.consumer, count=len(self.members)
+            "{consumer} joined ({count} online)", consumer=member.consumer, count=self.online()
         )
-        self.broadcast({"event": "join", "consumer": member.consumer})
+        self.announce({"event": "join", "consumer": member.consumer})
 
     def leave(self, member: ChatProtocol) -> None:
-        """Remove C{member} (if it had joined) and tell the others."""
-        if member not in self.members:
-            return  # refused at the handshake: it never joined
-        self.members.discard(member)
-        log.info(
-            "{consumer} left ({count} online)", consumer=member.consumer, count=len(self.members)
-        )
-        self.broadcast({"event": "leave", "consumer": member.consumer})
+        """Tell the others that C{member} left (it is no longer open)."""
+        log.info("{consumer} left ({count} online)", consumer=member.consumer, count=self.online())
+        self.announce({"event": "leave", "consumer": member.consumer})
 
-    def broadcast(self, message: dict[str, str]) -> None:
+    def announce(self, message: dict[str, str]) -> None:
         """
-        Send C{message} as JSON text to every member whose connection is
-        open (a member that is closing can no longer be sent to).
+        Send C{message} as JSON text to every member. L{broadcast} skips
+        members that are closing, so this is safe from any handler.
         """
         payload = json.dumps(message, ensure_ascii=False).encode("utf-8")
-        for member in list(self.members):
-            if member.state == member.STATE_OPEN:
-                member.sendMessage(payload, isBinary=False)
+        self.broadcast(payload, isBinary=False, route=CHAT)
 
     def goingAway(self) -> Deferred[Any]:
         """
@@ -164,7 +163,8 @@ class ChatFactory(SecureServerFactory):
         waited for at most C{close_timeout} plus one second.
         """
         closed = []
-        for member in list(self.members):
+        for member in self.openSessions(CHAT):
+            assert isinstance(member, ChatProtocol)
             member.closeWith(CloseCode.GOING_AWAY, "server shutting down")
             closed.append(member.is_closed)
         done = DeferredList(closed, consumeErrors=True)
@@ -182,7 +182,7 @@ def make_factory() -> ChatFactory:
         Consumer(name, (key_digest(key),)) for name, key in DEMO_KEYS.items()
     )
     route = RoutePolicy(
-        "/chat",
+        CHAT,
         [KeyAuthenticator(consumers)],
         subprotocols=("chat.v1",),
         max_message_size=64 * 1024,

@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 
 from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
 from txwssec._cycles import FiredWithProtocol
+from txwssec._hooks import run_hook, transport_details
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
@@ -186,12 +187,65 @@ class SecureClientProtocol(WebSocketClientProtocol):
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's dataReceived formats its debug line's arguments (hltype,
         # hlval) on every read, whatever the log level, then does this.
-        self._dataReceived(data)
+        try:
+            self._dataReceived(data)
+        except Exception:
+            self._applicationFailed("dataReceived", Failure())
 
     def _onOpen(self) -> None:
-        super()._onOpen()
+        transport_details(self)
+        run_hook(self, "onOpen", self.onOpen)
         if not self.opened.called:
             self.opened.callback(self)
+
+    def _onPing(self, payload: bytes) -> None:
+        run_hook(self, "onPing", self.onPing, payload)
+
+    def _onPong(self, payload: bytes) -> None:
+        run_hook(self, "onPong", self.onPong, payload)
+
+    def _applicationFailed(self, hook: str, failure: Failure) -> None:
+        """
+        The application's C{hook} raised, or its coroutine or L{Deferred}
+        failed: log it once, with the traceback, and close this connection
+        with 1011 (an error in C{onClose} or C{onCredentialsExpired}, which
+        run once it is closed, is only logged).
+        """
+        log.failure(
+            "error in {hook} on {route} for {peer}",
+            failure,
+            hook=hook,
+            route=urlsplit(self.factory.url).path or "/",
+            peer=self.peer,
+        )
+        if hook in ("onClose", "onCredentialsExpired"):
+            return
+        self.failedByMe = True
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(CloseCode.INTERNAL_ERROR, b"internal error")
+        elif self.state != self.STATE_CLOSED and not self.closeHandshakeTimeoutCall:
+            self.dropConnection(abort=True)
+
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> bool:
+        """
+        Send a message, as Autobahn's C{sendMessage}, if the connection is
+        open; once it is closing or closed this is a no-op (Autobahn raises).
+
+        @return: whether the message was sent.
+        """
+        if self.state != self.STATE_OPEN:
+            return False
+        WebSocketClientProtocol.sendMessage(
+            self, payload, isBinary, fragmentSize, sync, doNotCompress
+        )
+        return True
 
     def onCloseFrame(self, code: Any, reasonRaw: Any) -> bool:
         self._closeReceived = True
@@ -203,13 +257,13 @@ class SecureClientProtocol(WebSocketClientProtocol):
         # deliver it, and an onMessage that answers raises Disconnected,
         # which drops the connection before the close reply is written.
         if not self._closeReceived:
-            super()._onMessage(payload, isBinary)
+            run_hook(self, "onMessage", self.onMessage, payload, isBinary)
 
     def _onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:
             if code == CloseCode.CREDENTIALS_EXPIRED:
-                self.onCredentialsExpired()
-            super()._onClose(wasClean, code, reason)
+                run_hook(self, "onCredentialsExpired", self.onCredentialsExpired)
+            run_hook(self, "onClose", self.onClose, wasClean, code, reason)
         finally:
             if not self.opened.called:
                 self.opened.errback(Failure(self._openingError(reason)))

@@ -37,6 +37,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txwssec.admission import is_trusted_proxy
 from txwssec.auth.credentials import (
@@ -241,8 +242,20 @@ class UpstreamProtocol(SecureClientProtocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
-        if not _relayed(self, data):
-            super().dataReceived(data)
+        try:
+            if not _relayed(self, data):
+                super().dataReceived(data)
+        except Exception:
+            self._applicationFailed("relay", Failure())
+
+    def _applicationFailed(self, hook: str, failure: Failure) -> None:
+        # The gateway's own code failed on this leg: the client gets 1011
+        # (logged once, by the client leg) and this leg is closed with it.
+        downstream = self.downstream
+        if downstream is None:
+            super()._applicationFailed(hook, failure)
+        else:
+            downstream._applicationFailed(f"upstream {hook}", failure)
 
     def relayOpen(self) -> bool:
         # Closing after the gateway's close, the upstream's frames still go
@@ -414,7 +427,7 @@ class GatewayProtocol(SecureServerProtocol):
     def _onOpen(self) -> None:
         super()._onOpen()
         upstream = self.upstream
-        if upstream is not None:
+        if upstream is not None and self.state == self.STATE_OPEN:
             upstream.flush()
             if self._relays(upstream):
                 self._startRelay(upstream)
@@ -446,8 +459,19 @@ class GatewayProtocol(SecureServerProtocol):
         upstream.startRelay()
 
     def dataReceived(self, data: bytes) -> None:
-        if not _relayed(self, data):
+        try:
+            relayed = _relayed(self, data)
+        except Exception:
+            self._applicationFailed("relay", Failure())
+            return
+        if not relayed:
             super().dataReceived(data)
+
+    def _internalError(self) -> None:
+        # The upstream sees a plain 1001, as for every close the gateway starts.
+        self._stopDraining()
+        self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
+        super()._internalError()
 
     def relayOpen(self) -> bool:
         return (
@@ -578,6 +602,13 @@ class GatewayProtocol(SecureServerProtocol):
         self._stopDraining()
         if pending is not None:
             self._fail_connection(*pending)
+            if self.data and self.state == self.STATE_CLOSING:
+                # The bytes held back since the error (the offending frame
+                # first) are parsed now, not when the client next sends: a
+                # client whose last frame was the error (a close frame with
+                # a 1-byte body) sends nothing more, and would otherwise
+                # wait for the close timeout and a reset.
+                self.consumeData()
 
     def _stopDraining(self, resume: bool = True) -> None:
         timer, self._drainTimer = self._drainTimer, None

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
+from itertools import chain
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import txaio
+from autobahn.exception import PayloadExceededError
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
     PerMessageDeflate,
@@ -25,6 +27,7 @@ from twisted.python.failure import Failure
 
 from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
 from txwssec._cycles import FiredWithProtocol
+from txwssec._hooks import run_hook, transport_details
 from txwssec._reactor import default_reactor
 from txwssec._request import check_request_head
 from txwssec.admission import Admission, ConsumerBuckets, client_address
@@ -82,6 +85,14 @@ class SecureServerProtocol(WebSocketServerProtocol):
     1008 (rates, fragments, control frames), 1009 (message size) and 1013
     (a peer that does not read). This protocol registers itself as the
     transport's producer to learn when the peer stops reading.
+
+    Hooks may be coroutines (C{async def}). An exception in a hook, or a
+    coroutine or L{Deferred} of one that fails, closes this connection
+    with 1011 and is logged once with its traceback (an error in
+    C{onClose} is only logged). C{sendMessage} to a connection that is not
+    open does nothing and returns L{False}. Every close ends with an
+    orderly TCP close once the peer's close frame has arrived (see
+    L{dropConnection}).
     """
 
     #: Autobahn's logger for this protocol, pinned at "info" whatever txaio's
@@ -101,6 +112,8 @@ class SecureServerProtocol(WebSocketServerProtocol):
     _pipelineStarted: bool = False
     _consumer_admitted: tuple[RoutePolicy, str] | None = None
     _idle_timer: Deadline | None = None
+    #: Aborts an orderly close that the peer does not let finish.
+    _loseTimer: Deadline | None = None
     _last_message: float = 0.0
     _guard: TrafficGuard | None = None
     # Autobahn's per-connection size limits (set from the route).
@@ -438,7 +451,76 @@ class SecureServerProtocol(WebSocketServerProtocol):
             if route.idle_timeout:
                 self._last_message = now = factory.clock.seconds()
                 self._idle_timer = deadlines.call_at(now + route.idle_timeout, self._checkIdle)
-        super()._onOpen()
+        transport_details(self)
+        run_hook(self, "onOpen", self.onOpen)
+
+    # -- application hooks and errors ---------------------------------------
+
+    def _onMessage(self, payload: bytes, isBinary: bool) -> None:
+        run_hook(self, "onMessage", self.onMessage, payload, isBinary)
+
+    def _onPing(self, payload: bytes) -> None:
+        run_hook(self, "onPing", self.onPing, payload)
+
+    def _onPong(self, payload: bytes) -> None:
+        run_hook(self, "onPong", self.onPong, payload)
+
+    def _onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        run_hook(self, "onClose", self.onClose, wasClean, code, reason)
+
+    def _applicationFailed(self, hook: str, failure: Failure) -> None:
+        """
+        The application's C{hook} raised, or its coroutine or L{Deferred}
+        failed: log it once, with the traceback, and close this connection
+        with 1011 (an error in C{onClose} is only logged). Other
+        connections are not affected.
+        """
+        securityLog.failure(
+            "error in {hook} on {route} for {peer}",
+            failure,
+            hook=hook,
+            **self._sessionFields(),
+        )
+        self.factory.counters["application.error"] += 1
+        if hook != "onClose":
+            self._internalError()
+
+    def _internalError(self) -> None:
+        """
+        Close with 1011 after an error in this connection's code: the close
+        handshake as for any close (nothing the peer sends after it reaches
+        the application), or, before the connection opened or once it is
+        closing, the TCP connection.
+        """
+        self.failedByMe = True
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(CloseCode.INTERNAL_ERROR, b"internal error")
+        elif self.state != self.STATE_CLOSED and not self.closeHandshakeTimeoutCall:
+            self.dropConnection(abort=True)
+
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> bool:
+        """
+        Send a message, as Autobahn's C{sendMessage}, if the connection is
+        open; to a peer that is closing or gone it is a no-op (Autobahn
+        raises), so that sending to other sessions (a broadcast) is safe
+        from any handler.
+
+        @return: whether the message was sent: L{False} if the connection
+            was not open, or closed for a slow consumer instead of sending it.
+        """
+        if self.state != self.STATE_OPEN:
+            return False
+        WebSocketServerProtocol.sendMessage(
+            self, payload, isBinary, fragmentSize, sync, doNotCompress
+        )
+        return bool(self.state == self.STATE_OPEN)
 
     def _checkIdle(self) -> None:
         # Messages do not move the timer (onFrameBegin only notes the time):
@@ -630,9 +712,50 @@ class SecureServerProtocol(WebSocketServerProtocol):
         self.factory.counters[f"session.{event}"] += 1
         self.sendClose(int(code), reason)
 
+    def dropConnection(self, abort: bool = False) -> None:
+        """
+        Close the TCP connection: in order (a FIN, after every byte written)
+        once the close handshake is complete, with a reset only when it was
+        not (a close timeout, a handshake timeout).
+
+        Autobahn aborts a server's connection as soon as it has both sent
+        and received a close frame. An abort is a reset (SO_LINGER 0) that
+        also discards what is still unsent: a browser then reports
+        C{wasClean=false} for a routine close (3000, 1009...), and the close
+        frame answering an invalid close frame (1002, 1007) never leaves.
+        While a close the server started waits for the peer's reply,
+        Autobahn keeps reading and discarding what the peer sends (the rest
+        of an oversized message, say), so the reply is the last byte read
+        and nothing unread is left to turn the close into a reset. An
+        orderly close that the peer does not let finish (it stops reading)
+        is reset after the close timeout.
+        """
+        if abort and self.wasClean:
+            abort = False
+        close_timeout = self.factory.policy.close_timeout
+        if not abort and self.state != self.STATE_CLOSED and close_timeout > 0:
+            # An orderly close waits until the peer has read every byte
+            # written: a peer that answered the close but reads nothing
+            # more would hold the connection forever. Bounded, then a reset.
+            self._loseTimer = self.factory.deadlines.call_later(
+                close_timeout, self._abortLingering
+            )
+        super().dropConnection(abort)
+
+    def _abortLingering(self) -> None:
+        self._loseTimer = None
+        self.factory.counters["limit.close_linger"] += 1
+        securityLog.info("close timeout: resetting {peer}", peer=self.peer)
+        transport: Any = self.transport
+        transport.abortConnection()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         """Release everything this connection held, however it ended."""
         cancel_close_timer(self)
+        lose_timer = self._loseTimer
+        if lose_timer is not None:
+            lose_timer.cancel()
+            self._loseTimer = None
         idle_timer = self._idle_timer
         if idle_timer is not None:
             idle_timer.cancel()
@@ -663,7 +786,12 @@ class SecureServerProtocol(WebSocketServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's dataReceived formats its debug line's arguments (hltype,
         # hlval) on every read, whatever the log level, then does this.
-        self._dataReceived(data)
+        try:
+            self._dataReceived(data)
+        except Exception:
+            # A bug in txwssec or Autobahn while parsing (application hooks
+            # have their own guard): 1011 rather than the reactor's reset.
+            self._applicationFailed("dataReceived", Failure())
 
 
 class SecureServerFactory(WebSocketServerFactory):
@@ -677,7 +805,8 @@ class SecureServerFactory(WebSocketServerFactory):
     @ivar counters: events by name: C{handshake.refused.<status>},
         C{session.opened}, C{session.expired|revoked|idle}, and one
         C{limit.<name>} per limit that refused a handshake or closed a
-        connection (C{limit.message_rate}, C{limit.max_buffered_bytes}...).
+        connection (C{limit.message_rate}, C{limit.max_buffered_bytes}...),
+        and C{application.error} per error in an application hook.
     """
 
     protocol = SecureServerProtocol  # type: ignore[assignment]
@@ -714,6 +843,7 @@ class SecureServerFactory(WebSocketServerFactory):
         self._batched_timer = self.deadlines
         self.admission = Admission(policy)
         self.sessions: dict[str, set[SecureServerProtocol]] = {}
+        self._routeSessions: dict[str, set[SecureServerProtocol]] = {}
         self.counters: Counter[str] = Counter()
         self._upstreamPools: dict[str, UpstreamPool] = {}
 
@@ -724,18 +854,70 @@ class SecureServerFactory(WebSocketServerFactory):
 
     def sessionOpened(self, protocol: SecureServerProtocol) -> None:
         """Track an open session (for L{revoke})."""
-        assert protocol.session is not None
-        self.sessions.setdefault(protocol.session.consumer, set()).add(protocol)
+        session = protocol.session
+        assert session is not None
+        self.sessions.setdefault(session.consumer, set()).add(protocol)
+        self._routeSessions.setdefault(session.route, set()).add(protocol)
 
     def sessionClosed(self, protocol: SecureServerProtocol) -> None:
         """Stop tracking a session."""
-        assert protocol.session is not None
-        consumer = protocol.session.consumer
-        live = self.sessions.get(consumer)
-        if live is not None:
-            live.discard(protocol)
-            if not live:
-                del self.sessions[consumer]
+        session = protocol.session
+        assert session is not None
+        indexes = ((self.sessions, session.consumer), (self._routeSessions, session.route))
+        for index, key in indexes:
+            live = index.get(key)
+            if live is not None:
+                live.discard(protocol)
+                if not live:
+                    del index[key]
+
+    def openSessions(self, route: str | None = None) -> list[SecureServerProtocol]:
+        """
+        The sessions that are open now (not closing), on C{route} (a path)
+        or on every route: a new list, so that sessions may close while the
+        caller goes through it.
+        """
+        if route is None:
+            candidates: Iterable[SecureServerProtocol] = chain.from_iterable(
+                self._routeSessions.values()
+            )
+        else:
+            candidates = self._routeSessions.get(route, ())
+        return [protocol for protocol in candidates if protocol.state == protocol.STATE_OPEN]
+
+    def broadcast(
+        self, payload: bytes, isBinary: bool = False, *, route: str | None = None
+    ) -> int:
+        """
+        Send one message to every open session of C{route} (a path; all
+        routes if L{None}), from any handler or timer. Sessions that are
+        closing, or that close during the broadcast (a slow consumer), are
+        skipped. So are sessions whose route's C{max_message_size} (which
+        bounds what is sent too) is below the message's size, with one
+        warning. Meant for application routes: on a gateway route the
+        clients' messages come from their upstream.
+
+        @return: how many sessions it was sent to.
+        """
+        sent = too_big = 0
+        size = len(payload)
+        for protocol in self.openSessions(route):
+            policy = protocol.route
+            if policy is not None and size > policy.max_message_size:
+                too_big += 1
+                continue
+            try:
+                if protocol.sendMessage(payload, isBinary):
+                    sent += 1
+            except PayloadExceededError:  # compressed, a little over the limit
+                too_big += 1
+        if too_big:
+            securityLog.warn(
+                "broadcast of {size} bytes not sent to {count} sessions: over max_message_size",
+                size=size,
+                count=too_big,
+            )
+        return sent
 
     def protocolFor(self, route: RoutePolicy) -> type[SecureServerProtocol] | None:
         """
