@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -107,9 +108,13 @@ class Sites:
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
-    """Two plain HTTP origins on 127.0.0.1 serving a blank page."""
+    """
+    Two plain HTTP origins on 127.0.0.1 serving a blank page (and the
+    example's client.js).
+    """
     folder = tmp_path_factory.mktemp("pages")
     (folder / "index.html").write_text("<!doctype html><title>txwssec browser tests</title>\n")
+    shutil.copy(EXAMPLES / "browser" / "client.js", folder)
     with harness.static_site(folder) as allowed, harness.static_site(folder) as evil:
         yield Sites(allowed, evil)
 
@@ -462,3 +467,52 @@ def test_example_page_echoes(browser: Any, example: tuple[str, str]) -> None:
     )
     log = browser.find_element(By.ID, "log").text
     assert KEY not in log
+
+
+#: Runs examples/browser/client.js's SecureSocket with a JWT that expires
+#: at once, then a fresh one, and sends a message over the size limit once
+#: reconnected; reports the status lines and which credentials were asked for.
+SECURE_SOCKET = """
+const [url, expiring, fresh, oversize, done] = arguments;
+const lines = [];
+const asked = [];
+const script = document.createElement("script");
+script.src = "client.js";
+script.onload = () => {
+    const socket = new SecureSocket({
+        url,
+        method: "bearer",
+        getCredential: async (isFresh) => {
+            asked.push(isFresh);
+            return isFresh ? fresh : expiring;
+        },
+        onStatus: (line) => {
+            lines.push(line);
+            if (line.startsWith("open") && asked.length === 2) socket.send("a".repeat(oversize));
+            if (line.endsWith("not reconnecting")) setTimeout(() => done({lines, asked}), 500);
+        },
+        baseDelay: 100,
+    });
+    socket.start();
+};
+document.head.appendChild(script);
+"""
+
+
+def test_example_client_acts_on_close_codes(page: Any, server: Server) -> None:
+    """
+    examples/browser/client.js: after 3000 it asks for a fresh credential
+    and reconnects at once; after 1009 it stops for good.
+    """
+    seen = page.execute_async_script(
+        SECURE_SOCKET, f"{server.ws}/echo", bearer(1), bearer(60), MAX_MESSAGE_SIZE + 1
+    )
+    assert seen["asked"] == [False, True]
+    assert seen["lines"] == [
+        "open (protocol bearer)",
+        "closed 3000 (credentials expired)",
+        "credentials expired: reconnecting with a fresh credential",
+        "open (protocol bearer)",
+        "closed 1009 (message too big)",
+        "the server refused what this client sent (1009): not reconnecting",
+    ]
