@@ -8,14 +8,16 @@ close code and C{wasClean}.
 One browser and one server serve the whole module (the example page test has
 its own quick-start server). The module takes about 10 s on 2 cores: about
 5 s waiting for two JWTs to expire, 1 s to start twistd, 0.5 s per chromium
-start (two: the untrusted-CA control has its own), the rest in probes. Skipped, with the reason, when chromium, chromedriver,
-certutil or selenium are missing (C{.ci/run} installs them).
+start (two: the untrusted-CA control has its own), the rest in probes.
+Skipped, with the reason, when chromium, chromedriver, certutil or selenium
+are missing (C{.ci/run} installs them).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import threading
@@ -183,7 +185,8 @@ def server(
         )
     )
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("PYTHONPATH", str(HERE))  # for app = "browser_apps:Faulty"
+        # The server imports app = "browser_apps:Faulty" from this folder.
+        monkeypatch.setenv("PYTHONPATH", str(HERE), prepend=os.pathsep)
         process = twistd(config, folder)
     try:
         ws_port = process.wait_for(listening("tcp")).group(1)
