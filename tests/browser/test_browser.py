@@ -304,7 +304,8 @@ def test_jwt_expiry_closes_3000_cleanly(page: Any, server: Server) -> None:
     seen = harness.probe(page, f"{server.ws}/echo", ["bearer", token], ["before"], replies=None)
     assert seen["opened"] is True
     assert seen["messages"] == ["before"]
-    assert (seen["code"], seen["wasClean"], seen["errors"]) == (3000, True, 0), told(seen)
+    outcome = (seen["code"], seen["reason"], seen["wasClean"], seen["errors"])
+    assert outcome == (3000, "credentials expired", True, 0), told(seen)
 
 
 # -- origins ---------------------------------------------------------------------------
