@@ -300,18 +300,14 @@ async def test_invalid_close_frame_is_answered_then_fin(
 # -- a real browser ---------------------------------------------------------------------
 
 
-def chromium() -> Any:
-    """A headless Chromium through Selenium, or skip."""
-    import shutil
+def chromium(folder: Path) -> Any:
+    """The browser suite's headless Chromium (see tests/browser), or skip."""
+    from browser import harness
 
-    driver_path = shutil.which("chromedriver")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if driver_path is None or shutil.which("chromium") is None:
-        pytest.skip("chromium and chromedriver are not installed")
-    options = webdriver.ChromeOptions()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
+    reason = harness.missing()
+    if reason is not None:
+        pytest.skip(reason)
+    return harness.chromium(harness.trusting_home(folder / "home", None), folder / "profile")
 
 
 class ExpiresOnMessage(SecureServerProtocol):
@@ -332,7 +328,7 @@ class Page(Resource):
 
 
 @pytest_twisted.ensureDeferred
-async def test_browser_sees_clean_closes(serve: Serve) -> None:
+async def test_browser_sees_clean_closes(serve: Serve, tmp_path: Path) -> None:
     """
     Chromium reports C{wasClean: true} with the server's code for a 3000
     expiry, a 1009 and a 3008 idle timeout (it reported C{false} when the
@@ -353,7 +349,7 @@ async def test_browser_sees_clean_closes(serve: Serve) -> None:
     scripts = {"/expire": "ws.send('expire')", "/small": "ws.send('x'.repeat(1000))", "/idle": ""}
 
     def browse() -> dict[str, Any]:
-        driver = chromium()
+        driver = chromium(tmp_path)
         try:
             driver.set_script_timeout(TIMEOUT)
             driver.get(f"http://127.0.0.1:{page}/")
