@@ -14,6 +14,9 @@
 //     3003  credentials revoked         -> stop, do not reconnect
 //     1008  policy violation (rates)    -> stop: fix the client, do not loop
 //     1009  message too big             -> stop: fix the client, do not loop
+//     1002  protocol error              -> stop: fix the client, do not loop
+//     1003  unsupported data (type)     -> stop: fix the client, do not loop
+//     1007  invalid payload (UTF-8...)  -> stop: fix the client, do not loop
 //     1001  server going away           -> reconnect with backoff
 //     1011  internal error              -> reconnect with backoff
 //     1013  overloaded / slow consumer  -> reconnect with backoff
@@ -28,7 +31,7 @@
 "use strict";
 
 // Codes after which reconnecting cannot help.
-const GIVE_UP = new Set([3003, 1008, 1009]);
+const GIVE_UP = new Set([3003, 1002, 1003, 1007, 1008, 1009]);
 
 class SecureSocket {
   constructor({url, getCredential, method = "token", protocols = [], onMessage, onStatus,
