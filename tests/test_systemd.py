@@ -313,3 +313,88 @@ def test_check_config_outside_activation(tmp_path: Path) -> None:
 )
 def test_inherited_sockets(environ: dict[str, str], expected: InheritedSockets) -> None:
     assert InheritedSockets.from_environment(environ, 7) == expected
+
+
+# -- examples/systemd ---------------------------------------------------------------
+
+UNITS = REPO / "examples" / "systemd"
+
+
+def unit_values(name: str, key: str) -> list[str]:
+    """The values of C{key=} lines in unit file C{name}."""
+    lines = (UNITS / name).read_text().splitlines()
+    return [line.split("=", 1)[1] for line in lines if line.startswith(f"{key}=")]
+
+
+def example_config(folder: Path) -> Path:
+    """examples/systemd/wssec.toml with development certificates of its own."""
+    write_dev_certificates(folder / "dev-certs")
+    text = (UNITS / "wssec.toml").read_text()
+    for old, new in [
+        ("/etc/txwssec/tls/fullchain.pem", "dev-certs/server.pem"),
+        ("/etc/txwssec/tls/privkey.pem", "dev-certs/server.key"),
+    ]:
+        assert old in text
+        text = text.replace(old, new)
+    path = folder / "wssec.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_units(tmp_path: Path) -> None:
+    """
+    The example's twistd command, configuration and socket unit together:
+    an IPv6 socket named as FileDescriptorName= says, wss:// with the key
+    whose digest the example holds; SIGTERM ends it the way systemd counts
+    as a clean stop.
+    """
+    (name,) = unit_values("txwssec.socket", "FileDescriptorName")
+    assert unit_values("txwssec.socket", "ListenStream") == ["443"]  # IPv6 socket, dual stack
+    (exec_start,) = unit_values("txwssec.service", "ExecStart")
+    twistd, *args = exec_start.split()
+    assert twistd == "/opt/txwssec/venv/bin/twistd"
+    assert args == ["-n", "--pidfile=", "wssec", "--config", "/etc/txwssec/wssec.toml"]
+    config = example_config(tmp_path)
+
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.bind(("::1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        env = repo_env()
+        env.update(LISTEN_FDS="1", LISTEN_FDNAMES=name)
+        command = [str(TWISTD), *args[:-1], str(config)]
+        running = Process(
+            [sys.executable, "-c", ACTIVATE, str(sock.fileno()), *command],
+            cwd=tmp_path,
+            env=env,
+            pass_fds=(sock.fileno(),),
+        )
+    try:
+        running.wait_for(f"wssec listening on tls:systemd:domain=INET6:name={name} (::1:{port})")
+        context = ssl.create_default_context(cafile=tmp_path / "dev-certs" / "ca.pem")
+        echo(f"wss://[::1]:{port}/echo", ssl=context)
+        assert running.stop() == -signal.SIGTERM
+    finally:
+        running.kill()
+    assert "Traceback" not in running.output()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_example_units_verify(tmp_path: Path) -> None:
+    """systemd-analyze verify finds nothing wrong (with a twistd that exists)."""
+    for unit in ("txwssec.socket", "txwssec.service"):
+        text = (UNITS / unit).read_text()
+        (tmp_path / unit).write_text(text.replace("/opt/txwssec/venv/bin/twistd", str(TWISTD)))
+    done = Process(
+        [
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            str(tmp_path / "txwssec.socket"),
+            str(tmp_path / "txwssec.service"),
+        ],
+        cwd=tmp_path,
+    )
+    assert done.process.wait(TIMEOUT) == 0
+    done.stop()
+    assert done.output() == ""
