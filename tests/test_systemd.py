@@ -23,7 +23,7 @@ from websockets.sync.client import connect
 from txwssec.config import parse
 from txwssec.devcert import write_dev_certificates
 from txwssec.errors import ConfigError
-from txwssec.listen import InheritedSockets
+from txwssec.listen import InheritedSockets, _initial_environment
 
 #: What systemd does between fork and exec: the socket becomes descriptor
 #: 3 and LISTEN_PID is the pid of the process that will run (exec keeps it).
@@ -398,3 +398,15 @@ def test_example_units_verify(tmp_path: Path) -> None:
     assert done.process.wait(TIMEOUT) == 0
     done.stop()
     assert done.output() == ""
+
+
+def test_initial_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The environment the process started with (Twisted's import removed
+    LISTEN_FDS from os.environ), unless LISTEN_FDS is still in os.environ.
+    """
+    monkeypatch.setenv("TXWSSEC_LATER", "1")
+    assert "TXWSSEC_LATER" not in _initial_environment()
+    assert "PATH" in _initial_environment()
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    assert _initial_environment()["TXWSSEC_LATER"] == "1"

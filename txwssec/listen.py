@@ -182,6 +182,8 @@ def _initial_environment() -> Mapping[str, str]:
     C{LISTEN_FDNAMES} was set too. Linux keeps the original environment
     in C{/proc/self/environ}.
     """
+    if "LISTEN_FDS" in os.environ:  # set in-process, or before Twisted's import
+        return os.environ
     try:
         with open("/proc/self/environ", "rb") as environ:
             raw = environ.read()
