@@ -56,13 +56,20 @@ def quickstart(folder: Path, port: int, tls_port: int | None = None) -> Path:
 class Process:
     """A subprocess whose output (stdout and stderr) a thread collects."""
 
-    def __init__(self, args: list[str], cwd: Path = REPO) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
             args,
             cwd=cwd,
-            env=repo_env(),
+            env=repo_env() if env is None else env,
+            pass_fds=pass_fds,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -229,9 +229,9 @@ def test_invalid_endpoint_line(tmp_path: Path) -> None:
     path.write_text(GOOD.replace("tcp:{port}:interface=127.0.0.1", "nonsense:1"))
     status, output = run_twistd("-n", "--pidfile=", "wssec", "--config", str(path), cwd=tmp_path)
     assert status == 1
-    assert last_line(output) == (
-        f"{TWISTD} -n: {path}: server.listen[0]: invalid endpoint 'nonsense:1': "
-        "Unknown endpoint type: 'nonsense'"
+    assert output == (
+        f"{path}: server.listen[0]: invalid endpoint 'nonsense:1': "
+        "Unknown endpoint type: 'nonsense'\n"
     )
 
 

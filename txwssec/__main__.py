@@ -5,24 +5,39 @@ C{python -m txwssec}: helper commands for operators.
                   print a hash for C{[[consumer]] password}
   check-config    validate a configuration file and exit
   make-dev-cert   write a development CA, server and client certificates
+  config-reference
+                  print the configuration reference (README's section)
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import re
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from txwssec.config import load
 from txwssec.devcert import write_dev_certificates
 from txwssec.errors import ConfigError
 from txwssec.passwords import hash_password
+from txwssec.tap import version_text
+
+#: The README of the source checkout this package is imported from, if any.
+CHECKOUT_README = Path(__file__).resolve().parent.parent / "README.rst"
+#: The heading of README's section that C{config-reference} prints.
+REFERENCE_HEADING = "Configuration reference"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a helper command; return the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m txwssec")
+    parser = argparse.ArgumentParser(
+        prog="python -m txwssec", formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--version", action="version", version=version_text(), help="print versions and exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     hashing = commands.add_parser(
         "hash-password",
@@ -42,7 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         "the CA key is written too, so anyone who reads it can mint trusted certificates.",
     )
     making.add_argument("folder", nargs="?", default="dev-certs")
+    commands.add_parser(
+        "config-reference",
+        help="print the configuration reference",
+        description="Prints the 'Configuration reference' section of txwssec's README "
+        "(reStructuredText), from the installed package's metadata.",
+    )
     args = parser.parse_args(argv)
+
+    if args.command == "config-reference":
+        print(config_reference(), end="")
+        return 0
 
     if args.command == "make-dev-cert":
         for path in write_dev_certificates(Path(args.folder)):
@@ -66,6 +91,32 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.path}: ok ({len(config.policy.routes)} routes, {len(config.consumers)} consumers)"
     )
     return 0
+
+
+def config_reference() -> str:
+    """
+    The configuration reference: the section of README.rst under
+    L{REFERENCE_HEADING}, heading included, up to the next section. README
+    is the only copy: it is read from the source checkout when the package
+    runs from one, else from the installed distribution's metadata (README
+    is its long description, so every wheel carries it).
+    """
+    try:
+        readme = CHECKOUT_README.read_text(encoding="utf-8")
+    except OSError:
+        readme = ""
+    if not readme.startswith("=======\ntxwssec\n=======\n"):
+        readme = str(metadata.metadata("txwssec").json["description"])
+    return reference_section(readme)
+
+
+def reference_section(readme: str) -> str:
+    """The L{REFERENCE_HEADING} section of C{readme}: heading to next heading."""
+    underline = "=" * len(REFERENCE_HEADING)
+    start = readme.index(f"{REFERENCE_HEADING}\n{underline}\n")
+    following = re.compile(r"^\S.*\n=+\n", re.MULTILINE)
+    after = following.search(readme, start + len(REFERENCE_HEADING) + len(underline) + 2)
+    return readme[start : after.start() if after else len(readme)].rstrip("\n") + "\n"
 
 
 def _read_password() -> str:

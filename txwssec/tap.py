@@ -5,6 +5,7 @@ C{twistd wssec}: run txwssec from a TOML configuration file.
 from __future__ import annotations
 
 import signal
+import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -30,13 +31,21 @@ class Options(usage.Options):
     synopsis = "--config FILE"
     longdesc = (
         "Run a txwssec secure WebSocket server or gateway. The configuration "
-        "is a TOML file; see README.rst, 'Configuration reference'."
+        "is a TOML file: 'python -m txwssec config-reference' prints its "
+        "reference, 'python -m txwssec check-config FILE' checks one."
     )
     optParameters = [
         ["config", "c", None, "Path to the TOML configuration file."],
     ]
 
     config: Config
+
+    def opt_version(self) -> None:
+        """
+        Display the versions of txwssec and its main dependencies and exit.
+        """
+        print(version_text())
+        sys.exit(0)
 
     def postOptions(self) -> None:
         path = self["config"]
@@ -45,7 +54,38 @@ class Options(usage.Options):
         try:
             self.config = load(path)
         except ConfigError as error:
-            raise usage.UsageError(f"{path}: {error}") from None
+            # Not a usage error: twistd would print its whole usage before
+            # the one useful line. SystemExit with a message prints just the
+            # message (on standard error) and exits with status 1, before
+            # twistd daemonizes or logs anything.
+            raise SystemExit(f"{path}: {error}") from None
+
+
+def version_text() -> str:
+    """
+    What C{--version} prints: txwssec's version on the first line, then
+    those of Twisted, Autobahn, Python and the OpenSSL that serves TLS (the
+    key exchange groups depend on it), one per line.
+    """
+    import platform
+    from importlib import metadata
+
+    from cryptography import __version__ as cryptography_version
+    from OpenSSL import SSL
+
+    import twisted
+    from txwssec import __version__
+
+    openssl = SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode("ascii", "replace")
+    return "\n".join(
+        [
+            f"txwssec {__version__}",
+            f"Twisted {twisted.__version__}",
+            f"Autobahn {metadata.version('autobahn')}",
+            f"Python {platform.python_version()}",
+            f"{openssl} (cryptography {cryptography_version})",
+        ]
+    )
 
 
 class ListenFailed(SystemExit, Exception):
