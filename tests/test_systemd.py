@@ -248,9 +248,9 @@ def config_error(listen: str, server: str = "", tls: bool = False) -> str:
 def test_plain_systemd_needs_allow_plaintext() -> None:
     """The socket unit's address is not in the configuration: secure by default."""
     assert config_error("systemd:domain=INET:index=0") == (
-        "server.listen[0]: 'systemd:domain=INET:index=0' is plain text on a non-loopback "
-        "interface: use tls:PORT, or set server.allow_plaintext = true behind a "
-        "TLS-terminating proxy"
+        "server.listen[0]: 'systemd:domain=INET:index=0' is a plain-text socket whose "
+        "address the socket unit chooses: use tls:systemd:..., or set "
+        "server.allow_plaintext = true behind a TLS-terminating proxy"
     )
 
 

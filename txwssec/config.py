@@ -243,6 +243,13 @@ def _check_listeners(
         except Exception as error:
             raise ConfigError(where, f"invalid endpoint {text!r}: {error}") from None
         if description.is_plaintext_off_loopback() and not allow_plaintext:
+            if description.kind == "systemd":
+                raise ConfigError(
+                    where,
+                    f"{text!r} is a plain-text socket whose address the socket unit "
+                    "chooses: use tls:systemd:..., or set server.allow_plaintext = true "
+                    "behind a TLS-terminating proxy",
+                )
             raise ConfigError(
                 where,
                 f"{text!r} is plain text on a non-loopback interface: use tls:PORT, "
