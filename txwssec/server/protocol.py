@@ -4,6 +4,9 @@ runs txwssec's pipeline (L{SecureServerProtocol.secureHandshake}, top to
 bottom in one function) and whose session ends when its credentials do.
 Reading the request and answering refusals is L{HandshakeIO}; the open
 connection's limits, backpressure and idle timer are L{TrafficFlow}.
+
+A little over 400 lines: the pipeline and everything that ends a session
+(expiry, revocation, application errors, the orderly close), read together.
 """
 
 from __future__ import annotations
