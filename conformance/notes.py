@@ -28,11 +28,11 @@ FINDINGS = """
   gateway closes the upstream first, stops reading from the client, and
   fails the client once the upstream has closed (at most `close_timeout`
   later): what the upstream answered before is relayed first, as from a
-  server that answers in order (`txwssec/proxy.py`,
+  server that answers in order (`txwssec/gateway/`,
   `GatewayProtocol._drainUpstream`). Limits (1008, 1009, 1013) and timeouts
   still close at once.
 - **The gateway relays frames, not messages, and reads no payload**
-  (`txwssec/relay.py`): once both legs are open without an extension, each
+  (`txwssec/gateway/relay.py`): once both legs are open without an extension, each
   whole frame is written to the other leg as it came, after its header went
   through the limits. UTF-8 is left to the peers (the upstream answers
   invalid UTF-8 with 1007, which is relayed), so the gateway is no longer

@@ -1,5 +1,5 @@
 """
-The gateway's frame relay (txwssec.relay): once a session is open and no
+The gateway's frame relay (txwssec.gateway.relay): once a session is open and no
 extension is in use, data frames pass between the legs as they came, their
 headers checked against the route's limits; control frames and anything
 unexpected go through Autobahn as before.
@@ -30,9 +30,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from conftest import aio
 
 from txwssec import AnonymousAuthenticator, RoutePolicy, SecureServerFactory, ServerPolicy
+from txwssec.gateway.relay import FrameScanner
 from txwssec.policy import RouteLimits
 from txwssec.proxy import GatewayProtocol, Upstream
-from txwssec.relay import FrameScanner
 from txwssec.traffic import Violation
 
 Serve = Callable[[Any], int]

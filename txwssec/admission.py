@@ -10,9 +10,11 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 
 from txwssec.errors import ServiceUnavailable, TooManyRequests
-from txwssec.limits import ConnectionCounter, FailureWindow, TokenBucket, address_key
+from txwssec.limits import FailureWindow, TokenBucket, address_key
 from txwssec.logs import bounded
 from txwssec.policy import ProxyNetwork, RoutePolicy, ServerPolicy
+from txwssec.store import CountView, MemoryStore, StateStore
+from txwssec.store.interface import ADDRESS, CONSUMER
 
 ConsumerBuckets = tuple[TokenBucket | None, TokenBucket | None]
 
@@ -76,19 +78,37 @@ def _parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
 
 class Admission:
     """
-    Connection admission for one server policy. All state is in memory and
-    shrinks back as connections end.
+    Connection admission for one server policy. Its state (connection
+    counts per client address and per consumer, the buckets a consumer's
+    connections share, the failure lockout) is in a state store
+    (L{txwssec.store}): in memory unless another is given, shrinking back
+    as connections end.
 
     Client addresses are counted under L{address_key}: an IPv6 client's
     whole /64 shares one per-address cap and one failure window.
+
+    @ivar store: the state store.
+    @ivar connections: admitted connections, in total and per address key.
+    @ivar consumers: connections per route and consumer.
     """
 
-    def __init__(self, policy: ServerPolicy) -> None:
+    def __init__(self, policy: ServerPolicy, store: StateStore | None = None) -> None:
         self.policy = policy
-        self.connections = ConnectionCounter()
-        self.consumers = ConnectionCounter()
-        self.auth_failures = FailureWindow(policy.auth_failures_per_minute)
-        self._buckets: dict[str, ConsumerBuckets] = {}
+        if store is None:
+            store = MemoryStore(policy.auth_failures_per_minute)
+        self.store: StateStore = store
+        self.connections = CountView(store, ADDRESS)
+        self.consumers = CountView(store, CONSUMER)
+
+    @property
+    def auth_failures(self) -> FailureWindow:
+        """The failure lockout's window, with the in-memory store."""
+        failures: FailureWindow = getattr(self.store, "failures")  # noqa: B009
+        return failures
+
+    @auth_failures.setter
+    def auth_failures(self, window: FailureWindow) -> None:
+        setattr(self.store, "failures", window)  # noqa: B010
 
     def admit(self, host: str, now: float) -> None:
         """
@@ -99,33 +119,32 @@ class Admission:
             has failed authentication too often (with C{Retry-After}).
         """
         policy = self.policy
+        store = self.store
         host = address_key(host)
         if policy.auth_failures_per_minute:
-            wait = self.auth_failures.blocked_for(host, now)
+            wait = store.blocked_for(host, now)
             if wait:
                 raise TooManyRequests(
                     f"auth_failures_per_minute reached for {bounded(host)}",
                     (("Retry-After", str(max(1, round(wait)))),),
                     counter="limit.auth_failures",
                 )
-        if policy.max_connections and self.connections.total >= policy.max_connections:
+        if policy.max_connections and store.total(ADDRESS) >= policy.max_connections:
             raise ServiceUnavailable("max_connections reached", counter="limit.max_connections")
-        per_ip = policy.max_connections_per_ip
-        if per_ip and self.connections.count(host) >= per_ip:
+        if not store.acquire(ADDRESS, host, policy.max_connections_per_ip):
             raise TooManyRequests(
                 f"max_connections_per_ip reached for {bounded(host)}",
                 counter="limit.max_connections_per_ip",
             )
-        self.connections.acquire(host)
 
     def release(self, host: str) -> None:
         """Forget a connection counted by L{admit}."""
-        self.connections.release(address_key(host))
+        self.store.release(ADDRESS, address_key(host))
 
     def authentication_failed(self, host: str, now: float) -> None:
         """Count a failed authentication from C{host}."""
         if self.policy.auth_failures_per_minute:
-            self.auth_failures.record(address_key(host), now)
+            self.store.record_failure(address_key(host), now)
 
     def admit_consumer(self, route: RoutePolicy, consumer: str, now: float) -> ConsumerBuckets:
         """
@@ -137,15 +156,13 @@ class Admission:
         """
         limits = route.limits
         key = _consumer_key(route, consumer)
-        cap = limits.connections_per_consumer
-        if cap and self.consumers.count(key) >= cap:
+        if not self.store.acquire(CONSUMER, key, limits.connections_per_consumer):
             raise TooManyRequests(
                 f"connections_per_consumer reached for {bounded(consumer)}",
                 counter="limit.connections_per_consumer",
             )
-        self.consumers.acquire(key)
-        buckets = self._buckets.get(key)
-        if buckets is None:
+
+        def make() -> ConsumerBuckets:
             messages = bytes_ = None
             if limits.consumer_messages_per_second:
                 rate = limits.consumer_messages_per_second
@@ -153,15 +170,17 @@ class Admission:
             if limits.consumer_bytes_per_second:
                 rate = limits.consumer_bytes_per_second
                 bytes_ = TokenBucket(rate, limits.byte_burst(rate, route.max_message_size), now)
-            buckets = self._buckets[key] = (messages, bytes_)
-        return buckets
+            return messages, bytes_
+
+        return self.store.shared(key, make)
 
     def release_consumer(self, route: RoutePolicy, consumer: str) -> None:
         """Forget a connection counted by L{admit_consumer}."""
         key = _consumer_key(route, consumer)
-        self.consumers.release(key)
-        if not self.consumers.count(key):
-            self._buckets.pop(key, None)
+        store = self.store
+        store.release(CONSUMER, key)
+        if not store.count(CONSUMER, key):
+            store.forget(key)
 
 
 def _consumer_key(route: RoutePolicy, consumer: str) -> str:

@@ -11,6 +11,9 @@ with service_identity, and report expired credentials as their own event.
     factory.protocol = MyProtocol
     protocol = await factory.connect()
     await protocol.opened
+
+A little over 400 lines: the credentials helpers, one protocol and its
+factory, which read best together.
 """
 
 from __future__ import annotations

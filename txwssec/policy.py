@@ -1,5 +1,9 @@
 """
 Policies: everything a route and a server enforce, with safe defaults.
+
+This is the values layer (see docs/architecture.md): it names no protocol.
+A route refers to its application by a value, a class or an import string
+(C{"package.module.Class"}), that the server factory resolves and checks.
 """
 
 from __future__ import annotations
@@ -7,20 +11,22 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-from txwssec.auth.credentials import credential_headers, credential_markers
+from txwssec.credentials import credential_headers, credential_markers
 from txwssec.errors import RouteNotFound
 from txwssec.interfaces import Authenticator
 from txwssec.logs import bounded
 from txwssec.origin import OriginPolicy, parse_origin
 
-if TYPE_CHECKING:
-    from txwssec.proxy import Upstream
-    from txwssec.server import SecureServerProtocol
-
 #: A trusted proxy's network (a single address is a /32 or /128).
 ProxyNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: How a route names its application: a protocol class, or the import
+#: string of one (C{"package.module.Class"}), resolved by the server factory.
+ProtocolRef = type[Any] | str
 
 #: Default largest message, after decompression (1 MiB).
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
@@ -76,6 +82,36 @@ class RouteLimits:
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """
+    Where a gateway route relays to.
+
+    @ivar urls: C{ws://} or C{wss://} URLs, used round-robin.
+    @ivar ca_file: CA bundle for C{wss://} upstreams (default: the system's),
+        read at the first connection to each URL.
+    @ivar timeout: seconds for the upstream's TCP, TLS and WebSocket
+        handshakes together; beyond gives 504.
+    @ivar cooldown: seconds an upstream that failed is tried only after the
+        healthy ones (passive failure marking).
+    """
+
+    urls: tuple[str, ...]
+    ca_file: Path | None = None
+    timeout: float = 5.0
+    cooldown: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise ValueError("an upstream needs at least one URL")
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("ws", "wss") or not parts.hostname:
+                raise ValueError(f"upstream {url!r} is not a ws:// or wss:// URL")
+            if parts.username or parts.password or parts.fragment:
+                raise ValueError(f"upstream {url!r} must not carry user info or a fragment")
+
+
+@dataclass(frozen=True)
 class RoutePolicy:
     """
     What one path enforces.
@@ -92,15 +128,17 @@ class RoutePolicy:
         expires); reaching it closes 3000.
     @ivar idle_timeout: seconds without a data message from the peer before
         closing 3008 (0: off). Pings and pongs do not count as activity.
-    @ivar protocol: the L{SecureServerProtocol} subclass serving this route,
-        or L{None} for the factory's C{protocol}.
+    @ivar protocol: the L{txwssec.server.SecureServerProtocol} subclass
+        serving this route, as a class or an import string
+        (C{"myapp.protocols.Chat"}), or L{None} for the factory's
+        C{protocol}. The factory resolves and checks it (L{TypeError}).
     @ivar limits: traffic limits (L{RouteLimits}).
     @ivar compression: accept C{permessage-deflate}. Off by default; when on,
         inflation stops at C{max_message_size} (a compression bomb closes
         1009 without being inflated).
     @ivar upstream: relay to this upstream (gateway route) instead of
         running an application; the protocol then defaults to
-        L{txwssec.proxy.GatewayProtocol}.
+        L{txwssec.gateway.GatewayProtocol}.
     @ivar forward_cookie: a gateway route forwards the client's C{Cookie}
         header (stripped by default).
     @ivar forward_authorization: a gateway route forwards the client's
@@ -117,7 +155,7 @@ class RoutePolicy:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_lifetime: float = 0
     idle_timeout: float = 0
-    protocol: type[SecureServerProtocol] | None = None
+    protocol: ProtocolRef | None = None
     limits: RouteLimits = field(default_factory=RouteLimits)
     compression: bool = False
     upstream: Upstream | None = None

@@ -24,6 +24,8 @@ class Session:
     @ivar principal: who authenticated.
     @ivar expires_at: POSIX time when the session ends, or L{None}.
     @ivar route: the path of the route it was opened on.
+    @ivar id: its id in the server's session registry, unique across
+        processes (set when the connection opens; C{""} until then).
     @ivar not_after: a hard end (the route's C{max_lifetime}) that
         L{refresh} cannot move, or L{None}.
     """
@@ -35,6 +37,7 @@ class Session:
         "_timer",
         "ended",
         "expires_at",
+        "id",
         "not_after",
         "principal",
         "route",
@@ -57,6 +60,7 @@ class Session:
         self._timer: Deadline | None = None
         self._on_expired: Callable[[], object] | None = None
         self.ended = False
+        self.id = ""
 
     @property
     def consumer(self) -> str:

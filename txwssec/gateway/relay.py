@@ -315,3 +315,18 @@ def autobahn_rest(protocol: Any, rest: bytes, inside: bool, so_far: int, binary:
     protocol.data += rest
     if idle and rest:
         protocol.consumeData()
+
+
+def feed_relay(leg: Any, data: bytes) -> bool:
+    """
+    Give C{data} to C{leg}'s frame scanner if it relays (from the first read
+    where Autobahn holds no partial frame on); L{False} when Autobahn must
+    parse it. C{leg} is either leg of a gateway session (its C{_scanner} and
+    C{_scanning}).
+    """
+    scanner = leg._scanner
+    if scanner is None or not (leg._scanning or autobahn_idle(leg)):
+        return False
+    leg._scanning = True
+    scanner.feed(data)
+    return True

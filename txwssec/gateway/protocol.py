@@ -1,0 +1,370 @@
+"""
+The client leg of a gateway session (L{GatewayProtocol}): it opens the
+upstream leg during its handshake and relays between the two.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.python.failure import Failure
+
+from txwssec import events
+from txwssec.admission import is_trusted_proxy
+from txwssec.auth.credentials import (
+    without_credentials,
+)
+from txwssec.client import ClientTLS, SecureClientFactory
+from txwssec.errors import CloseCode, HandshakeRefused
+from txwssec.gateway.forwarding import forwarded_headers, forwarded_target, join_target
+from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
+from txwssec.gateway.upstream import (
+    BadGateway,
+    GatewayTimeout,
+    UpstreamProtocol,
+    open_upstream,
+    pool_for,
+)
+from txwssec.server import SecureServerProtocol
+from txwssec.traffic import Violation
+from txwssec.types import Accept, HandshakeRequest
+
+#: Close codes that may be put on the wire (RFC 6455 section 7.4).
+_SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+class GatewayProtocol(SecureServerProtocol):
+    """
+    The client leg of a gateway route (C{RoutePolicy(upstream=...)}).
+    """
+
+    upstream: UpstreamProtocol | None = None
+    #: A client's protocol error, waiting for the upstream to close first.
+    _pendingFailure: tuple[int, str] | None = None
+    _drainTimer: IDelayedCall | None = None
+    #: The frame relay, once the session is open (see L{txwssec.gateway.relay}).
+    _scanner: FrameScanner | None = None
+    _scanning: bool = False
+
+    async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
+        """
+        Open the upstream connection, and answer the client with the
+        upstream's subprotocol (or the credential marker, if it chose none).
+
+        @raise BadGateway: no upstream completed its handshake (502).
+        @raise GatewayTimeout: the last one tried timed out (504).
+        """
+        route = self.route
+        assert route is not None and route.upstream is not None
+        pool = pool_for(self.factory, route)
+        policy = self.factory.policy
+        known = [method for each in policy.routes for method in each.authenticators]
+        direct_peer = self._directPeer()
+        headers = forwarded_headers(
+            handshake,
+            route.authenticators,
+            accept,
+            direct_peer,
+            trust_forwarded_for=bool(policy.trust_forwarded_for)
+            and is_trusted_proxy(direct_peer, policy.trusted_proxies),
+            known_authenticators=known,
+            forward_cookie=route.forward_cookie,
+            forward_authorization=route.forward_authorization,
+        )
+        offered = [
+            p
+            for p in without_credentials(handshake.subprotocols, route.authenticators)
+            if p not in accept.credential.subprotocols
+        ]
+        origin = handshake.header_values("origin")
+        target = forwarded_target(self.http_request_uri, route.authenticators, accept, known)
+        clock = self.factory.clock
+        refusal: HandshakeRefused = BadGateway("no upstream")
+        for url in pool.order():
+            factory = SecureClientFactory(
+                join_target(url, target),
+                subprotocols=offered,
+                tls=ClientTLS(ca_file=route.upstream.ca_file),
+                origin=origin[0] if origin else None,
+                max_message_size=route.max_message_size,
+                handshake_timeout=route.upstream.timeout,
+                reactor=clock,
+            )
+            factory.protocol = UpstreamProtocol
+            factory.headers = headers
+            factory.useragent = None
+            # A factory per connection: no "Starting/Stopping factory" lines.
+            factory.noisy = False
+            endpoint = partial(pool.endpoint, url, factory)
+            try:
+                upstream = await open_upstream(factory, endpoint, route.upstream.timeout, clock)
+            except GatewayTimeout as timeout:
+                pool.failed(url)
+                refusal = timeout
+                self.factory.events.emit(
+                    events.UPSTREAM_FAILED, url=url, kind="timeout", reason=timeout.reason
+                )
+            except BadGateway as failure:
+                pool.failed(url)
+                refusal = failure
+                self.factory.events.emit(
+                    events.UPSTREAM_FAILED, url=url, kind="refused", reason=failure.reason
+                )
+            else:
+                pool.succeeded(url)
+                break
+        else:
+            raise refusal
+        if self.state == self.STATE_CLOSED:
+            upstream.sendCloseFrame(CloseCode.GOING_AWAY, b"going away")
+            raise HandshakeRefused("client left while the upstream connected")
+        self.upstream = upstream
+        upstream.attach(self)
+        chosen: str | None = upstream.websocket_protocol_in_use
+        return chosen or accept.credential.marker
+
+    def _directPeer(self) -> str:
+        transport: Any = self.transport
+        address = transport.getPeer()
+        return str(getattr(address, "host", self.peer))
+
+    def _onOpen(self) -> None:
+        super()._onOpen()
+        upstream = self.upstream
+        if upstream is not None and self.state == self.STATE_OPEN:
+            upstream.flush()
+            if self._relays(upstream):
+                self._startRelay(upstream)
+
+    # -- the frame relay (see txwssec.gateway.relay) ------------------------------------
+
+    def _relays(self, upstream: UpstreamProtocol) -> bool:
+        """
+        Whether data frames are relayed as they come: not with an extension
+        (permessage-deflate: Autobahn inflates and checks the client's
+        messages and sends them uncompressed to the upstream), nor for a
+        subclass that reads the client's messages (overrides C{onMessage}).
+        """
+        return (
+            self._perMessageCompress is None
+            and upstream._perMessageCompress is None
+            and type(self).onMessage is GatewayProtocol.onMessage
+        )
+
+    def _startRelay(self, upstream: UpstreamProtocol) -> None:
+        """Relay data frames both ways as they come (see L{txwssec.gateway.relay})."""
+        self._scanner = FrameScanner(
+            self,
+            masked=True,
+            max_frame=self.maxFramePayloadSize,
+            max_message=self.maxMessagePayloadSize,
+            accounted=True,
+        )
+        upstream.startRelay()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            relayed = feed_relay(self, data)
+        except Exception:
+            self._applicationFailed("relay", Failure())
+            return
+        if not relayed:
+            super().dataReceived(data)
+
+    def _internalError(self) -> None:
+        # The upstream sees a plain 1001, as for every close the gateway starts.
+        self._stopDraining()
+        self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
+        super()._internalError()
+
+    def relayOpen(self) -> bool:
+        return (
+            self.state == self.STATE_OPEN and not self.failedByMe and self._pendingFailure is None
+        )
+
+    def relayAccount(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
+        return self._accountFrame(opcode, length, starts_message)
+
+    def relayLimit(self, violation: Violation) -> None:
+        self._limitExceeded(violation)
+
+    def relayForward(self, frames: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.state == upstream.STATE_OPEN:
+            transport: Any = upstream.transport
+            transport.write(frames)
+        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            # As Autobahn does on data frames: traffic answers a ping.
+            self._cancelAutoPingTimeoutCall()
+
+    def relayControl(self, frame: bytes) -> bool:
+        return autobahn_control(self, frame) and self.relayOpen()
+
+    def relayStop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
+        self._scanner = None
+        autobahn_rest(self, rest, inside, so_far, binary)
+
+    def relayWrite(self, frames: bytes) -> None:
+        """
+        Write frames relayed from the upstream: through L{sendData}, so that
+        the slow-consumer limit counts them.
+        """
+        self.sendData(frames)
+
+    # -- client -> upstream ----------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.state == upstream.STATE_OPEN:
+            upstream.sendMessage(payload, isBinary)
+
+    def onPing(self, payload: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.state == upstream.STATE_OPEN:
+            upstream.sendPing(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.state == upstream.STATE_OPEN:
+            upstream.sendPong(payload)
+
+    def onCloseFrame(self, code: Any, reasonRaw: Any) -> bool:
+        if self.state == self.STATE_OPEN:
+            # The client closes: the upstream gets its code and reason.
+            self._closeUpstream(code, reasonRaw)
+        return bool(super().onCloseFrame(code, reasonRaw))
+
+    # -- upstream -> client ----------------------------------------------------
+
+    def closeFromUpstream(self, code: int | None, reasonRaw: bytes | None) -> None:
+        """The upstream sent a close frame: pass it on."""
+        if self.state == self.STATE_OPEN:
+            _sendClose(self, code, reasonRaw)
+
+    def upstreamLost(self, wasClean: bool) -> None:
+        """The upstream connection ended; without a close, that is 1014."""
+        self.upstream = None
+        if self._pendingFailure is not None:
+            self._failNow()
+            return
+        if self.state == self.STATE_OPEN:
+            self.factory.events.emit(events.UPSTREAM_LOST, peer=self.peer)
+            _sendClose(self, CloseCode.BAD_GATEWAY, b"upstream failed")
+
+    # -- sessions the gateway ends, and the end of the client ------------------
+
+    def endSession(self, code: int, reason: str, event: str) -> None:
+        self._stopDraining()
+        self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
+        super().endSession(code, reason, event)
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        upstream = self.upstream
+        if (
+            code in _DRAINED_FAILURES
+            and self._pendingFailure is None
+            and self.state == self.STATE_OPEN
+            and upstream is not None
+            and upstream.state == upstream.STATE_OPEN
+        ):
+            self._drainUpstream(upstream, code, reason)
+            return
+        self._stopDraining()
+        self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
+        super()._fail_connection(code, reason)
+
+    def _protocol_violation(self, reason: str) -> bool:
+        # While the upstream drains, the client's bytes stay unread.
+        return bool(super()._protocol_violation(reason)) or self._pendingFailure is not None
+
+    def _invalid_payload(self, reason: str) -> bool:
+        return bool(super()._invalid_payload(reason)) or self._pendingFailure is not None
+
+    def _drainUpstream(self, upstream: UpstreamProtocol, code: int, reason: str) -> None:
+        """
+        The client broke the protocol (1002, 1007): close the upstream first
+        and fail the client once the upstream has closed (at most the close
+        timeout later), so that the upstream's answers to the client's earlier
+        messages, already on their way, reach the client before the close, as
+        from a server that answers in order (Autobahn cases 3.2-3.4, 4.1.3-
+        4.2.5, 5.15). Nothing the client sends meanwhile is read or relayed:
+        the rest of its bytes are parsed again once the close is sent, and a
+        second error then drops the connection, as Autobahn does.
+        """
+        self.failedByMe = True
+        self._pendingFailure = (code, reason)
+        transport: Any = self.transport
+        transport.pauseProducing()
+        _sendClose(upstream, CloseCode.GOING_AWAY, b"going away")
+        self._drainTimer = self.factory.clock.callLater(
+            self.factory.policy.close_timeout, self._failNow
+        )
+
+    def _failNow(self) -> None:
+        pending = self._pendingFailure
+        self._stopDraining()
+        if pending is not None:
+            self._fail_connection(*pending)
+            if self.data and self.state == self.STATE_CLOSING:
+                # The bytes held back since the error (the offending frame
+                # first) are parsed now, not when the client next sends: a
+                # client whose last frame was the error (a close frame with
+                # a 1-byte body) sends nothing more, and would otherwise
+                # wait for the close timeout and a reset.
+                self.consumeData()
+
+    def _stopDraining(self, resume: bool = True) -> None:
+        timer, self._drainTimer = self._drainTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._pendingFailure is not None:
+            self._pendingFailure = None
+            if resume:
+                transport: Any = self.transport
+                transport.resumeProducing()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._scanner = None
+        self._stopDraining(resume=False)
+        self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
+        super().connectionLost(reason)
+
+    def _closeUpstream(self, code: int | None, reasonRaw: bytes | None) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is None:
+            return
+        upstream.downstream = None
+        if upstream.state == upstream.STATE_OPEN:
+            _sendClose(upstream, code, reasonRaw)
+        elif upstream.state != upstream.STATE_CLOSED:
+            upstream.dropConnection(abort=True)
+
+    # -- backpressure ------------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The client does not read: stop reading from the upstream."""
+        super().pauseProducing()
+        if self.upstream is not None:
+            transport: Any = self.upstream.transport
+            transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        if self.upstream is not None:
+            transport: Any = self.upstream.transport
+            transport.resumeProducing()
+
+
+#: Client failures the gateway holds until the upstream has closed: protocol
+#: error and invalid payload (see L{GatewayProtocol._drainUpstream}). Limits
+#: (1008, 1009, 1013) and timeouts close at once.
+_DRAINED_FAILURES = frozenset({1002, 1007})
+
+
+def _sendClose(protocol: Any, code: int | None, reasonRaw: bytes | None) -> None:
+    """Send a close frame with C{code}, or none when it may not be sent."""
+    if code is not None and code not in _SENDABLE and not 3000 <= code <= 4999:
+        code, reasonRaw = None, None
+    protocol.sendCloseFrame(code, (reasonRaw or b"")[:123] if code is not None else None)

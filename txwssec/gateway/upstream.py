@@ -1,0 +1,306 @@
+"""
+The upstream leg of a gateway session: the pool of upstream URLs, the
+client protocol that speaks to one, and the refusals (502, 504) when none
+answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from autobahn.websocket.types import ConnectingRequest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.python.failure import Failure
+
+from txwssec.client import SecureClientFactory, SecureClientProtocol
+from txwssec.errors import HandshakeRefused
+from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
+from txwssec.policy import RoutePolicy, Upstream
+from txwssec.traffic import Violation
+
+
+class BadGateway(HandshakeRefused):
+    """502: the upstream refused, failed TLS verification, or is unreachable."""
+
+    status = 502
+
+
+class GatewayTimeout(HandshakeRefused):
+    """504: the upstream did not complete its handshake in time."""
+
+    status = 504
+
+
+class ClientLeg(Protocol):
+    """
+    What the upstream leg needs of the client leg
+    (L{txwssec.gateway.GatewayProtocol}): named here so that this module
+    does not import the client leg's.
+    """
+
+    state: int
+    STATE_CONNECTING: int
+    STATE_OPEN: int
+    transport: Any
+
+    def relayWrite(self, frames: bytes) -> None: ...
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False) -> bool: ...
+
+    def sendPing(self, payload: bytes | None = None) -> None: ...
+
+    def sendPong(self, payload: bytes | None = None) -> None: ...
+
+    def closeFromUpstream(self, code: int | None, reasonRaw: bytes | None) -> None: ...
+
+    def upstreamLost(self, wasClean: bool) -> None: ...
+
+    def _applicationFailed(self, hook: str, failure: Failure) -> None: ...
+
+
+class UpstreamPool:
+    """
+    Round-robin over an upstream's URLs, with passive failure marking: a URL
+    that failed within C{cooldown} seconds is tried after the others.
+    """
+
+    def __init__(self, upstream: Upstream, clock: IReactorTime) -> None:
+        self.upstream = upstream
+        self._clock = clock
+        self._next = 0
+        self._failed_at: dict[str, float] = {}
+        self._endpoints: dict[str, IStreamClientEndpoint] = {}
+
+    def endpoint(self, url: str, factory: SecureClientFactory) -> IStreamClientEndpoint:
+        """
+        The endpoint for C{url} (TCP, in verified TLS for C{wss://}), made
+        with the first connection's C{factory} and kept: the TLS options
+        (CA file read, context made) are built once per upstream URL.
+        """
+        endpoint = self._endpoints.get(url)
+        if endpoint is None:
+            endpoint = self._endpoints[url] = factory.endpoint()
+        return endpoint
+
+    def order(self) -> list[str]:
+        """The URLs to try for one connection, best first."""
+        urls = self.upstream.urls
+        start = self._next
+        self._next = (self._next + 1) % len(urls)
+        rotated = [*urls[start:], *urls[:start]]
+        now = self._clock.seconds()
+        cooldown = self.upstream.cooldown
+
+        def down(url: str) -> bool:
+            return now - self._failed_at.get(url, -cooldown) < cooldown
+
+        return [u for u in rotated if not down(u)] + [u for u in rotated if down(u)]
+
+    def failed(self, url: str) -> None:
+        """Mark C{url} as failing now."""
+        self._failed_at[url] = self._clock.seconds()
+
+    def succeeded(self, url: str) -> None:
+        """Mark C{url} as healthy."""
+        self._failed_at.pop(url, None)
+
+
+class UpstreamProtocol(SecureClientProtocol):
+    """
+    The upstream leg of a gateway session. Messages are held until the
+    client leg is open (the upstream may speak right after its 101).
+    """
+
+    downstream: ClientLeg | None = None
+    # Autobahn's size limits (set from the factory's options).
+    maxFramePayloadSize: int
+    maxMessagePayloadSize: int
+    #: The frame relay, once the session is open (see L{txwssec.gateway.relay}).
+    _scanner: FrameScanner | None = None
+    _scanning: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list[tuple[bytes, bool]] = []
+
+    def _onOpen(self) -> None:
+        self.registerProducer(self, True)
+        super()._onOpen()
+
+    def startHandshake(self) -> None:
+        """
+        Send the upgrade request, as Autobahn does without an C{onConnecting}
+        hook but without its debug line, which pretty-prints the transport's
+        details on every connection whatever the log level.
+        """
+        factory = self.factory
+        self._actuallyStartHandshake(
+            ConnectingRequest(
+                host=factory.host,
+                port=factory.port,
+                resource=factory.resource,
+                headers=factory.headers,
+                useragent=factory.useragent,
+                origin=factory.origin,
+                protocols=factory.protocols,
+            )
+        )
+
+    def attach(self, downstream: ClientLeg) -> None:
+        """Relay to C{downstream} (called before the client's 101)."""
+        self.downstream = downstream
+
+    def flush(self) -> None:
+        """The client leg is open: deliver what arrived before."""
+        held, self._held = self._held, []
+        for payload, is_binary in held:
+            self.onMessage(payload, is_binary)
+
+    # -- the frame relay (see txwssec.gateway.relay) ------------------------------------
+
+    def startRelay(self) -> None:
+        """Relay the upstream's data frames to the client as they come."""
+        self._scanner = FrameScanner(
+            self,
+            masked=False,
+            max_frame=self.maxFramePayloadSize,
+            max_message=self.maxMessagePayloadSize,
+            accounted=False,
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            if not feed_relay(self, data):
+                super().dataReceived(data)
+        except Exception:
+            self._applicationFailed("relay", Failure())
+
+    def _applicationFailed(self, hook: str, failure: Failure) -> None:
+        # The gateway's own code failed on this leg: the client gets 1011
+        # (logged once, by the client leg) and this leg is closed with it.
+        downstream = self.downstream
+        if downstream is None:
+            super()._applicationFailed(hook, failure)
+        else:
+            downstream._applicationFailed(f"upstream {hook}", failure)
+
+    def relayOpen(self) -> bool:
+        # Closing after the gateway's close, the upstream's frames still go
+        # to the client (the answers it owes, see _drainUpstream); not after
+        # the upstream's own close, or once this leg failed.
+        state = self.state
+        return (
+            (state == self.STATE_OPEN or state == self.STATE_CLOSING)
+            and not self.failedByMe
+            and not self._closeReceived
+        )
+
+    def relayAccount(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
+        return None
+
+    def relayLimit(self, violation: Violation) -> None:
+        pass
+
+    def relayForward(self, frames: bytes) -> None:
+        downstream = self.downstream
+        if downstream is not None and downstream.state == downstream.STATE_OPEN:
+            downstream.relayWrite(frames)
+
+    def relayControl(self, frame: bytes) -> bool:
+        return autobahn_control(self, frame) and self.relayOpen()
+
+    def relayStop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
+        self._scanner = None
+        autobahn_rest(self, rest, inside, so_far, binary)
+
+    # -- Autobahn's path (before the relay, and with extensions) ----------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        downstream = self.downstream
+        if downstream is None or downstream.state == downstream.STATE_CONNECTING:
+            self._held.append((payload, isBinary))
+        elif downstream.state == downstream.STATE_OPEN:
+            downstream.sendMessage(payload, isBinary)
+
+    def onPing(self, payload: bytes) -> None:
+        downstream = self.downstream
+        if downstream is not None and downstream.state == downstream.STATE_OPEN:
+            downstream.sendPing(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        downstream = self.downstream
+        if downstream is not None and downstream.state == downstream.STATE_OPEN:
+            downstream.sendPong(payload)
+
+    def onCloseFrame(self, code: Any, reasonRaw: Any) -> bool:
+        downstream = self.downstream
+        if self.state == self.STATE_OPEN and downstream is not None:
+            # The upstream closes: the client gets its code and reason.
+            downstream.closeFromUpstream(code, reasonRaw)
+        return bool(super().onCloseFrame(code, reasonRaw))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._scanner = None
+        downstream, self.downstream = self.downstream, None
+        if downstream is not None:
+            downstream.upstreamLost(wasClean)
+
+    def pauseProducing(self) -> None:
+        """The upstream does not read: stop reading from the client."""
+        if self.downstream is not None:
+            transport: Any = self.downstream.transport
+            transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.downstream is not None:
+            transport: Any = self.downstream.transport
+            transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+async def open_upstream(
+    factory: SecureClientFactory,
+    endpoint: Callable[[], IStreamClientEndpoint],
+    timeout: float,
+    clock: Any,
+) -> UpstreamProtocol:
+    """Connect and complete the upstream's WebSocket handshake, or refuse."""
+    connecting: Deferred[Any] = Deferred.fromCoroutine(_connect(factory, endpoint))
+    connecting.addTimeout(timeout, clock)
+    try:
+        protocol: UpstreamProtocol = await connecting
+    except (CancelledError, TimeoutError, DeferredTimeout):
+        raise GatewayTimeout(f"{factory.url}: no handshake within {timeout:g} s") from None
+    except Exception as error:
+        raise BadGateway(f"{factory.url}: {error}") from None
+    return protocol
+
+
+async def _connect(
+    factory: SecureClientFactory, endpoint: Callable[[], IStreamClientEndpoint]
+) -> UpstreamProtocol:
+    protocol: Any = await endpoint().connect(factory)
+    try:
+        await protocol.opened
+    except CancelledError:
+        protocol.dropConnection(abort=True)
+        raise
+    return protocol  # type: ignore[no-any-return]
+
+
+def pool_for(factory: Any, route: RoutePolicy) -> UpstreamPool:
+    """
+    The round-robin pool of C{route}'s upstream (one per route), kept in
+    the server factory's C{upstreamPools}.
+    """
+    assert route.upstream is not None
+    pools: dict[str, UpstreamPool] = factory.upstreamPools
+    pool = pools.get(route.path)
+    if pool is None:
+        pool = pools[route.path] = UpstreamPool(route.upstream, factory.clock)
+    return pool

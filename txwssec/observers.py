@@ -1,0 +1,172 @@
+"""
+The observers a server has from the start (see L{txwssec.events}): the
+counters (L{CounterObserver}, the factory's C{counters}) and the text log
+(L{TextLogObserver}, the lines of the "txwssec.server" and "txwssec.proxy"
+namespaces). A JSON log and metrics will be observers like these.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.logger import Logger
+
+from txwssec import events
+
+#: txwssec's own server events (refusals, sessions, limits), with named
+#: fields. Module-level so that the namespace stays "txwssec.server"
+#: whatever class emits.
+securityLog = Logger(namespace="txwssec.server")
+
+#: The gateway's own events (the namespace stays "txwssec.proxy").
+gatewayLog = Logger(namespace="txwssec.proxy")
+
+#: The events the counters count once each under their own name.
+_COUNTED = frozenset(
+    {
+        events.SESSION_OPENED,
+        events.SESSION_EXPIRED,
+        events.SESSION_REVOKED,
+        events.SESSION_IDLE,
+        events.APPLICATION_ERROR,
+    }
+)
+
+
+class CounterObserver:
+    """
+    Counts events by name in C{counters}: C{handshake.refused.<status>},
+    C{session.opened}, C{session.expired|revoked|idle}, one C{limit.<name>}
+    per limit that refused a handshake or closed a connection,
+    C{application.error}, and C{gateway.upstream_lost}.
+    """
+
+    __slots__ = ("counters",)
+
+    def __init__(self, counters: Counter[str]) -> None:
+        self.counters = counters
+
+    def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
+        counters = self.counters
+        if event in _COUNTED or (event.startswith("session.") and event != events.SESSION_CLOSED):
+            # (session.<event> for an application's own endSession events too)
+            counters[event] += 1
+        elif event == events.LIMIT_EXCEEDED:
+            counters[fields["limit"]] += 1
+        elif event == events.HANDSHAKE_REFUSED:
+            counters[f"handshake.refused.{fields['status']}"] += 1
+            limit = fields.get("limit")
+            if limit:
+                counters[limit] += 1
+        elif event == events.UPSTREAM_LOST:
+            counters["gateway.upstream_lost"] += 1
+
+
+def _session_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {"peer": fields["peer"], "route": fields["route"], "consumer": fields["consumer"]}
+
+
+def _accepted(fields: Mapping[str, Any]) -> None:
+    securityLog.info("accepted {peer} on {route} as {consumer} by {method}", **fields)
+
+
+def _refused(fields: Mapping[str, Any]) -> None:
+    securityLog.info(
+        "refused {peer} on {route} with {status} ({method}): {reason}",
+        peer=fields["peer"],
+        route=fields["route"],
+        path=fields["path"],
+        status=fields["status"],
+        method=fields["method"],
+        reason=fields["reason"],
+    )
+
+
+def _pipeline_failed(fields: Mapping[str, Any]) -> None:
+    securityLog.failure(
+        "handshake pipeline failed for {peer}", fields["failure"], peer=fields["peer"]
+    )
+
+
+def _session_ended(event: str) -> Callable[[Mapping[str, Any]], None]:
+    name = event.partition(".")[2]
+
+    def log(fields: Mapping[str, Any]) -> None:
+        securityLog.info(
+            "session {event}: closing {peer} on {route} ({consumer}) with {code}",
+            event=name,
+            code=fields["code"],
+            **_session_fields(fields),
+        )
+
+    return log
+
+
+def _limit(fields: Mapping[str, Any]) -> None:
+    limit = fields["limit"]
+    if limit == "limit.handshake_timeout":
+        securityLog.info("handshake timeout: dropping {peer}", peer=fields["peer"])
+    elif limit == "limit.close_linger":
+        securityLog.info("close timeout: resetting {peer}", peer=fields["peer"])
+    else:
+        securityLog.info(
+            "limit {limit}: closing {peer} on {route} ({consumer}) with {code}",
+            limit=limit,
+            code=fields["code"],
+            **_session_fields(fields),
+        )
+
+
+def _application_error(fields: Mapping[str, Any]) -> None:
+    securityLog.failure(
+        "error in {hook} on {route} for {peer}",
+        fields["failure"],
+        hook=fields["hook"],
+        **_session_fields(fields),
+    )
+
+
+def _upstream_failed(fields: Mapping[str, Any]) -> None:
+    if fields["kind"] == "timeout":
+        gatewayLog.warn("upstream {url} timed out", url=fields["url"])
+    else:
+        gatewayLog.warn(
+            "upstream {url} failed: {reason}", url=fields["url"], reason=fields["reason"]
+        )
+
+
+def _upstream_lost(fields: Mapping[str, Any]) -> None:
+    gatewayLog.warn("upstream of {peer} went away", peer=fields["peer"])
+
+
+class TextLogObserver:
+    """
+    The text log: one line per event that has one, with the format and the
+    named fields the log has always had (the operator's greps keep working).
+    """
+
+    __slots__ = ()
+
+    #: Event name -> what logs it.
+    lines: Mapping[str, Callable[[Mapping[str, Any]], None]] = {
+        events.HANDSHAKE_ACCEPTED: _accepted,
+        events.HANDSHAKE_REFUSED: _refused,
+        events.HANDSHAKE_ERROR: _pipeline_failed,
+        events.SESSION_EXPIRED: _session_ended(events.SESSION_EXPIRED),
+        events.SESSION_REVOKED: _session_ended(events.SESSION_REVOKED),
+        events.SESSION_IDLE: _session_ended(events.SESSION_IDLE),
+        events.LIMIT_EXCEEDED: _limit,
+        events.APPLICATION_ERROR: _application_error,
+        events.UPSTREAM_FAILED: _upstream_failed,
+        events.UPSTREAM_LOST: _upstream_lost,
+    }
+
+    def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
+        line = self.lines.get(event)
+        if line is not None:
+            line(fields)
+        elif event.startswith("session.") and "code" in fields:
+            # An application's own endSession event.
+            _session_ended(event)(fields)

@@ -1,0 +1,238 @@
+"""
+The open connection's traffic for L{SecureServerProtocol}: every frame
+header accounted against the route's limits (L{TrafficFlow.onFrameBegin}),
+writes bounded for a peer that does not read (backpressure), the idle
+timer, and the closes for a limit. The per-connection state is a
+L{TrafficGuard}; this class is the protocol's side of it.
+
+This runs for every frame and every write: keep it free of anything but
+attribute reads and the guard's calls (see bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+
+from txwssec import events
+from txwssec.compression import (
+    deflated_bound,
+)
+from txwssec.deadlines import Deadline
+from txwssec.errors import (
+    CloseCode,
+)
+from txwssec.policy import RoutePolicy
+from txwssec.server.context import ServerContext
+from txwssec.session import Session
+from txwssec.traffic import TrafficGuard, Violation
+
+
+class TrafficFlow(WebSocketServerProtocol):
+    """
+    Limits, backpressure and idle checks of an open connection: a part of
+    L{txwssec.server.SecureServerProtocol} (its base class).
+    """
+
+    factory: ServerContext
+    session: Session | None = None
+    route: RoutePolicy | None = None
+    _idle_timer: Deadline | None = None
+    _last_message: float = 0.0
+    _guard: TrafficGuard | None = None
+    # Autobahn's per-connection size limits (set from the route).
+    maxFramePayloadSize: int
+    maxMessagePayloadSize: int
+    _discard_writes: bool = False
+
+    def endSession(self, code: int, reason: str, event: str) -> None:
+        """Close the session (see L{SecureServerProtocol.endSession})."""
+        raise NotImplementedError
+
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> bool:
+        """
+        Send a message, as Autobahn's C{sendMessage}, if the connection is
+        open; to a peer that is closing or gone it is a no-op (Autobahn
+        raises), so that sending to other sessions (a broadcast) is safe
+        from any handler.
+
+        @return: whether the message was sent: L{False} if the connection
+            was not open, or closed for a slow consumer instead of sending it.
+        """
+        if self.state != self.STATE_OPEN:
+            return False
+        WebSocketServerProtocol.sendMessage(
+            self, payload, isBinary, fragmentSize, sync, doNotCompress
+        )
+        return bool(self.state == self.STATE_OPEN)
+
+    def _checkIdle(self) -> None:
+        # Messages do not move the timer (onFrameBegin only notes the time):
+        # when it fires, it either closes or re-arms for the new deadline.
+        assert self.route is not None
+        if self.state != self.STATE_OPEN:
+            # Already closing (expired, revoked, a limit): not idle.
+            self._idle_timer = None
+            return
+        factory = self.factory
+        deadline = self._last_message + self.route.idle_timeout
+        if deadline > factory.clock.seconds():
+            self._idle_timer = factory.deadlines.call_at(deadline, self._checkIdle)
+            return
+        self._idle_timer = None
+        self.endSession(CloseCode.TIMEOUT, "idle timeout", "idle")
+
+    # -- traffic limits ---------------------------------------------------
+
+    def onFrameBegin(self) -> None:
+        """
+        Check each frame header against the route's limits, before its
+        payload is read: size first (Autobahn closes 1009), then rates,
+        fragments and control frames (1008). This runs for every frame.
+        """
+        frame = self.current_frame
+        opcode: int = frame.opcode
+        length: int = frame.length
+        starts_message = False
+        accounted = not self.failedByMe
+        if opcode < 8:
+            starts_message = not self.inside_message
+            if starts_message and self._perMessageCompress is not None:
+                self._limitWireSize(frame.rsv == 4)
+            so_far = length if starts_message else self.message_data_total_length + length
+            if 0 < self.maxFramePayloadSize < length or 0 < self.maxMessagePayloadSize < so_far:
+                accounted = False  # Autobahn's size check refuses it (1009)
+        if accounted:
+            violation = self._accountFrame(opcode, length, starts_message)
+            if violation is not None:
+                self._limitExceeded(violation)
+        WebSocketServerProtocol.onFrameBegin(self)
+
+    def _accountFrame(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
+        """
+        Account a received frame header (within the size limits) against
+        the route's limits; a data message is activity for the idle timeout.
+
+        @return: the limit exceeded, if any (the caller closes).
+        """
+        guard = self._guard
+        if guard is None:
+            return None
+        # One clock read per frame at most, shared by the rate buckets and
+        # the idle timer (a data message is activity; pings are not).
+        active = starts_message and self._idle_timer is not None
+        now = self.factory.clock.seconds() if guard.rated or active else 0.0
+        if active:
+            self._last_message = now
+        return guard.frame(opcode, length, starts_message, now)
+
+    def _limitWireSize(self, compressed: bool) -> None:
+        """
+        A compressed message is limited by its inflated size, exactly (by
+        L{BoundedDeflate}). On the wire it can be a little longer (an
+        incompressible one): Autobahn's own checks, which count wire bytes,
+        get deflate's worst case for it instead of the limit.
+        """
+        route = self.route
+        if route is not None:
+            size = route.max_message_size
+            if compressed:
+                size = deflated_bound(size)
+            self.maxMessagePayloadSize = self.maxFramePayloadSize = size
+
+    def _limitExceeded(self, violation: Violation) -> None:
+        self._closeForLimit(violation.counter, violation.code, violation.reason)
+
+    def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
+        self._closeForLimit("limit.max_message_size", CloseCode.MESSAGE_TOO_BIG, "message too big")
+
+    def onOpenHandshakeTimeout(self) -> None:
+        """The opening handshake took longer than C{handshake_timeout}."""
+        if self.state == self.STATE_CONNECTING:
+            self.factory.events.emit(
+                events.LIMIT_EXCEEDED, limit="limit.handshake_timeout", peer=self.peer
+            )
+        super().onOpenHandshakeTimeout()
+
+    def onAutoPingTimeout(self) -> None:
+        """The peer did not answer a ping in time: close 3008."""
+        self.autoPingTimeoutCall = None
+        # Forget the ping: a pong arriving late must not re-arm auto-ping
+        # (and a second timeout) while the close handshake runs.
+        self.autoPingPending = None
+        if self.state != self.STATE_OPEN:
+            return
+        self._closeForLimit("limit.ping_timeout", CloseCode.TIMEOUT, "ping timeout")
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: the peer is not keeping up."""
+        if self._guard is not None:
+            self._guard.blocked()
+
+    def resumeProducing(self) -> None:
+        """The transport's buffer drained."""
+        if self._guard is not None:
+            self._guard.unblocked()
+
+    def stopProducing(self) -> None:
+        """The connection is going away."""
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """
+        Write C{data}, unless the peer is too far behind (then close 1013).
+
+        The common write (not chopped, not synchronous, nothing queued) goes
+        to the transport here, as Autobahn's C{sendData} would, without the
+        arguments of its debug line, which Autobahn formats on every write
+        whatever the log level.
+        """
+        if self._discard_writes:
+            return  # after the close for a slow consumer
+        guard = self._guard
+        if guard is not None and guard.writes_blocked and guard.wrote(len(data)):
+            self._slowConsumer()
+            return
+        if sync or chopsize or self.send_queue:
+            WebSocketServerProtocol.sendData(self, data, sync, chopsize)
+            return
+        transport: Any = self.transport
+        transport.write(data)
+        state = self.state
+        if state == self.STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        elif state == self.STATE_CONNECTING:
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+        if self.logOctets:  # type: ignore[attr-defined]
+            self.logTxOctets(data, False)
+
+    def _slowConsumer(self) -> None:
+        # The close frame is the last thing written; what the application
+        # sends after it is dropped, and the close timeout aborts the TCP
+        # connection if the peer never reads it.
+        self._guard = None
+        self._closeForLimit("limit.max_buffered_bytes", CloseCode.TRY_AGAIN_LATER, "slow consumer")
+        self._discard_writes = True
+
+    def _closeForLimit(self, limit: str, code: int, reason: str) -> None:
+        """Tell the observers and fail the connection for C{limit} (a counter name)."""
+        self.factory.events.emit(
+            events.LIMIT_EXCEEDED, limit=limit, code=int(code), **self._sessionFields()
+        )
+        self._fail_connection(code, reason)
+
+    def _sessionFields(self) -> dict[str, Any]:
+        """The named log fields that say whose connection this is."""
+        session = self.session
+        return {
+            "peer": self.peer,
+            "route": session.route if session else None,
+            "consumer": session.consumer if session else None,
+        }

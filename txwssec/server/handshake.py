@@ -1,0 +1,252 @@
+"""
+The handshake's input and output for L{SecureServerProtocol}: the request
+read strictly (the header block's size and lines, a request with a body),
+and every refusal answered in one place (L{HandshakeIO.failHandshake}).
+The pipeline that decides is L{SecureServerProtocol.secureHandshake}.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionRequest
+from twisted.internet.interfaces import ISSLTransport
+
+from txwssec import events
+from txwssec._request import check_request_head
+from txwssec.admission import client_address
+from txwssec.compression import (
+    ExtensionOffer,
+    parse_extensions,
+)
+from txwssec.errors import (
+    HandshakeRefused,
+    HeaderFieldsTooLarge,
+    MalformedHandshake,
+    RouteNotFound,
+    Unauthorized,
+    http_refusal,
+)
+from txwssec.logs import bounded
+from txwssec.policy import RoutePolicy
+from txwssec.server.context import ServerContext
+from txwssec.tls import peer_certificate
+from txwssec.types import HandshakeRequest
+
+
+class HandshakeIO(WebSocketServerProtocol):
+    """
+    Reading the opening handshake and answering a refusal: a part of
+    L{txwssec.server.SecureServerProtocol} (its base class), kept apart so
+    that the pipeline reads on its own.
+    """
+
+    factory: ServerContext
+    route: RoutePolicy | None = None
+    _refusal: HandshakeRefused | None = None
+    #: The admitted address, kept after release: a failed authentication
+    #: counts even if the client reset the connection before the verdict.
+    _client_host: str | None = None
+    _pipelineStarted: bool = False
+
+    def handshakeRequest(self, request: ConnectionRequest) -> HandshakeRequest:
+        """
+        Build the L{HandshakeRequest} the authenticators see, keeping every
+        header line (Autobahn's own dictionary folds duplicates together).
+
+        @raise MalformedHandshake: a header line that is not C{name: value},
+            or holds a control character (400).
+        """
+        head = self.http_request_data.decode("iso-8859-1")
+        # The header lines, each with its CRLF: from after the request line
+        # up to the blank line that ends the block.
+        block = head[head.find("\r\n") + 2 : -2]
+        if _CONTROL_CHARACTERS.search(block):
+            # A bare CR, LF, NEL or other control character: other parsers
+            # (Autobahn's own, an upstream's) would split the line there.
+            raise MalformedHandshake("control character in a header line")
+        if not _HEADER_BLOCK.fullmatch(block):
+            # RFC 9112 section 5: a line that is not "name: value" (no
+            # colon, no name, space before the colon, a folded line).
+            raise MalformedHandshake("malformed header line")
+        peer = str(self.peer)
+        headers = tuple(
+            (name.lower(), value.strip()) for name, value in _HEADER_LINE.findall(block)
+        )
+        policy = self.factory.policy
+        host = client_address(
+            _peer_host(peer),
+            (value for name, value in headers if name == "x-forwarded-for"),
+            policy.trusted_proxies,
+            policy.trust_forwarded_for,
+        )
+        return HandshakeRequest(
+            peer=peer,
+            host=host,
+            path=request.path,
+            query={k: tuple(v) for k, v in request.params.items()},
+            headers=headers,
+            subprotocols=tuple(request.protocols),
+            secure=ISSLTransport.providedBy(self.transport),
+            peer_certificate=peer_certificate(self.transport),
+        )
+
+    def processHandshake(self) -> None:
+        """
+        Refuse an oversized header block (431) before Autobahn parses it,
+        however slowly it arrives; then run the pipeline for the first
+        request only. While it runs (authentication may wait on a thread or
+        an upstream), the connection is not read: a client must wait for the
+        101, and a second request on the same connection must never start
+        a second pipeline.
+        """
+        if self._pipelineStarted:
+            return
+        policy = self.factory.policy
+        end = self.data.find(b"\r\n\r\n")
+        size = end
+        if end < 0:
+            # Bytes that may begin the final CRLFCRLF are not part of the
+            # block: a block of exactly the limit passes however it is split.
+            size = len(self.data)
+            for tail in (b"\r\n\r", b"\r\n", b"\r"):
+                if self.data.endswith(tail):
+                    size -= len(tail)
+                    break
+        if size > policy.max_header_bytes:
+            return self._refuse(HeaderFieldsTooLarge(f"header block over {size} bytes"))
+        if end >= 0 and self.data.count(b"\r\n", 0, end) > policy.max_headers:
+            return self._refuse(HeaderFieldsTooLarge("too many header lines"))
+        if end >= 0:
+            self._pipelineStarted = True
+            self._transport().pauseProducing()
+            try:
+                # Before anything else reads the request: a body, malformed
+                # extension offers (400).
+                self.data = check_request_head(self.data, end)
+            except HandshakeRefused as refusal:
+                return self._refuse(refusal)
+            super().processHandshake()
+
+    def _parseExtensionsHeader(
+        self, header: str, removeQuotes: bool = True
+    ) -> list[ExtensionOffer]:
+        """
+        The client's extension offers, parsed strictly in place of Autobahn's
+        parser (the header was checked by L{check_request_head}).
+        """
+        return parse_extensions(header)
+
+    def succeedHandshake(self, res: Any) -> None:
+        """Send the 101, then read again (frames that came early are kept)."""
+        super().succeedHandshake(res)
+        if self.state == self.STATE_OPEN:
+            self._transport().resumeProducing()
+
+    def _transport(self) -> Any:
+        return self.transport
+
+    def _refuse(self, refusal: HandshakeRefused) -> None:
+        self._refusal = refusal
+        self.failHandshake(refusal.reason, refusal.status)
+
+    # -- refusals ---------------------------------------------------------
+
+    def failHandshake(
+        self,
+        reason: str,
+        code: int = 400,
+        responseHeaders: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """
+        The one place a refused handshake is logged and answered: the log
+        gets the reason, the client a fixed body for the status.
+        """
+        refusal = self._refusal
+        if refusal is None:
+            # Autobahn's own checks (malformed upgrade): its reason can quote
+            # header values, which may hold credentials; keep the words only.
+            headers = tuple(responseHeaders or ())
+            if code == 426:
+                # RFC 9110 section 15.5.22: a 426 names the protocol to use.
+                headers += (("Upgrade", "websocket"),)
+            refusal = HandshakeRefused(_redact(reason), headers, code)
+        self._refusal = None
+        self.wasNotCleanReason = "handshake refused"
+        factory = self.factory
+        if isinstance(refusal, Unauthorized) and self._client_host is not None:
+            factory.admission.authentication_failed(self._client_host, factory.clock.seconds())
+        path = self._requestPath()
+        factory.events.emit(
+            events.HANDSHAKE_REFUSED,
+            peer=bounded(self.peer),
+            route=self._routeFor(path),
+            path=bounded(path),
+            status=refusal.status,
+            method=refusal.method,
+            reason=bounded(refusal.reason, _MAX_LOGGED_REASON),
+            limit=refusal.counter,
+        )
+        self.sendData(http_refusal(refusal.status, refusal.headers))
+        self.dropConnection(abort=False)
+
+    def _requestPath(self) -> str:
+        """
+        The path of the request line (no query: it may carry credentials),
+        as Autobahn parsed it or, for a request it refused, as sent.
+        """
+        path: str | None = getattr(self, "http_request_path", None)
+        if path is None:
+            head: bytes = getattr(self, "http_request_data", None) or self.data
+            parts = head.split(b"\r\n", 1)[0].decode("iso-8859-1").split(" ")
+            target = parts[1] if len(parts) > 1 else ""
+            path = target.partition("?")[0].partition("#")[0]
+        return path
+
+    def _routeFor(self, path: str) -> str:
+        """The route serving C{path} for the log: its path, or C{-}."""
+        if self.route is not None:
+            return self.route.path
+        try:
+            return self.factory.policy.route_for(path).path
+        except RouteNotFound:
+            return "-"
+
+
+def _peer_host(peer: str) -> str:
+    """The address part of Autobahn's peer string (C{tcp4:1.2.3.4:5})."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("tcp4", "tcp6"):
+        return rest.rsplit(":", 1)[0]
+    return peer
+
+
+#: The most characters of a refusal's reason that reach the log (the values
+#: in it are bounded each, see L{bounded}; this bounds the rest).
+_MAX_LOGGED_REASON = 1024
+
+#: Characters no header line may hold (tab is allowed in values), including
+#: the ones str.splitlines() breaks lines on (\x0b, \x0c, \x1c-\x1e, \x85),
+#: and CR or LF anywhere but together, ending a line.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85]|\r(?!\n)|(?<!\r)\n")
+
+#: An HTTP field name (RFC 9110 section 5.1: a token).
+_FIELD_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+
+#: A block of header lines, each C{name: value} and its CRLF (control
+#: characters are refused before this is tried).
+_HEADER_BLOCK = re.compile(rf"(?:{_FIELD_NAME}:[^\r]*\r\n)*")
+
+#: One header line's name and value.
+_HEADER_LINE = re.compile(rf"({_FIELD_NAME}):([^\r]*)\r\n")
+
+
+def _redact(reason: str) -> str:
+    """
+    Drop quoted values from an Autobahn failure reason: from the first quote
+    to the last one of the same kind, so that a value holding quotes itself
+    cannot end the redaction early.
+    """
+    return re.sub(r"([\"']).*\1", r"\1…\1", reason, flags=re.DOTALL)

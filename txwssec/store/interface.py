@@ -1,0 +1,165 @@
+"""
+The state store's interface: a L{zope.interface} (L{IStateStore}, for
+C{verifyObject} and adapters) and the same as a typing L{Protocol}
+(L{StateStore}, for mypy).
+
+Calls answer at once: the handshake pipeline asks them in line (admission,
+the consumer caps) and the traffic guard takes from shared buckets per
+frame. A networked backend answers from its own process's view and keeps
+that view in step with the others (counts as leases, buckets refilled in
+batches); that is its business, not the callers'.
+
+Keys are short texts chosen by txwssec (an address key, a route and
+consumer, a token id), never secrets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
+
+from zope.interface import Attribute, Interface
+
+T = TypeVar("T")
+
+#: Connection count kinds.
+ADDRESS = "address"
+CONSUMER = "consumer"
+
+
+class IStateStore(Interface):
+    """State shared by every process serving the same configuration."""
+
+    failure_limit = Attribute("Failures per key per minute before the lockout (0: off).")
+
+    # -- connection counts -------------------------------------------------
+
+    def acquire(kind: str, key: str, cap: int) -> bool:
+        """
+        Count one more connection of C{kind} under C{key} if it has fewer
+        than C{cap} (0: no cap).
+
+        @return: whether it was counted.
+        """
+
+    def release(kind: str, key: str) -> None:
+        """Count one connection fewer; a key at zero is forgotten."""
+
+    def count(kind: str, key: str) -> int:
+        """Live connections of C{kind} under C{key}."""
+
+    def total(kind: str) -> int:
+        """Live connections of C{kind}, all keys."""
+
+    def keys(kind: str) -> int:
+        """How many keys of C{kind} have live connections."""
+
+    # -- shared rate buckets -----------------------------------------------
+
+    def shared(key: str, make: Callable[[], Any]) -> Any:
+        """The state shared under C{key} (made by C{make} if none)."""
+
+    def forget(key: str) -> None:
+        """Forget the state shared under C{key}."""
+
+    # -- failure lockout ---------------------------------------------------
+
+    def record_failure(key: str, now: float) -> None:
+        """Count a failure (an authentication) for C{key}."""
+
+    def blocked_for(key: str, now: float) -> float:
+        """Seconds until C{key} may try again (0: now)."""
+
+    # -- tickets -------------------------------------------------------------
+
+    def put_ticket(ticket: str, value: Mapping[str, Any], expires_at: float, now: float) -> None:
+        """Keep C{value} under C{ticket} until C{expires_at} (it is C{now})."""
+
+    def take_ticket(ticket: str, now: float) -> Mapping[str, Any] | None:
+        """The value of C{ticket}, once: later calls and expired ones get L{None}."""
+
+    # -- revocations ---------------------------------------------------------
+
+    def revoke(key: str, until: float, now: float) -> None:
+        """Revoke C{key} (C{jti:...}, C{consumer:...}) until C{until} (it is C{now})."""
+
+    def revoked(key: str, now: float) -> bool:
+        """Whether C{key} is revoked now."""
+
+    # -- the session list ------------------------------------------------------
+
+    def add_session(session_id: str, record: Mapping[str, Any]) -> None:
+        """List an open session (id, consumer, route, method, peer, opened_at, expires_at)."""
+
+    def remove_session(session_id: str) -> None:
+        """Unlist a session whose connection ended."""
+
+    def sessions() -> list[Mapping[str, Any]]:
+        """The listed sessions' records."""
+
+
+class StateStore(Protocol):
+    """L{IStateStore}, for the type checker."""
+
+    @property
+    def failure_limit(self) -> int: ...
+
+    def acquire(self, kind: str, key: str, cap: int) -> bool: ...
+
+    def release(self, kind: str, key: str) -> None: ...
+
+    def count(self, kind: str, key: str) -> int: ...
+
+    def total(self, kind: str) -> int: ...
+
+    def keys(self, kind: str) -> int: ...
+
+    def shared(self, key: str, make: Callable[[], T]) -> T: ...
+
+    def forget(self, key: str) -> None: ...
+
+    def record_failure(self, key: str, now: float) -> None: ...
+
+    def blocked_for(self, key: str, now: float) -> float: ...
+
+    def put_ticket(
+        self, ticket: str, value: Mapping[str, Any], expires_at: float, now: float
+    ) -> None: ...
+
+    def take_ticket(self, ticket: str, now: float) -> Mapping[str, Any] | None: ...
+
+    def revoke(self, key: str, until: float, now: float) -> None: ...
+
+    def revoked(self, key: str, now: float) -> bool: ...
+
+    def add_session(self, session_id: str, record: Mapping[str, Any]) -> None: ...
+
+    def remove_session(self, session_id: str) -> None: ...
+
+    def sessions(self) -> list[Mapping[str, Any]]: ...
+
+
+class CountView:
+    """
+    One kind of connection count, read like a L{txwssec.limits.ConnectionCounter}
+    (C{total}, C{count(key)}, C{len()}).
+    """
+
+    __slots__ = ("_kind", "_store")
+
+    def __init__(self, store: StateStore, kind: str) -> None:
+        self._store = store
+        self._kind = kind
+
+    @property
+    def total(self) -> int:
+        """Live connections, all keys."""
+        return self._store.total(self._kind)
+
+    def count(self, key: str) -> int:
+        """Live connections under C{key}."""
+        return self._store.count(self._kind, key)
+
+    def __len__(self) -> int:
+        """How many keys have live connections."""
+        return self._store.keys(self._kind)
