@@ -28,7 +28,7 @@ from urllib.parse import quote, urlsplit
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from autobahn.websocket.types import ConnectionResponse
+from autobahn.websocket.types import ConnectingRequest, ConnectionResponse
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
 from twisted.internet import ssl
@@ -51,6 +51,7 @@ from txwssec._hooks import run_hook, transport_details
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
+from txwssec.messages import sealing
 from txwssec.policy import DEFAULT_MAX_MESSAGE_SIZE
 from txwssec.tls import HTTP_1_1, VerifyingClientTLS, restrict_groups
 
@@ -165,6 +166,10 @@ class SecureClientProtocol(WebSocketClientProtocol):
     #: connection is lost (see L{txwssec._cycles}).
     opened = FiredWithProtocol()
     is_closed = FiredWithProtocol()
+    #: A sealed session (C{seal_key}): the handshake until the server's
+    #: hello, then the session (see L{txwssec.messages.sealing}).
+    _sealHandshake: sealing.ClientHandshake | None = None
+    _seal: sealing.SealedSession | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -195,7 +200,38 @@ class SecureClientProtocol(WebSocketClientProtocol):
         except Exception:
             self._applicationFailed("dataReceived", Failure())
 
+    def onConnecting(self, transport_details: Any) -> ConnectingRequest | None:
+        """
+        The request's options: with C{seal_key}, a fresh offer (key id and
+        nonce) after C{wssec.sealed.v1} for each connection.
+        """
+        factory = self.factory
+        if factory.seal_key is None:
+            return None
+        self._sealHandshake = handshake = sealing.ClientHandshake(
+            factory.seal_key, urlsplit(factory.url).path or "/"
+        )
+        protocols = list(factory.protocols)
+        protocols.insert(protocols.index(sealing.PROTOCOL) + 1, handshake.offer)
+        return ConnectingRequest(
+            host=factory.host,
+            port=factory.port,
+            resource=factory.resource,
+            headers=factory.headers,
+            useragent=factory.useragent,
+            origin=factory.origin,
+            protocols=protocols,
+        )
+
     def _onOpen(self) -> None:
+        if self._sealHandshake is not None:
+            if self.websocket_protocol_in_use != sealing.PROTOCOL:
+                log.warn("server did not answer {protocol}: closing", protocol=sealing.PROTOCOL)
+                self._failSealed(_PROTOCOL_ERROR, "sealing refused")
+            return  # opened once the server's hello is checked (_onMessage)
+        self._opened()
+
+    def _opened(self) -> None:
         transport_details(self)
         run_hook(self, "onOpen", self.onOpen)
         if not self.opened.called:
@@ -245,6 +281,10 @@ class SecureClientProtocol(WebSocketClientProtocol):
         """
         if self.state != self.STATE_OPEN:
             return False
+        if self._sealHandshake is not None:
+            if self._seal is None:
+                return False  # not open yet: waiting for the server's hello
+            payload, isBinary = self._seal.seal(payload, isBinary), True
         WebSocketClientProtocol.sendMessage(
             self, payload, isBinary, fragmentSize, sync, doNotCompress
         )
@@ -259,8 +299,29 @@ class SecureClientProtocol(WebSocketClientProtocol):
         # message after it is ignored (Autobahn case 7.1.4). Autobahn would
         # deliver it, and an onMessage that answers raises Disconnected,
         # which drops the connection before the close reply is written.
-        if not self._closeReceived:
-            run_hook(self, "onMessage", self.onMessage, payload, isBinary)
+        if self._closeReceived:
+            return
+        handshake = self._sealHandshake
+        if handshake is _SEAL_FAILED:
+            return
+        if handshake is not None:
+            try:
+                if self._seal is None:
+                    self._seal = handshake.accept_hello(payload, isBinary)
+                    self._opened()
+                    return
+                payload, isBinary = self._seal.unseal(payload, isBinary)
+            except sealing.SealError as error:
+                log.warn("sealed message rejected: {check}", check=str(error))
+                self._failSealed(sealing.CLOSE_CODE, sealing.CLOSE_REASON)
+                return
+        run_hook(self, "onMessage", self.onMessage, payload, isBinary)
+
+    def _failSealed(self, code: int, reason: str) -> None:
+        # Nothing more is opened or sent: the session's keys are forgotten.
+        self._sealHandshake = _SEAL_FAILED
+        self._seal = None
+        self._fail_connection(code, reason)
 
     def _onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:
@@ -316,6 +377,11 @@ class SecureClientFactory(WebSocketClientFactory):
     @param tls: server verification and client certificate for wss://.
     @param max_message_size: largest message accepted from the server.
     @param on_credentials_expired: called with the protocol on close 3000.
+    @param seal_key: a consumer's seal key (32 bytes, or C{"base64:..."}):
+        offer C{wssec.sealed.v1} and seal every message (docs/sealed-v1.md).
+        The connection opens once the server's hello is checked; a server
+        that does not answer C{wssec.sealed.v1} is closed with 1002, a
+        message that does not open with 1007.
     """
 
     protocol = SecureClientProtocol  # type: ignore[assignment]
@@ -331,14 +397,22 @@ class SecureClientFactory(WebSocketClientFactory):
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         handshake_timeout: float = 10,
         on_credentials_expired: Any = None,
+        seal_key: bytes | str | None = None,
         reactor: Any = None,
     ) -> None:
         credentials = credentials or Credentials()
         url = _with_query(url, credentials.query)
+        if isinstance(seal_key, str):
+            seal_key = sealing.parse_key(seal_key)
+        if seal_key is not None and len(seal_key) != sealing.KEY_BYTES:
+            raise ValueError(f"seal_key must be {sealing.KEY_BYTES} bytes")
+        #: The seal key, if any (never shown).
+        self.seal_key: bytes | None = seal_key
+        sealed = [sealing.PROTOCOL] if seal_key is not None else []
         super().__init__(
             url,
             origin=origin,
-            protocols=[*subprotocols, *credentials.subprotocols],
+            protocols=[*subprotocols, *sealed, *credentials.subprotocols],
             headers=dict(credentials.headers),
             reactor=reactor or default_reactor(),
         )
@@ -409,6 +483,12 @@ class SecureClientFactory(WebSocketClientFactory):
         C{protocol.opened} for the WebSocket handshake.
         """
         return self.endpoint().connect(self)  # type: ignore[return-value]
+
+
+#: After a sealed message failed to open: nothing more is opened.
+_SEAL_FAILED = sealing.ClientHandshake(bytes(sealing.KEY_BYTES), "/")
+#: RFC 6455's close code for a protocol error.
+_PROTOCOL_ERROR = 1002
 
 
 def _with_query(url: str, query: tuple[tuple[str, str], ...]) -> str:

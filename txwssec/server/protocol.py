@@ -42,6 +42,8 @@ from txwssec.errors import (
     HandshakeRefused,
 )
 from txwssec.logs import bounded
+from txwssec.messages.sealed_route import negotiate_seal
+from txwssec.messages.sealing import PROTOCOL as SEALED_PROTOCOL
 from txwssec.origin import listener_for
 from txwssec.policy import RoutePolicy
 from txwssec.server.context import ServerContext
@@ -195,7 +197,11 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         )
         self._consumer_admitted = (route, principal.consumer)
 
-        # 6. subprotocol: credentials consumed, never echoed
+        # 6. sealed payloads (400, 403), then the subprotocol: credentials
+        #    consumed, never echoed
+        sealed = negotiate_seal(route, principal.consumer, handshake.subprotocols)
+        if sealed is not None:
+            self._seal, self._sealHello = sealed
         subprotocol = self.negotiate(handshake, accept)
         if isinstance(subprotocol, Deferred | Coroutine):
             negotiated: Deferred[str | None] = ensureDeferred(subprotocol)
@@ -208,6 +214,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         # 7. the session, its timers armed when the connection opens
         route, clock, principal = self.route, self.factory.clock, accept.principal
         assert route is not None
+        if self._seal is not None:
+            subprotocol = SEALED_PROTOCOL
         now = clock.seconds()
         not_after = now + route.max_lifetime if route.max_lifetime else None
         self.session = Session(principal, accept.expires_at, route.path, clock, not_after)
@@ -273,6 +281,9 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
                 id=session.id,
             )
             self.registerProducer(self, True)
+            if self._sealHello is not None:
+                WebSocketServerProtocol.sendMessage(self, self._sealHello, True)
+                self._sealHello = None
             if route.idle_timeout:
                 self._last_message = now = factory.clock.seconds()
                 self._idle_timer = deadlines.call_at(now + route.idle_timeout, self._checkIdle)
@@ -282,6 +293,11 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     # -- application hooks and errors ---------------------------------------
 
     def _onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._seal is not None:
+            opened = self._unseal(payload, isBinary)
+            if opened is None:
+                return
+            payload, isBinary = opened
         run_hook(self, "onMessage", self.onMessage, payload, isBinary)
 
     def _onPing(self, payload: bytes) -> None:
