@@ -504,3 +504,93 @@ def test_twistd_sealed_session(tmp_path: Path) -> Any:
     assert "Traceback" not in server.output()
     assert KEY.hex() not in server.output()
     assert base64.b64encode(KEY).decode() not in server.output()
+
+
+# -- a gateway ----------------------------------------------------------------------
+
+
+class Upstream(SecureServerProtocol):
+    """A plain upstream: echoes, and records what it got and was offered."""
+
+    def onOpen(self) -> None:
+        self.received: list[tuple[bytes, bool]] = []
+        self.factory.seen.append(  # type: ignore[attr-defined]
+            (self.http_headers.get("sec-websocket-protocol"), self.received)
+        )
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received.append((payload, isBinary))
+        self.sendMessage(payload, isBinary)
+
+
+def gateway(serve: Callable[[Any], int], upstream_sealing: Sealing, mode: str) -> tuple[int, Any]:
+    from txwssec.policy import Upstream as UpstreamURL
+
+    upstream_route = RoutePolicy(
+        "/echo", [AnonymousAuthenticator()], protocol=Upstream, sealing=upstream_sealing
+    )
+    upstream_factory = SecureServerFactory(upstream_route)
+    upstream_factory.seen = []  # type: ignore[attr-defined]
+    upstream_port = serve(upstream_factory)
+    route = RoutePolicy(
+        "/echo",
+        [AnonymousAuthenticator()],
+        upstream=UpstreamURL((f"ws://127.0.0.1:{upstream_port}",)),
+        sealing=Sealing("required", mode, keys={"anonymous": (KEY,)} if mode == "unseal" else {}),
+    )
+    return serve(SecureServerFactory(route)), upstream_factory
+
+
+@pytest_twisted.inlineCallbacks
+def test_gateway_unseals(serve: Callable[[Any], int]) -> Any:
+    """sealed_upstream = "unseal": the upstream gets plaintext and no wssec.* entry."""
+    port, upstream = gateway(serve, Sealing(), "unseal")
+    messages = yield defer.ensureDeferred(client_echo(f"ws://127.0.0.1:{port}/echo", KEY))
+    assert messages == [("héllo".encode(), False), (b"\x00" * 70000, True)]
+    [(offered, received)] = upstream.seen
+    assert offered is None
+    assert received == messages
+    code, reason = yield aio(tampered(port, "counter bit"))
+    assert (code, reason) == (1007, "sealed message rejected")
+
+
+@pytest_twisted.inlineCallbacks
+def test_gateway_passes_sealed_through(serve: Callable[[Any], int]) -> Any:
+    """sealed_upstream = "passthrough": the upstream seals; the gateway holds no key."""
+    port, upstream = gateway(serve, Sealing("required", keys={"anonymous": (KEY,)}), "passthrough")
+    messages = yield defer.ensureDeferred(client_echo(f"ws://127.0.0.1:{port}/echo", KEY))
+    assert messages == [("héllo".encode(), False), (b"\x00" * 70000, True)]
+    [(offered, received)] = upstream.seen
+    assert offered.startswith("wssec.sealed.v1,wssec.seal.")
+    assert received == messages
+    code, reason = yield aio(tampered(port, "tag bit"))
+    assert (code, reason) == (1007, "sealed message rejected")
+    response = yield refused(port)
+    assert response.startswith(b"HTTP/1.1 403 ")
+
+
+def test_config_gateway() -> None:
+    def load(**route: Any) -> Any:
+        return parse(
+            {
+                "route": [
+                    {"path": "/g", "upstream": "ws://127.0.0.1:1/", "auth": ["anonymous"], **route}
+                ]
+            }
+        )
+
+    sealing_of = load(sealed="required", sealed_upstream="passthrough").policy.routes[0].sealing
+    assert (sealing_of.mode, sealing_of.upstream, dict(sealing_of.keys)) == (
+        "required",
+        "passthrough",
+        {},
+    )
+    assert load().policy.routes[0].sealing.upstream == "unseal"
+    for route, message in (
+        ({"sealed_upstream": "open"}, 'route[0].sealed_upstream: expected one of "unseal"'),
+        ({"sealed_upstream": 1}, "route[0].sealed_upstream: expected string"),
+        ({"sealed": "required"}, "route[0].sealed: no [[consumer]] has seal_keys"),
+    ):
+        with pytest.raises(ConfigError) as raised:
+            load(**route)
+        assert str(raised.value).startswith(message), str(raised.value)

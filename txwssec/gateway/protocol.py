@@ -27,6 +27,7 @@ from txwssec.gateway.upstream import (
     open_upstream,
     pool_for,
 )
+from txwssec.messages.sealed_route import is_seal_entry
 from txwssec.server import SecureServerProtocol
 from txwssec.traffic import Violation
 from txwssec.types import Accept, HandshakeRequest
@@ -77,6 +78,8 @@ class GatewayProtocol(SecureServerProtocol):
             p
             for p in without_credentials(handshake.subprotocols, route.authenticators)
             if p not in accept.credential.subprotocols
+            # sealed here (sealed_upstream = "unseal"): the upstream sees plaintext
+            and not (self._seal is not None and is_seal_entry(p))
         ]
         origin = handshake.header_values("origin")
         target = forwarded_target(self.http_request_uri, route.authenticators, accept, known)
@@ -145,10 +148,12 @@ class GatewayProtocol(SecureServerProtocol):
         Whether data frames are relayed as they come: not with an extension
         (permessage-deflate: Autobahn inflates and checks the client's
         messages and sends them uncompressed to the upstream), nor for a
-        subclass that reads the client's messages (overrides C{onMessage}).
+        subclass that reads the client's messages (overrides C{onMessage}),
+        nor when the gateway unseals (sealed payloads).
         """
         return (
-            self._perMessageCompress is None
+            self._seal is None
+            and self._perMessageCompress is None
             and upstream._perMessageCompress is None
             and type(self).onMessage is GatewayProtocol.onMessage
         )

@@ -41,9 +41,14 @@ def negotiate_seal(
         offer it, or the consumer has no key with the offered id (403).
     """
     sealing = route.sealing
-    if sealing.mode == "off" or (route.upstream is not None and sealing.upstream == "passthrough"):
-        return None
     wanted = PROTOCOL in offered
+    if sealing.mode == "off":
+        return None
+    if route.upstream is not None and sealing.upstream == "passthrough":
+        # The upstream seals: the offer goes to it untouched.
+        if sealing.mode == "required" and not wanted:
+            raise Forbidden(f"route requires {PROTOCOL}, not offered")
+        return None
     try:
         offer = parse_offer(offered)
     except SealError as error:
