@@ -192,9 +192,10 @@ class Direction:
         kind, counter = _HEADER.unpack_from(message)
         if counter != self.counter:
             raise SealError(f"counter {counter}, expected {self.counter}")
+        view = memoryview(message)  # no copy of the ciphertext
         try:
             plaintext = self._aead.decrypt(
-                self._prefix + message[1:HEADER_BYTES], message[end:], message[:end]
+                self._prefix + message[1:HEADER_BYTES], view[end:], view[:end]
             )
         except InvalidTag:
             raise SealError("authentication failed") from None
