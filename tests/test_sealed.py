@@ -8,6 +8,9 @@ and a session through the real ``twistd wssec``.
 from __future__ import annotations
 
 import base64
+import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from conftest import CapturedLog, aio, raw_exchange, upgrade_request
-from processes import free_port, twistd
+from processes import free_port, repo_env, twistd
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from wsframes import BINARY, CLOSE, TEXT, RawClient, connect, frame, read_message
@@ -594,3 +597,34 @@ def test_config_gateway() -> None:
         with pytest.raises(ConfigError) as raised:
             load(**route)
         assert str(raised.value).startswith(message), str(raised.value)
+
+
+# -- README ---------------------------------------------------------------------------
+
+
+def readme_block(language: str) -> str:
+    text = (REPO / "README.rst").read_text(encoding="utf-8")
+    start = text.index("Sealed payloads\n===============")
+    found = re.search(rf"\.\. code-block:: {language}\n\n((?:    .*\n|\n)+)", text[start:])
+    assert found is not None
+    return "\n".join(line[4:] for line in found.group(1).splitlines())
+
+
+def test_readme_example(tmp_path: Path) -> None:
+    """README's "Sealed payloads": its TOML under twistd, its client echoes sealed."""
+    port = free_port()
+    config = tmp_path / "sealed.toml"
+    config.write_text(readme_block("toml").replace("9090", str(port)))
+    server = twistd(config, tmp_path)
+    try:
+        server.wait_for("wssec listening on")
+        client = subprocess.run(
+            [sys.executable, "-c", readme_block("python").replace("9090", str(port))],
+            env=repo_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        server.stop()
+    assert client.stdout == "subprotocol wssec.sealed.v1\ngot hello, sealed\n", client.stderr
