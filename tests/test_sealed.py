@@ -319,7 +319,9 @@ async def client_echo(url: str, key: bytes | str) -> list[tuple[bytes, bool]]:
     assert protocol.websocket_protocol_in_use == sealing.PROTOCOL
     protocol.sendMessage("héllo".encode(), False)
     protocol.sendMessage(b"\x00" * 70000, True)
-    await protocol.got
+    from twisted.internet import reactor
+
+    await protocol.got.addTimeout(10, reactor)
     protocol.sendClose(1000)
     await protocol.closed
     messages: list[tuple[bytes, bool]] = protocol.messages
