@@ -257,12 +257,16 @@ def _ed25519_pem() -> bytes:
 
 def test_jwt_with_secret_and_public_key() -> None:
     message = config_error(_with_jwt(secret=JWT_SECRET, public_key="jwt.pem"))
-    assert message == "auth.jwt.secret: set exactly one of secret and public_key"
+    assert message == (
+        "auth.jwt.secret: set exactly one of secret, public_key, jwks_url and discovery"
+    )
 
 
 def test_jwt_with_neither_secret_nor_public_key() -> None:
     message = config_error(_with_jwt())
-    assert message == "auth.jwt.secret: set exactly one of secret and public_key"
+    assert message == (
+        "auth.jwt.secret: set exactly one of secret, public_key, jwks_url and discovery"
+    )
 
 
 def test_jwt_secret_too_short() -> None:

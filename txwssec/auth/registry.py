@@ -8,7 +8,9 @@ so that a wrong key names its path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+
+from twisted.application.service import IService
 
 from txwssec._schema import Table
 from txwssec.auth import anonymous, basic, jwt, keys, tls
@@ -40,6 +42,21 @@ def builder_for(name: str) -> AuthenticatorBuilder | None:
 def registered_names() -> tuple[str, ...]:
     """Every registered method name, sorted."""
     return tuple(sorted(_BUILDERS))
+
+
+def auth_services(routes: Iterable[Sequence[Authenticator]]) -> list[IService]:
+    """
+    The services the routes' methods need running (each once), such as a
+    JWKS key refresher: an authenticator names one in its optional
+    C{service} attribute.
+    """
+    found: list[IService] = []
+    for authenticators in routes:
+        for authenticator in authenticators:
+            service = getattr(authenticator, "service", None)
+            if IService.providedBy(service) and service not in found:
+                found.append(service)
+    return found
 
 
 def _register_builtins() -> None:
