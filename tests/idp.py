@@ -241,7 +241,8 @@ class IdentityProvider:
             return self._json(request, {"error": "invalid_client"})
         token = form.get("token", [""])[0]
         answer = self.tokens.get(token, {"active": False})
-        if answer.get("active") and answer.get("exp", time.time() + 1) <= time.time():
+        exp = answer.get("exp")
+        if answer.get("active") and isinstance(exp, int | float) and exp <= time.time():
             answer = {"active": False}
         return self._json(request, answer)
 

@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from txwssec._schema import Table
-from txwssec.auth._extract import Found, from_header, from_query, from_subprotocol
+from txwssec.auth._extract import Found, find_bearer
 from txwssec.auth.context import BuildContext
 from txwssec.auth.jwks import JWK, JWKSKeys, build_keys
 from txwssec.consumers import ConsumerDirectory
@@ -180,17 +180,7 @@ class JWTAuthenticator:
         self._options: jwt.types.Options = {"require": required}
 
     def _find(self, request: HandshakeRequest) -> Found | Deny | None:
-        found = from_header(request, self.header)
-        if isinstance(found, Found):
-            scheme, space, rest = found.value.partition(" ")
-            if space and scheme.lower() == "bearer":
-                return Found(rest.strip(), found.credential)
-            if self.header.lower() != "authorization":
-                return found
-            # Another scheme (Basic) in Authorization is not ours: look on.
-        elif found is not None:
-            return found
-        return from_subprotocol(request, self.subprotocol) or from_query(request, self.query)
+        return find_bearer(request, self.header, self.subprotocol, self.query)
 
     def authenticate(self, request: HandshakeRequest) -> Verdict | Deferred[Verdict]:
         found = self._find(request)

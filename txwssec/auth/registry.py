@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from twisted.application.service import IService
 
 from txwssec._schema import Table
-from txwssec.auth import anonymous, basic, jwt, keys, tls
+from txwssec.auth import anonymous, basic, introspect, jwt, keys, tls
 from txwssec.auth.context import BuildContext
 from txwssec.interfaces import Authenticator
 
@@ -62,6 +62,7 @@ def auth_services(routes: Iterable[Sequence[Authenticator]]) -> list[IService]:
 def _register_builtins() -> None:
     register_authenticator("anonymous", anonymous.build)
     register_authenticator("basic", basic.build)
+    register_authenticator("introspect", introspect.build)
     register_authenticator("jwt", jwt.build)
     register_authenticator("key", keys.build)
     register_authenticator("tls", tls.build)
