@@ -198,7 +198,8 @@ def test_wrong_type_or_value(change: Callable[[dict[str, Any]], object], message
 def test_unknown_auth_method_names_its_index() -> None:
     message = config_error(lambda d: d["route"][0].update(auth=["key", "kerberos"]))
     assert message == (
-        'route[0].auth[1]: unknown method "kerberos" (known: anonymous, basic, jwt, key, tls)'
+        'route[0].auth[1]: unknown method "kerberos"'
+        " (known: anonymous, basic, introspect, jwt, key, tls)"
     )
 
 

@@ -158,7 +158,13 @@ class HTTPSClient:
                 if self.trust_root is not None
                 else BrowserLikePolicyForHTTPS()
             )
+            from twisted.web.client import _HTTP11ClientFactory
+
+            class QuietFactory(_HTTP11ClientFactory):
+                noisy = False  # no "Starting factory" line per connection
+
             self._pool = HTTPConnectionPool(self.reactor, persistent=True)
+            self._pool._factory = QuietFactory
             self._pool.maxPersistentPerHost = 4
             self._pool.cachedConnectionTimeout = 60
             agent = Agent(
