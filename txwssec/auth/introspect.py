@@ -55,7 +55,11 @@ MAX_ENTRIES = 10000
 
 @dataclass(frozen=True)
 class _Entry:
-    claims: dict[str, Any]
+    """An accepted answer: its principal and expiry, kept until C{until}."""
+
+    principal: Principal
+    expires_at: float | None
+    not_before: float | None
     until: float
 
 
@@ -163,7 +167,9 @@ class IntrospectionAuthenticator:
         if entry is not None:
             now = self._now()
             if now < entry.until:
-                return self._accept(entry.claims, found, now)
+                if entry.not_before is not None and entry.not_before > now:
+                    return Deny("token not yet valid")
+                return Accept(entry.principal, entry.expires_at, found.credential)
             del self._cache[digest]
         self.requests += 1
         body = urlencode({"token": token, "token_type_hint": "access_token"}).encode("ascii")
@@ -219,7 +225,14 @@ class IntrospectionAuthenticator:
             until = now + self.cache
             if "exp" in claims:
                 until = min(until, float(claims["exp"]))
-            self._remember(digest, _Entry(claims, until))
+            nbf = claims.get("nbf")
+            entry = _Entry(
+                verdict.principal,
+                verdict.expires_at,
+                None if nbf is None else float(nbf),
+                until,
+            )
+            self._remember(digest, entry)
         return verdict
 
     def _remember(self, digest: bytes, entry: _Entry) -> None:

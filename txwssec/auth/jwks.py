@@ -328,11 +328,7 @@ class JWKSKeys(Service):
         now = self.clock.seconds()
         if isinstance(result, tuple):
             keys, lifetime, skipped = result
-            self._keys = keys
-            self._loaded = True
-            self._last_error = ""
-            self._fresh_until = now + lifetime
-            self._stale_until = now + self.stale_bound(lifetime)
+            self._install(keys, lifetime, now)
             self.log.info(
                 "{where}: {count} JWKS keys loaded from {url}, kept {lifetime:g} s",
                 where=self.where,
@@ -381,6 +377,17 @@ class JWKSKeys(Service):
             if not self.url:
                 self._jwks_uri = ""  # discover again next time
             raise
+        keys, skipped = self.parse(document)
+        lifetime = cache_lifetime(fetched.header("Cache-Control"), self.cache)
+        return keys, lifetime, skipped
+
+    def parse(self, document: Any) -> tuple[dict[str | None, tuple[JWK, ...]], list[str]]:
+        """
+        The usable keys of a JWKS document by kid, and why the others were
+        skipped.
+
+        @raise FetchError: if it has no C{keys} array or no usable key.
+        """
         members = document.get("keys") if isinstance(document, dict) else None
         if not isinstance(members, list):
             raise FetchError("the JWKS document has no keys array")
@@ -395,8 +402,27 @@ class JWKSKeys(Service):
                 keys.setdefault(parsed.kid, []).append(parsed)
         if not keys:
             raise FetchError("the JWKS document has no usable key")
-        lifetime = cache_lifetime(fetched.header("Cache-Control"), self.cache)
-        return {kid: tuple(found) for kid, found in keys.items()}, lifetime, skipped
+        return {kid: tuple(found) for kid, found in keys.items()}, skipped
+
+    def load(self, document: Any, lifetime: float | None = None) -> None:
+        """
+        Use the keys of a JWKS document already at hand (as if just
+        fetched, kept C{lifetime} seconds, C{cache} by default), for
+        benchmarks and tests.
+
+        @raise FetchError: if it has no usable key.
+        """
+        keys, _ = self.parse(document)
+        self._install(keys, self.cache if lifetime is None else lifetime, self.clock.seconds())
+
+    def _install(
+        self, keys: dict[str | None, tuple[JWK, ...]], lifetime: float, now: float
+    ) -> None:
+        self._keys = keys
+        self._loaded = True
+        self._last_error = ""
+        self._fresh_until = now + lifetime
+        self._stale_until = now + self.stale_bound(lifetime)
 
     async def _discover(self) -> str:
         url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
