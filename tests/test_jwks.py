@@ -249,7 +249,7 @@ async def test_alg_not_configured(
     assert_logged(captured_log, "jwt: token algorithm not allowed")
 
 
-@pytest.mark.parametrize("source", ["jku", "x5u"])
+@pytest.mark.parametrize("source", ["jku", "x5u", "x5c"])
 @pytest_twisted.ensureDeferred
 async def test_token_key_urls_never_fetched(
     serve: Any, idp: IdentityProvider, captured_log: CapturedLog, source: str
@@ -262,6 +262,17 @@ async def test_token_key_urls_never_fetched(
         captured_log, f"jwt: token header names a key source ({source}); keys are never fetched"
     )
     assert [path for path in idp.requests if path.startswith("/evil")] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_without_kid(idp: IdentityProvider) -> None:
+    """Without a kid, the one key that fits the alg verifies; two are ambiguous."""
+    key = idp.add_key("RS256")
+    token = jwt.encode({"sub": "john", "exp": 2**31}, key.private, algorithm="RS256")
+    assert isinstance(await verdict(authenticator(keys_of(idp)), token), Accept)
+    idp.add_key("RS256")
+    result = await verdict(authenticator(keys_of(idp)), token)
+    assert result == Deny("token has no kid and the key set has not exactly one key for its alg")
 
 
 def test_parse_jwk_rules() -> None:
