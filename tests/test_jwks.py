@@ -308,29 +308,42 @@ async def test_cache_control_honoured(idp: IdentityProvider) -> None:
     key = idp.add_key("RS256")
     idp.behaviour("/jwks.json").cache_control = "public, max-age=120"
     clock = task.Clock()
-    auth = authenticator(keys_of(idp, clock=clock, cache=300))
+    keys = keys_of(idp, clock=clock, cache=300)
+    auth = authenticator(keys)
     token = idp.sign(key)
     assert isinstance(await verdict(auth, token), Accept)
     clock.advance(119)
     assert isinstance(await verdict(auth, token), Accept)
-    assert idp.requests["/jwks.json"] == 1
+    assert not keys.fetching
     clock.advance(1)  # old now: the cached keys answer, a refresh starts
     assert isinstance(await verdict(auth, token), Accept)
-    await auth.keys.fetch() if auth.keys else None
+    assert keys.fetching
+    await keys.fetch()
     assert idp.requests["/jwks.json"] == 2
 
 
+@pytest.mark.parametrize(
+    ("cache_control", "lifetime"), [("max-age=1", MIN_CACHE), ("max-age=999999999", MAX_CACHE)]
+)
 @pytest_twisted.ensureDeferred
-async def test_cache_control_bounded(idp: IdentityProvider) -> None:
+async def test_cache_control_bounded(
+    idp: IdentityProvider, cache_control: str, lifetime: int
+) -> None:
     key = idp.add_key("RS256")
-    idp.behaviour("/jwks.json").cache_control = "max-age=1"
+    idp.behaviour("/jwks.json").cache_control = cache_control
     clock = task.Clock()
-    auth = authenticator(keys_of(idp, clock=clock, cache=300))
-    token = idp.sign(key)
+    keys = keys_of(idp, clock=clock, cache=300)
+    auth = authenticator(keys)
+    token = idp.sign(key, lifetime=2 * MAX_CACHE)
     assert isinstance(await verdict(auth, token), Accept)
-    clock.advance(MIN_CACHE - 1)
+    clock.advance(lifetime - 1)
     assert isinstance(await verdict(auth, token), Accept)
-    assert idp.requests["/jwks.json"] == 1
+    assert not keys.fetching
+    clock.advance(1)
+    assert isinstance(await verdict(auth, token), Accept)
+    assert keys.fetching
+    await keys.fetch()
+    assert idp.requests["/jwks.json"] == 2
 
 
 # -- the identity provider fails --------------------------------------------
@@ -349,7 +362,7 @@ async def test_idp_down_cached_keys_used_within_bound(idp: IdentityProvider) -> 
     assert isinstance(await verdict(auth, token), Accept)  # starts a refresh
     await keys.fetch()  # the refresh fails: connection refused
     assert "Connection was refused" in keys._last_error
-    clock.advance(STALE_BOUND - 300 - 1)
+    clock.advance(STALE_BOUND - 1)  # the cache lifetime (300 s) plus the stale bound
     assert isinstance(await verdict(auth, token), Accept)
     assert keys.ready
     clock.advance(1)

@@ -23,9 +23,8 @@ The rules, each a defence:
    most once per C{jwks_cooldown}: a flood of made-up kids costs one fetch.
    Fetches in flight are shared, never repeated.
  - When the identity provider cannot be reached, the keys last fetched stay
-   in use for L{stale_bound} (the longer of their cache lifetime and
-   L{STALE_BOUND} seconds) after that fetch; past it, tokens are refused
-   (401): the method fails closed.
+   in use for L{STALE_BOUND} seconds (one hour) past their cache lifetime;
+   past that, tokens are refused (401): the method fails closed.
  - A handshake that arrives before the keys are loaded waits for the fetch
    in flight (itself bounded by C{jwks_timeout}), then is refused if it
    failed.
@@ -58,8 +57,8 @@ from txwssec.auth.context import BuildContext
 #: Bounds of the cache lifetime of a key set, in seconds.
 MIN_CACHE = 60
 MAX_CACHE = 86400
-#: Cached keys stay usable while the identity provider is unreachable for
-#: at least this many seconds after the last successful fetch.
+#: Cached keys stay usable this many seconds past their cache lifetime
+#: while the identity provider cannot be reached.
 STALE_BOUND = 3600
 #: The most keys of a key set considered.
 MAX_KEYS = 64
@@ -234,9 +233,18 @@ class JWKSKeys(Service):
         detail = f": {self._last_error}" if self._last_error else ""
         return [f"{self.where}: JWKS keys {state}{detail}"]
 
+    @property
+    def fetching(self) -> bool:
+        """Whether a fetch is in flight."""
+        return self._waiters is not None
+
     def stale_bound(self, lifetime: float) -> float:
-        """Seconds after a successful fetch that its keys stay usable."""
-        return max(lifetime, STALE_BOUND)
+        """
+        Seconds after a successful fetch that its keys stay usable: their
+        cache lifetime plus L{STALE_BOUND}, to bridge an outage of the
+        identity provider.
+        """
+        return lifetime + STALE_BOUND
 
     # -- service -------------------------------------------------------------
 
