@@ -41,7 +41,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 
 from txwssec._schema import Table
@@ -328,7 +328,10 @@ class JWKSKeys(Service):
             return waiter
         self._waiters = [waiter]
         self._last_attempt = self.clock.seconds()
-        Deferred.fromCoroutine(self._fetch()).addBoth(self._fetched)
+        fetching = Deferred.fromCoroutine(self._fetch())
+        # Discovery and the key set together: still one timeout in all.
+        fetching.addTimeout(self.client.timeout, self.client.reactor)
+        fetching.addBoth(self._fetched)
         return waiter
 
     def _fetched(self, result: Any) -> None:
@@ -352,6 +355,8 @@ class JWKSKeys(Service):
             self._schedule(lifetime)
         else:
             error = getattr(result, "value", result)
+            if isinstance(error, TimeoutError):
+                error = FetchError(f"no answer within {self.client.timeout:g} seconds")
             message = str(error) if isinstance(error, FetchError) else type(error).__name__
             self._last_error = message[:200]
             if not isinstance(error, FetchError):
