@@ -178,6 +178,30 @@ async def test_slow_idp_401_within_timeout(
     assert idp.requests["/introspect"] == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_requests_in_flight_bounded(idp: IdentityProvider) -> None:
+    idp.behaviour("/introspect").mode = "hold"
+    auth = introspection(idp, max_pending=2)
+    waiting = [auth.authenticate(request(idp.opaque())) for _ in range(2)]
+    assert all(isinstance(w, Deferred) for w in waiting)
+    assert auth.authenticate(request(idp.opaque())) == Deny(
+        "too many introspections in flight", status=503
+    )
+    while len(idp.held) < 2:
+        await task.deferLater(reactor(), 0.01)
+    idp.release()
+    assert [await w for w in waiting] == [Deny("introspection unavailable")] * 2
+    assert auth.pending == 0
+    idp.behaviour("/introspect").mode = "ok"
+    assert isinstance(await verdict(auth, idp.opaque()), Accept)
+
+
+def reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
 @pytest.mark.parametrize("mode", ["500", "invalid-json", "down"])
 @pytest_twisted.ensureDeferred
 async def test_idp_failing_401(
@@ -262,6 +286,7 @@ def test_config_defaults() -> None:
         "",
     )
     assert (auth.consumer_claim, auth.client.timeout, auth.client.trust_root) == ("sub", 3.0, None)
+    assert (auth.max_entries, auth.max_pending) == (10000, 64)
     assert "s3cret" not in repr(auth)
 
 
@@ -274,6 +299,7 @@ def test_config_valid(idp: IdentityProvider) -> None:
             "query": "access_token",
             "consumer_claim": "client_id",
             "timeout": 1,
+            "max_pending": 8,
             "ca": str(idp.ca_file),
         }
     )
@@ -284,6 +310,7 @@ def test_config_valid(idp: IdentityProvider) -> None:
         "client_id",
     )
     assert auth.client.trust_root is not None
+    assert (auth.max_pending, auth.client.timeout) == (8, 1)
 
 
 @pytest.mark.parametrize(
@@ -299,6 +326,8 @@ def test_config_valid(idp: IdentityProvider) -> None:
         ({"cache": "1m"}, "auth.introspect.cache", "expected number"),
         ({"timeout": 0}, "auth.introspect.timeout", "at least 0.1"),
         ({"ca": "missing.pem"}, "auth.introspect.ca", "cannot read"),
+        ({"max_pending": 0}, "auth.introspect.max_pending", "at least 1"),
+        ({"max_entries": "many"}, "auth.introspect.max_entries", "expected integer"),
         ({"secret": "x"}, "auth.introspect.secret", "unknown key"),
     ],
 )

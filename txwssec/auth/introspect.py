@@ -51,6 +51,8 @@ from txwssec.types import Accept, Deny, HandshakeRequest, Principal, Verdict
 MAX_TOKEN_LENGTH = 8192
 #: Default bound on the number of cached answers.
 MAX_ENTRIES = 10000
+#: Default bound on introspection requests in flight; beyond, 503.
+MAX_PENDING = 64
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class IntrospectionAuthenticator:
     @param query: query parameter, off by default.
     @param consumer_claim: member of the answer naming the consumer.
     @param max_entries: the most answers cached.
+    @param max_pending: the most requests in flight to the identity
+        provider; a handshake beyond gets 503 (a flood of made-up tokens
+        cannot pile requests on the provider).
     @param clock: C{seconds()} for the cache (the reactor by default).
     @param where: the configuration path named in log lines.
     """
@@ -121,6 +126,7 @@ class IntrospectionAuthenticator:
         query: str = "",
         consumer_claim: str = "sub",
         max_entries: int = MAX_ENTRIES,
+        max_pending: int = MAX_PENDING,
         clock: Any = None,
         where: str = "auth.introspect",
     ) -> None:
@@ -135,6 +141,8 @@ class IntrospectionAuthenticator:
         self.query = query
         self.consumer_claim = consumer_claim
         self.max_entries = max_entries
+        self.max_pending = max_pending
+        self.pending = 0
         self.where = where
         self.challenge = 'Bearer realm="wssec"'
         self._clock = clock
@@ -171,10 +179,18 @@ class IntrospectionAuthenticator:
                     return Deny("token not yet valid")
                 return Accept(entry.principal, entry.expires_at, found.credential)
             del self._cache[digest]
+        if self.pending >= self.max_pending:
+            return Deny("too many introspections in flight", status=503)
         self.requests += 1
+        self.pending += 1
         body = urlencode({"token": token, "token_type_hint": "access_token"}).encode("ascii")
         asked = self.client.post_form(self.url, body, {"Authorization": self._authorization})
+        asked.addBoth(self._done)
         return asked.addCallbacks(self._answered, self._failed, callbackArgs=(digest, found))
+
+    def _done(self, result: Any) -> Any:
+        self.pending -= 1
+        return result
 
     def _failed(self, failure: Any) -> Verdict:
         error = failure.value
@@ -284,6 +300,7 @@ def build(section: Table, context: BuildContext) -> IntrospectionAuthenticator:
         raise section.error("cache", "must be at most 86400")
     timeout = section.number("timeout", DEFAULT_TIMEOUT, minimum=0.1)
     max_entries = section.integer("max_entries", MAX_ENTRIES, minimum=1)
+    max_pending = section.integer("max_pending", MAX_PENDING, minimum=1)
     ca = section.string("ca")
     trust_root = None
     if ca:
@@ -308,6 +325,7 @@ def build(section: Table, context: BuildContext) -> IntrospectionAuthenticator:
         client_secret,
         cache=cache,
         max_entries=max_entries,
+        max_pending=max_pending,
         where=section.path,
         **options,
     )
