@@ -78,6 +78,7 @@ class Behaviour:
 
     mode: str = "ok"  # "ok" | "500" | "invalid-json" | "hold"
     cache_control: str = ""
+    delay: float = 0.0  # seconds before an "ok" answer goes out
 
 
 @dataclass
@@ -220,6 +221,19 @@ class IdentityProvider:
             return b"{not json"
         if behaviour.cache_control:
             request.setHeader("Cache-Control", behaviour.cache_control)
+        if behaviour.delay:
+            from twisted.internet import reactor
+
+            def later() -> None:
+                if not request._disconnected:
+                    request.write(self._content(request, path))
+                    request.finish()
+
+            reactor.callLater(behaviour.delay, later)
+            return NOT_DONE_YET
+        return self._content(request, path)
+
+    def _content(self, request: Request, path: str) -> bytes:
         if path == "/jwks.json" and request.method == b"GET":
             return self._json(request, {"keys": [k.jwk for k in self.keys] + self.extra_jwks})
         if path == "/.well-known/openid-configuration" and request.method == b"GET":

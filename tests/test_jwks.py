@@ -437,6 +437,17 @@ async def test_discovery(idp: IdentityProvider) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_discovery_and_key_set_share_one_timeout(idp: IdentityProvider) -> None:
+    """Each answer comes within the timeout, both together do not: 401."""
+    key = idp.add_key("ES256")
+    idp.behaviour("/.well-known/openid-configuration").delay = 0.4
+    idp.behaviour("/jwks.json").delay = 0.4
+    keys = keys_of(idp, url="", issuer=idp.issuer, timeout=0.6)
+    result = await verdict(authenticator(keys), idp.sign(key))
+    assert result == Deny("JWKS keys unavailable (no answer within 0.6 seconds)")
+
+
+@pytest_twisted.ensureDeferred
 async def test_discovery_issuer_mismatch_refused(idp: IdentityProvider) -> None:
     key = idp.add_key("ES256")
     idp.discovery_issuer = "https://evil.example"
