@@ -14,7 +14,8 @@ import jwt
 import pytest
 import pytest_twisted
 from conftest import CapturedLog, aio
-from idp import IdentityProvider, new_key
+from cryptography.hazmat.primitives.asymmetric import rsa
+from idp import IdentityProvider, new_key, public_jwk
 from test_jwt import (
     CONSUMERS,
     assert_logged,
@@ -290,6 +291,12 @@ def test_parse_jwk_rules() -> None:
     assert parse_jwk({"kty": "oct", "k": "AAAA"}, algorithms).startswith("symmetric")
     assert parse_jwk({"kty": "RSA", "n": "AQAB"}, algorithms) == "invalid key parameters"
     assert parse_jwk(new_key("ES256").jwk, ("RS256",)) == "suits no configured algorithm"
+    short = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    assert (
+        parse_jwk(public_jwk(short, "k", "RS256"), algorithms) == "RSA key shorter than 2048 bits"
+    )
+    huge = {**rsa_jwk, "n": jwt.utils.base64url_encode(b"\xff" * 1040).decode()}
+    assert parse_jwk(huge, algorithms) == "RSA key longer than 8192 bits"
 
 
 # -- caching ---------------------------------------------------------------

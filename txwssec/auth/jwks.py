@@ -62,6 +62,8 @@ MAX_CACHE = 86400
 STALE_BOUND = 3600
 #: The most keys of a key set considered.
 MAX_KEYS = 64
+#: Longer RSA keys are skipped (each verification would cost too much).
+MAX_RSA_BITS = 8192
 
 _RSA = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 _EC_CURVES: dict[str, type[ec.EllipticCurve]] = {
@@ -113,6 +115,8 @@ def parse_jwk(jwk: Any, algorithms: Sequence[str]) -> JWK | str:
             fits = [a for a in algorithms if a in _RSA]
             if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 2048:
                 return "RSA key shorter than 2048 bits"
+            if key.key_size > MAX_RSA_BITS:
+                return f"RSA key longer than {MAX_RSA_BITS} bits"
         elif kty == "EC":
             key = ECAlgorithm.from_jwk(dict(jwk))
             fits = [
