@@ -166,7 +166,8 @@ auth = ["key"]
         (
             'auth = ["key"]',
             'auth = ["key", "kerberos"]',
-            'route[0].auth[1]: unknown method "kerberos" (known: anonymous, basic, jwt, key, tls)',
+            'route[0].auth[1]: unknown method "kerberos"'
+            " (known: anonymous, basic, introspect, jwt, key, tls)",
         ),
         ('auth = ["key"]', "", "route[0].auth: is required"),
         (

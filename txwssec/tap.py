@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
+from txwssec.auth.registry import auth_services
 from txwssec.collector import tune_collector
 from txwssec.config import Config, load
 from txwssec.errors import ConfigError
@@ -217,6 +218,8 @@ def makeService(options: Options) -> IService:
     service = WssecService(getattr(options, "parent", None), config.gc_young_threshold)
     for description, endpoint in zip(config.listen, config.endpoints(reactor), strict=True):
         ListeningService(endpoint, factory, description).setServiceParent(service)
+    for dependency in auth_services(route.authenticators for route in config.policy.routes):
+        dependency.setServiceParent(service)
     if config.tls is not None:
         CertificateReloader(reactor).setServiceParent(service)
     return service
