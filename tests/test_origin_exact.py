@@ -123,3 +123,11 @@ def test_certificate_ip_address() -> None:
     assert OriginPolicy().allows("https://192.0.2.1", listener)
     assert OriginPolicy().allows("https://[2001:db8:0::1]", listener)
     assert not OriginPolicy().allows("https://192.0.2.2", listener)
+
+
+@pytest.mark.parametrize("origin", ["https://a.example/", "https://a.example:0443", "https://*.a"])
+def test_configured_origin_must_be_exact(origin: str) -> None:
+    from test_config import config_error
+
+    message = config_error(lambda d: d["route"][0].update(allowed_origins=[origin]))
+    assert message == "route[0].allowed_origins[0]: an origin is scheme://host[:port] only"
