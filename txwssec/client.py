@@ -52,7 +52,13 @@ from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
 from txwssec.policy import DEFAULT_MAX_MESSAGE_SIZE
-from txwssec.tls import HTTP_1_1, VerifyingClientTLS, restrict_groups
+from txwssec.tls import (
+    HTTP_1_1,
+    ChainVerificationError,
+    VerifyingClientTLS,
+    chain_failure,
+    restrict_groups,
+)
 
 #: The client's own events. A module-level logger: a L{Logger} class
 #: attribute would take the (sub)class's name as its namespace instead.
@@ -177,6 +183,13 @@ class SecureClientProtocol(WebSocketClientProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         cancel_close_timer(self)
+        if isinstance(reason.value, SSL.Error):
+            # OpenSSL's error says only "certificate verify failed": say why.
+            handle = getattr(self.transport, "getHandle", lambda: None)()
+            why = chain_failure(handle)
+            if why is not None:
+                why.__cause__ = reason.value
+                reason = Failure(why)
         self._lostReason = reason
         connection_lost_quietly(self, reason, WebSocketClientProtocol)
         SecureClientProtocol.opened.release(self)
@@ -285,6 +298,8 @@ class SecureClientProtocol(WebSocketClientProtocol):
                 "TLS verification failed: the server certificate is not valid for "
                 f"{self.factory.tls.hostname or self.factory.host} ({cause})"
             )
+        elif isinstance(cause, ChainVerificationError):
+            reason = f"TLS verification failed: certificate verify failed: {cause}"
         error = ConnectionError(f"connection closed before opening: {reason}")
         if isinstance(cause, (VerificationError, CertificateError, SSL.Error)):
             error.__cause__ = cause

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from base64 import urlsafe_b64decode
 from collections.abc import Sequence
 from typing import Any
@@ -172,12 +173,20 @@ class JWTAuthenticator:
         self.consumer_claim = consumer_claim
         self.kid = kid
         self.challenge = 'Bearer realm="wssec"'
-        required = ["exp"]
+        required = []
         if issuer:
             required.append("iss")
         if audience:
             required.append("aud")
-        self._options: jwt.types.Options = {"require": required}
+        # PyJWT verifies the signature, iss and aud; the NumericDate claims
+        # are type-checked first and then time-checked here (_check_times),
+        # so a wrong type is never reported as a time (PyJWT converts them).
+        self._options: jwt.types.Options = {
+            "require": required,
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
+        }
 
     def _find(self, request: HandshakeRequest) -> Found | Deny | None:
         return find_bearer(request, self.header, self.subprotocol, self.query)
@@ -236,9 +245,14 @@ class JWTAuthenticator:
             )
         except jwt.PyJWTError as error:
             return Deny(f"invalid token: {bounded(error)}")
+        if "exp" not in claims:
+            return Deny('invalid token: Token is missing the "exp" claim')
         for claim in _NUMERIC_DATE_CLAIMS:
             if claim in claims and not _is_numeric_date(claims[claim]):
                 return Deny(f"invalid token: {claim} is not a number")
+        too_early = _check_times(claims, time.time(), self.leeway)
+        if too_early is not None:
+            return Deny(f"invalid token: {too_early}")
         name = claims.get(self.consumer_claim)
         if not isinstance(name, str):
             return Deny(f"token has no string {self.consumer_claim} claim")
@@ -273,6 +287,20 @@ def check_jwks_algorithms(algorithms: Sequence[str]) -> None:
                 " (HMAC keys are never taken from a key set)",
                 about_algorithms=True,
             )
+
+
+def _check_times(claims: dict[str, Any], now: float, leeway: float) -> str | None:
+    """
+    PyJWT's time checks (same rules and wording), on claims already known
+    to be NumericDates: why the token is not valid at C{now}, or L{None}.
+    """
+    if "iat" in claims and claims["iat"] > now + leeway:
+        return "The token is not yet valid (iat)"
+    if "nbf" in claims and claims["nbf"] > now + leeway:
+        return "The token is not yet valid (nbf)"
+    if claims["exp"] <= now - leeway:
+        return "Signature has expired"
+    return None
 
 
 def _is_numeric_date(value: object) -> bool:
