@@ -21,7 +21,7 @@ from autobahn.websocket.compress import (
 )
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
@@ -94,6 +94,9 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     #: counts even if the client reset the connection before the verdict.
     _client_host: str | None = None
     _pipelineStarted: bool = False
+    #: The pipeline's result while a step waits (a password hash, an
+    #: identity provider, an upstream): cancelled if the client leaves.
+    _pending: Deferred[str | None] | None = None
     _consumer_admitted: tuple[RoutePolicy, str] | None = None
     _idle_timer: Deadline | None = None
     #: Aborts an orderly close that the peer does not let finish.
@@ -126,13 +129,21 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         except Exception:
             self._deny(Failure())
         if isinstance(subprotocol, Deferred):
-            return subprotocol.addErrback(self._deny)
+            self._pending = subprotocol
+            return subprotocol.addBoth(self._settled).addErrback(self._deny)
         return subprotocol
+
+    def _settled(self, result: Any) -> Any:
+        self._pending = None
+        return result
 
     def _deny(self, failure: Failure) -> NoReturn:
         error = failure.value
         if isinstance(error, HandshakeRefused):
             self._refusal = error
+        elif isinstance(error, CancelledError):
+            # connectionLost cancelled the waiting step: nobody to answer.
+            self._refusal = error = HandshakeRefused("connection lost during the handshake")
         else:
             self.factory.events.emit(events.HANDSHAKE_ERROR, peer=self.peer, failure=failure)
             self._refusal = error = HandshakeRefused("internal error", status=500)
@@ -376,6 +387,12 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     def connectionLost(self, reason: Failure | None = None) -> None:
         """Release everything this connection held, however it ended."""
         cancel_close_timer(self)
+        pending = self._pending
+        if pending is not None:
+            # The client left while a step waited: a queued password check
+            # is dropped before it is hashed, an upstream attempt is closed.
+            self._pending = None
+            pending.cancel()
         lose_timer = self._loseTimer
         if lose_timer is not None:
             lose_timer.cancel()
