@@ -162,6 +162,14 @@ def test_kinds() -> None:
     assert anything.check(b"not json", False) is None
 
 
+def test_bench_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/validation_cost.py runs (its numbers are not asserted here)."""
+    from bench import validation_cost
+
+    assert validation_cost.main(["--rounds", "5", "--budget", "1e9"]) == 0
+    assert "schema check:" in capsys.readouterr().out
+
+
 def test_rules_check_nothing_by_default() -> None:
     assert validator_for(MessageRules()) is None
     rules = MessageRules(text="json")
