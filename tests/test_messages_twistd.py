@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from processes import EXAMPLES, TIMEOUT, TWISTD, Process, free_port, repo_env, twistd
+from test_readme import code_block
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -106,3 +109,25 @@ def test_missing_schema_is_a_one_line_error(tmp_path: Path) -> None:
         f"{path}: route[0].messages.schema: {tmp_path / 'chat.schema.json'}: "
         "cannot read: No such file or directory\n"
     )
+
+
+def test_readme_python_example() -> None:
+    """The README's Python example of message rules runs as written."""
+    port = free_port()
+    source = code_block("Message validation\n==================").replace("9091", str(port))
+    assert str(port) in source
+    running = Process([sys.executable, "-c", source])
+    try:
+        url = f"ws://127.0.0.1:{port}/chat"
+        for _ in range(300):  # the interpreter may take a while to start under load
+            try:
+                assert echoed(url, '{"type": "hi"}') == ['{"type": "hi"}']
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the example never listened")
+        assert closed_by(url, '{"kind": "hi"}') == (1007, "message does not match schema")
+        assert closed_by(url, b"\x00") == (1003, "binary messages not accepted")
+    finally:
+        running.kill()
