@@ -212,6 +212,9 @@ def test_schemas_that_do_not_compile(tmp_path: Path) -> None:
             RoutePolicy("/x", [AnonymousAuthenticator()], messages=MessageRules(schema=missing))
         )
     assert Schema({"$ref": "#/$defs/a", "$defs": {"a": {"type": "string"}}}).problem("x") is None
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(SCHEMA))
+    assert Schema(str(good)).problem({"type": "say"}) is None  # a string is a file name
 
 
 # -- an application route -----------------------------------------------------------

@@ -98,8 +98,8 @@ class MessageRules:
         value; else close 1007) or C{"none"} (a text message closes 1003).
     @ivar binary: C{"any"} or C{"none"} (a binary message closes 1003).
     @ivar schema: a JSON Schema (draft 2020-12) that every client->server
-        text message must match (else 1007): a file (L{Path}) or the schema
-        itself (a mapping). It implies C{text = "json"}.
+        text message must match (else 1007): a file (a L{Path} or a string)
+        or the schema itself (a mapping). It implies C{text = "json"}.
     @ivar upstream_schema: gateway routes: a JSON Schema for the
         upstream->client text messages; one that does not match closes the
         client with 1014 and the upstream with 1007.
@@ -112,8 +112,8 @@ class MessageRules:
 
     text: str = "any"
     binary: str = "any"
-    schema: Path | Mapping[str, Any] | None = None
-    upstream_schema: Path | Mapping[str, Any] | None = None
+    schema: Path | str | Mapping[str, Any] | None = None
+    upstream_schema: Path | str | Mapping[str, Any] | None = None
     max_json_depth: int = 32
     #: The compiled validator (see L{txwssec.messages.validation.validator_for}).
     _compiled: Any = field(default=None, init=False, repr=False, compare=False)

@@ -183,10 +183,10 @@ class Schema:
 
     __slots__ = ("_validator", "name")
 
-    def __init__(self, source: Path | Mapping[str, Any] | bool) -> None:
-        if isinstance(source, Path):
+    def __init__(self, source: Path | str | Mapping[str, Any] | bool) -> None:
+        if isinstance(source, Path | str):
             self.name = str(source)
-            document = _read_schema(source)
+            document = _read_schema(Path(source))
         else:
             self.name = "<schema>"
             document = source
@@ -292,7 +292,7 @@ class MessageValidator:
         return Refusal(INVALID_PAYLOAD, "message does not match schema", "schema", problem)
 
 
-def _compile(source: Path | Mapping[str, Any] | None, key: str) -> Schema | None:
+def _compile(source: Path | str | Mapping[str, Any] | None, key: str) -> Schema | None:
     if source is None:
         return None
     try:
