@@ -35,6 +35,7 @@ from txwssec.consumers import (
 from txwssec.errors import ConfigError
 from txwssec.interfaces import Authenticator
 from txwssec.listen import Description, server_endpoint
+from txwssec.messages.validation import read_rules
 from txwssec.origin import OriginPolicy, parse_origin
 from txwssec.passwords import check_password_hash
 from txwssec.policy import ProxyNetwork, RouteLimits, RoutePolicy, ServerPolicy
@@ -397,6 +398,7 @@ def _route(
         "idle_timeout": table.number("idle_timeout", 0),
         "compression": table.boolean("compression", False),
         "limits": _limits(table.table("limits")),
+        "messages": read_rules(table.table("messages"), base_dir, upstream is not None),
     }
     table.finish()
     try:

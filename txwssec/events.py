@@ -52,6 +52,11 @@ APPLICATION_ERROR = "application.error"
 UPSTREAM_FAILED = "upstream.failed"
 #: A gateway session's upstream went away first: peer.
 UPSTREAM_LOST = "upstream.lost"
+#: A message broke its route's message rules and closed the connection:
+#: rule (C{binary}, C{text}, C{json}, C{depth}, C{schema}), direction
+#: (C{client}, or C{upstream} on a gateway), code, detail, peer, route,
+#: consumer.
+MESSAGE_REFUSED = "message.refused"
 
 #: The event list: every name emitted, and what it means.
 EVENTS: Mapping[str, str] = {
@@ -67,6 +72,7 @@ EVENTS: Mapping[str, str] = {
     APPLICATION_ERROR: "an application hook failed",
     UPSTREAM_FAILED: "an upstream failed a gateway handshake",
     UPSTREAM_LOST: "a gateway session's upstream went away",
+    MESSAGE_REFUSED: "a message broke its route's message rules",
 }
 
 

@@ -27,6 +27,7 @@ from txwssec.gateway.upstream import (
     open_upstream,
     pool_for,
 )
+from txwssec.messages.validation import Refusal
 from txwssec.server import SecureServerProtocol
 from txwssec.traffic import Violation
 from txwssec.types import Accept, HandshakeRequest
@@ -145,12 +146,16 @@ class GatewayProtocol(SecureServerProtocol):
         Whether data frames are relayed as they come: not with an extension
         (permessage-deflate: Autobahn inflates and checks the client's
         messages and sends them uncompressed to the upstream), nor for a
-        subclass that reads the client's messages (overrides C{onMessage}).
+        subclass that reads the client's messages (overrides C{onMessage}),
+        nor when the route has message rules (L{txwssec.messages.validation}:
+        Autobahn assembles each message, bounded by C{max_message_size}).
         """
         return (
             self._perMessageCompress is None
             and upstream._perMessageCompress is None
             and type(self).onMessage is GatewayProtocol.onMessage
+            # nor with message rules: they check whole messages
+            and self._validator is None
         )
 
     def _startRelay(self, upstream: UpstreamProtocol) -> None:
@@ -237,6 +242,35 @@ class GatewayProtocol(SecureServerProtocol):
         return bool(super().onCloseFrame(code, reasonRaw))
 
     # -- upstream -> client ----------------------------------------------------
+
+    def messageFromUpstream(self, payload: bytes, isBinary: bool) -> None:
+        """
+        A whole message from the upstream (when frames are not relayed):
+        checked against the route's C{upstream_schema}, then sent. One that
+        breaks it closes the upstream with 1007 and the client with 1014.
+        """
+        validator = self._validator
+        if validator is not None:
+            refusal = validator.check_upstream(payload, isBinary)
+            if refusal is not None:
+                self._upstreamRefused(refusal)
+                return
+        self.sendMessage(payload, isBinary)
+
+    def _upstreamRefused(self, refusal: Refusal) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.downstream = None
+            upstream._fail_connection(refusal.code, refusal.reason)
+        self.factory.events.emit(
+            events.MESSAGE_REFUSED,
+            rule=refusal.rule,
+            direction="upstream",
+            code=int(CloseCode.BAD_GATEWAY),
+            detail=refusal.detail,
+            **self._sessionFields(),
+        )
+        self._fail_connection(CloseCode.BAD_GATEWAY, "upstream failed")
 
     def closeFromUpstream(self, code: int | None, reasonRaw: bytes | None) -> None:
         """The upstream sent a close frame: pass it on."""

@@ -17,6 +17,7 @@ from txwssec._reactor import default_reactor
 from txwssec.admission import Admission
 from txwssec.deadlines import Deadlines
 from txwssec.events import Events
+from txwssec.messages.validation import validator_for
 from txwssec.observers import CounterObserver, TextLogObserver, securityLog
 from txwssec.policy import RoutePolicy, ServerPolicy
 from txwssec.server.context import ServerContext
@@ -61,6 +62,8 @@ class SecureServerFactory(WebSocketServerFactory):
         if isinstance(policy, RoutePolicy):
             policy = ServerPolicy.single(policy)
         self._protocols = {route.path: (route, _resolve(route)) for route in policy.routes}
+        for route in policy.routes:
+            validator_for(route.messages)  # compiled now: a bad schema fails here
         self.policy = policy
         self.clock: IReactorTime = reactor
         self.setProtocolOptions(**policy.protocol_options())

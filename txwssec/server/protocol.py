@@ -42,6 +42,7 @@ from txwssec.errors import (
     HandshakeRefused,
 )
 from txwssec.logs import bounded
+from txwssec.messages.validation import MessageValidator, Refusal, validator_for
 from txwssec.origin import listener_for
 from txwssec.policy import RoutePolicy
 from txwssec.server.context import ServerContext
@@ -103,6 +104,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     _loseTimer: Deadline | None = None
     _last_message: float = 0.0
     _guard: TrafficGuard | None = None
+    #: The route's message rules, compiled (None: the route checks nothing).
+    _validator: MessageValidator | None = None
     # Autobahn's per-connection size limits (set from the route).
     maxFramePayloadSize: int
     maxMessagePayloadSize: int
@@ -259,6 +262,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             for name in _own_options(protocol):
                 self.__dict__.pop(name, None)
         self.maxMessagePayloadSize = self.maxFramePayloadSize = route.max_message_size
+        self._validator = validator_for(route.messages)
         if route.compression:
             self.perMessageCompressionAccept = accept_deflate(route.max_message_size)
 
@@ -293,7 +297,30 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     # -- application hooks and errors ---------------------------------------
 
     def _onMessage(self, payload: bytes, isBinary: bool) -> None:
+        # A whole message, in this order (see txwssec.messages.validation):
+        # 1. txwssec's own messages (the identity issue's wssec.refresh) are
+        #    taken here, before validation, and never reach 2 or 3;
+        # 2. the route's message rules (1003, 1007);
+        # 3. the application (on a gateway route, the upstream).
+        validator = self._validator
+        if validator is not None:
+            refusal = validator.check(payload, isBinary)
+            if refusal is not None:
+                self._messageRefused(refusal, "client")
+                return
         run_hook(self, "onMessage", self.onMessage, payload, isBinary)
+
+    def _messageRefused(self, refusal: Refusal, direction: str) -> None:
+        """Tell the observers, and close for a message the rules refused."""
+        self.factory.events.emit(
+            events.MESSAGE_REFUSED,
+            rule=refusal.rule,
+            direction=direction,
+            code=refusal.code,
+            detail=refusal.detail,
+            **self._sessionFields(),
+        )
+        self._fail_connection(refusal.code, refusal.reason)
 
     def _onPing(self, payload: bytes) -> None:
         run_hook(self, "onPing", self.onPing, payload)
