@@ -8,6 +8,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
@@ -47,6 +48,11 @@ class GatewayProtocol(SecureServerProtocol):
     #: The frame relay, once the session is open (see L{txwssec.gateway.relay}).
     _scanner: FrameScanner | None = None
     _scanning: bool = False
+    #: The upstream connection being opened, during the handshake: cancelled
+    #: if the client leaves or its handshake_timeout comes first.
+    _attempt: Deferred[UpstreamProtocol] | None = None
+    #: The client's handshake_timeout came while the upstream connected.
+    _handshakeExpired: bool = False
 
     async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
         """
@@ -98,8 +104,26 @@ class GatewayProtocol(SecureServerProtocol):
             # A factory per connection: no "Starting/Stopping factory" lines.
             factory.noisy = False
             endpoint = partial(pool.endpoint, url, factory)
+            attempt: Deferred[UpstreamProtocol] = Deferred.fromCoroutine(
+                open_upstream(factory, endpoint, route.upstream.timeout, clock)
+            )
+            self._attempt = attempt
             try:
-                upstream = await open_upstream(factory, endpoint, route.upstream.timeout, clock)
+                upstream = await attempt
+            except CancelledError:
+                # Cancelled by connectionLost or onOpenHandshakeTimeout: the
+                # upstream connection is closed already.
+                if not self._handshakeExpired:
+                    raise HandshakeRefused("client left while the upstream connected") from None
+                pool.failed(url)
+                timeout = GatewayTimeout(
+                    f"{url}: no handshake within the client's handshake_timeout "
+                    f"({self.factory.policy.handshake_timeout:g} s)"
+                )
+                self.factory.events.emit(
+                    events.UPSTREAM_FAILED, url=url, kind="timeout", reason=timeout.reason
+                )
+                raise timeout from None
             except GatewayTimeout as timeout:
                 pool.failed(url)
                 refusal = timeout
@@ -115,6 +139,8 @@ class GatewayProtocol(SecureServerProtocol):
             else:
                 pool.succeeded(url)
                 break
+            finally:
+                self._attempt = None
         else:
             raise refusal
         if self.state == self.STATE_CLOSED:
@@ -124,6 +150,21 @@ class GatewayProtocol(SecureServerProtocol):
         upstream.attach(self)
         chosen: str | None = upstream.websocket_protocol_in_use
         return chosen or accept.credential.marker
+
+    def handshakeTimedOut(self) -> None:
+        """
+        The client's C{handshake_timeout} came while the upstream was still
+        connecting: the client gets 504 (the upstream is late, not the
+        client), and the upstream connection is closed. Without an upstream
+        in progress, the client is dropped as on any route.
+        """
+        attempt = self._attempt
+        if attempt is None or self.state != self.STATE_CONNECTING:
+            super().handshakeTimedOut()
+            return
+        self.openHandshakeTimeoutCall = None
+        self._handshakeExpired = True
+        attempt.cancel()
 
     def _directPeer(self) -> str:
         transport: Any = self.transport
@@ -330,6 +371,11 @@ class GatewayProtocol(SecureServerProtocol):
         self._stopDraining(resume=False)
         self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
         super().connectionLost(reason)
+        attempt = self._attempt
+        if attempt is not None:
+            # The client left while the upstream connected: close that
+            # connection now, not when it answers or times out.
+            attempt.cancel()
 
     def _closeUpstream(self, code: int | None, reasonRaw: bytes | None) -> None:
         upstream, self.upstream = self.upstream, None

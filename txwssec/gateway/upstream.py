@@ -269,13 +269,20 @@ async def open_upstream(
     timeout: float,
     clock: Any,
 ) -> UpstreamProtocol:
-    """Connect and complete the upstream's WebSocket handshake, or refuse."""
+    """
+    Connect and complete the upstream's WebSocket handshake, or refuse.
+    Cancelling the coroutine's L{Deferred} (the client left, or its own
+    handshake timed out) closes the upstream connection at once, whatever
+    stage it is at, and raises L{CancelledError}.
+    """
     connecting: Deferred[Any] = Deferred.fromCoroutine(_connect(factory, endpoint))
     connecting.addTimeout(timeout, clock)
     try:
         protocol: UpstreamProtocol = await connecting
-    except (CancelledError, TimeoutError, DeferredTimeout):
+    except (TimeoutError, DeferredTimeout):
         raise GatewayTimeout(f"{factory.url}: no handshake within {timeout:g} s") from None
+    except CancelledError:
+        raise
     except Exception as error:
         raise BadGateway(f"{factory.url}: {error}") from None
     return protocol

@@ -155,12 +155,24 @@ class TrafficFlow(WebSocketServerProtocol):
         self._closeForLimit("limit.max_message_size", CloseCode.MESSAGE_TOO_BIG, "message too big")
 
     def onOpenHandshakeTimeout(self) -> None:
-        """The opening handshake took longer than C{handshake_timeout}."""
+        """
+        The opening handshake took longer than C{handshake_timeout}: see
+        L{handshakeTimedOut}. (Autobahn's timer holds this method bound
+        before a route's class takes over the connection, so this calls the
+        route class's own.)
+        """
+        self.handshakeTimedOut()
+
+    def handshakeTimedOut(self) -> None:
+        """
+        The opening handshake took longer than C{handshake_timeout}: drop
+        the connection (a gateway that waits for its upstream answers 504).
+        """
         if self.state == self.STATE_CONNECTING:
             self.factory.events.emit(
                 events.LIMIT_EXCEEDED, limit="limit.handshake_timeout", peer=self.peer
             )
-        super().onOpenHandshakeTimeout()
+        WebSocketServerProtocol.onOpenHandshakeTimeout(self)
 
     def onAutoPingTimeout(self) -> None:
         """The peer did not answer a ping in time: close 3008."""
