@@ -53,6 +53,8 @@ class GatewayProtocol(SecureServerProtocol):
     _attempt: Deferred[UpstreamProtocol] | None = None
     #: The client's handshake_timeout came while the upstream connected.
     _handshakeExpired: bool = False
+    #: Data frames are relayed as they come (see L{_startRelay}).
+    _relaying: bool = False
 
     async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
         """
@@ -196,6 +198,7 @@ class GatewayProtocol(SecureServerProtocol):
 
     def _startRelay(self, upstream: UpstreamProtocol) -> None:
         """Relay data frames both ways as they come (see L{txwssec.gateway.relay})."""
+        self._relaying = True
         self._scanner = FrameScanner(
             self,
             masked=True,
@@ -253,6 +256,36 @@ class GatewayProtocol(SecureServerProtocol):
         the slow-consumer limit counts them.
         """
         self.sendData(frames)
+
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> bool:
+        """
+        Send a message of the gateway's own to the client. While frames are
+        relayed (the default) the client's messages come from its upstream
+        only, and a message sent here could fall inside one the upstream is
+        sending in fragments: this raises L{RuntimeError}. A subclass that
+        overrides C{onMessage} relays whole messages (see L{_relays}) and
+        may send its own between them.
+
+        @raise RuntimeError: this session relays frames.
+        """
+        if self._relaying:
+            raise RuntimeError(
+                "a gateway session relays its upstream's frames: sending a message of "
+                "its own could split one of the upstream's (override onMessage to relay "
+                "whole messages)"
+            )
+        return super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
+
+    def relayMessage(self, payload: bytes, isBinary: bool) -> bool:
+        """A whole message from the upstream (when frames are not relayed)."""
+        return super().sendMessage(payload, isBinary)
 
     # -- client -> upstream ----------------------------------------------------
 

@@ -48,7 +48,7 @@ class ClientLeg(Protocol):
 
     def relayWrite(self, frames: bytes) -> None: ...
 
-    def sendMessage(self, payload: bytes, isBinary: bool = False) -> bool: ...
+    def relayMessage(self, payload: bytes, isBinary: bool) -> bool: ...
 
     def sendPing(self, payload: bytes | None = None) -> None: ...
 
@@ -223,7 +223,7 @@ class UpstreamProtocol(SecureClientProtocol):
         if downstream is None or downstream.state == downstream.STATE_CONNECTING:
             self._held.append((payload, isBinary))
         elif downstream.state == downstream.STATE_OPEN:
-            downstream.sendMessage(payload, isBinary)
+            downstream.relayMessage(payload, isBinary)
 
     def onPing(self, payload: bytes) -> None:
         downstream = self.downstream
