@@ -122,6 +122,13 @@ def _carried(
     raise ValueError(f'via must be "header", "subprotocol" or "query", not {via!r}')
 
 
+class ResponseHeadTooLarge(ConnectionError):
+    """
+    The server's handshake response head (status line and headers) is over
+    the factory's C{max_header_bytes}: the connection was dropped unread.
+    """
+
+
 @dataclass(frozen=True)
 class ClientTLS:
     """
@@ -161,6 +168,10 @@ class SecureClientProtocol(WebSocketClientProtocol):
     #: Empty: the options are copied by L{_connectionMade} (see copy_options).
     CONFIG_ATTRS: list[str] = []
     _closeReceived: bool = False
+    #: How much of the response head was searched for its end already.
+    _headSearched: int = 0
+    #: Why the WebSocket never opened, when txwssec decided it.
+    _openingFailure: ConnectionError | None = None
     #: Deferreds that fire with this protocol, forgotten once fired and the
     #: connection is lost (see L{txwssec._cycles}).
     opened = FiredWithProtocol()
@@ -194,6 +205,28 @@ class SecureClientProtocol(WebSocketClientProtocol):
             self._dataReceived(data)
         except Exception:
             self._applicationFailed("dataReceived", Failure())
+
+    def processHandshake(self) -> None:
+        """
+        Wait for the server's whole response head, searching only the bytes
+        that are new, and at most C{factory.max_header_bytes} of it: a server
+        that sends an endless head fails the connection with
+        L{ResponseHeadTooLarge} instead of filling memory until the timeout.
+        """
+        data = self.data
+        limit = self.factory.max_header_bytes
+        end = data.find(b"\r\n\r\n", max(0, self._headSearched - 3))
+        if end < 0:
+            self._headSearched = len(data)
+            if len(data) <= limit + 3:
+                return
+            end = len(data)
+        if end > limit:
+            error = ResponseHeadTooLarge(f"response head over {limit} bytes (max_header_bytes)")
+            self._openingFailure = error
+            self.failHandshake(str(error))
+            return
+        super().processHandshake()
 
     def _onOpen(self) -> None:
         transport_details(self)
@@ -279,6 +312,8 @@ class SecureClientProtocol(WebSocketClientProtocol):
         such (Autobahn would say the peer dropped the connection) and is the
         error's C{__cause__}.
         """
+        if self._openingFailure is not None:
+            return self._openingFailure
         cause = self._lostReason.value if self._lostReason is not None else None
         if isinstance(cause, (VerificationError, CertificateError)):
             reason = (
@@ -315,6 +350,9 @@ class SecureClientFactory(WebSocketClientFactory):
         credential carried in C{Sec-WebSocket-Protocol} comes after them.
     @param tls: server verification and client certificate for wss://.
     @param max_message_size: largest message accepted from the server.
+    @param max_header_bytes: largest handshake response head (status line
+        and headers) accepted from the server; beyond, the connection fails
+        with L{ResponseHeadTooLarge}.
     @param on_credentials_expired: called with the protocol on close 3000.
     """
 
@@ -330,6 +368,7 @@ class SecureClientFactory(WebSocketClientFactory):
         origin: str | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         handshake_timeout: float = 10,
+        max_header_bytes: int = 16384,
         on_credentials_expired: Any = None,
         reactor: Any = None,
     ) -> None:
@@ -352,6 +391,7 @@ class SecureClientFactory(WebSocketClientFactory):
         # Exact handshake timeouts (txaio's batched timer rounds to seconds).
         self._batched_timer = ExactTimers()
         self.tls = tls or ClientTLS()
+        self.max_header_bytes = max_header_bytes
         self.on_credentials_expired = on_credentials_expired
 
     def endpoint(self) -> IStreamClientEndpoint:
@@ -432,6 +472,7 @@ __all__ = [
     "BearerToken",
     "ClientTLS",
     "Credentials",
+    "ResponseHeadTooLarge",
     "SecureClientFactory",
     "SecureClientProtocol",
 ]

@@ -98,6 +98,7 @@ class GatewayProtocol(SecureServerProtocol):
                 origin=origin[0] if origin else None,
                 max_message_size=route.max_message_size,
                 handshake_timeout=route.upstream.timeout,
+                max_header_bytes=policy.max_header_bytes,
                 reactor=clock,
             )
             factory.protocol = UpstreamProtocol
@@ -136,7 +137,7 @@ class GatewayProtocol(SecureServerProtocol):
                 pool.failed(url)
                 refusal = failure
                 self.factory.events.emit(
-                    events.UPSTREAM_FAILED, url=url, kind="refused", reason=failure.reason
+                    events.UPSTREAM_FAILED, url=url, kind=failure.kind, reason=failure.reason
                 )
             else:
                 pool.succeeded(url)

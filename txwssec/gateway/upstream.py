@@ -15,7 +15,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
-from txwssec.client import SecureClientFactory, SecureClientProtocol
+from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
 from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
 from txwssec.policy import RoutePolicy, Upstream
@@ -26,6 +26,10 @@ class BadGateway(HandshakeRefused):
     """502: the upstream refused, failed TLS verification, or is unreachable."""
 
     status = 502
+    #: The C{kind} of the C{upstream.failed} event: C{refused} (refused,
+    #: unreachable, TLS), C{bad_response} (a response head over
+    #: C{max_header_bytes}).
+    kind = "refused"
 
 
 class GatewayTimeout(HandshakeRefused):
@@ -283,6 +287,10 @@ async def open_upstream(
         raise GatewayTimeout(f"{factory.url}: no handshake within {timeout:g} s") from None
     except CancelledError:
         raise
+    except ResponseHeadTooLarge as error:
+        refusal = BadGateway(f"{factory.url}: {error}")
+        refusal.kind = "bad_response"
+        raise refusal from None
     except Exception as error:
         raise BadGateway(f"{factory.url}: {error}") from None
     return protocol
