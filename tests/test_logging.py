@@ -18,7 +18,7 @@ import pytest
 import pytest_twisted
 import websockets
 from conftest import CapturedLog, aio, raw_exchange, upgrade_request
-from twisted.logger import LogEvent, eventAsText
+from twisted.logger import LogEvent, eventAsText, formatEvent
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
@@ -283,7 +283,7 @@ async def test_refusals_logged_with_named_fields(serve: Serve, captured_log: Cap
         assert event["log_namespace"].startswith("txwssec")
     by_method = {e["method"]: e["reason"] for e in events}
     assert by_method["key"] == "key: unknown key"
-    assert by_method[None] == "no credentials"
+    assert by_method["-"] == "no credentials"
     assert by_method["jwt"].startswith("jwt: invalid token")
 
 
@@ -307,10 +307,13 @@ async def test_unknown_route_and_origin_refusals_logged(
     (not_found,) = refusal_events(captured_log, 404)
     assert not_found["route"] == "-"  # no route serves the path
     assert not_found["path"] == "/nowhere"
-    assert not_found["method"] is None
+    assert not_found["method"] == "-"  # no method decided
     assert "/nowhere" in not_found["reason"]
     (forbidden,) = refusal_events(captured_log, 403)
     assert forbidden["route"] == "/echo"
+    assert formatEvent(forbidden).startswith(
+        f"refused {forbidden['peer']} on /echo with 403 (-): origin "
+    )
     assert "evil.example" in forbidden["reason"]
     assert JOHN_KEY not in everything_logged(captured_log)
 
