@@ -381,3 +381,25 @@ async def test_no_secret_in_log_with_txaio_debug(
     finally:
         txaio.set_global_log_level("info")
     assert_no_secret(captured_log, secrets)
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_and_handshake_timeouts_log_one_line_each(
+    serve: Serve, captured_log: CapturedLog
+) -> None:
+    """
+    txwssec's own line only: not Autobahn's "dropping connection to peer
+    ... handshake refused" warning as well.
+    """
+    route = RoutePolicy("/echo", [KeyAuthenticator(ConsumerDirectory([]))], protocol=EchoProtocol)
+    factory = SecureServerFactory(ServerPolicy.single(route, handshake_timeout=0.2))
+    port = serve(factory)
+    response = await aio(raw_exchange(port, upgrade_request("/nowhere")))
+    assert response.startswith(b"HTTP/1.1 404 ")
+    with pytest.raises(ConnectionResetError):
+        await aio(raw_exchange(port, b"GET /echo HTTP/1.1\r\n"))
+    lines = [formatEvent(e) for e in captured_log.events]
+    dropping = [line for line in lines if "dropping" in line]
+    assert len(dropping) == 1
+    assert dropping[0].startswith("handshake timeout: dropping tcp4:127.0.0.1:")
+    assert len([line for line in lines if line.startswith("refused ")]) == 1

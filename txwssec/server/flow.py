@@ -45,6 +45,7 @@ class TrafficFlow(WebSocketServerProtocol):
     maxFramePayloadSize: int
     maxMessagePayloadSize: int
     _discard_writes: bool = False
+    _dropLogged: bool = False
 
     def endSession(self, code: int, reason: str, event: str) -> None:
         """Close the session (see L{SecureServerProtocol.endSession})."""
@@ -172,6 +173,7 @@ class TrafficFlow(WebSocketServerProtocol):
             self.factory.events.emit(
                 events.LIMIT_EXCEEDED, limit="limit.handshake_timeout", peer=self.peer
             )
+            self._dropLogged = True
         WebSocketServerProtocol.onOpenHandshakeTimeout(self)
 
     def onAutoPingTimeout(self) -> None:

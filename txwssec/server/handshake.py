@@ -50,6 +50,9 @@ class HandshakeIO(WebSocketServerProtocol):
     #: counts even if the client reset the connection before the verdict.
     _client_host: str | None = None
     _pipelineStarted: bool = False
+    #: txwssec logged why the connection is dropped (a refusal, a handshake
+    #: timeout): Autobahn's own "dropping connection" line is left out.
+    _dropLogged: bool = False
 
     def handshakeRequest(self, request: ConnectionRequest) -> HandshakeRequest:
         """
@@ -193,6 +196,7 @@ class HandshakeIO(WebSocketServerProtocol):
             limit=refusal.counter,
         )
         self.sendData(http_refusal(refusal.status, refusal.headers))
+        self._dropLogged = True
         self.dropConnection(abort=False)
 
     def _requestPath(self) -> str:

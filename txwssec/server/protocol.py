@@ -26,7 +26,12 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from txwssec import events
-from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
+from txwssec._autobahn import (
+    cancel_close_timer,
+    connection_lost_quietly,
+    copy_options,
+    drop_connection_quietly,
+)
 from txwssec._cycles import FiredWithProtocol
 from txwssec._hooks import run_hook, transport_details
 from txwssec.admission import ConsumerBuckets
@@ -365,7 +370,10 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             self._loseTimer = self.factory.deadlines.call_later(
                 close_timeout, self._abortLingering
             )
-        super().dropConnection(abort)
+        if self._dropLogged:
+            drop_connection_quietly(self, abort)
+        else:
+            super().dropConnection(abort)
 
     def _abortLingering(self) -> None:
         self._loseTimer = None
