@@ -311,19 +311,6 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         if hook != "onClose":
             self._internalError()
 
-    def _internalError(self) -> None:
-        """
-        Close with 1011 after an error in this connection's code: the close
-        handshake as for any close (nothing the peer sends after it reaches
-        the application), or, before the connection opened or once it is
-        closing, the TCP connection.
-        """
-        self.failedByMe = True
-        if self.state == self.STATE_OPEN:
-            self.sendCloseFrame(CloseCode.INTERNAL_ERROR, b"internal error")
-        elif self.state != self.STATE_CLOSED and not self.closeHandshakeTimeoutCall:
-            self.dropConnection(abort=True)
-
     def _credentialsExpired(self) -> None:
         self.endSession(CloseCode.CREDENTIALS_EXPIRED, "credentials expired", "expired")
 
