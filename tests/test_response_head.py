@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from conftest import aio
-from test_gateway import KEY, RawFactory, gateway, raw_servers, refused, ws_url
+from test_gateway import KEY, RawFactory, eventually, gateway, raw_servers, refused, ws_url
 
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory
 
@@ -60,3 +60,7 @@ async def test_gateway_answers_502_to_an_endless_upstream_response_head(
         }
     ]
     assert factory.counters["handshake.refused.502"] == 1
+    (connection,) = upstream.connections
+    await eventually(
+        lambda: not getattr(connection.transport, "connected", True), "the upstream to be closed"
+    )
