@@ -15,6 +15,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
+from txwssec._autobahn import drop_connection_quietly
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
 from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
@@ -303,7 +304,9 @@ async def _connect(
     try:
         await protocol.opened
     except CancelledError:
-        protocol.dropConnection(abort=True)
+        # Timed out, or the client left: the gateway logs it itself, without
+        # Autobahn's "dropping connection ... with abort=True: None" warning.
+        drop_connection_quietly(protocol, abort=True)
         raise
     return protocol  # type: ignore[no-any-return]
 
