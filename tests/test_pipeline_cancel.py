@@ -46,9 +46,8 @@ async def test_queued_password_check_of_a_departed_client_is_never_hashed(
     serve: Any, captured_log: CapturedLog
 ) -> None:
     """
-    While its pipeline runs a connection is not read (see HandshakeIO), so a
-    client that leaves is noticed when the handshake timeout drops it; its
-    queued check is then cancelled, never hashed.
+    A client that leaves (or that the handshake timeout drops) while its
+    check waits in the queue: the check is cancelled, never hashed.
     """
     hasher = ManualHasher()
     method = BasicAuthenticator(

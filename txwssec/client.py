@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 
 from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
 from txwssec._cycles import FiredWithProtocol
-from txwssec._hooks import run_hook, transport_details
+from txwssec._hooks import OpenOnly, run_hook, transport_details
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
@@ -128,6 +128,13 @@ def _carried(
     raise ValueError(f'via must be "header", "subprotocol" or "query", not {via!r}')
 
 
+class ResponseHeadTooLarge(ConnectionError):
+    """
+    The server's handshake response head (status line and headers) is over
+    the factory's C{max_header_bytes}: the connection was dropped unread.
+    """
+
+
 @dataclass(frozen=True)
 class ClientTLS:
     """
@@ -148,7 +155,8 @@ class ClientTLS:
     insecure: bool = False
 
 
-class SecureClientProtocol(WebSocketClientProtocol):
+# (mypy: Autobahn's own bases disagree on two names, seen with a second base.)
+class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[misc]
     """
     A WebSocket client protocol with two Deferreds and an expiry hook:
 
@@ -167,6 +175,10 @@ class SecureClientProtocol(WebSocketClientProtocol):
     #: Empty: the options are copied by L{_connectionMade} (see copy_options).
     CONFIG_ATTRS: list[str] = []
     _closeReceived: bool = False
+    #: How much of the response head was searched for its end already.
+    _headSearched: int = 0
+    #: Why the WebSocket never opened, when txwssec decided it.
+    _openingFailure: ConnectionError | None = None
     #: Deferreds that fire with this protocol, forgotten once fired and the
     #: connection is lost (see L{txwssec._cycles}).
     opened = FiredWithProtocol()
@@ -208,6 +220,28 @@ class SecureClientProtocol(WebSocketClientProtocol):
         except Exception:
             self._applicationFailed("dataReceived", Failure())
 
+    def processHandshake(self) -> None:
+        """
+        Wait for the server's whole response head, searching only the bytes
+        that are new, and at most C{factory.max_header_bytes} of it: a server
+        that sends an endless head fails the connection with
+        L{ResponseHeadTooLarge} instead of filling memory until the timeout.
+        """
+        data = self.data
+        limit = self.factory.max_header_bytes
+        end = data.find(b"\r\n\r\n", max(0, self._headSearched - 3))
+        if end < 0:
+            self._headSearched = len(data)
+            if len(data) <= limit + 3:
+                return
+            end = len(data)
+        if end > limit:
+            error = ResponseHeadTooLarge(f"response head over {limit} bytes (max_header_bytes)")
+            self._openingFailure = error
+            self.failHandshake(str(error))
+            return
+        super().processHandshake()
+
     def _onOpen(self) -> None:
         transport_details(self)
         run_hook(self, "onOpen", self.onOpen)
@@ -236,32 +270,7 @@ class SecureClientProtocol(WebSocketClientProtocol):
         )
         if hook in ("onClose", "onCredentialsExpired"):
             return
-        self.failedByMe = True
-        if self.state == self.STATE_OPEN:
-            self.sendCloseFrame(CloseCode.INTERNAL_ERROR, b"internal error")
-        elif self.state != self.STATE_CLOSED and not self.closeHandshakeTimeoutCall:
-            self.dropConnection(abort=True)
-
-    def sendMessage(
-        self,
-        payload: bytes,
-        isBinary: bool = False,
-        fragmentSize: int | None = None,
-        sync: bool = False,
-        doNotCompress: bool = False,
-    ) -> bool:
-        """
-        Send a message, as Autobahn's C{sendMessage}, if the connection is
-        open; once it is closing or closed this is a no-op (Autobahn raises).
-
-        @return: whether the message was sent.
-        """
-        if self.state != self.STATE_OPEN:
-            return False
-        WebSocketClientProtocol.sendMessage(
-            self, payload, isBinary, fragmentSize, sync, doNotCompress
-        )
-        return True
+        self._internalError()
 
     def onCloseFrame(self, code: Any, reasonRaw: Any) -> bool:
         self._closeReceived = True
@@ -292,6 +301,8 @@ class SecureClientProtocol(WebSocketClientProtocol):
         such (Autobahn would say the peer dropped the connection) and is the
         error's C{__cause__}.
         """
+        if self._openingFailure is not None:
+            return self._openingFailure
         cause = self._lostReason.value if self._lostReason is not None else None
         if isinstance(cause, (VerificationError, CertificateError)):
             reason = (
@@ -330,6 +341,9 @@ class SecureClientFactory(WebSocketClientFactory):
         credential carried in C{Sec-WebSocket-Protocol} comes after them.
     @param tls: server verification and client certificate for wss://.
     @param max_message_size: largest message accepted from the server.
+    @param max_header_bytes: largest handshake response head (status line
+        and headers) accepted from the server; beyond, the connection fails
+        with L{ResponseHeadTooLarge}.
     @param on_credentials_expired: called with the protocol on close 3000.
     """
 
@@ -345,6 +359,7 @@ class SecureClientFactory(WebSocketClientFactory):
         origin: str | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         handshake_timeout: float = 10,
+        max_header_bytes: int = 16384,
         on_credentials_expired: Any = None,
         reactor: Any = None,
     ) -> None:
@@ -367,6 +382,7 @@ class SecureClientFactory(WebSocketClientFactory):
         # Exact handshake timeouts (txaio's batched timer rounds to seconds).
         self._batched_timer = ExactTimers()
         self.tls = tls or ClientTLS()
+        self.max_header_bytes = max_header_bytes
         self.on_credentials_expired = on_credentials_expired
 
     def endpoint(self) -> IStreamClientEndpoint:
@@ -447,6 +463,7 @@ __all__ = [
     "BearerToken",
     "ClientTLS",
     "Credentials",
+    "ResponseHeadTooLarge",
     "SecureClientFactory",
     "SecureClientProtocol",
 ]

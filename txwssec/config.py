@@ -150,6 +150,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         if route.path in seen:
             raise table.error("path", f"duplicate path {route.path} (also {seen[route.path]})")
         seen[route.path] = table.path
+        _check_upstream_timeout(table, route, server, server_options["handshake_timeout"])
         routes.append(route)
     authenticators.finish()
     root.finish()
@@ -169,6 +170,23 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         tls=tls,
         gc_young_threshold=gc_young_threshold,
     )
+
+
+def _check_upstream_timeout(
+    table: Table, route: RoutePolicy, server: Table, handshake_timeout: float
+) -> None:
+    """
+    A gateway route's C{upstream_timeout} must fit in the client's
+    C{handshake_timeout}: the client would be answered 504 at its own
+    timeout anyway (see L{txwssec.gateway.GatewayProtocol.handshakeTimedOut}).
+    """
+    if route.upstream is not None and route.upstream.timeout > handshake_timeout:
+        raise table.error(
+            "upstream_timeout",
+            f"{route.upstream.timeout:g} s is longer than "
+            f"{server.key_path('handshake_timeout')} ({handshake_timeout:g} s): the "
+            "client's handshake would time out first",
+        )
 
 
 def _trusted_proxies(server: Table, options: Mapping[str, Any]) -> tuple[ProxyNetwork, ...]:

@@ -82,7 +82,8 @@ def _refused(fields: Mapping[str, Any]) -> None:
         route=fields["route"],
         path=fields["path"],
         status=fields["status"],
-        method=fields["method"],
+        # "-" for a refusal before (or without) an authentication method.
+        method=fields["method"] or "-",
         reason=fields["reason"],
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
@@ -48,6 +49,13 @@ class GatewayProtocol(SecureServerProtocol):
     #: The frame relay, once the session is open (see L{txwssec.gateway.relay}).
     _scanner: FrameScanner | None = None
     _scanning: bool = False
+    #: The upstream connection being opened, during the handshake: cancelled
+    #: if the client leaves or its handshake_timeout comes first.
+    _attempt: Deferred[UpstreamProtocol] | None = None
+    #: The client's handshake_timeout came while the upstream connected.
+    _handshakeExpired: bool = False
+    #: Data frames are relayed as they come (see L{_startRelay}).
+    _relaying: bool = False
 
     async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
         """
@@ -91,6 +99,7 @@ class GatewayProtocol(SecureServerProtocol):
                 origin=origin[0] if origin else None,
                 max_message_size=route.max_message_size,
                 handshake_timeout=route.upstream.timeout,
+                max_header_bytes=policy.max_header_bytes,
                 reactor=clock,
             )
             factory.protocol = UpstreamProtocol
@@ -99,8 +108,26 @@ class GatewayProtocol(SecureServerProtocol):
             # A factory per connection: no "Starting/Stopping factory" lines.
             factory.noisy = False
             endpoint = partial(pool.endpoint, url, factory)
+            attempt: Deferred[UpstreamProtocol] = Deferred.fromCoroutine(
+                open_upstream(factory, endpoint, route.upstream.timeout, clock)
+            )
+            self._attempt = attempt
             try:
-                upstream = await open_upstream(factory, endpoint, route.upstream.timeout, clock)
+                upstream = await attempt
+            except CancelledError:
+                # Cancelled by connectionLost or onOpenHandshakeTimeout: the
+                # upstream connection is closed already.
+                if not self._handshakeExpired:
+                    raise HandshakeRefused("client left while the upstream connected") from None
+                pool.failed(url)
+                timeout = GatewayTimeout(
+                    f"{url}: no handshake within the client's handshake_timeout "
+                    f"({self.factory.policy.handshake_timeout:g} s)"
+                )
+                self.factory.events.emit(
+                    events.UPSTREAM_FAILED, url=url, kind="timeout", reason=timeout.reason
+                )
+                raise timeout from None
             except GatewayTimeout as timeout:
                 pool.failed(url)
                 refusal = timeout
@@ -111,11 +138,13 @@ class GatewayProtocol(SecureServerProtocol):
                 pool.failed(url)
                 refusal = failure
                 self.factory.events.emit(
-                    events.UPSTREAM_FAILED, url=url, kind="refused", reason=failure.reason
+                    events.UPSTREAM_FAILED, url=url, kind=failure.kind, reason=failure.reason
                 )
             else:
                 pool.succeeded(url)
                 break
+            finally:
+                self._attempt = None
         else:
             raise refusal
         if self.state == self.STATE_CLOSED:
@@ -125,6 +154,21 @@ class GatewayProtocol(SecureServerProtocol):
         upstream.attach(self)
         chosen: str | None = upstream.websocket_protocol_in_use
         return chosen or accept.credential.marker
+
+    def handshakeTimedOut(self) -> None:
+        """
+        The client's C{handshake_timeout} came while the upstream was still
+        connecting: the client gets 504 (the upstream is late, not the
+        client), and the upstream connection is closed. Without an upstream
+        in progress, the client is dropped as on any route.
+        """
+        attempt = self._attempt
+        if attempt is None or self.state != self.STATE_CONNECTING:
+            super().handshakeTimedOut()
+            return
+        self.openHandshakeTimeoutCall = None
+        self._handshakeExpired = True
+        attempt.cancel()
 
     def _directPeer(self) -> str:
         transport: Any = self.transport
@@ -160,6 +204,7 @@ class GatewayProtocol(SecureServerProtocol):
 
     def _startRelay(self, upstream: UpstreamProtocol) -> None:
         """Relay data frames both ways as they come (see L{txwssec.gateway.relay})."""
+        self._relaying = True
         self._scanner = FrameScanner(
             self,
             masked=True,
@@ -218,6 +263,36 @@ class GatewayProtocol(SecureServerProtocol):
         """
         self.sendData(frames)
 
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> bool:
+        """
+        Send a message of the gateway's own to the client. While frames are
+        relayed (the default) the client's messages come from its upstream
+        only, and a message sent here could fall inside one the upstream is
+        sending in fragments: this raises L{RuntimeError}. A subclass that
+        overrides C{onMessage} relays whole messages (see L{_relays}) and
+        may send its own between them.
+
+        @raise RuntimeError: this session relays frames.
+        """
+        if self._relaying:
+            raise RuntimeError(
+                "a gateway session relays its upstream's frames: sending a message of "
+                "its own could split one of the upstream's (override onMessage to relay "
+                "whole messages)"
+            )
+        return super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
+
+    def relayMessage(self, payload: bytes, isBinary: bool) -> bool:
+        """A whole message from the upstream (when frames are not relayed)."""
+        return super().sendMessage(payload, isBinary)
+
     # -- client -> upstream ----------------------------------------------------
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -255,7 +330,7 @@ class GatewayProtocol(SecureServerProtocol):
             if refusal is not None:
                 self._upstreamRefused(refusal)
                 return
-        self.sendMessage(payload, isBinary)
+        self.relayMessage(payload, isBinary)
 
     def _upstreamRefused(self, refusal: Refusal) -> None:
         upstream, self.upstream = self.upstream, None
@@ -364,6 +439,11 @@ class GatewayProtocol(SecureServerProtocol):
         self._stopDraining(resume=False)
         self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
         super().connectionLost(reason)
+        attempt = self._attempt
+        if attempt is not None:
+            # The client left while the upstream connected: close that
+            # connection now, not when it answers or times out.
+            attempt.cancel()
 
     def _closeUpstream(self, code: int | None, reasonRaw: bytes | None) -> None:
         upstream, self.upstream = self.upstream, None

@@ -98,25 +98,39 @@ class SecureServerFactory(WebSocketServerFactory):
     def openSessions(self, route: str | None = None) -> list[Any]:
         """
         The sessions that are open now (not closing), on C{route} (a path)
-        or on every route: a new list, so that sessions may close while the
-        caller goes through it.
+        or on every application route: a new list, so that sessions may
+        close while the caller goes through it. Gateway sessions are left
+        out: their messages come from their upstream.
+
+        @raise ValueError: C{route} is a gateway route.
         """
+        self._notGateway(route)
         return self.registry.open(route)
+
+    def _notGateway(self, route: str | None) -> None:
+        known = self._protocols.get(route) if route is not None else None
+        if known is not None and known[0].upstream is not None:
+            raise ValueError(
+                f"route {route} is a gateway route: its clients' messages come from their upstream"
+            )
 
     def broadcast(
         self, payload: bytes, isBinary: bool = False, *, route: str | None = None
     ) -> int:
         """
         Send one message to every open session of C{route} (a path; all
-        routes if L{None}), from any handler or timer. Sessions that are
-        closing, or that close during the broadcast (a slow consumer), are
-        skipped. So are sessions whose route's C{max_message_size} (which
-        bounds what is sent too) is below the message's size, with one
-        warning. Meant for application routes: on a gateway route the
-        clients' messages come from their upstream.
+        application routes if L{None}), from any handler or timer. Sessions
+        that are closing, or that close during the broadcast (a slow
+        consumer), are skipped. So are sessions whose route's
+        C{max_message_size} (which bounds what is sent too) is below the
+        message's size, with one warning. For application routes only:
+        gateway sessions are left out, their clients' messages come from
+        their upstream.
 
         @return: how many sessions it was sent to.
+        @raise ValueError: C{route} is a gateway route.
         """
+        self._notGateway(route)
         sent = too_big = 0
         size = len(payload)
         for protocol in self.registry.open(route):

@@ -50,6 +50,9 @@ class HandshakeIO(WebSocketServerProtocol):
     #: counts even if the client reset the connection before the verdict.
     _client_host: str | None = None
     _pipelineStarted: bool = False
+    #: txwssec logged why the connection is dropped (a refusal, a handshake
+    #: timeout): Autobahn's own "dropping connection" line is left out.
+    _dropLogged: bool = False
 
     def handshakeRequest(self, request: ConnectionRequest) -> HandshakeRequest:
         """
@@ -98,13 +101,17 @@ class HandshakeIO(WebSocketServerProtocol):
         Refuse an oversized header block (431) before Autobahn parses it,
         however slowly it arrives; then run the pipeline for the first
         request only. While it runs (authentication may wait on a thread or
-        an upstream), the connection is not read: a client must wait for the
-        101, and a second request on the same connection must never start
-        a second pipeline.
+        an upstream), what the client sends is kept for after the 101 and
+        never starts a second pipeline; it is read only so that a client
+        that leaves is noticed at once (its upstream connection closed, its
+        authentication's verdict dropped): past C{max_header_bytes} more,
+        reading stops until the 101.
         """
-        if self._pipelineStarted:
-            return
         policy = self.factory.policy
+        if self._pipelineStarted:
+            if len(self.data) > policy.max_header_bytes:
+                self._transport().pauseProducing()
+            return
         end = self.data.find(b"\r\n\r\n")
         size = end
         if end < 0:
@@ -121,7 +128,6 @@ class HandshakeIO(WebSocketServerProtocol):
             return self._refuse(HeaderFieldsTooLarge("too many header lines"))
         if end >= 0:
             self._pipelineStarted = True
-            self._transport().pauseProducing()
             try:
                 # Before anything else reads the request: a body, malformed
                 # extension offers (400).
@@ -190,6 +196,7 @@ class HandshakeIO(WebSocketServerProtocol):
             limit=refusal.counter,
         )
         self.sendData(http_refusal(refusal.status, refusal.headers))
+        self._dropLogged = True
         self.dropConnection(abort=False)
 
     def _requestPath(self) -> str:

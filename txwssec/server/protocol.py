@@ -26,7 +26,12 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from txwssec import events
-from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
+from txwssec._autobahn import (
+    cancel_close_timer,
+    connection_lost_quietly,
+    copy_options,
+    drop_connection_quietly,
+)
 from txwssec._cycles import FiredWithProtocol
 from txwssec._hooks import run_hook, transport_details
 from txwssec.admission import ConsumerBuckets
@@ -344,19 +349,6 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         if hook != "onClose":
             self._internalError()
 
-    def _internalError(self) -> None:
-        """
-        Close with 1011 after an error in this connection's code: the close
-        handshake as for any close (nothing the peer sends after it reaches
-        the application), or, before the connection opened or once it is
-        closing, the TCP connection.
-        """
-        self.failedByMe = True
-        if self.state == self.STATE_OPEN:
-            self.sendCloseFrame(CloseCode.INTERNAL_ERROR, b"internal error")
-        elif self.state != self.STATE_CLOSED and not self.closeHandshakeTimeoutCall:
-            self.dropConnection(abort=True)
-
     def _credentialsExpired(self) -> None:
         self.endSession(CloseCode.CREDENTIALS_EXPIRED, "credentials expired", "expired")
 
@@ -403,7 +395,10 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             self._loseTimer = self.factory.deadlines.call_later(
                 close_timeout, self._abortLingering
             )
-        super().dropConnection(abort)
+        if self._dropLogged:
+            drop_connection_quietly(self, abort)
+        else:
+            super().dropConnection(abort)
 
     def _abortLingering(self) -> None:
         self._loseTimer = None
