@@ -45,6 +45,7 @@ from txwssec.errors import (
     CloseCode,
     Forbidden,
     HandshakeRefused,
+    Unauthorized,
 )
 from txwssec.logs import bounded
 from txwssec.messages.validation import MessageValidator, Refusal, validator_for
@@ -103,6 +104,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     #: The pipeline's result while a step waits (a password hash, an
     #: identity provider, an upstream): cancelled if the client leaves.
     _pending: Deferred[str | None] | None = None
+    #: Step 4 waits on a method (see L{_deny}).
+    _authenticating: bool = False
     _consumer_admitted: tuple[RoutePolicy, str] | None = None
     _idle_timer: Deadline | None = None
     #: Aborts an orderly close that the peer does not let finish.
@@ -149,6 +152,11 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         error = failure.value
         if isinstance(error, HandshakeRefused):
             self._refusal = error
+        elif isinstance(error, CancelledError) and self._authenticating:
+            # The client left before its authentication's verdict: that counts
+            # as a failed authentication (Unauthorized), or leaving would buy
+            # password checks that never count against the address.
+            self._refusal = error = Unauthorized("client left before the authentication verdict")
         elif isinstance(error, CancelledError):
             # connectionLost cancelled the waiting step: nobody to answer.
             self._refusal = error = HandshakeRefused("connection lost during the handshake")
@@ -190,12 +198,14 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         # 4. authentication (401, 403)
         accept = authenticate(route.authenticators, handshake)
         if isinstance(accept, Deferred):
+            self._authenticating = True
             return accept.addCallback(self._authenticated, handshake)
         return self._authenticated(accept, handshake)
 
     def _authenticated(
         self, accept: Accept, handshake: HandshakeRequest
     ) -> str | Deferred[str | None] | None:
+        self._authenticating = False
         factory, route = self.factory, self.route
         assert route is not None
         if self.state == self.STATE_CLOSED:
