@@ -35,6 +35,14 @@ from txwssec.consumers import (
 from txwssec.errors import ConfigError
 from txwssec.interfaces import Authenticator
 from txwssec.listen import Description, server_endpoint
+from txwssec.ops.settings import (
+    DEFAULT_LOG,
+    AdminSettings,
+    LogSettings,
+    admin_settings,
+    log_settings,
+)
+from txwssec.ops.settings import health_path as _health_path
 from txwssec.origin import OriginPolicy, parse_origin
 from txwssec.passwords import check_password_hash
 from txwssec.policy import ProxyNetwork, RouteLimits, RoutePolicy, ServerPolicy
@@ -67,6 +75,10 @@ class Config:
     consumers: ConsumerDirectory
     tls: ReloadingContextFactory | None = None
     gc_young_threshold: int = DEFAULT_YOUNG_THRESHOLD
+    #: C{[admin]}, if present (see L{txwssec.ops}).
+    admin: AdminSettings | None = None
+    #: C{[log]} (see L{txwssec.ops}).
+    log: LogSettings = DEFAULT_LOG
 
     def endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
         """One server endpoint per listen description."""
@@ -118,6 +130,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         "ping_timeout": server.number("ping_timeout", 10, minimum=0.1),
         "max_header_bytes": server.integer("max_header_bytes", 16384, minimum=1024),
         "max_headers": server.integer("max_headers", 100, minimum=10),
+        "health_path": _health_path(server),
     }
     trusted_proxies = _trusted_proxies(server, server_options)
     public_origins = server.strings("public_origins")
@@ -133,6 +146,15 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
     server.finish()
     tls = _tls(root.table("tls"), base_dir) if root.has("tls") else None
     _check_listeners(listen, allow_plaintext, tls)
+    admin = admin_settings(root.table("admin")) if root.has("admin") else None
+    for index, text in enumerate(admin.listen if admin is not None else ()):
+        try:
+            server_endpoint(_NoReactor(), text, tls)
+        except Exception as error:
+            raise ConfigError(
+                f"admin.listen[{index}]", f"invalid endpoint {text!r}: {error}"
+            ) from None
+    log = log_settings(root.table("log"))
 
     consumers = _consumers(root.tables("consumer"))
     context = BuildContext(consumers=consumers, base_dir=base_dir)
@@ -167,6 +189,8 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         consumers=consumers,
         tls=tls,
         gc_young_threshold=gc_young_threshold,
+        admin=admin,
+        log=log,
     )
 
 

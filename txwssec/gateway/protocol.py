@@ -104,13 +104,21 @@ class GatewayProtocol(SecureServerProtocol):
                 pool.failed(url)
                 refusal = timeout
                 self.factory.events.emit(
-                    events.UPSTREAM_FAILED, url=url, kind="timeout", reason=timeout.reason
+                    events.UPSTREAM_FAILED,
+                    url=url,
+                    kind="timeout",
+                    reason=timeout.reason,
+                    route=route.path,
                 )
             except BadGateway as failure:
                 pool.failed(url)
                 refusal = failure
                 self.factory.events.emit(
-                    events.UPSTREAM_FAILED, url=url, kind="refused", reason=failure.reason
+                    events.UPSTREAM_FAILED,
+                    url=url,
+                    kind="refused",
+                    reason=failure.reason,
+                    route=route.path,
                 )
             else:
                 pool.succeeded(url)
@@ -250,7 +258,9 @@ class GatewayProtocol(SecureServerProtocol):
             self._failNow()
             return
         if self.state == self.STATE_OPEN:
-            self.factory.events.emit(events.UPSTREAM_LOST, peer=self.peer)
+            self.factory.events.emit(
+                events.UPSTREAM_LOST, peer=self.peer, route=self.route.path if self.route else "-"
+            )
             _sendClose(self, CloseCode.BAD_GATEWAY, b"upstream failed")
 
     # -- sessions the gateway ends, and the end of the client ------------------

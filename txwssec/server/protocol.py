@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from txwssec import events
 from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
 from txwssec._cycles import FiredWithProtocol
+from txwssec._ends import end_fields
 from txwssec._hooks import run_hook, transport_details
 from txwssec.admission import ConsumerBuckets
 from txwssec.auth.chain import authenticate
@@ -40,6 +41,7 @@ from txwssec.errors import (
     CloseCode,
     Forbidden,
     HandshakeRefused,
+    Unauthorized,
 )
 from txwssec.logs import bounded
 from txwssec.origin import listener_for
@@ -99,6 +101,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     #: Aborts an orderly close that the peer does not let finish.
     _loseTimer: Deadline | None = None
     _last_message: float = 0.0
+    #: When the session opened (for its duration in C{session.closed}).
+    _openedAt: float = 0.0
     _guard: TrafficGuard | None = None
     # Autobahn's per-connection size limits (set from the route).
     maxFramePayloadSize: int
@@ -184,6 +188,13 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             # consumer and open nothing (connectionLost released the rest).
             raise HandshakeRefused("connection lost during authentication")
         principal = accept.principal
+        if principal.claims and factory.revocations.is_revoked(principal):
+            challenges = [a.challenge for a in route.authenticators if a.challenge]
+            revoked = Unauthorized(
+                "token revoked", tuple(("WWW-Authenticate", c) for c in challenges)
+            )
+            revoked.method = principal.method
+            raise revoked
         if route.consumers is not None and principal.consumer not in route.consumers:
             refusal = Forbidden(f"consumer {bounded(principal.consumer)!r} not allowed on route")
             refusal.method = principal.method
@@ -219,6 +230,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             consumer=principal.consumer,
             method=principal.method,
             expires_at=self.session.expires_at,
+            duration_s=self._handshakeDuration(),
         )
         return subprotocol
 
@@ -264,6 +276,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             factory = self.factory
             deadlines = factory.deadlines
             session.start(self._credentialsExpired, deadlines)
+            self._openedAt = factory.clock.seconds()
             factory.sessionOpened(self)
             factory.events.emit(
                 events.SESSION_OPENED,
@@ -396,6 +409,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
                     route=session.route,
                     consumer=session.consumer,
                     id=session.id,
+                    method=session.principal.method,
+                    **end_fields(self, factory.clock.seconds() - self._openedAt),
                 )
         admission = self.factory.admission
         if self._consumer_admitted is not None:
