@@ -409,7 +409,9 @@ def test_limit_and_upstream_events_counted() -> None:
     factory = make_factory()
     metrics = Metrics(factory)
     factory.events.emit(
-        "limit.exceeded", limit="limit.message_rate", peer="p", route="/echo", code=1008
+        "limit.exceeded",
+        limit="limit.message_rate",
+        **{"peer": "p", "route": "/echo", "consumer": "c", "code": 1008},
     )
     factory.events.emit("limit.exceeded", limit="limit.handshake_timeout", peer="p")
     factory.events.emit("upstream.failed", url="ws://u", kind="timeout", reason="r", route="/gw")
