@@ -146,14 +146,11 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
     server.finish()
     tls = _tls(root.table("tls"), base_dir) if root.has("tls") else None
     _check_listeners(listen, allow_plaintext, tls)
-    admin = admin_settings(root.table("admin")) if root.has("admin") else None
-    for index, text in enumerate(admin.listen if admin is not None else ()):
-        try:
-            server_endpoint(_NoReactor(), text, tls)
-        except Exception as error:
-            raise ConfigError(
-                f"admin.listen[{index}]", f"invalid endpoint {text!r}: {error}"
-            ) from None
+    admin = None
+    if root.has("admin"):
+        admin = admin_settings(
+            root.table("admin"), lambda text: server_endpoint(_NoReactor(), text, tls)
+        )
     log = log_settings(root.table("log"))
 
     consumers = _consumers(root.tables("consumer"))

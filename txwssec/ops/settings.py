@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from txwssec._schema import Table
@@ -79,10 +80,13 @@ def is_loopback(description: Description) -> bool:
         return False
 
 
-def admin_settings(table: Table) -> AdminSettings:
+def admin_settings(
+    table: Table, check: Callable[[str], object] = Description.parse
+) -> AdminSettings:
     """
     Read C{[admin]}. A listener off loopback needs a token: without one the
     configuration is refused (the admin API is never open by default).
+    C{check} raises for a description that is not a valid endpoint.
     """
     listen = table.strings("listen", DEFAULT_ADMIN_LISTEN)
     if not listen:
@@ -97,6 +101,7 @@ def admin_settings(table: Table) -> AdminSettings:
     for index, text in enumerate(listen):
         where = f"{table.key_path('listen')}[{index}]"
         try:
+            check(text)
             description = Description.parse(text)
         except Exception as error:
             raise ConfigError(where, f"invalid endpoint {text!r}: {error}") from None
