@@ -178,7 +178,10 @@ class GatewayProtocol(SecureServerProtocol):
         except Exception:
             self._applicationFailed("relay", Failure())
             return
-        if not relayed:
+        if relayed:
+            # What Autobahn counts of the data it reads itself.
+            self.trafficStats.incomingOctetsWireLevel += len(data)
+        else:
             super().dataReceived(data)
 
     def _internalError(self) -> None:
@@ -193,6 +196,8 @@ class GatewayProtocol(SecureServerProtocol):
         )
 
     def relayAccount(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
+        if starts_message:
+            self.trafficStats.incomingWebSocketMessages += 1
         return self._accountFrame(opcode, length, starts_message)
 
     def relayLimit(self, violation: Violation) -> None:

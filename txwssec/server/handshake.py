@@ -207,7 +207,7 @@ class HandshakeIO(WebSocketServerProtocol):
         path = self.factory.policy.health_path
         if not path or getattr(self, "http_request_path", None) != path:
             return False
-        self.wasNotCleanReason = "health check"
+        self.wasClean = True  # no "dropping connection" warning per probe
         self.sendData(HEALTH_OK)
         self.dropConnection(abort=False)
         return True
@@ -215,7 +215,7 @@ class HandshakeIO(WebSocketServerProtocol):
     def _handshakeDuration(self) -> float | None:
         """Seconds since the request was complete, if it was."""
         started = self._handshakeStarted
-        return None if started is None else self.factory.clock.seconds() - started
+        return None if started is None else round(self.factory.clock.seconds() - started, 6)
 
     def _requestPath(self) -> str:
         """
