@@ -306,3 +306,89 @@ def test_json_log_has_no_secret(tmp_path: Path, upstream: int) -> None:
     # header, 7 of payload) and the close frame (8).
     (gateway,) = [r for r in by_event["session.closed"] if r["route"] == "/gw"]
     assert (gateway["messages_in"], gateway["bytes_in"]) == (1, 21)
+
+
+def readme_block(heading: str) -> str:
+    """The first Python code block after C{heading} in README.rst."""
+    readme = (EXAMPLES.parent / "README.rst").read_text(encoding="utf-8")
+    start = readme.index(heading)
+    match = re.search(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", readme[start:])
+    assert match is not None
+    return "\n".join(line[4:] for line in match.group(1).splitlines())
+
+
+def test_readme_admin_python_example(tmp_path: Path) -> None:
+    port, admin = free_port(), free_port()
+    source = readme_block("Admin API\n=========").replace("9080", str(port))
+    process = Process([sys.executable, "-c", source.replace("9900", str(admin))], tmp_path)
+    try:
+        wait_until(lambda: _answers(admin))
+        with websocket(port, "/echo", apikey="john-key") as ws:
+            ws.send("x")
+            assert ws.recv(TIMEOUT) == "x"
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{admin}/sessions",
+            headers={"Authorization": "Bearer change-me-admin-token"},
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=TIMEOUT) as response:
+            assert json.loads(response.read()) == []
+        assert (
+            b'wssec_handshakes_total{method="key",route="/echo",status="101"} 1.0'
+            in (admin_call(admin, "GET", "/metrics")[1])
+        )
+    finally:
+        process.kill()
+
+
+def _answers(port: int) -> bool:
+    try:
+        return admin_call(port, "GET", "/healthz")[0] == 200
+    except OSError:
+        return False
+
+
+def test_admin_example_config(tmp_path: Path) -> None:
+    """examples/admin.toml as its comments run it (on free ports)."""
+    port, admin = free_port(), free_port()
+    text = (EXAMPLES / "admin.toml").read_text()
+    assert "tcp:9080:" in text and "tcp:9900:" in text
+    config = tmp_path / "admin.toml"
+    config.write_text(
+        text.replace("tcp:9080:", f"tcp:{port}:").replace("tcp:9900:", f"tcp:{admin}:")
+    )
+    server = twistd(config, tmp_path)
+    try:
+        server.wait_for(f"tcp:{admin}")
+        assert raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").endswith(b"\r\n\r\nok\n")
+        assert admin_call(admin, "GET", "/readyz") == (200, b'{"ready":true,"reasons":[]}\n')
+        with websocket(port, "/echo", apikey="john-key") as ws:
+            wait_until(lambda: b"john" in _sessions(admin, "change-me-admin-token"))
+            status, body = _delete(admin, "change-me-admin-token", "/sessions?consumer=john")
+            assert (status, json.loads(body)) == (200, {"closed": 1})
+            with pytest.raises(ConnectionClosed):
+                ws.recv(TIMEOUT)
+            assert ws.close_code == 3003
+    finally:
+        server.stop()
+    assert '"event":"session.closed"' in server.output()
+
+
+def _sessions(admin: int, token: str) -> bytes:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{admin}/sessions", headers={"Authorization": f"Bearer {token}"}
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=TIMEOUT) as response:
+        return bytes(response.read())
+
+
+def _delete(admin: int, token: str, path: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{admin}{path}",
+        method="DELETE",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=TIMEOUT) as response:
+        return response.status, bytes(response.read())
