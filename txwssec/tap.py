@@ -19,7 +19,7 @@ from txwssec.collector import tune_collector
 from txwssec.config import Config, load
 from txwssec.errors import ConfigError
 from txwssec.listen import server_endpoint
-from txwssec.ops import admin_for, log_observer, use_json_log
+from txwssec.ops import JSONEventObserver, admin_for, log_observer, use_json_log
 from txwssec.ops.settings import LogSettings
 from txwssec.server import SecureServerFactory
 from txwssec.tls import reload_certificates
@@ -189,6 +189,8 @@ class WssecService(MultiService):
         self._twistdOptions = twistdOptions
         self._gcYoungThreshold = gcYoungThreshold
         self._log = log or LogSettings()
+        #: The JSON log's event observer, if the log is JSON.
+        self.jsonEvents: JSONEventObserver | None = None
 
     def privilegedStartService(self) -> None:
         # Before the listeners start: what exists now is start-up state.
@@ -207,7 +209,9 @@ class WssecService(MultiService):
         if self._twistdOptions is None or not hasattr(parent, "setComponent"):
             return
         if parent.getComponent(ILogObserver, None) is None:
-            observer = log_observer(self._log.format, self._log.file, self._twistdOptions)
+            observer = log_observer(
+                self._log.format, self._log.file, self._twistdOptions, self.jsonEvents
+            )
             if observer is not None:
                 parent.setComponent(ILogObserver, observer)
 
@@ -229,7 +233,7 @@ def makeService(options: Options) -> IService:
         listener.setServiceParent(service)
         listeners.append(listener)
     if config.log.format == "json":
-        use_json_log(factory)
+        service.jsonEvents = use_json_log(factory)
     if config.admin is not None:
         factory.readiness.add("listeners", lambda: _not_listening(listeners))
         site = admin_for(factory, config.admin)

@@ -91,6 +91,9 @@ class Metrics:
             ["route", "outcome"],
             registry=registry,
         )
+        self._handshake_children: dict[tuple[str, str, str], Any] = {}
+        self._duration_children: dict[str, Any] = {}
+        self._closed_children: dict[tuple[str, str], Any] = {}
         self.traffic = LiveTraffic(factory.registry)
         registry.register(self.traffic)
         self._handlers: Mapping[str, Callable[[Mapping[str, Any]], None]] = {
@@ -110,17 +113,31 @@ class Metrics:
 
     def _accepted(self, fields: Mapping[str, Any]) -> None:
         route = fields["route"]
-        self.handshakes.labels(route, fields["method"], "101").inc()
+        self._handshake(route, fields["method"], "101")
         duration = fields.get("duration_s")
         if duration is not None:
-            self.handshake_duration.labels(route).observe(duration)
+            self._duration(route).observe(duration)
+
+    def _handshake(self, route: str, method: str, status: str) -> None:
+        # The labelled children, found once (labels() costs a lock and more).
+        key = (route, method, status)
+        child = self._handshake_children.get(key)
+        if child is None:
+            child = self._handshake_children[key] = self.handshakes.labels(*key)
+        child.inc()
+
+    def _duration(self, route: str) -> Any:
+        child = self._duration_children.get(route)
+        if child is None:
+            child = self._duration_children[route] = self.handshake_duration.labels(route)
+        return child
 
     def _refused(self, fields: Mapping[str, Any]) -> None:
         route, status, method = fields["route"], fields["status"], fields["method"] or "-"
-        self.handshakes.labels(route, method, str(status)).inc()
+        self._handshake(route, method, str(status))
         duration = fields.get("duration_s")
         if duration is not None and route != "-":
-            self.handshake_duration.labels(route).observe(duration)
+            self._duration(route).observe(duration)
         if status == 401 or (status == 403 and fields["method"]):
             self.auth_failures.labels(route, method).inc()
         limit = fields.get("limit")
@@ -134,7 +151,11 @@ class Metrics:
             label = "none" if code is None else str(code)
         else:
             label = "peer"
-        self.sessions_closed.labels(route, label).inc()
+        key = (route, label)
+        child = self._closed_children.get(key)
+        if child is None:
+            child = self._closed_children[key] = self.sessions_closed.labels(*key)
+        child.inc()
         self.traffic.closed(route, fields)
 
     def _limit(self, fields: Mapping[str, Any]) -> None:

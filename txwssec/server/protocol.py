@@ -284,6 +284,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
                 route=session.route,
                 consumer=session.consumer,
                 id=session.id,
+                method=session.principal.method,
+                expires_at=session.expires_at,
             )
             self.registerProducer(self, True)
             if route.idle_timeout:
