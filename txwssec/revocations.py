@@ -7,13 +7,15 @@ The store keeps a revocation as a key and an end (C{revoke(key, until,
 now)}, C{revoked(key, now)}). A consumer's revocation is kept under
 C{consumer:<name>} until C{issued_before + HORIZON}; a token issued at
 C{iat} is revoked when C{revoked(key, iat + HORIZON)} holds, that is when
-C{iat < issued_before}, for as long as the entry lives (L{HORIZON} after
-C{issued_before}: tokens issued before it have expired by then, when their
-lifetime is shorter). A backend must therefore compare C{until} with the
+C{iat < issued_before}, while C{revoked(key, now)} holds too (L{HORIZON}
+after C{issued_before}: tokens issued before it have expired by then, when
+their lifetime is shorter). A backend must therefore compare C{until} with the
 C{now} it is given, as L{txwssec.store.MemoryStore} does.
 
-The check applies to principals that carry claims (the C{jwt} method; a
-token without C{iat} counts as issued before any consumer revocation).
+The check applies to principals authenticated by a token: whose claims
+have an C{exp} (the C{jwt} method's always do; a client certificate's
+claims do not). A token without C{iat} counts as issued before any
+consumer revocation.
 """
 
 from __future__ import annotations
@@ -54,16 +56,19 @@ class Revocations:
     def is_revoked(self, principal: Principal) -> bool:
         """Whether C{principal}'s token (its claims) is revoked now."""
         claims = principal.claims
-        if not claims:
+        if "exp" not in claims:
             return False
         store, now = self.store, self.clock.seconds()
         jti = claims.get("jti")
         if isinstance(jti, str) and store.revoked(f"jti:{jti}", now):
             return True
+        key = f"consumer:{principal.consumer}"
+        # A revocation of the consumer lasts (now), and is of a later time
+        # than the token's iat (without iat: any revocation that lasts).
+        if not store.revoked(key, now):
+            return False
         iat = _issued(claims)
-        # Without iat: revoked while any revocation of the consumer lasts.
-        when = now if iat is None else iat + HORIZON
-        return store.revoked(f"consumer:{principal.consumer}", when)
+        return iat is None or store.revoked(key, iat + HORIZON)
 
 
 def matches(
@@ -78,7 +83,7 @@ def matches(
     C{jti}, or its C{consumer} and a token issued before C{issued_before}.
     """
     claims = principal.claims
-    if not claims:
+    if "exp" not in claims:
         return False
     if jti is not None:
         return claims.get("jti") == jti
