@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -503,3 +505,39 @@ def test_json_line_of_another_log_event() -> None:
         "namespace": "twisted",
         "message": "listening on 9",
     }
+
+
+def test_twistd_json_events_go_straight_to_the_log_file(tmp_path: Path) -> None:
+    """
+    Under twistd, the JSON event lines are written to the file the log
+    observer writes to (not through the Twisted log: cheaper per event).
+    """
+    from twisted.application.service import Application
+    from twisted.logger import ILogObserver
+
+    from txwssec.tap import Options, makeService
+
+    config = tmp_path / "wssec.toml"
+    config.write_text(
+        f'[log]\nformat = "json"\nfile = "{tmp_path / "wssec.json"}"\n'
+        '[auth.key]\n[[consumer]]\nname = "john"\nkeys = ["john-key"]\n'
+        '[[route]]\npath = "/echo"\napp = "echo"\nauth = ["key"]\n'
+    )
+    options = Options()
+    options.parseOptions(["--config", str(config)])
+    options.parent = {"logfile": str(tmp_path / "twistd.log"), "nodaemon": True}  # type: ignore[attr-defined]
+    application = Application("wssec")
+    service: Any = makeService(options)
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        service.setServiceParent(application)  # SIGUSR1 then reopens the file
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    observer = application.getComponent(ILogObserver)  # type: ignore[attr-defined]
+    assert observer is not None
+    events = service.jsonEvents
+    assert events is not None and events._lines is not None
+    events("session.opened", {"peer": "p", "route": "/echo", "consumer": "john", "id": "x"})
+    events._lines._flushNow()
+    (line,) = (tmp_path / "wssec.json").read_text().splitlines()
+    assert json.loads(line)["event"] == "session.opened"
