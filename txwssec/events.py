@@ -32,13 +32,16 @@ HANDSHAKE_ACCEPTED = "handshake.accepted"
 HANDSHAKE_REFUSED = "handshake.refused"
 #: The handshake pipeline itself failed (500): peer, failure.
 HANDSHAKE_ERROR = "handshake.error"
-#: A session opened (the 101 was sent): peer, route, consumer, id.
+#: A session opened (the 101 was sent): peer, route, consumer, id, method,
+#: expires_at.
 SESSION_OPENED = "session.opened"
 #: txwssec ends a session: peer, route, consumer, code; one of these three.
 SESSION_EXPIRED = "session.expired"
 SESSION_REVOKED = "session.revoked"
 SESSION_IDLE = "session.idle"
-#: A session's connection ended, however: peer, route, consumer, id.
+#: A session's connection ended, however: peer, route, consumer, id, method,
+#: and how (see L{txwssec._ends}): code, initiator, duration_s, messages_in,
+#: messages_out, bytes_in, bytes_out.
 SESSION_CLOSED = "session.closed"
 #: A limit closed a connection or dropped one in its handshake: limit (the
 #: counter name, C{limit.<name>}), peer, and for an open session route,

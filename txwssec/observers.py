@@ -184,6 +184,7 @@ class TextLogObserver:
         line = self.lines.get(event)
         if line is not None:
             line(fields)
-        elif event.startswith("session.") and "code" in fields:
-            # An application's own endSession event.
+        elif event.startswith("session.") and "code" in fields and event != events.SESSION_CLOSED:
+            # An application's own endSession event (session.closed, which
+            # has a code too, has no text line).
             _session_ended(event)(fields)

@@ -298,6 +298,8 @@ class ServerPolicy:
     ping_timeout: float = 10
     max_header_bytes: int = 16384
     max_headers: int = 100
+    #: A plain GET (no Upgrade) of this path answers 200 "ok" ("": off).
+    health_path: str = ""
     _by_path: dict[str, RoutePolicy] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -132,13 +132,21 @@ class GatewayProtocol(SecureServerProtocol):
                 pool.failed(url)
                 refusal = timeout
                 self.factory.events.emit(
-                    events.UPSTREAM_FAILED, url=url, kind="timeout", reason=timeout.reason
+                    events.UPSTREAM_FAILED,
+                    url=url,
+                    kind="timeout",
+                    reason=timeout.reason,
+                    route=route.path,
                 )
             except BadGateway as failure:
                 pool.failed(url)
                 refusal = failure
                 self.factory.events.emit(
-                    events.UPSTREAM_FAILED, url=url, kind=failure.kind, reason=failure.reason
+                    events.UPSTREAM_FAILED,
+                    url=url,
+                    kind=failure.kind,
+                    reason=failure.reason,
+                    route=route.path,
                 )
             else:
                 pool.succeeded(url)
@@ -220,7 +228,10 @@ class GatewayProtocol(SecureServerProtocol):
         except Exception:
             self._applicationFailed("relay", Failure())
             return
-        if not relayed:
+        if relayed:
+            # What Autobahn counts of the data it reads itself.
+            self.trafficStats.incomingOctetsWireLevel += len(data)
+        else:
             super().dataReceived(data)
 
     def _internalError(self) -> None:
@@ -235,6 +246,8 @@ class GatewayProtocol(SecureServerProtocol):
         )
 
     def relayAccount(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
+        if starts_message:
+            self.trafficStats.incomingWebSocketMessages += 1
         return self._accountFrame(opcode, length, starts_message)
 
     def relayLimit(self, violation: Violation) -> None:
@@ -359,7 +372,9 @@ class GatewayProtocol(SecureServerProtocol):
             self._failNow()
             return
         if self.state == self.STATE_OPEN:
-            self.factory.events.emit(events.UPSTREAM_LOST, peer=self.peer)
+            self.factory.events.emit(
+                events.UPSTREAM_LOST, peer=self.peer, route=self.route.path if self.route else "-"
+            )
             _sendClose(self, CloseCode.BAD_GATEWAY, b"upstream failed")
 
     # -- sessions the gateway ends, and the end of the client ------------------

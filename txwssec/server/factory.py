@@ -20,6 +20,8 @@ from txwssec.events import Events
 from txwssec.messages.validation import validator_for
 from txwssec.observers import CounterObserver, TextLogObserver, securityLog
 from txwssec.policy import RoutePolicy, ServerPolicy
+from txwssec.readiness import Readiness
+from txwssec.revocations import Revocations
 from txwssec.server.context import ServerContext
 from txwssec.server.protocol import SecureServerProtocol
 from txwssec.sessions import SessionRegistry
@@ -36,6 +38,9 @@ class SecureServerFactory(WebSocketServerFactory):
     @ivar admission: connection counters and caps (L{Admission}).
     @ivar registry: the open sessions by id, consumer and route
         (L{SessionRegistry}); C{sessions} is its index by consumer.
+    @ivar revocations: revoked tokens, in the state store (L{Revocations}):
+        a revoked token is refused with 401.
+    @ivar readiness: the checks of C{GET /readyz} (L{Readiness}).
     @ivar upstreamPools: the gateway's upstream pools by route path.
     @ivar events: the observers of this server's events (L{Events}): the
         counters and the text log from the start; add your own with
@@ -73,6 +78,8 @@ class SecureServerFactory(WebSocketServerFactory):
         self._batched_timer = self.deadlines
         self.admission = Admission(policy)
         self.registry = SessionRegistry(self.admission.store)
+        self.revocations = Revocations(self.admission.store, reactor)
+        self.readiness = Readiness()
         self.counters: Counter[str] = Counter()
         self.events = Events([CounterObserver(self.counters), TextLogObserver()])
         self.upstreamPools: dict[str, Any] = {}

@@ -53,6 +53,9 @@ class HandshakeIO(WebSocketServerProtocol):
     #: txwssec logged why the connection is dropped (a refusal, a handshake
     #: timeout): Autobahn's own "dropping connection" line is left out.
     _dropLogged: bool = False
+    #: When the request's header block was complete (the handshake's
+    #: duration, in the events, counts from there).
+    _handshakeStarted: float | None = None
 
     def handshakeRequest(self, request: ConnectionRequest) -> HandshakeRequest:
         """
@@ -128,6 +131,7 @@ class HandshakeIO(WebSocketServerProtocol):
             return self._refuse(HeaderFieldsTooLarge("too many header lines"))
         if end >= 0:
             self._pipelineStarted = True
+            self._handshakeStarted = self.factory.clock.seconds()
             try:
                 # Before anything else reads the request: a body, malformed
                 # extension offers (400).
@@ -171,6 +175,8 @@ class HandshakeIO(WebSocketServerProtocol):
         gets the reason, the client a fixed body for the status.
         """
         refusal = self._refusal
+        if refusal is None and code == 426 and self._answerHealthCheck():
+            return
         if refusal is None:
             # Autobahn's own checks (malformed upgrade): its reason can quote
             # header values, which may hold credentials; keep the words only.
@@ -194,10 +200,30 @@ class HandshakeIO(WebSocketServerProtocol):
             method=refusal.method,
             reason=bounded(refusal.reason, _MAX_LOGGED_REASON),
             limit=refusal.counter,
+            duration_s=self._handshakeDuration(),
         )
         self.sendData(http_refusal(refusal.status, refusal.headers))
         self._dropLogged = True
         self.dropConnection(abort=False)
+
+    def _answerHealthCheck(self) -> bool:
+        """
+        A plain GET (no Upgrade) of C{[server] health_path}: answer 200
+        C{ok} (for probes that reach only the service port) and say so.
+        """
+        path = self.factory.policy.health_path
+        if not path or getattr(self, "http_request_path", None) != path:
+            return False
+        self.wasClean = True
+        self._dropLogged = True  # no "dropping connection" warning per probe
+        self.sendData(HEALTH_OK)
+        self.dropConnection(abort=False)
+        return True
+
+    def _handshakeDuration(self) -> float | None:
+        """Seconds since the request was complete, if it was."""
+        started = self._handshakeStarted
+        return None if started is None else round(self.factory.clock.seconds() - started, 6)
 
     def _requestPath(self) -> str:
         """
@@ -229,6 +255,12 @@ def _peer_host(peer: str) -> str:
         return rest.rsplit(":", 1)[0]
     return peer
 
+
+#: The answer to a health check (see L{ServerPolicy.health_path}).
+HEALTH_OK = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 3\r\n"
+    b"Connection: close\r\nCache-Control: no-store\r\n\r\nok\n"
+)
 
 #: The most characters of a refusal's reason that reach the log (the values
 #: in it are bounded each, see L{bounded}; this bounds the rest).

@@ -33,6 +33,7 @@ from txwssec._autobahn import (
     drop_connection_quietly,
 )
 from txwssec._cycles import FiredWithProtocol
+from txwssec._ends import end_fields
 from txwssec._hooks import run_hook, transport_details
 from txwssec.admission import ConsumerBuckets
 from txwssec.auth.chain import authenticate
@@ -111,6 +112,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     #: Aborts an orderly close that the peer does not let finish.
     _loseTimer: Deadline | None = None
     _last_message: float = 0.0
+    #: When the session opened (for its duration in C{session.closed}).
+    _openedAt: float = 0.0
     _guard: TrafficGuard | None = None
     #: The route's message rules, compiled (None: the route checks nothing).
     _validator: MessageValidator | None = None
@@ -213,6 +216,13 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             # consumer and open nothing (connectionLost released the rest).
             raise HandshakeRefused("connection lost during authentication")
         principal = accept.principal
+        if principal.claims and factory.revocations.is_revoked(principal):
+            challenges = [a.challenge for a in route.authenticators if a.challenge]
+            revoked = Unauthorized(
+                "token revoked", tuple(("WWW-Authenticate", c) for c in challenges)
+            )
+            revoked.method = principal.method
+            raise revoked
         if route.consumers is not None and principal.consumer not in route.consumers:
             refusal = Forbidden(f"consumer {bounded(principal.consumer)!r} not allowed on route")
             refusal.method = principal.method
@@ -248,6 +258,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             consumer=principal.consumer,
             method=principal.method,
             expires_at=self.session.expires_at,
+            duration_s=self._handshakeDuration(),
         )
         return subprotocol
 
@@ -294,6 +305,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             factory = self.factory
             deadlines = factory.deadlines
             session.start(self._credentialsExpired, deadlines)
+            self._openedAt = factory.clock.seconds()
             factory.sessionOpened(self)
             factory.events.emit(
                 events.SESSION_OPENED,
@@ -301,6 +313,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
                 route=session.route,
                 consumer=session.consumer,
                 id=session.id,
+                method=session.principal.method,
+                expires_at=session.expires_at,
             )
             self.registerProducer(self, True)
             if route.idle_timeout:
@@ -445,6 +459,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
                     route=session.route,
                     consumer=session.consumer,
                     id=session.id,
+                    method=session.principal.method,
+                    **end_fields(self, factory.clock.seconds() - self._openedAt),
                 )
         admission = self.factory.admission
         if self._consumer_admitted is not None:
