@@ -57,6 +57,7 @@ async def test_gateway_answers_502_to_an_endless_upstream_response_head(
             "url": url,
             "kind": "bad_response",
             "reason": f"{url}echo: response head over 16384 bytes (max_header_bytes)",
+            "route": "/echo",
         }
     ]
     assert factory.counters["handshake.refused.502"] == 1
