@@ -66,7 +66,18 @@ JWT_SECRET = "bench-secret-0123456789abcdef0123456789"
 #: The load generator's own CPU beyond which a run is flagged as saturated.
 SATURATED = 90.0
 
-SCENARIOS = ("handshake", "echo", "bulk", "idle", "tls", "gateway", "expiry", "accel", "profile")
+SCENARIOS = (
+    "handshake",
+    "echo",
+    "bulk",
+    "idle",
+    "tls",
+    "gateway",
+    "expiry",
+    "accel",
+    "ops",
+    "profile",
+)
 
 
 # -- settings ------------------------------------------------------------------
@@ -252,10 +263,11 @@ class Environment:
         upstream: int | None = None,
         env: dict[str, str] | None = None,
         kind: str = "txwssec",
+        extra: str = "",
     ) -> ServerProcess:
         port = free_port()
         self.counter += 1
-        text = txwssec_config(port, tls, upstream, self)
+        text = txwssec_config(port, tls, upstream, self) + extra
         config = self.folder / f"txwssec-{self.counter}.toml"
         config.write_text(text)
         argv = [
@@ -832,6 +844,32 @@ def run_accel(session: Session) -> None:
             )
 
 
+def run_ops(session: Session) -> None:
+    """
+    The cost of operations: the same server with the admin listener (so the
+    metrics observer runs) and the JSON log to a file, against one without.
+    """
+    s, env = session.settings, session.env
+    key = _headers(("apikey", API_KEY))
+    base = "txwssec (no ops)"
+    for _ in range(s.rounds):
+        log = env.folder / f"ops-{env.counter}.json"
+        extra = (
+            f'\n[admin]\nlisten = ["tcp:{free_port()}:interface=127.0.0.1"]\n'
+            f'\n[log]\nformat = "json"\nfile = "{log}"\n'
+        )
+        plain, ops = env.txwssec(), env.txwssec(kind="txwssec-ops", extra=extra)
+        with running(plain, ops):
+            subjects = [
+                Subject(base, f"ws://{HOST}:{plain.port}/key", key, [plain.pid]),
+                Subject(
+                    "txwssec (metrics + JSON log)", f"ws://{HOST}:{ops.port}/key", key, [ops.pid]
+                ),
+            ]
+            measure(session, "ops hs", "handshake", handshake_spec(s, subjects), base)
+            measure(session, "ops echo", "message", echo_spec(s, subjects), base)
+
+
 def run_profile(session: Session) -> None:
     s, env = session.settings, session.env
     pyspy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
@@ -954,6 +992,7 @@ RUNNERS: dict[str, Callable[[Session], None]] = {
     "gateway": run_gateway,
     "expiry": run_expiry,
     "accel": run_accel,
+    "ops": run_ops,
     "profile": run_profile,
 }
 
@@ -978,6 +1017,8 @@ BASELINES = {
     "accel 64B": "txwssec, NVX on",
     "accel 64K bin": "txwssec, NVX on",
     "accel 64K txt": "txwssec, NVX on",
+    "ops hs": "txwssec (no ops)",
+    "ops echo": "txwssec (no ops)",
 }
 
 
@@ -993,6 +1034,8 @@ LABELS = {
     "accel 64B": "NVX: echo 64 B text (µs/message)",
     "accel 64K bin": "NVX: echo 64 KiB binary (µs/message)",
     "accel 64K txt": "NVX: echo 64 KiB text (µs/message)",
+    "ops hs": "ops: handshakes (µs/handshake)",
+    "ops echo": "ops: echo 64 B (µs/message)",
 }
 
 

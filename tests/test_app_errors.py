@@ -411,3 +411,9 @@ async def test_error_in_a_client_hook_closes_1011(serve: Serve, captured_log: Ca
         "txwssec.client",
     )
     assert event["log_failure"].check(Boom)
+
+
+def test_server_and_client_share_the_guarded_send_and_the_1011_close() -> None:
+    """One implementation of both for the server, the client and the gateway's legs."""
+    assert SecureClientProtocol.sendMessage is SecureServerProtocol.sendMessage
+    assert SecureClientProtocol._internalError is SecureServerProtocol._internalError

@@ -198,7 +198,8 @@ def test_wrong_type_or_value(change: Callable[[dict[str, Any]], object], message
 def test_unknown_auth_method_names_its_index() -> None:
     message = config_error(lambda d: d["route"][0].update(auth=["key", "kerberos"]))
     assert message == (
-        'route[0].auth[1]: unknown method "kerberos" (known: anonymous, basic, jwt, key, tls)'
+        'route[0].auth[1]: unknown method "kerberos"'
+        " (known: anonymous, basic, introspect, jwt, key, tls)"
     )
 
 
@@ -257,12 +258,16 @@ def _ed25519_pem() -> bytes:
 
 def test_jwt_with_secret_and_public_key() -> None:
     message = config_error(_with_jwt(secret=JWT_SECRET, public_key="jwt.pem"))
-    assert message == "auth.jwt.secret: set exactly one of secret and public_key"
+    assert message == (
+        "auth.jwt.secret: set exactly one of secret, public_key, jwks_url and discovery"
+    )
 
 
 def test_jwt_with_neither_secret_nor_public_key() -> None:
     message = config_error(_with_jwt())
-    assert message == "auth.jwt.secret: set exactly one of secret and public_key"
+    assert message == (
+        "auth.jwt.secret: set exactly one of secret, public_key, jwks_url and discovery"
+    )
 
 
 def test_jwt_secret_too_short() -> None:

@@ -118,13 +118,6 @@ MALFORMED_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "quoted-not-a-token": ('permessage-deflate; client_max_window_bits="1 0"',),
     "unterminated-quote": ('x; y="permessage-deflate',),
     "quote-split-over-two-lines": ('x; y="a', 'permessage-deflate"'),
-    "window-bits-leading-zero": ("permessage-deflate; client_max_window_bits=09",),
-    "window-bits-plus": ("permessage-deflate; client_max_window_bits=+9",),
-    "window-bits-quoted-leading-zero": ('permessage-deflate; client_max_window_bits="09"',),
-    "server-window-bits-leading-zero": ("permessage-deflate; server_max_window_bits=09",),
-    "server-window-bits-plus": ("permessage-deflate; server_max_window_bits=+9",),
-    "server-window-bits-no-value": ("permessage-deflate; server_max_window_bits",),
-    "window-bits-exponent": ("permessage-deflate; client_max_window_bits=1e1",),
     "space-in-name": ("permessage deflate",),
     "empty": ("",),
     "only-commas": (", ,",),
@@ -180,7 +173,7 @@ async def test_malformed_extensions_refused(
     assert "Sec-WebSocket-Extensions" in event["reason"]
 
 
-@pytest.mark.parametrize("name", ["comma-in-quotes", "window-bits-plus"])
+@pytest.mark.parametrize("name", ["comma-in-quotes", "unterminated-quote"])
 @pytest_twisted.ensureDeferred
 async def test_malformed_extensions_refused_without_compression(serve: Serve, name: str) -> None:
     """A malformed header is refused on every route."""

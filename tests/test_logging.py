@@ -18,7 +18,7 @@ import pytest
 import pytest_twisted
 import websockets
 from conftest import CapturedLog, aio, raw_exchange, upgrade_request
-from twisted.logger import LogEvent, eventAsText
+from twisted.logger import LogEvent, eventAsText, formatEvent
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
@@ -283,7 +283,7 @@ async def test_refusals_logged_with_named_fields(serve: Serve, captured_log: Cap
         assert event["log_namespace"].startswith("txwssec")
     by_method = {e["method"]: e["reason"] for e in events}
     assert by_method["key"] == "key: unknown key"
-    assert by_method[None] == "no credentials"
+    assert by_method["-"] == "no credentials"
     assert by_method["jwt"].startswith("jwt: invalid token")
 
 
@@ -307,10 +307,13 @@ async def test_unknown_route_and_origin_refusals_logged(
     (not_found,) = refusal_events(captured_log, 404)
     assert not_found["route"] == "-"  # no route serves the path
     assert not_found["path"] == "/nowhere"
-    assert not_found["method"] is None
+    assert not_found["method"] == "-"  # no method decided
     assert "/nowhere" in not_found["reason"]
     (forbidden,) = refusal_events(captured_log, 403)
     assert forbidden["route"] == "/echo"
+    assert formatEvent(forbidden).startswith(
+        f"refused {forbidden['peer']} on /echo with 403 (-): origin "
+    )
     assert "evil.example" in forbidden["reason"]
     assert JOHN_KEY not in everything_logged(captured_log)
 
@@ -378,3 +381,25 @@ async def test_no_secret_in_log_with_txaio_debug(
     finally:
         txaio.set_global_log_level("info")
     assert_no_secret(captured_log, secrets)
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_and_handshake_timeouts_log_one_line_each(
+    serve: Serve, captured_log: CapturedLog
+) -> None:
+    """
+    txwssec's own line only: not Autobahn's "dropping connection to peer
+    ... handshake refused" warning as well.
+    """
+    route = RoutePolicy("/echo", [KeyAuthenticator(ConsumerDirectory([]))], protocol=EchoProtocol)
+    factory = SecureServerFactory(ServerPolicy.single(route, handshake_timeout=0.2))
+    port = serve(factory)
+    response = await aio(raw_exchange(port, upgrade_request("/nowhere")))
+    assert response.startswith(b"HTTP/1.1 404 ")
+    with pytest.raises(ConnectionResetError):
+        await aio(raw_exchange(port, b"GET /echo HTTP/1.1\r\n"))
+    lines = [formatEvent(e) for e in captured_log.events]
+    dropping = [line for line in lines if "dropping" in line]
+    assert len(dropping) == 1
+    assert dropping[0].startswith("handshake timeout: dropping tcp4:127.0.0.1:")
+    assert len([line for line in lines if line.startswith("refused ")]) == 1

@@ -153,8 +153,22 @@ async def test_a_session_seen_by_an_observer(serve: Serve) -> None:
         "route": "/echo",
         "consumer": "john",
         "id": session_id,
+        "method": "key",
+        "expires_at": None,
     }
-    assert closed == opened
+    # session.closed: the session's fields, how it ended, and its traffic
+    # (a close frame each way: 2 + 4 mask + 2 code bytes in, 2 + 2 out).
+    duration = closed.pop("duration_s")
+    assert isinstance(duration, float) and duration >= 0
+    assert closed == {
+        **{k: v for k, v in opened.items() if k != "expires_at"},
+        "code": 1000,
+        "initiator": "peer",
+        "messages_in": 0,
+        "messages_out": 0,
+        "bytes_in": 8,
+        "bytes_out": 4,
+    }
     assert factory.counters["session.opened"] == 1
 
 

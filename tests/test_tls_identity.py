@@ -25,7 +25,6 @@ import pytest
 import pytest_twisted
 import websockets
 from conftest import CapturedLog, aio
-from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
 from tlskit import (
     KEY,
@@ -41,6 +40,7 @@ from websockets.exceptions import InvalidStatus
 
 from txwssec.client import ClientTLS, SecureClientFactory
 from txwssec.devcert import Issued, issue, make_ca
+from txwssec.tls import ChainVerificationError, verify_error_string
 
 TIMEOUT = 10.0
 NOW = datetime.datetime.now(datetime.UTC)
@@ -58,6 +58,24 @@ class Case:
 
 
 LOCALHOST = ("localhost",)
+
+
+def chain_failure(code: int) -> str:
+    """
+    What the refusal says for OpenSSL's X509 verification error C{code}:
+    OpenSSL's own text ("certificate has expired"; the wording of some
+    varies between OpenSSL versions), at the server certificate's depth.
+    """
+    why = verify_error_string(code)
+    return f"TLS verification failed: certificate verify failed: {why} (certificate at depth 0)"
+
+
+def test_chain_failure_texts_are_openssl_reasons() -> None:
+    assert chain_failure(10).endswith(": certificate has expired (certificate at depth 0)")
+    assert "unable to get local issuer certificate" in chain_failure(20)
+    assert "purpose" in chain_failure(26) and "not yet valid" in chain_failure(9)
+
+
 LOOPBACK = ("127.0.0.1",)
 
 WRONG: dict[str, Case] = {
@@ -93,28 +111,28 @@ WRONG: dict[str, Case] = {
             ca, "localhost", dns_names=LOCALHOST, not_before=NOW - 3 * DAY, not_after=NOW - DAY
         ),
         "localhost",
-        "certificate verify failed",
-        SSL.Error,
+        chain_failure(10),  # X509_V_ERR_CERT_HAS_EXPIRED
+        ChainVerificationError,
     ),
     "not yet valid": Case(
         lambda ca, _: issue(
             ca, "localhost", dns_names=LOCALHOST, not_before=NOW + DAY, not_after=NOW + 3 * DAY
         ),
         "localhost",
-        "certificate verify failed",
-        SSL.Error,
+        chain_failure(9),  # X509_V_ERR_CERT_NOT_YET_VALID
+        ChainVerificationError,
     ),
     "signed by another CA": Case(
         lambda _, other: issue(other, "localhost", dns_names=LOCALHOST),
         "localhost",
-        "certificate verify failed",
-        SSL.Error,
+        chain_failure(20),  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+        ChainVerificationError,
     ),
     "clientAuth EKU only": Case(
         lambda ca, _: issue(ca, "localhost", dns_names=LOCALHOST, client=True),
         "localhost",
-        "certificate verify failed",
-        SSL.Error,
+        chain_failure(26),  # X509_V_ERR_INVALID_PURPOSE
+        ChainVerificationError,
     ),
 }
 

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,8 @@ auth = ["key"]
         (
             'auth = ["key"]',
             'auth = ["key", "kerberos"]',
-            'route[0].auth[1]: unknown method "kerberos" (known: anonymous, basic, jwt, key, tls)',
+            'route[0].auth[1]: unknown method "kerberos"'
+            " (known: anonymous, basic, introspect, jwt, key, tls)",
         ),
         ('auth = ["key"]', "", "route[0].auth: is required"),
         (
@@ -352,6 +354,11 @@ def test_port_taken_daemon(tmp_path: Path) -> None:
             )
         assert status == 1
         assert f"cannot listen on tcp:{port}:interface=127.0.0.1" in output
+        # The parent exits as soon as the daemon reports the failure; the
+        # daemon then removes its PID file on its way out.
+        deadline = time.monotonic() + TIMEOUT
+        while pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not pidfile.exists()
         log = logfile.read_text()
         assert f"wssec cannot listen on tcp:{port}:interface=127.0.0.1: " in last_line(log)

@@ -20,7 +20,7 @@ from txwssec.errors import CloseCode, ConfigError, HandshakeRefused
 from txwssec.interfaces import Authenticator, IAuthenticator
 from txwssec.origin import OriginPolicy
 from txwssec.passwords import hash_password
-from txwssec.policy import RoutePolicy, ServerPolicy
+from txwssec.policy import MessageRules, RoutePolicy, ServerPolicy
 from txwssec.server import SecureServerFactory, SecureServerProtocol
 from txwssec.session import Session
 from txwssec.types import Accept, Credential, Deny, HandshakeRequest, Principal
@@ -42,6 +42,7 @@ __all__ = [
     "IAuthenticator",
     "JWTAuthenticator",
     "KeyAuthenticator",
+    "MessageRules",
     "OriginPolicy",
     "Principal",
     "RoutePolicy",

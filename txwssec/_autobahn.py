@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import txaio
 from autobahn.websocket.protocol import WebSocketProtocol
 from OpenSSL import SSL
 from twisted.python.failure import Failure
@@ -73,3 +74,19 @@ def connection_lost_quietly(protocol: Any, reason: Failure, adapter: Any) -> Non
         adapter.connectionLost(protocol, reason)
     else:
         protocol._connectionLost(reason)
+
+
+def drop_connection_quietly(protocol: Any, abort: bool) -> None:
+    """
+    Autobahn's C{dropConnection} without its log line: for a connection
+    that did not close cleanly it writes a "warn" line ("dropping connection
+    to peer ... with abort=False: handshake refused") on top of txwssec's
+    own line for the same event (a refusal, a handshake timeout), which
+    doubled the log's volume in a flood of refused handshakes.
+    """
+    protocol.unregisterProducer()
+    if protocol.state != WebSocketProtocol.STATE_CLOSED:
+        protocol.droppedByMe = True
+        protocol.state = WebSocketProtocol.STATE_CLOSED
+        txaio.resolve(protocol.is_closed, protocol)  # type: ignore[attr-defined]
+        protocol._closeConnection(abort)

@@ -9,17 +9,24 @@ never run. txwssec's protocols call their hooks through L{run_hook}
 instead: a coroutine is run, and an exception, or a coroutine or
 L{Deferred} that fails, goes to the protocol's C{_applicationFailed(hook,
 failure)}, which logs it once and closes that connection (1011) only.
+
+L{OpenOnly} is the part both protocols share: the close with 1011
+(C{_internalError}) and a C{sendMessage} that is a no-op to a connection
+that is not open.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from inspect import iscoroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from autobahn.twisted.util import extract_peer_certificate, transport_channel_id
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
+
+from txwssec.errors import CloseCode
 
 
 class GuardedProtocol(Protocol):
@@ -62,3 +69,79 @@ def transport_details(protocol: Any) -> None:
             "tls-unique": transport_channel_id(protocol.transport, details.is_server, "tls-unique")
         }
         details.peer_cert = extract_peer_certificate(protocol.transport)
+
+
+class OpenOnly:
+    """
+    What the server and client protocols share when they send or fail: a
+    C{sendMessage} that does nothing to a connection that is not open, and
+    the close after an error in the connection's own code (1011). Mixed in
+    before Autobahn's protocol class.
+
+    A protocol that transforms what it sends (sealed payloads,
+    L{txwssec.messages.sealing}) sets C{_outgoing}: C{sendMessage} then
+    sends C{_outgoing(payload, isBinary)} instead, or nothing when that is
+    L{None} (not ready to send yet). Left at L{None}, a message costs one
+    state check and this one attribute check.
+    """
+
+    #: Turns the application's message into the one sent, or L{None}.
+    _outgoing: Callable[[bytes, bool], tuple[bytes, bool] | None] | None = None
+
+    if TYPE_CHECKING:
+        state: int
+        STATE_OPEN: int
+        STATE_CLOSED: int
+        failedByMe: bool
+        closeHandshakeTimeoutCall: Any
+
+        def sendCloseFrame(
+            self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False
+        ) -> None: ...
+
+        def dropConnection(self, abort: bool = False) -> None: ...
+
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> bool:
+        """
+        Send a message, as Autobahn's C{sendMessage}, if the connection is
+        open; to a peer that is closing or gone it is a no-op (Autobahn
+        raises), so that sending to other sessions (a broadcast) is safe
+        from any handler.
+
+        @return: whether the message was sent: L{False} if the connection
+            was not open, or was closed instead of sending it (a server's
+            slow consumer).
+        """
+        if self.state != self.STATE_OPEN:
+            return False
+        outgoing = self._outgoing
+        if outgoing is not None:
+            sent = outgoing(payload, isBinary)
+            if sent is None:
+                return False
+            payload, isBinary = sent
+        protocol: Any = self
+        WebSocketProtocol.sendMessage(
+            protocol, payload, isBinary, fragmentSize, sync, doNotCompress
+        )
+        return self.state == self.STATE_OPEN
+
+    def _internalError(self) -> None:
+        """
+        Close with 1011 after an error in this connection's code: the close
+        handshake as for any close (nothing the peer sends after it reaches
+        the application), or, before the connection opened or once it is
+        closing, the TCP connection.
+        """
+        self.failedByMe = True
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(CloseCode.INTERNAL_ERROR, b"internal error")
+        elif self.state != self.STATE_CLOSED and not self.closeHandshakeTimeoutCall:
+            self.dropConnection(abort=True)

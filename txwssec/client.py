@@ -47,13 +47,19 @@ from twisted.python.failure import Failure
 
 from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
 from txwssec._cycles import FiredWithProtocol
-from txwssec._hooks import run_hook, transport_details
+from txwssec._hooks import OpenOnly, run_hook, transport_details
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
 from txwssec.messages import sealing
 from txwssec.policy import DEFAULT_MAX_MESSAGE_SIZE
-from txwssec.tls import HTTP_1_1, VerifyingClientTLS, restrict_groups
+from txwssec.tls import (
+    HTTP_1_1,
+    ChainVerificationError,
+    VerifyingClientTLS,
+    chain_failure,
+    restrict_groups,
+)
 
 #: The client's own events. A module-level logger: a L{Logger} class
 #: attribute would take the (sub)class's name as its namespace instead.
@@ -123,6 +129,13 @@ def _carried(
     raise ValueError(f'via must be "header", "subprotocol" or "query", not {via!r}')
 
 
+class ResponseHeadTooLarge(ConnectionError):
+    """
+    The server's handshake response head (status line and headers) is over
+    the factory's C{max_header_bytes}: the connection was dropped unread.
+    """
+
+
 @dataclass(frozen=True)
 class ClientTLS:
     """
@@ -143,7 +156,8 @@ class ClientTLS:
     insecure: bool = False
 
 
-class SecureClientProtocol(WebSocketClientProtocol):
+# (mypy: Autobahn's own bases disagree on two names, seen with a second base.)
+class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[misc]
     """
     A WebSocket client protocol with two Deferreds and an expiry hook:
 
@@ -162,6 +176,10 @@ class SecureClientProtocol(WebSocketClientProtocol):
     #: Empty: the options are copied by L{_connectionMade} (see copy_options).
     CONFIG_ATTRS: list[str] = []
     _closeReceived: bool = False
+    #: How much of the response head was searched for its end already.
+    _headSearched: int = 0
+    #: Why the WebSocket never opened, when txwssec decided it.
+    _openingFailure: ConnectionError | None = None
     #: Deferreds that fire with this protocol, forgotten once fired and the
     #: connection is lost (see L{txwssec._cycles}).
     opened = FiredWithProtocol()
@@ -182,6 +200,13 @@ class SecureClientProtocol(WebSocketClientProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         cancel_close_timer(self)
+        if isinstance(reason.value, SSL.Error):
+            # OpenSSL's error says only "certificate verify failed": say why.
+            handle = getattr(self.transport, "getHandle", lambda: None)()
+            why = chain_failure(handle)
+            if why is not None:
+                why.__cause__ = reason.value
+                reason = Failure(why)
         self._lostReason = reason
         connection_lost_quietly(self, reason, WebSocketClientProtocol)
         SecureClientProtocol.opened.release(self)
@@ -211,6 +236,8 @@ class SecureClientProtocol(WebSocketClientProtocol):
         self._sealHandshake = handshake = sealing.ClientHandshake(
             factory.seal_key, urlsplit(factory.url).path or "/"
         )
+        # sendMessage sends nothing until the server's hello is checked.
+        self._outgoing = _unsent
         protocols = list(factory.protocols)
         protocols.insert(protocols.index(sealing.PROTOCOL) + 1, handshake.offer)
         return ConnectingRequest(
@@ -222,6 +249,28 @@ class SecureClientProtocol(WebSocketClientProtocol):
             origin=factory.origin,
             protocols=protocols,
         )
+
+    def processHandshake(self) -> None:
+        """
+        Wait for the server's whole response head, searching only the bytes
+        that are new, and at most C{factory.max_header_bytes} of it: a server
+        that sends an endless head fails the connection with
+        L{ResponseHeadTooLarge} instead of filling memory until the timeout.
+        """
+        data = self.data
+        limit = self.factory.max_header_bytes
+        end = data.find(b"\r\n\r\n", max(0, self._headSearched - 3))
+        if end < 0:
+            self._headSearched = len(data)
+            if len(data) <= limit + 3:
+                return
+            end = len(data)
+        if end > limit:
+            error = ResponseHeadTooLarge(f"response head over {limit} bytes (max_header_bytes)")
+            self._openingFailure = error
+            self.failHandshake(str(error))
+            return
+        super().processHandshake()
 
     def _onOpen(self) -> None:
         if self._sealHandshake is not None:
@@ -259,36 +308,7 @@ class SecureClientProtocol(WebSocketClientProtocol):
         )
         if hook in ("onClose", "onCredentialsExpired"):
             return
-        self.failedByMe = True
-        if self.state == self.STATE_OPEN:
-            self.sendCloseFrame(CloseCode.INTERNAL_ERROR, b"internal error")
-        elif self.state != self.STATE_CLOSED and not self.closeHandshakeTimeoutCall:
-            self.dropConnection(abort=True)
-
-    def sendMessage(
-        self,
-        payload: bytes,
-        isBinary: bool = False,
-        fragmentSize: int | None = None,
-        sync: bool = False,
-        doNotCompress: bool = False,
-    ) -> bool:
-        """
-        Send a message, as Autobahn's C{sendMessage}, if the connection is
-        open; once it is closing or closed this is a no-op (Autobahn raises).
-
-        @return: whether the message was sent.
-        """
-        if self.state != self.STATE_OPEN:
-            return False
-        if self._sealHandshake is not None:
-            if self._seal is None:
-                return False  # not open yet: waiting for the server's hello
-            payload, isBinary = self._seal.seal(payload, isBinary), True
-        WebSocketClientProtocol.sendMessage(
-            self, payload, isBinary, fragmentSize, sync, doNotCompress
-        )
-        return True
+        self._internalError()
 
     def onCloseFrame(self, code: Any, reasonRaw: Any) -> bool:
         self._closeReceived = True
@@ -308,6 +328,7 @@ class SecureClientProtocol(WebSocketClientProtocol):
             try:
                 if self._seal is None:
                     self._seal = handshake.accept_hello(payload, isBinary)
+                    self._outgoing = self._seal.outgoing
                     self._opened()
                     return
                 payload, isBinary = self._seal.unseal(payload, isBinary)
@@ -321,6 +342,7 @@ class SecureClientProtocol(WebSocketClientProtocol):
         # Nothing more is opened or sent: the session's keys are forgotten.
         self._sealHandshake = _SEAL_FAILED
         self._seal = None
+        self._outgoing = _unsent
         self._fail_connection(code, reason)
 
     def _onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -340,12 +362,16 @@ class SecureClientProtocol(WebSocketClientProtocol):
         such (Autobahn would say the peer dropped the connection) and is the
         error's C{__cause__}.
         """
+        if self._openingFailure is not None:
+            return self._openingFailure
         cause = self._lostReason.value if self._lostReason is not None else None
         if isinstance(cause, (VerificationError, CertificateError)):
             reason = (
                 "TLS verification failed: the server certificate is not valid for "
                 f"{self.factory.tls.hostname or self.factory.host} ({cause})"
             )
+        elif isinstance(cause, ChainVerificationError):
+            reason = f"TLS verification failed: certificate verify failed: {cause}"
         error = ConnectionError(f"connection closed before opening: {reason}")
         if isinstance(cause, (VerificationError, CertificateError, SSL.Error)):
             error.__cause__ = cause
@@ -376,6 +402,9 @@ class SecureClientFactory(WebSocketClientFactory):
         credential carried in C{Sec-WebSocket-Protocol} comes after them.
     @param tls: server verification and client certificate for wss://.
     @param max_message_size: largest message accepted from the server.
+    @param max_header_bytes: largest handshake response head (status line
+        and headers) accepted from the server; beyond, the connection fails
+        with L{ResponseHeadTooLarge}.
     @param on_credentials_expired: called with the protocol on close 3000.
     @param seal_key: a consumer's seal key (32 bytes, or C{"base64:..."}):
         offer C{wssec.sealed.v1} and seal every message (docs/sealed-v1.md).
@@ -396,6 +425,7 @@ class SecureClientFactory(WebSocketClientFactory):
         origin: str | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         handshake_timeout: float = 10,
+        max_header_bytes: int = 16384,
         on_credentials_expired: Any = None,
         seal_key: bytes | str | None = None,
         reactor: Any = None,
@@ -426,6 +456,7 @@ class SecureClientFactory(WebSocketClientFactory):
         # Exact handshake timeouts (txaio's batched timer rounds to seconds).
         self._batched_timer = ExactTimers()
         self.tls = tls or ClientTLS()
+        self.max_header_bytes = max_header_bytes
         self.on_credentials_expired = on_credentials_expired
 
     def endpoint(self) -> IStreamClientEndpoint:
@@ -485,6 +516,11 @@ class SecureClientFactory(WebSocketClientFactory):
         return self.endpoint().connect(self)  # type: ignore[return-value]
 
 
+def _unsent(payload: bytes, isBinary: bool) -> None:
+    """The C{_outgoing} hook of a sealed session that cannot send (yet)."""
+    return None
+
+
 #: After a sealed message failed to open: nothing more is opened.
 _SEAL_FAILED = sealing.ClientHandshake(bytes(sealing.KEY_BYTES), "/")
 #: RFC 6455's close code for a protocol error.
@@ -512,6 +548,7 @@ __all__ = [
     "BearerToken",
     "ClientTLS",
     "Credentials",
+    "ResponseHeadTooLarge",
     "SecureClientFactory",
     "SecureClientProtocol",
 ]

@@ -94,8 +94,9 @@ _EXTENSION_PARTS = re.compile(rf"({_TCHARS})((?:{_PARAM})*)")
 _PARAM_PARTS = re.compile(_PARAM)
 _QUOTED_PAIR = re.compile(r"\\(.)")
 _WHOLE_TCHARS = re.compile(_TCHARS)
-#: RFC 7692 section 7.1.2: 8 to 15, decimal, no leading zero.
-_WINDOW_BITS = re.compile(r"[89]|1[0-5]")
+#: RFC 7692 section 7.1.2: 8 to 15, decimal, no leading zero; 8 is not
+#: supported (zlib's smallest window is 9).
+_WINDOW_BITS = re.compile(r"9|1[0-5]")
 _WINDOW_BITS_PARAMS = ("client_max_window_bits", "server_max_window_bits")
 
 #: One parsed offer as Autobahn represents it: the extension name and, per
@@ -113,13 +114,19 @@ def parse_extensions(value: str) -> list[ExtensionOffer]:
         param = token [ "=" ( token / quoted-string ) ]
 
     A quoted value must be a token once unquoted. Names are lower-cased, as
-    Autobahn does. The C{permessage-deflate} window sizes
-    (C{client_max_window_bits}, C{server_max_window_bits}) must be C{8} to
-    C{15} written without a sign or leading zero (RFC 7692 section 7.1.2),
-    and C{server_max_window_bits} must have one; Autobahn checks the rest of
-    each offer (and refuses 8, which zlib does not support).
+    Autobahn does.
 
-    @return: the offers, in order, in the form of Autobahn's
+    A C{permessage-deflate} offer that cannot be accepted as it is written
+    is declined, as RFC 7692 section 5 says a server does: left out of the
+    result, so that the next offer is considered, or none. That is an offer
+    with a parameter this server does not know, one given twice, or an
+    invalid or unsupported value: the window sizes
+    (C{client_max_window_bits}, C{server_max_window_bits}) must be C{9} to
+    C{15} written without a sign or leading zero (RFC 7692 section 7.1.2
+    allows C{8}, which zlib cannot honour), and C{server_max_window_bits}
+    must have one.
+
+    @return: the offers not declined, in order, in the form of Autobahn's
         C{_parseExtensionsHeader}.
     @raise ValueError: naming what is malformed (no header value in it).
     """
@@ -140,15 +147,30 @@ def parse_extensions(value: str) -> list[ExtensionOffer]:
                         raise ValueError(
                             "Sec-WebSocket-Extensions has a quoted value that is not a token"
                         )
-            if name == "permessage-deflate" and key in _WINDOW_BITS_PARAMS:
-                # client_max_window_bits may come without a value; the
-                # server's size needs one (RFC 7692 section 7.1.2).
-                if parsed is True:
-                    valid = key == "client_max_window_bits"
-                else:
-                    valid = _WINDOW_BITS.fullmatch(str(parsed)) is not None
-                if not valid:
-                    raise ValueError(f"Sec-WebSocket-Extensions has an invalid {key}")
             params.setdefault(key, []).append(parsed)
+        if name == "permessage-deflate" and not _deflate_offer_acceptable(params):
+            continue  # declined (RFC 7692 section 5)
         offers.append((name, params))
     return offers
+
+
+def _deflate_offer_acceptable(params: dict[str, list[str | bool]]) -> bool:
+    """
+    Whether a C{permessage-deflate} offer's parameters can be honoured:
+    window sizes written plainly and supported, and whatever else Autobahn's
+    own offer parser checks (known parameters, each once, valid values).
+    """
+    for key in _WINDOW_BITS_PARAMS:
+        for parsed in params.get(key, ()):
+            # client_max_window_bits may come without a value; the server's
+            # size needs one (RFC 7692 section 7.1.2).
+            if parsed is True:
+                if key != "client_max_window_bits":
+                    return False
+            elif _WINDOW_BITS.fullmatch(str(parsed)) is None:
+                return False
+    try:
+        PerMessageDeflateOffer.parse(params)
+    except Exception:  # Autobahn raises Exception for every refusal
+        return False
+    return True

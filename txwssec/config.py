@@ -36,6 +36,15 @@ from txwssec.errors import ConfigError
 from txwssec.interfaces import Authenticator
 from txwssec.listen import Description, server_endpoint
 from txwssec.messages.sealing import parse_key
+from txwssec.messages.validation import read_rules
+from txwssec.ops.settings import (
+    DEFAULT_LOG,
+    AdminSettings,
+    LogSettings,
+    admin_settings,
+    log_settings,
+)
+from txwssec.ops.settings import health_path as _health_path
 from txwssec.origin import OriginPolicy, parse_origin
 from txwssec.passwords import check_password_hash
 from txwssec.policy import (
@@ -76,6 +85,10 @@ class Config:
     consumers: ConsumerDirectory
     tls: ReloadingContextFactory | None = None
     gc_young_threshold: int = DEFAULT_YOUNG_THRESHOLD
+    #: C{[admin]}, if present (see L{txwssec.ops}).
+    admin: AdminSettings | None = None
+    #: C{[log]} (see L{txwssec.ops}).
+    log: LogSettings = DEFAULT_LOG
 
     def endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
         """One server endpoint per listen description."""
@@ -117,8 +130,9 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
     if not listen:
         raise server.error("listen", "needs at least one endpoint")
     allow_plaintext = server.boolean("allow_plaintext", False)
+    handshake_timeout = server.number("handshake_timeout", 5, minimum=0.1)
     server_options = {
-        "handshake_timeout": server.number("handshake_timeout", 5, minimum=0.1),
+        "handshake_timeout": handshake_timeout,
         "max_connections": server.integer("max_connections", 10000),
         "max_connections_per_ip": server.integer("max_connections_per_ip", 0),
         "trust_forwarded_for": server.integer("trust_forwarded_for", 0),
@@ -127,6 +141,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         "ping_timeout": server.number("ping_timeout", 10, minimum=0.1),
         "max_header_bytes": server.integer("max_header_bytes", 16384, minimum=1024),
         "max_headers": server.integer("max_headers", 100, minimum=10),
+        "health_path": _health_path(server),
     }
     trusted_proxies = _trusted_proxies(server, server_options)
     public_origins = server.strings("public_origins")
@@ -142,6 +157,12 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
     server.finish()
     tls = _tls(root.table("tls"), base_dir) if root.has("tls") else None
     _check_listeners(listen, allow_plaintext, tls)
+    admin = None
+    if root.has("admin"):
+        admin = admin_settings(
+            root.table("admin"), lambda text: server_endpoint(_NoReactor(), text, tls)
+        )
+    log = log_settings(root.table("log"))
 
     consumers = _consumers(root.tables("consumer"))
     context = BuildContext(consumers=consumers, base_dir=base_dir)
@@ -158,6 +179,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         if route.path in seen:
             raise table.error("path", f"duplicate path {route.path} (also {seen[route.path]})")
         seen[route.path] = table.path
+        _check_upstream_timeout(table, route, server, handshake_timeout)
         routes.append(route)
     authenticators.finish()
     root.finish()
@@ -176,7 +198,26 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         consumers=consumers,
         tls=tls,
         gc_young_threshold=gc_young_threshold,
+        admin=admin,
+        log=log,
     )
+
+
+def _check_upstream_timeout(
+    table: Table, route: RoutePolicy, server: Table, handshake_timeout: float
+) -> None:
+    """
+    A gateway route's C{upstream_timeout} must fit in the client's
+    C{handshake_timeout}: the client would be answered 504 at its own
+    timeout anyway (see L{txwssec.gateway.GatewayProtocol.handshakeTimedOut}).
+    """
+    if route.upstream is not None and route.upstream.timeout > handshake_timeout:
+        raise table.error(
+            "upstream_timeout",
+            f"{route.upstream.timeout:g} s is longer than "
+            f"{server.key_path('handshake_timeout')} ({handshake_timeout:g} s): the "
+            "client's handshake would time out first",
+        )
 
 
 def _trusted_proxies(server: Table, options: Mapping[str, Any]) -> tuple[ProxyNetwork, ...]:
@@ -416,6 +457,7 @@ def _route(
         "compression": table.boolean("compression", False),
         "limits": _limits(table.table("limits")),
         "sealing": _sealing(table, upstream is not None, consumers),
+        "messages": read_rules(table.table("messages"), base_dir, upstream is not None),
     }
     table.finish()
     try:

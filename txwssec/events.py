@@ -32,13 +32,16 @@ HANDSHAKE_ACCEPTED = "handshake.accepted"
 HANDSHAKE_REFUSED = "handshake.refused"
 #: The handshake pipeline itself failed (500): peer, failure.
 HANDSHAKE_ERROR = "handshake.error"
-#: A session opened (the 101 was sent): peer, route, consumer, id.
+#: A session opened (the 101 was sent): peer, route, consumer, id, method,
+#: expires_at.
 SESSION_OPENED = "session.opened"
 #: txwssec ends a session: peer, route, consumer, code; one of these three.
 SESSION_EXPIRED = "session.expired"
 SESSION_REVOKED = "session.revoked"
 SESSION_IDLE = "session.idle"
-#: A session's connection ended, however: peer, route, consumer, id.
+#: A session's connection ended, however: peer, route, consumer, id, method,
+#: and how (see L{txwssec._ends}): code, initiator, duration_s, messages_in,
+#: messages_out, bytes_in, bytes_out.
 SESSION_CLOSED = "session.closed"
 #: A limit closed a connection or dropped one in its handshake: limit (the
 #: counter name, C{limit.<name>}), peer, and for an open session route,
@@ -52,6 +55,11 @@ APPLICATION_ERROR = "application.error"
 UPSTREAM_FAILED = "upstream.failed"
 #: A gateway session's upstream went away first: peer.
 UPSTREAM_LOST = "upstream.lost"
+#: A message broke its route's message rules and closed the connection:
+#: rule (C{binary}, C{text}, C{json}, C{depth}, C{schema}), direction
+#: (C{client}, or C{upstream} on a gateway), code, detail, peer, route,
+#: consumer.
+MESSAGE_REFUSED = "message.refused"
 
 #: The event list: every name emitted, and what it means.
 EVENTS: Mapping[str, str] = {
@@ -67,6 +75,7 @@ EVENTS: Mapping[str, str] = {
     APPLICATION_ERROR: "an application hook failed",
     UPSTREAM_FAILED: "an upstream failed a gateway handshake",
     UPSTREAM_LOST: "a gateway session's upstream went away",
+    MESSAGE_REFUSED: "a message broke its route's message rules",
 }
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.logger import (
@@ -118,12 +119,15 @@ def textLogObserver(outFile: IO[Any]) -> ILogObserver:
     return FileLogObserver(outFile, ClassicLogFormatter())
 
 
-def twistdLogObserver(options: Any) -> ILogObserver | None:
+def twistdLogObserver(
+    options: Any, make: Callable[[IO[Any]], ILogObserver] = textLogObserver
+) -> ILogObserver | None:
     """
     The observer twistd would make for its command line C{options} (its
     C{ServerOptions}), with L{ClassicLogFormatter}: the same file (C{--logfile},
     default C{twistd.log}; standard output with C{-n} and no log file, or with
-    C{--logfile -}), rotated on SIGUSR1 like twistd's.
+    C{--logfile -}), rotated on SIGUSR1 like twistd's. C{make} makes the
+    observer of that file (L{textLogObserver}: twistd's text lines).
 
     @return: L{None} where twistd's own observer must be used: C{--syslog},
         C{--logger}, C{--logfile -} without C{-n} (which twistd refuses), or
@@ -139,7 +143,7 @@ def twistdLogObserver(options: Any) -> ILogObserver | None:
     if path == "-" or (nodaemon and not path):
         if not nodaemon:
             return None
-        return textLogObserver(sys.stdout)
+        return make(sys.stdout)
     logFile = LogFile.fromFullPath(path or "twistd.log")
     if hasattr(signal, "SIGUSR1") and not signal.getsignal(signal.SIGUSR1):
 
@@ -149,4 +153,4 @@ def twistdLogObserver(options: Any) -> ILogObserver | None:
             reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
 
         signal.signal(signal.SIGUSR1, rotate)
-    return textLogObserver(logFile)
+    return make(logFile)

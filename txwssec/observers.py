@@ -40,7 +40,8 @@ class CounterObserver:
     Counts events by name in C{counters}: C{handshake.refused.<status>},
     C{session.opened}, C{session.expired|revoked|idle}, one C{limit.<name>}
     per limit that refused a handshake or closed a connection,
-    C{application.error}, and C{gateway.upstream_lost}.
+    C{application.error}, C{gateway.upstream_lost}, and one C{message.<rule>}
+    per message refused by its route's rules (C{message.schema}...).
     """
 
     __slots__ = ("counters",)
@@ -62,6 +63,8 @@ class CounterObserver:
                 counters[limit] += 1
         elif event == events.UPSTREAM_LOST:
             counters["gateway.upstream_lost"] += 1
+        elif event == events.MESSAGE_REFUSED:
+            counters[f"message.{fields['rule']}"] += 1
 
 
 def _session_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,7 +82,8 @@ def _refused(fields: Mapping[str, Any]) -> None:
         route=fields["route"],
         path=fields["path"],
         status=fields["status"],
-        method=fields["method"],
+        # "-" for a refusal before (or without) an authentication method.
+        method=fields["method"] or "-",
         reason=fields["reason"],
     )
 
@@ -137,6 +141,18 @@ def _upstream_failed(fields: Mapping[str, Any]) -> None:
         )
 
 
+def _message_refused(fields: Mapping[str, Any]) -> None:
+    securityLog.info(
+        "message refused ({rule}, from {direction}): closing {peer} on {route} "
+        "({consumer}) with {code}{detail}",
+        rule=fields["rule"],
+        direction=fields["direction"],
+        code=fields["code"],
+        detail=f": {fields['detail']}" if fields.get("detail") else "",
+        **_session_fields(fields),
+    )
+
+
 def _upstream_lost(fields: Mapping[str, Any]) -> None:
     gatewayLog.warn("upstream of {peer} went away", peer=fields["peer"])
 
@@ -161,12 +177,14 @@ class TextLogObserver:
         events.APPLICATION_ERROR: _application_error,
         events.UPSTREAM_FAILED: _upstream_failed,
         events.UPSTREAM_LOST: _upstream_lost,
+        events.MESSAGE_REFUSED: _message_refused,
     }
 
     def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
         line = self.lines.get(event)
         if line is not None:
             line(fields)
-        elif event.startswith("session.") and "code" in fields:
-            # An application's own endSession event.
+        elif event.startswith("session.") and "code" in fields and event != events.SESSION_CLOSED:
+            # An application's own endSession event (session.closed, which
+            # has a code too, has no text line).
             _session_ended(event)(fields)

@@ -12,7 +12,7 @@ DNS-rebinding page controls). It is allowed when it is
   1. one of the server's C{public_origins}; or
   2. on a TLS listener, C{https://NAME[:PORT]} where NAME is a DNS name (or
      IP address) of the listener's certificate (a wildcard covers one
-     label) and PORT the listener's port; or
+     label, RFC 6125) and PORT the listener's port; or
   3. on a listener bound to a loopback address, C{http(s)://HOST[:PORT]}
      where HOST is a loopback name or address (C{localhost},
      C{*.localhost}, 127.0.0.0/8, C{::1}), the scheme is the listener's
@@ -24,11 +24,11 @@ and refused otherwise (403).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
 
 from cryptography import x509
 from twisted.internet.interfaces import ISSLTransport
@@ -38,27 +38,54 @@ _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 Origin = tuple[str, str, int] | str  # (scheme, host, port), or "null"
 
 
+#: RFC 6454 serialization: scheme "://" host [":" port], nothing else. The
+#: port has no leading zero; the host is checked by L{_valid_host}.
+_ORIGIN = re.compile(r"([A-Za-z]+)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([1-9][0-9]{0,4}))?")
+#: A DNS label: letters, digits and hyphens, not starting or ending with one.
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
 def parse_origin(text: str) -> Origin:
     """
     Normalise an origin (C{scheme://host[:port]}, or C{null}).
 
-    @raise ValueError: if C{text} is not an origin (paths, user info and
-        queries are not allowed).
+    The form is exactly RFC 6454's serialization (letter case aside, and a
+    default port may be written): no path (not even C{/}), user info, query
+    or fragment; the port digits without a leading zero, 1-65535; the host
+    a DNS name of letter-digit-hyphen labels (no empty label, no C{*}) or an
+    IP literal (IPv6 in brackets, without a zone id).
+
+    @raise ValueError: if C{text} is not such an origin.
     """
     text = text.strip()
     if text == "null":
         return "null"
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
+    scheme = text.partition("://")[0].lower()
     if scheme not in _DEFAULT_PORTS:
         raise ValueError("origin scheme must be http, https, ws or wss")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+    match = _ORIGIN.fullmatch(text)
+    if match is None:
         raise ValueError("an origin is scheme://host[:port] only")
-    host = (parts.hostname or "").lower()
-    if not host:
-        raise ValueError("origin has no host")
-    port = parts.port or _DEFAULT_PORTS[scheme]
+    _, host, port_text = match.groups()
+    host = host.lower()
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError("origin host is not an IPv6 address") from None
+        host = host[1:-1]
+    elif not _valid_host(host):
+        raise ValueError("origin host is not a DNS name or IPv4 address")
+    port = int(port_text) if port_text else _DEFAULT_PORTS[scheme]
+    if port > 65535:
+        raise ValueError("origin port out of range")
     return (scheme, host, port)
+
+
+def _valid_host(host: str) -> bool:
+    """A DNS name of LDH labels (no empty label, no trailing dot)."""
+    labels = host.split(".")
+    return len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
 
 
 @dataclass(frozen=True)
@@ -151,7 +178,11 @@ class Listener:
         if self.secure:
             certificate = self.certificate()
             if certificate is not None:
-                return any(_name_matches(name, host) for name in certificate_names(certificate))
+                dns, ips = _certificate_names_by_type(certificate)
+                address = _ip(host)
+                if address is not None:
+                    return address in ips
+                return any(_name_matches(name, host) for name in dns)
         return False
 
 
@@ -191,12 +222,44 @@ def certificate_names(certificate: x509.Certificate) -> tuple[str, ...]:
     return (*dns, *ips)
 
 
+@lru_cache(maxsize=16)
+def _certificate_names_by_type(
+    certificate: x509.Certificate,
+) -> tuple[tuple[str, ...], frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """C{certificate}'s subjectAltName DNS names and IP addresses, apart."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return (), frozenset()
+    dns = tuple(name.lower().rstrip(".") for name in names.get_values_for_type(x509.DNSName))
+    ips = names.get_values_for_type(x509.IPAddress)
+    return dns, frozenset(
+        ip for ip in ips if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address)
+    )
+
+
 def _name_matches(pattern: str, host: str) -> bool:
-    """A certificate name against an origin host (C{*.} covers one label)."""
+    """
+    A certificate DNS name against an origin's DNS host, as RFC 6125 (and
+    service_identity) match them: a wildcard only as the whole left-most
+    label of a pattern of at least three labels, covering exactly one
+    label; C{*} anywhere else matches nothing. (An IP address host is
+    matched against the certificate's IP addresses only.)
+    """
     if pattern.startswith("*."):
-        label, dot, rest = host.partition(".")
-        return bool(label) and bool(dot) and rest == pattern[2:]
-    return pattern == host
+        rest = pattern[2:]
+        if "*" in rest or rest.count(".") < 1 or not _valid_host(rest):
+            return False
+        label, dot, host_rest = host.partition(".")
+        return bool(label) and bool(dot) and host_rest == rest
+    return "*" not in pattern and pattern == host
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def _is_loopback_name(host: str) -> bool:

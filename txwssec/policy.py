@@ -81,6 +81,71 @@ class RouteLimits:
         return max(rate, float(max_message_size))
 
 
+#: The values of L{MessageRules.text} and L{MessageRules.binary}.
+TEXT_RULES = ("any", "json", "none")
+BINARY_RULES = ("any", "none")
+
+
+@dataclass(frozen=True)
+class MessageRules:
+    """
+    What a route accepts in each message (see
+    L{txwssec.messages.validation}), checked before the application's
+    C{onMessage} (or, on a gateway route, before the message is relayed).
+    The defaults check nothing.
+
+    @ivar text: C{"any"}, C{"json"} (each text message must be one JSON
+        value; else close 1007) or C{"none"} (a text message closes 1003).
+    @ivar binary: C{"any"} or C{"none"} (a binary message closes 1003).
+    @ivar schema: a JSON Schema (draft 2020-12) that every client->server
+        text message must match (else 1007): a file (a L{Path} or a string)
+        or the schema itself (a mapping). It implies C{text = "json"}.
+    @ivar upstream_schema: gateway routes: a JSON Schema for the
+        upstream->client text messages; one that does not match closes the
+        client with 1014 and the upstream with 1007.
+    @ivar max_json_depth: nesting of arrays and objects allowed in a JSON
+        message, checked before it is parsed; deeper closes 1007.
+
+    The schemas are compiled once, the first time the rules are used (by the
+    configuration loader, or when a server factory is made).
+    """
+
+    text: str = "any"
+    binary: str = "any"
+    schema: Path | str | Mapping[str, Any] | None = None
+    upstream_schema: Path | str | Mapping[str, Any] | None = None
+    max_json_depth: int = 32
+    #: The compiled validator (see L{txwssec.messages.validation.validator_for}).
+    _compiled: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.text not in TEXT_RULES:
+            raise ValueError(f"text must be one of {', '.join(TEXT_RULES)}: {self.text!r}")
+        if self.binary not in BINARY_RULES:
+            raise ValueError(f"binary must be one of {', '.join(BINARY_RULES)}: {self.binary!r}")
+        if isinstance(self.max_json_depth, bool) or not isinstance(self.max_json_depth, int):
+            raise ValueError("max_json_depth must be an integer")
+        if self.max_json_depth < 1:
+            raise ValueError("max_json_depth must be at least 1")
+        if self.schema is not None and self.text == "none":
+            raise ValueError('a schema checks text messages, but text = "none"')
+
+    @property
+    def requires_json(self) -> bool:
+        """Whether client->server text messages must be JSON."""
+        return self.text == "json" or self.schema is not None
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is checked, in either direction."""
+        return (
+            self.text != "any"
+            or self.binary != "any"
+            or self.schema is not None
+            or self.upstream_schema is not None
+        )
+
+
 @dataclass(frozen=True)
 class Upstream:
     """
@@ -180,6 +245,8 @@ class RoutePolicy:
         method of the route reads its credential from C{Authorization}: a
         consumed credential is never forwarded.
     @ivar sealing: sealed payloads (L{Sealing}; off by default).
+    @ivar messages: what each message must be (L{MessageRules}); by
+        default anything within the limits.
     """
 
     path: str
@@ -197,8 +264,22 @@ class RoutePolicy:
     forward_cookie: bool = False
     forward_authorization: bool = False
     sealing: Sealing = field(default_factory=Sealing)
+    messages: MessageRules = field(default_factory=MessageRules)
 
     def __post_init__(self) -> None:
+        if self.messages.upstream_schema is not None and self.upstream is None:
+            raise ValueError("messages.upstream_schema only applies to routes with an upstream")
+        if (
+            self.upstream is not None
+            and self.sealing.mode != "off"
+            and self.sealing.upstream == "passthrough"
+            and self.messages.active
+        ):
+            # The gateway holds no key: it would check ciphertext.
+            raise ValueError(
+                'messages rules cannot check what sealed_upstream = "passthrough" '
+                'passes through sealed (use sealed_upstream = "unseal")'
+            )
         if not self.path.startswith("/"):
             raise ValueError(f"route path must start with '/': {self.path!r}")
         if not self.authenticators:
@@ -264,6 +345,8 @@ class ServerPolicy:
     ping_timeout: float = 10
     max_header_bytes: int = 16384
     max_headers: int = 100
+    #: A plain GET (no Upgrade) of this path answers 200 "ok" ("": off).
+    health_path: str = ""
     _by_path: dict[str, RoutePolicy] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ list (L{txwssec.store}), which it keeps: one record per open session.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from itertools import chain, count
 from typing import Any, Protocol
 
@@ -104,14 +104,19 @@ class SessionRegistry:
     def open(self, route: str | None = None) -> list[Live]:
         """
         The sessions that are open now (not closing), on C{route} (a path)
-        or on every route: a new list, so that sessions may close while the
-        caller goes through it.
+        or on every application route (gateway sessions, whose messages
+        come from their upstream, are left out): a new list, so that
+        sessions may close while the caller goes through it.
         """
-        if route is None:
-            candidates: Iterable[Live] = chain.from_iterable(self._by_route.values())
-        else:
-            candidates = self._by_route.get(route, ())
-        return [protocol for protocol in candidates if protocol.state == protocol.STATE_OPEN]
+        if route is not None:
+            live = self._by_route.get(route, ())
+            return [protocol for protocol in live if protocol.state == protocol.STATE_OPEN]
+        return [
+            protocol
+            for protocol in chain.from_iterable(self._by_route.values())
+            if protocol.state == protocol.STATE_OPEN
+            and (protocol.route is None or protocol.route.upstream is None)
+        ]
 
     def revoke(self, consumer: str | None = None, session_id: str | None = None) -> int:
         """

@@ -15,10 +15,13 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
+from txwssec.auth.registry import auth_services
 from txwssec.collector import tune_collector
 from txwssec.config import Config, load
 from txwssec.errors import ConfigError
-from txwssec.logs import twistdLogObserver
+from txwssec.listen import server_endpoint
+from txwssec.ops import JSONEventObserver, admin_for, log_observer, use_json_log
+from txwssec.ops.settings import LogSettings
 from txwssec.server import SecureServerFactory
 from txwssec.tls import reload_certificates
 
@@ -109,6 +112,8 @@ class ListeningService(StreamServerEndpointService):
     """
 
     log = Logger()
+    #: The port, once listening.
+    port: IListeningPort | None = None
 
     def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, description: str) -> None:
         super().__init__(endpoint, factory)
@@ -131,6 +136,7 @@ class ListeningService(StreamServerEndpointService):
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
         address = port.getHost()
         self.log.info(
             "wssec listening on {endpoint} ({host}:{port})",
@@ -177,10 +183,15 @@ class WssecService(MultiService):
 
     log = Logger()
 
-    def __init__(self, twistdOptions: Any = None, gcYoungThreshold: int = 0) -> None:
+    def __init__(
+        self, twistdOptions: Any = None, gcYoungThreshold: int = 0, log: LogSettings | None = None
+    ) -> None:
         super().__init__()
         self._twistdOptions = twistdOptions
         self._gcYoungThreshold = gcYoungThreshold
+        self._log = log or LogSettings()
+        #: The JSON log's event observer, if the log is JSON.
+        self.jsonEvents: JSONEventObserver | None = None
 
     def privilegedStartService(self) -> None:
         # Before the listeners start: what exists now is start-up state.
@@ -199,7 +210,9 @@ class WssecService(MultiService):
         if self._twistdOptions is None or not hasattr(parent, "setComponent"):
             return
         if parent.getComponent(ILogObserver, None) is None:
-            observer = twistdLogObserver(self._twistdOptions)
+            observer = log_observer(
+                self._log.format, self._log.file, self._twistdOptions, self.jsonEvents
+            )
             if observer is not None:
                 parent.setComponent(ILogObserver, observer)
 
@@ -214,9 +227,28 @@ def makeService(options: Options) -> IService:
 
     config = options.config
     factory = SecureServerFactory(config.policy, reactor=reactor)
-    service = WssecService(getattr(options, "parent", None), config.gc_young_threshold)
+    service = WssecService(getattr(options, "parent", None), config.gc_young_threshold, config.log)
+    listeners = []
     for description, endpoint in zip(config.listen, config.endpoints(reactor), strict=True):
-        ListeningService(endpoint, factory, description).setServiceParent(service)
+        listener = ListeningService(endpoint, factory, description)
+        listener.setServiceParent(service)
+        listeners.append(listener)
+    for dependency in auth_services(route.authenticators for route in config.policy.routes):
+        dependency.setServiceParent(service)
+    if config.log.format == "json":
+        service.jsonEvents = use_json_log(factory)
+    if config.admin is not None:
+        factory.readiness.add("listeners", lambda: _not_listening(listeners))
+        site = admin_for(factory, config.admin)
+        for description in config.admin.listen:
+            endpoint = server_endpoint(reactor, description, config.tls)
+            ListeningService(endpoint, site, f"admin {description}").setServiceParent(service)
     if config.tls is not None:
         CertificateReloader(reactor).setServiceParent(service)
     return service
+
+
+def _not_listening(listeners: list[ListeningService]) -> str | None:
+    """The readiness of the service listeners: all of them listening."""
+    waiting = [listener.description for listener in listeners if listener.port is None]
+    return f"not listening on {', '.join(waiting)}" if waiting else None

@@ -300,6 +300,64 @@ def peer_certificate(transport: Any) -> x509.Certificate | None:
     return certificate.to_cryptography() if certificate is not None else None
 
 
+class ChainVerificationError(SSL.Error):
+    """
+    OpenSSL refused the server's certificate chain (not trusted, expired or
+    not yet valid, not for servers...). C{str()} is OpenSSL's own reason
+    (C{X509_verify_cert_error_string}) and the depth in the chain (0 is the
+    server's own certificate), where OpenSSL's L{SSL.Error} says only
+    "certificate verify failed".
+
+    An L{SSL.Error}, with C{args} in pyOpenSSL's shape (a list of
+    C{(library, function, reason)}), so that code reading OpenSSL errors,
+    Autobahn's log line among them, shows the reason.
+
+    @ivar code: OpenSSL's X509 verification error code.
+    @ivar depth: the failing certificate's depth in the chain.
+    """
+
+    def __init__(self, code: int, depth: int) -> None:
+        self.code = code
+        self.depth = depth
+        self.reason = f"{verify_error_string(code)} (certificate at depth {depth})"
+        super().__init__(
+            [
+                (
+                    "SSL routines",
+                    "certificate verification",
+                    f"certificate verify failed: {self.reason}",
+                )
+            ]
+        )
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+#: Why OpenSSL refused a client connection's server chain: (code, depth).
+_chain_failures: weakref.WeakKeyDictionary[SSL.Connection, tuple[int, int]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def chain_failure(connection: object) -> ChainVerificationError | None:
+    """
+    Why OpenSSL refused the server certificate chain on C{connection} (an
+    L{SSL.Connection} made by L{VerifyingClientTLS}), or L{None}.
+    """
+    if not isinstance(connection, SSL.Connection):
+        return None
+    recorded = _chain_failures.get(connection)
+    return ChainVerificationError(*recorded) if recorded is not None else None
+
+
+def verify_error_string(code: int) -> str:
+    """OpenSSL's text for an X509 verification error code."""
+    binding = Binding()
+    text = binding.lib.X509_verify_cert_error_string(code)
+    return binding.ffi.string(text).decode("ascii", "replace") if text else f"error {code}"
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class VerifyingClientTLS:
     """
@@ -348,10 +406,15 @@ class VerifyingClientTLS:
         self, connection: SSL.Connection, certificate: X509, error: int, depth: int, ok: int
     ) -> bool:
         # OpenSSL has checked the chain (trust, dates, purpose); then the
-        # leaf's name. Any exception fails the handshake and becomes the
-        # reason the connection was lost.
-        if depth != 0 or not ok:
-            return bool(ok)
+        # leaf's name. A chain failure is recorded for chain_failure() (the
+        # SSL.Error OpenSSL raises says only "certificate verify failed");
+        # a name failure becomes the reason the connection was lost.
+        if not ok:
+            # OpenSSL fails the handshake (and sends the alert); remember why.
+            _chain_failures[connection] = (error, depth)
+            return False
+        if depth != 0:
+            return True
         try:
             verify_service_identity(extract_patterns(certificate), [self._service_id], [])
         except Exception:

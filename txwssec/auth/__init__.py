@@ -9,6 +9,8 @@ L{txwssec.auth.registry}.
 from txwssec.auth.anonymous import AnonymousAuthenticator
 from txwssec.auth.basic import BasicAuthenticator
 from txwssec.auth.context import BuildContext
+from txwssec.auth.introspect import IntrospectionAuthenticator
+from txwssec.auth.jwks import JWKSKeys
 from txwssec.auth.jwt import JWTAuthenticator
 from txwssec.auth.keys import KeyAuthenticator
 from txwssec.auth.registry import (
@@ -24,6 +26,8 @@ __all__ = [
     "AuthenticatorBuilder",
     "BasicAuthenticator",
     "BuildContext",
+    "IntrospectionAuthenticator",
+    "JWKSKeys",
     "JWTAuthenticator",
     "KeyAuthenticator",
     "TLSClientCertificateAuthenticator",

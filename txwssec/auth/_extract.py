@@ -70,6 +70,27 @@ def first_found(
     return None
 
 
+def find_bearer(
+    request: HandshakeRequest, header: str, subprotocol: str, query: str
+) -> Found | Deny | None:
+    """
+    A bearer token: C{Bearer <token>} in C{header} (the C{Bearer} prefix is
+    optional for a header other than C{Authorization}; another scheme in
+    C{Authorization}, such as C{Basic}, is not a bearer token), else the
+    entry after the C{subprotocol} marker, else the C{query} parameter.
+    """
+    found = from_header(request, header)
+    if isinstance(found, Found):
+        scheme, space, rest = found.value.partition(" ")
+        if space and scheme.lower() == "bearer":
+            return Found(rest.strip(), found.credential)
+        if header.lower() != "authorization":
+            return found
+    elif found is not None:
+        return found
+    return from_subprotocol(request, subprotocol) or from_query(request, query)
+
+
 def is_printable_ascii(value: str) -> bool:
     """Whether C{value} is non-empty visible ASCII (no spaces, no controls)."""
     return bool(value) and value.isascii() and value.isprintable() and " " not in value

@@ -47,11 +47,17 @@ class BasicAuthenticator:
 
     So that a flood cannot starve the consumers' own logins, the budget is
     shared out: checks for user names that are not consumers with a
-    password hold at most half of C{max_pending} (503 beyond); checks for
-    one consumer's name hold at most C{max_per_consumer} (429 beyond). At
-    most C{max_running} hashes run at once; the others wait in a queue that
-    serves consumers' names first, and takes turns between client addresses
-    (round robin), so one address's checks never wait behind another's.
+    password hold at most half of C{max_pending} (503 beyond). Checks for
+    one consumer's name beyond C{max_per_consumer} are refused (429) only
+    for an address that already has a check for that name in flight: an
+    address's first check for a name is always admitted (within its own
+    and the global caps), so guesses from many addresses at one name never
+    lock that consumer out. At most C{max_running} hashes run at once; the
+    others wait in a queue that serves consumers' names first, and takes
+    turns between client addresses (round robin), so a new address waits
+    behind at most one check per address already waiting. A waiting check
+    whose L{Deferred} is cancelled (its client left) leaves the queue
+    without being hashed.
     """
 
     name = "basic"
@@ -82,6 +88,8 @@ class BasicAuthenticator:
         self.max_per_consumer = max_per_consumer
         self._in_flight: Counter[str] = Counter()
         self._per_consumer: Counter[str] = Counter()
+        #: (consumer, address) -> checks in flight for that name from that address.
+        self._per_consumer_address: Counter[tuple[str, str]] = Counter()
         self._unknown = 0
         self._queue = FairQueue(verify or self._verify_in_thread, max_running)
         stored = [c.password for c in consumers.names().values() if c.password]
@@ -114,7 +122,15 @@ class BasicAuthenticator:
             return Deny("too many password checks pending", status=503)
         if not known and self._unknown >= self.max_pending // 2:
             return Deny("too many password checks pending for unknown users", status=503)
-        if known and self._per_consumer[user] >= self.max_per_consumer:
+        pair = (user, host)
+        if (
+            known
+            and self._per_consumer[user] >= self.max_per_consumer
+            and self._per_consumer_address[pair]
+        ):
+            # Only an address already checking this name is refused; a new
+            # address gets its turn in the queue, so a flood of guesses from
+            # many addresses cannot lock the consumer out.
             return Deny("too many password checks at once for this consumer", status=429)
         credential = found.credential
 
@@ -127,6 +143,7 @@ class BasicAuthenticator:
             _decrement(self._in_flight, host)
             if known:
                 _decrement(self._per_consumer, user)
+                _decrement(self._per_consumer_address, pair)
             else:
                 self._unknown -= 1
             return result
@@ -134,6 +151,7 @@ class BasicAuthenticator:
         self._in_flight[host] += 1
         if known:
             self._per_consumer[user] += 1
+            self._per_consumer_address[pair] += 1
         else:
             self._unknown += 1
         d = self._queue.submit(host, known, password, stored or self._dummy)
@@ -146,7 +164,7 @@ class BasicAuthenticator:
         )
 
 
-def _decrement(counter: Counter[str], key: str) -> None:
+def _decrement(counter: Counter[Any], key: object) -> None:
     counter[key] -= 1
     if not counter[key]:
         del counter[key]
@@ -161,6 +179,9 @@ class FairQueue:
     served in two classes, consumers' names first, and within a class one
     check per client address in turn (round robin), so a client with many
     checks waiting delays another client by at most one check per turn.
+    Cancelling a waiting check's L{Deferred} removes it from the queue: it
+    is never hashed. A running hash cannot be stopped; it keeps its slot
+    until it ends.
     """
 
     def __init__(self, run: Callable[[str, str], Deferred[bool]], max_running: int) -> None:
@@ -172,8 +193,20 @@ class FairQueue:
 
     def submit(self, address: str, known: bool, password: str, stored: str) -> Deferred[bool]:
         """Queue a check; fires with its result once it has run."""
-        result: Deferred[bool] = Deferred()
         waiting = self._waiting[0 if known else 1]
+
+        def cancel(result: Deferred[bool]) -> None:
+            jobs = waiting.get(address)
+            if jobs is None:
+                return  # running: it keeps its slot until the hash ends
+            for job in jobs:
+                if job[2] is result:
+                    jobs.remove(job)
+                    break
+            if not jobs:
+                del waiting[address]
+
+        result: Deferred[bool] = Deferred(cancel)
         waiting.setdefault(address, deque()).append((password, stored, result))
         self._start()
         return result
@@ -205,7 +238,8 @@ class FairQueue:
     def _finished(self, outcome: Any, result: Deferred[bool]) -> None:
         self.running -= 1
         self._start()
-        result.callback(outcome)
+        if not result.called:  # not cancelled while it ran
+            result.callback(outcome)
 
 
 def build(section: Table, context: BuildContext) -> BasicAuthenticator:

@@ -6,7 +6,10 @@ token must carry C{exp}; C{nbf} and C{iat} are checked when present; each of
 the three must be a JSON number (RFC 7519 NumericDate), never a string, a
 boolean or null, which PyJWT would convert; C{iss} and C{aud} must match
 exactly when configured. Tokens whose header names a key
-source (C{jku}, C{x5u}, C{jwk}, C{x5c}) are refused: keys are never fetched.
+source (C{jku}, C{x5u}, C{jwk}, C{x5c}) are refused: keys are never fetched
+from a URL a token names. The key is a static one (C{secret},
+C{public_key}) or comes from the identity provider's key set
+(C{jwks_url} or C{discovery}, see L{txwssec.auth.jwks}).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from base64 import urlsafe_b64decode
 from collections.abc import Sequence
 from typing import Any
@@ -21,11 +25,13 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from txwssec._schema import Table
-from txwssec.auth._extract import Found, from_header, from_query, from_subprotocol
+from txwssec.auth._extract import Found, find_bearer
 from txwssec.auth.context import BuildContext
+from txwssec.auth.jwks import JWK, JWKSKeys, build_keys
 from txwssec.consumers import ConsumerDirectory
 from txwssec.interfaces import IAuthenticator
 from txwssec.logs import bounded
@@ -124,6 +130,8 @@ class JWTAuthenticator:
     @param query: query parameter, off by default.
     @param consumer_claim: claim naming the consumer.
     @param kid: when set, the token's C{kid} header must equal it.
+    @param keys: keys from an identity provider, instead of C{key} (which
+        must then be L{None}); C{algorithms} must be public-key ones.
     """
 
     name = "jwt"
@@ -131,7 +139,7 @@ class JWTAuthenticator:
     def __init__(
         self,
         consumers: ConsumerDirectory,
-        key: str | bytes,
+        key: str | bytes | None,
         algorithms: Sequence[str] = ("HS256",),
         *,
         issuer: str = "",
@@ -142,10 +150,20 @@ class JWTAuthenticator:
         query: str = "",
         consumer_claim: str = "sub",
         kid: str = "",
+        keys: JWKSKeys | None = None,
     ) -> None:
         self.consumers = consumers
         self.algorithms = list(algorithms)
-        self._key = check_key(key, self.algorithms)
+        self.keys = keys
+        if keys is None:
+            if key is None:
+                raise KeyMismatch("a key or an identity provider's keys are required")
+            self._key = check_key(key, self.algorithms)
+        else:
+            if key is not None:
+                raise KeyMismatch("a static key and an identity provider's keys are exclusive")
+            self._key = None
+            check_jwks_algorithms(self.algorithms)
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
@@ -155,27 +173,25 @@ class JWTAuthenticator:
         self.consumer_claim = consumer_claim
         self.kid = kid
         self.challenge = 'Bearer realm="wssec"'
-        required = ["exp"]
+        required = []
         if issuer:
             required.append("iss")
         if audience:
             required.append("aud")
-        self._options: jwt.types.Options = {"require": required}
+        # PyJWT verifies the signature, iss and aud; the NumericDate claims
+        # are type-checked first and then time-checked here (_check_times),
+        # so a wrong type is never reported as a time (PyJWT converts them).
+        self._options: jwt.types.Options = {
+            "require": required,
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
+        }
 
     def _find(self, request: HandshakeRequest) -> Found | Deny | None:
-        found = from_header(request, self.header)
-        if isinstance(found, Found):
-            scheme, space, rest = found.value.partition(" ")
-            if space and scheme.lower() == "bearer":
-                return Found(rest.strip(), found.credential)
-            if self.header.lower() != "authorization":
-                return found
-            # Another scheme (Basic) in Authorization is not ours: look on.
-        elif found is not None:
-            return found
-        return from_subprotocol(request, self.subprotocol) or from_query(request, self.query)
+        return find_bearer(request, self.header, self.subprotocol, self.query)
 
-    def authenticate(self, request: HandshakeRequest) -> Verdict:
+    def authenticate(self, request: HandshakeRequest) -> Verdict | Deferred[Verdict]:
         found = self._find(request)
         if found is None or isinstance(found, Deny):
             return found
@@ -194,11 +210,34 @@ class JWTAuthenticator:
             return Deny("token algorithm not allowed")
         if self.kid and header.get("kid") != self.kid:
             return Deny("token kid does not match")
+        if self.keys is None:
+            return self._verify(token, self._key, self.algorithms, found)
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            return Deny("token kid is not a string")
+        chosen = self.keys.lookup(kid, header["alg"])
+        if isinstance(chosen, Deferred):
+            return chosen.addCallback(self._verify_with, token, header["alg"], found)
+        return self._verify_with(chosen, token, header["alg"], found)
+
+    @property
+    def service(self) -> JWKSKeys | None:
+        """What must run while this method is used: the key set's refresher."""
+        return self.keys
+
+    def _verify_with(self, chosen: JWK | str, token: str, alg: str, found: Found) -> Verdict:
+        """Verify with a key of the key set, for the token's (checked) alg only."""
+        if isinstance(chosen, str):
+            return Deny(chosen)
+        return self._verify(token, chosen.key, [alg], found)
+
+    def _verify(self, token: str, key: Any, algorithms: list[str], found: Found) -> Verdict:
+        """Check the signature with C{key} and the claims."""
         try:
             claims = jwt.decode(
                 token,
-                self._key,
-                algorithms=self.algorithms,
+                key,
+                algorithms=algorithms,
                 issuer=self.issuer or None,
                 audience=self.audience or None,
                 leeway=self.leeway,
@@ -206,9 +245,14 @@ class JWTAuthenticator:
             )
         except jwt.PyJWTError as error:
             return Deny(f"invalid token: {bounded(error)}")
+        if "exp" not in claims:
+            return Deny('invalid token: Token is missing the "exp" claim')
         for claim in _NUMERIC_DATE_CLAIMS:
             if claim in claims and not _is_numeric_date(claims[claim]):
                 return Deny(f"invalid token: {claim} is not a number")
+        too_early = _check_times(claims, time.time(), self.leeway)
+        if too_early is not None:
+            return Deny(f"invalid token: {too_early}")
         name = claims.get(self.consumer_claim)
         if not isinstance(name, str):
             return Deny(f"token has no string {self.consumer_claim} claim")
@@ -221,6 +265,42 @@ class JWTAuthenticator:
             expires_at=float(exp) + self.leeway,
             credential=found.credential,
         )
+
+
+def check_jwks_algorithms(algorithms: Sequence[str]) -> None:
+    """
+    Check algorithms for keys from a key set: supported, public-key only.
+
+    @raise KeyMismatch: naming the problem.
+    """
+    if not algorithms:
+        raise KeyMismatch("at least one algorithm is required", about_algorithms=True)
+    for algorithm in algorithms:
+        if algorithm not in SUPPORTED_ALGORITHMS:
+            raise KeyMismatch(
+                f"unsupported algorithm {algorithm!r} (none is never allowed)",
+                about_algorithms=True,
+            )
+        if algorithm in _HMAC:
+            raise KeyMismatch(
+                f"{algorithm} cannot be used with keys from an identity provider"
+                " (HMAC keys are never taken from a key set)",
+                about_algorithms=True,
+            )
+
+
+def _check_times(claims: dict[str, Any], now: float, leeway: float) -> str | None:
+    """
+    PyJWT's time checks (same rules and wording), on claims already known
+    to be NumericDates: why the token is not valid at C{now}, or L{None}.
+    """
+    if "iat" in claims and claims["iat"] > now + leeway:
+        return "The token is not yet valid (iat)"
+    if "nbf" in claims and claims["nbf"] > now + leeway:
+        return "The token is not yet valid (nbf)"
+    if claims["exp"] <= now - leeway:
+        return "Signature has expired"
+    return None
 
 
 def _is_numeric_date(value: object) -> bool:
@@ -255,14 +335,42 @@ def _unverified_header(token: str) -> dict[str, Any] | None:
 def build(section: Table, context: BuildContext) -> JWTAuthenticator:
     """
     Build from C{[auth.jwt]}. C{public_key} is a PEM file path, relative to
-    the configuration file's folder.
+    the configuration file's folder; C{jwks_url} or C{discovery = true}
+    take the keys from an identity provider (see L{txwssec.auth.jwks}).
     """
     algorithms = section.strings("algorithms", ("HS256",))
     secret = section.string("secret")
     public_key_path = section.string("public_key")
-    if bool(secret) == bool(public_key_path):
-        raise section.error("secret", "set exactly one of secret and public_key")
-    key: str | bytes = secret
+    jwks_url = section.string("jwks_url")
+    discovery = section.boolean("discovery")
+    sources = [
+        name
+        for name, value in (
+            ("secret", secret),
+            ("public_key", public_key_path),
+            ("jwks_url", jwks_url),
+            ("discovery", discovery),
+        )
+        if value
+    ]
+    if len(sources) != 1:
+        raise section.error(
+            sources[0] if sources else "secret",
+            "set exactly one of secret, public_key, jwks_url and discovery",
+        )
+    keys = None
+    if jwks_url or discovery:
+        try:
+            check_jwks_algorithms(algorithms)
+        except KeyMismatch as error:
+            raise section.error("algorithms", str(error)) from None
+        issuer = section.string("issuer")
+        keys = build_keys(section, context, algorithms, url=jwks_url, issuer=issuer)
+    else:
+        for name in ("ca", "jwks_cache", "jwks_cooldown", "jwks_timeout"):
+            if section.has(name):
+                raise section.error(name, "only applies with jwks_url or discovery")
+    key: str | bytes | None = secret or None
     if public_key_path:
         try:
             key = (context.base_dir / public_key_path).read_bytes()
@@ -280,7 +388,13 @@ def build(section: Table, context: BuildContext) -> JWTAuthenticator:
     }
     section.finish()
     try:
-        return JWTAuthenticator(context.consumers, key, algorithms, **options)  # type: ignore[arg-type]
+        return JWTAuthenticator(
+            context.consumers,
+            key,
+            algorithms,
+            keys=keys,
+            **options,  # type: ignore[arg-type]
+        )
     except KeyMismatch as error:
         if error.about_algorithms:
             raise section.error("algorithms", str(error)) from None

@@ -8,10 +8,12 @@ so that a wrong key names its path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+
+from twisted.application.service import IService
 
 from txwssec._schema import Table
-from txwssec.auth import anonymous, basic, jwt, keys, tls
+from txwssec.auth import anonymous, basic, introspect, jwt, keys, tls
 from txwssec.auth.context import BuildContext
 from txwssec.interfaces import Authenticator
 
@@ -42,9 +44,25 @@ def registered_names() -> tuple[str, ...]:
     return tuple(sorted(_BUILDERS))
 
 
+def auth_services(routes: Iterable[Sequence[Authenticator]]) -> list[IService]:
+    """
+    The services the routes' methods need running (each once), such as a
+    JWKS key refresher: an authenticator names one in its optional
+    C{service} attribute.
+    """
+    found: list[IService] = []
+    for authenticators in routes:
+        for authenticator in authenticators:
+            service = getattr(authenticator, "service", None)
+            if IService.providedBy(service) and service not in found:
+                found.append(service)
+    return found
+
+
 def _register_builtins() -> None:
     register_authenticator("anonymous", anonymous.build)
     register_authenticator("basic", basic.build)
+    register_authenticator("introspect", introspect.build)
     register_authenticator("jwt", jwt.build)
     register_authenticator("key", keys.build)
     register_authenticator("tls", tls.build)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
@@ -28,6 +29,7 @@ from txwssec.gateway.upstream import (
     pool_for,
 )
 from txwssec.messages.sealed_route import is_seal_entry
+from txwssec.messages.validation import Refusal
 from txwssec.server import SecureServerProtocol
 from txwssec.traffic import Violation
 from txwssec.types import Accept, HandshakeRequest
@@ -48,6 +50,13 @@ class GatewayProtocol(SecureServerProtocol):
     #: The frame relay, once the session is open (see L{txwssec.gateway.relay}).
     _scanner: FrameScanner | None = None
     _scanning: bool = False
+    #: The upstream connection being opened, during the handshake: cancelled
+    #: if the client leaves or its handshake_timeout comes first.
+    _attempt: Deferred[UpstreamProtocol] | None = None
+    #: The client's handshake_timeout came while the upstream connected.
+    _handshakeExpired: bool = False
+    #: Data frames are relayed as they come (see L{_startRelay}).
+    _relaying: bool = False
 
     async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
         """
@@ -93,6 +102,7 @@ class GatewayProtocol(SecureServerProtocol):
                 origin=origin[0] if origin else None,
                 max_message_size=route.max_message_size,
                 handshake_timeout=route.upstream.timeout,
+                max_header_bytes=policy.max_header_bytes,
                 reactor=clock,
             )
             factory.protocol = UpstreamProtocol
@@ -101,23 +111,51 @@ class GatewayProtocol(SecureServerProtocol):
             # A factory per connection: no "Starting/Stopping factory" lines.
             factory.noisy = False
             endpoint = partial(pool.endpoint, url, factory)
+            attempt: Deferred[UpstreamProtocol] = Deferred.fromCoroutine(
+                open_upstream(factory, endpoint, route.upstream.timeout, clock)
+            )
+            self._attempt = attempt
             try:
-                upstream = await open_upstream(factory, endpoint, route.upstream.timeout, clock)
+                upstream = await attempt
+            except CancelledError:
+                # Cancelled by connectionLost or onOpenHandshakeTimeout: the
+                # upstream connection is closed already.
+                if not self._handshakeExpired:
+                    raise HandshakeRefused("client left while the upstream connected") from None
+                pool.failed(url)
+                timeout = GatewayTimeout(
+                    f"{url}: no handshake within the client's handshake_timeout "
+                    f"({self.factory.policy.handshake_timeout:g} s)"
+                )
+                self.factory.events.emit(
+                    events.UPSTREAM_FAILED, url=url, kind="timeout", reason=timeout.reason
+                )
+                raise timeout from None
             except GatewayTimeout as timeout:
                 pool.failed(url)
                 refusal = timeout
                 self.factory.events.emit(
-                    events.UPSTREAM_FAILED, url=url, kind="timeout", reason=timeout.reason
+                    events.UPSTREAM_FAILED,
+                    url=url,
+                    kind="timeout",
+                    reason=timeout.reason,
+                    route=route.path,
                 )
             except BadGateway as failure:
                 pool.failed(url)
                 refusal = failure
                 self.factory.events.emit(
-                    events.UPSTREAM_FAILED, url=url, kind="refused", reason=failure.reason
+                    events.UPSTREAM_FAILED,
+                    url=url,
+                    kind=failure.kind,
+                    reason=failure.reason,
+                    route=route.path,
                 )
             else:
                 pool.succeeded(url)
                 break
+            finally:
+                self._attempt = None
         else:
             raise refusal
         if self.state == self.STATE_CLOSED:
@@ -127,6 +165,21 @@ class GatewayProtocol(SecureServerProtocol):
         upstream.attach(self)
         chosen: str | None = upstream.websocket_protocol_in_use
         return chosen or accept.credential.marker
+
+    def handshakeTimedOut(self) -> None:
+        """
+        The client's C{handshake_timeout} came while the upstream was still
+        connecting: the client gets 504 (the upstream is late, not the
+        client), and the upstream connection is closed. Without an upstream
+        in progress, the client is dropped as on any route.
+        """
+        attempt = self._attempt
+        if attempt is None or self.state != self.STATE_CONNECTING:
+            super().handshakeTimedOut()
+            return
+        self.openHandshakeTimeoutCall = None
+        self._handshakeExpired = True
+        attempt.cancel()
 
     def _directPeer(self) -> str:
         transport: Any = self.transport
@@ -149,17 +202,23 @@ class GatewayProtocol(SecureServerProtocol):
         (permessage-deflate: Autobahn inflates and checks the client's
         messages and sends them uncompressed to the upstream), nor for a
         subclass that reads the client's messages (overrides C{onMessage}),
-        nor when the gateway unseals (sealed payloads).
+        nor when the gateway unseals (sealed payloads: each message is opened
+        whole), nor when the route has message rules
+        (L{txwssec.messages.validation}: Autobahn assembles each message,
+        bounded by C{max_message_size}).
         """
         return (
             self._seal is None
             and self._perMessageCompress is None
             and upstream._perMessageCompress is None
             and type(self).onMessage is GatewayProtocol.onMessage
+            # nor with message rules: they check whole messages
+            and self._validator is None
         )
 
     def _startRelay(self, upstream: UpstreamProtocol) -> None:
         """Relay data frames both ways as they come (see L{txwssec.gateway.relay})."""
+        self._relaying = True
         self._scanner = FrameScanner(
             self,
             masked=True,
@@ -175,7 +234,10 @@ class GatewayProtocol(SecureServerProtocol):
         except Exception:
             self._applicationFailed("relay", Failure())
             return
-        if not relayed:
+        if relayed:
+            # What Autobahn counts of the data it reads itself.
+            self.trafficStats.incomingOctetsWireLevel += len(data)
+        else:
             super().dataReceived(data)
 
     def _internalError(self) -> None:
@@ -190,6 +252,8 @@ class GatewayProtocol(SecureServerProtocol):
         )
 
     def relayAccount(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
+        if starts_message:
+            self.trafficStats.incomingWebSocketMessages += 1
         return self._accountFrame(opcode, length, starts_message)
 
     def relayLimit(self, violation: Violation) -> None:
@@ -218,6 +282,36 @@ class GatewayProtocol(SecureServerProtocol):
         """
         self.sendData(frames)
 
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> bool:
+        """
+        Send a message of the gateway's own to the client. While frames are
+        relayed (the default) the client's messages come from its upstream
+        only, and a message sent here could fall inside one the upstream is
+        sending in fragments: this raises L{RuntimeError}. A subclass that
+        overrides C{onMessage} relays whole messages (see L{_relays}) and
+        may send its own between them.
+
+        @raise RuntimeError: this session relays frames.
+        """
+        if self._relaying:
+            raise RuntimeError(
+                "a gateway session relays its upstream's frames: sending a message of "
+                "its own could split one of the upstream's (override onMessage to relay "
+                "whole messages)"
+            )
+        return super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
+
+    def relayMessage(self, payload: bytes, isBinary: bool) -> bool:
+        """A whole message from the upstream (when frames are not relayed)."""
+        return super().sendMessage(payload, isBinary)
+
     # -- client -> upstream ----------------------------------------------------
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -243,6 +337,35 @@ class GatewayProtocol(SecureServerProtocol):
 
     # -- upstream -> client ----------------------------------------------------
 
+    def messageFromUpstream(self, payload: bytes, isBinary: bool) -> None:
+        """
+        A whole message from the upstream (when frames are not relayed):
+        checked against the route's C{upstream_schema}, then sent. One that
+        breaks it closes the upstream with 1007 and the client with 1014.
+        """
+        validator = self._validator
+        if validator is not None:
+            refusal = validator.check_upstream(payload, isBinary)
+            if refusal is not None:
+                self._upstreamRefused(refusal)
+                return
+        self.relayMessage(payload, isBinary)
+
+    def _upstreamRefused(self, refusal: Refusal) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.downstream = None
+            upstream._fail_connection(refusal.code, refusal.reason)
+        self.factory.events.emit(
+            events.MESSAGE_REFUSED,
+            rule=refusal.rule,
+            direction="upstream",
+            code=int(CloseCode.BAD_GATEWAY),
+            detail=refusal.detail,
+            **self._sessionFields(),
+        )
+        self._fail_connection(CloseCode.BAD_GATEWAY, "upstream failed")
+
     def closeFromUpstream(self, code: int | None, reasonRaw: bytes | None) -> None:
         """The upstream sent a close frame: pass it on."""
         if self.state == self.STATE_OPEN:
@@ -255,7 +378,9 @@ class GatewayProtocol(SecureServerProtocol):
             self._failNow()
             return
         if self.state == self.STATE_OPEN:
-            self.factory.events.emit(events.UPSTREAM_LOST, peer=self.peer)
+            self.factory.events.emit(
+                events.UPSTREAM_LOST, peer=self.peer, route=self.route.path if self.route else "-"
+            )
             _sendClose(self, CloseCode.BAD_GATEWAY, b"upstream failed")
 
     # -- sessions the gateway ends, and the end of the client ------------------
@@ -335,6 +460,11 @@ class GatewayProtocol(SecureServerProtocol):
         self._stopDraining(resume=False)
         self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
         super().connectionLost(reason)
+        attempt = self._attempt
+        if attempt is not None:
+            # The client left while the upstream connected: close that
+            # connection now, not when it answers or times out.
+            attempt.cancel()
 
     def _closeUpstream(self, code: int | None, reasonRaw: bytes | None) -> None:
         upstream, self.upstream = self.upstream, None

@@ -15,7 +15,8 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
-from txwssec.client import SecureClientFactory, SecureClientProtocol
+from txwssec._autobahn import drop_connection_quietly
+from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
 from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
 from txwssec.policy import RoutePolicy, Upstream
@@ -26,6 +27,10 @@ class BadGateway(HandshakeRefused):
     """502: the upstream refused, failed TLS verification, or is unreachable."""
 
     status = 502
+    #: The C{kind} of the C{upstream.failed} event: C{refused} (refused,
+    #: unreachable, TLS), C{bad_response} (a response head over
+    #: C{max_header_bytes}).
+    kind = "refused"
 
 
 class GatewayTimeout(HandshakeRefused):
@@ -48,7 +53,7 @@ class ClientLeg(Protocol):
 
     def relayWrite(self, frames: bytes) -> None: ...
 
-    def sendMessage(self, payload: bytes, isBinary: bool = False) -> bool: ...
+    def messageFromUpstream(self, payload: bytes, isBinary: bool) -> None: ...
 
     def sendPing(self, payload: bytes | None = None) -> None: ...
 
@@ -223,7 +228,7 @@ class UpstreamProtocol(SecureClientProtocol):
         if downstream is None or downstream.state == downstream.STATE_CONNECTING:
             self._held.append((payload, isBinary))
         elif downstream.state == downstream.STATE_OPEN:
-            downstream.sendMessage(payload, isBinary)
+            downstream.messageFromUpstream(payload, isBinary)
 
     def onPing(self, payload: bytes) -> None:
         downstream = self.downstream
@@ -269,13 +274,24 @@ async def open_upstream(
     timeout: float,
     clock: Any,
 ) -> UpstreamProtocol:
-    """Connect and complete the upstream's WebSocket handshake, or refuse."""
+    """
+    Connect and complete the upstream's WebSocket handshake, or refuse.
+    Cancelling the coroutine's L{Deferred} (the client left, or its own
+    handshake timed out) closes the upstream connection at once, whatever
+    stage it is at, and raises L{CancelledError}.
+    """
     connecting: Deferred[Any] = Deferred.fromCoroutine(_connect(factory, endpoint))
     connecting.addTimeout(timeout, clock)
     try:
         protocol: UpstreamProtocol = await connecting
-    except (CancelledError, TimeoutError, DeferredTimeout):
+    except (TimeoutError, DeferredTimeout):
         raise GatewayTimeout(f"{factory.url}: no handshake within {timeout:g} s") from None
+    except CancelledError:
+        raise
+    except ResponseHeadTooLarge as error:
+        refusal = BadGateway(f"{factory.url}: {error}")
+        refusal.kind = "bad_response"
+        raise refusal from None
     except Exception as error:
         raise BadGateway(f"{factory.url}: {error}") from None
     return protocol
@@ -288,7 +304,9 @@ async def _connect(
     try:
         await protocol.opened
     except CancelledError:
-        protocol.dropConnection(abort=True)
+        # Timed out, or the client left: the gateway logs it itself, without
+        # Autobahn's "dropping connection ... with abort=True: None" warning.
+        drop_connection_quietly(protocol, abort=True)
         raise
     return protocol  # type: ignore[no-any-return]
 

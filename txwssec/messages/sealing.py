@@ -222,6 +222,13 @@ class SealedSession:
         """Seal an application message (sent as a binary frame)."""
         return self._send.seal(BINARY if is_binary else TEXT, payload)
 
+    def outgoing(self, payload: bytes, is_binary: bool) -> tuple[bytes, bool]:
+        """
+        L{seal} as a protocol's C{_outgoing} hook (L{txwssec._hooks.OpenOnly}):
+        the sealed message and its frame type (always binary).
+        """
+        return self._send.seal(BINARY if is_binary else TEXT, payload), True
+
     def unseal(self, message: bytes, is_binary: bool) -> tuple[bytes, bool]:
         """
         Open a received frame's payload.

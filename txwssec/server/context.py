@@ -15,6 +15,7 @@ from txwssec.admission import Admission
 from txwssec.deadlines import Deadlines
 from txwssec.events import Events
 from txwssec.policy import RoutePolicy, ServerPolicy
+from txwssec.revocations import Revocations
 from txwssec.sessions import SessionRegistry
 
 
@@ -33,6 +34,8 @@ class ServerContext(Protocol):
     events: Events
     #: The open sessions (see L{txwssec.sessions}).
     registry: SessionRegistry
+    #: Revoked tokens (see L{txwssec.revocations}).
+    revocations: Revocations
     countConnections: int
     #: The gateway's upstream pools by route path (see L{txwssec.gateway}).
     upstreamPools: dict[str, Any]

@@ -17,8 +17,11 @@ from txwssec._reactor import default_reactor
 from txwssec.admission import Admission
 from txwssec.deadlines import Deadlines
 from txwssec.events import Events
+from txwssec.messages.validation import validator_for
 from txwssec.observers import CounterObserver, TextLogObserver, securityLog
 from txwssec.policy import RoutePolicy, ServerPolicy
+from txwssec.readiness import Readiness
+from txwssec.revocations import Revocations
 from txwssec.server.context import ServerContext
 from txwssec.server.protocol import SecureServerProtocol
 from txwssec.sessions import SessionRegistry
@@ -35,6 +38,9 @@ class SecureServerFactory(WebSocketServerFactory):
     @ivar admission: connection counters and caps (L{Admission}).
     @ivar registry: the open sessions by id, consumer and route
         (L{SessionRegistry}); C{sessions} is its index by consumer.
+    @ivar revocations: revoked tokens, in the state store (L{Revocations}):
+        a revoked token is refused with 401.
+    @ivar readiness: the checks of C{GET /readyz} (L{Readiness}).
     @ivar upstreamPools: the gateway's upstream pools by route path.
     @ivar events: the observers of this server's events (L{Events}): the
         counters and the text log from the start; add your own with
@@ -61,6 +67,8 @@ class SecureServerFactory(WebSocketServerFactory):
         if isinstance(policy, RoutePolicy):
             policy = ServerPolicy.single(policy)
         self._protocols = {route.path: (route, _resolve(route)) for route in policy.routes}
+        for route in policy.routes:
+            validator_for(route.messages)  # compiled now: a bad schema fails here
         self.policy = policy
         self.clock: IReactorTime = reactor
         self.setProtocolOptions(**policy.protocol_options())
@@ -70,6 +78,8 @@ class SecureServerFactory(WebSocketServerFactory):
         self._batched_timer = self.deadlines
         self.admission = Admission(policy)
         self.registry = SessionRegistry(self.admission.store)
+        self.revocations = Revocations(self.admission.store, reactor)
+        self.readiness = Readiness()
         self.counters: Counter[str] = Counter()
         self.events = Events([CounterObserver(self.counters), TextLogObserver()])
         self.upstreamPools: dict[str, Any] = {}
@@ -95,25 +105,39 @@ class SecureServerFactory(WebSocketServerFactory):
     def openSessions(self, route: str | None = None) -> list[Any]:
         """
         The sessions that are open now (not closing), on C{route} (a path)
-        or on every route: a new list, so that sessions may close while the
-        caller goes through it.
+        or on every application route: a new list, so that sessions may
+        close while the caller goes through it. Gateway sessions are left
+        out: their messages come from their upstream.
+
+        @raise ValueError: C{route} is a gateway route.
         """
+        self._notGateway(route)
         return self.registry.open(route)
+
+    def _notGateway(self, route: str | None) -> None:
+        known = self._protocols.get(route) if route is not None else None
+        if known is not None and known[0].upstream is not None:
+            raise ValueError(
+                f"route {route} is a gateway route: its clients' messages come from their upstream"
+            )
 
     def broadcast(
         self, payload: bytes, isBinary: bool = False, *, route: str | None = None
     ) -> int:
         """
         Send one message to every open session of C{route} (a path; all
-        routes if L{None}), from any handler or timer. Sessions that are
-        closing, or that close during the broadcast (a slow consumer), are
-        skipped. So are sessions whose route's C{max_message_size} (which
-        bounds what is sent too) is below the message's size, with one
-        warning. Meant for application routes: on a gateway route the
-        clients' messages come from their upstream.
+        application routes if L{None}), from any handler or timer. Sessions
+        that are closing, or that close during the broadcast (a slow
+        consumer), are skipped. So are sessions whose route's
+        C{max_message_size} (which bounds what is sent too) is below the
+        message's size, with one warning. For application routes only:
+        gateway sessions are left out, their clients' messages come from
+        their upstream.
 
         @return: how many sessions it was sent to.
+        @raise ValueError: C{route} is a gateway route.
         """
+        self._notGateway(route)
         sent = too_big = 0
         size = len(payload)
         for protocol in self.registry.open(route):

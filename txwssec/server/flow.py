@@ -16,6 +16,7 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerProtocol
 
 from txwssec import events
+from txwssec._hooks import OpenOnly
 from txwssec.compression import (
     deflated_bound,
 )
@@ -31,7 +32,8 @@ from txwssec.session import Session
 from txwssec.traffic import TrafficGuard, Violation
 
 
-class TrafficFlow(WebSocketServerProtocol):
+# (mypy: Autobahn's own bases disagree on two names, seen with a second base.)
+class TrafficFlow(OpenOnly, WebSocketServerProtocol):  # type: ignore[misc]
     """
     Limits, backpressure and idle checks of an open connection: a part of
     L{txwssec.server.SecureServerProtocol} (its base class).
@@ -48,39 +50,15 @@ class TrafficFlow(WebSocketServerProtocol):
     maxMessagePayloadSize: int
     _discard_writes: bool = False
     #: A sealed session's keys and counters (see L{txwssec.messages.sealing}),
-    #: and the hello to send first.
+    #: and the hello to send first. Its C{outgoing} is then the
+    #: C{_outgoing} hook of L{OpenOnly.sendMessage}, which seals.
     _seal: SealedSession | None = None
     _sealHello: bytes | None = None
+    _dropLogged: bool = False
 
     def endSession(self, code: int, reason: str, event: str) -> None:
         """Close the session (see L{SecureServerProtocol.endSession})."""
         raise NotImplementedError
-
-    def sendMessage(
-        self,
-        payload: bytes,
-        isBinary: bool = False,
-        fragmentSize: int | None = None,
-        sync: bool = False,
-        doNotCompress: bool = False,
-    ) -> bool:
-        """
-        Send a message, as Autobahn's C{sendMessage}, if the connection is
-        open; to a peer that is closing or gone it is a no-op (Autobahn
-        raises), so that sending to other sessions (a broadcast) is safe
-        from any handler.
-
-        @return: whether the message was sent: L{False} if the connection
-            was not open, or closed for a slow consumer instead of sending it.
-        """
-        if self.state != self.STATE_OPEN:
-            return False
-        if self._seal is not None:
-            payload, isBinary = self._seal.seal(payload, isBinary), True
-        WebSocketServerProtocol.sendMessage(
-            self, payload, isBinary, fragmentSize, sync, doNotCompress
-        )
-        return bool(self.state == self.STATE_OPEN)
 
     def _unseal(self, payload: bytes, isBinary: bool) -> tuple[bytes, bool] | None:
         """
@@ -181,12 +159,25 @@ class TrafficFlow(WebSocketServerProtocol):
         self._closeForLimit("limit.max_message_size", CloseCode.MESSAGE_TOO_BIG, "message too big")
 
     def onOpenHandshakeTimeout(self) -> None:
-        """The opening handshake took longer than C{handshake_timeout}."""
+        """
+        The opening handshake took longer than C{handshake_timeout}: see
+        L{handshakeTimedOut}. (Autobahn's timer holds this method bound
+        before a route's class takes over the connection, so this calls the
+        route class's own.)
+        """
+        self.handshakeTimedOut()
+
+    def handshakeTimedOut(self) -> None:
+        """
+        The opening handshake took longer than C{handshake_timeout}: drop
+        the connection (a gateway that waits for its upstream answers 504).
+        """
         if self.state == self.STATE_CONNECTING:
             self.factory.events.emit(
                 events.LIMIT_EXCEEDED, limit="limit.handshake_timeout", peer=self.peer
             )
-        super().onOpenHandshakeTimeout()
+            self._dropLogged = True
+        WebSocketServerProtocol.onOpenHandshakeTimeout(self)
 
     def onAutoPingTimeout(self) -> None:
         """The peer did not answer a ping in time: close 3008."""

@@ -50,6 +50,12 @@ class HandshakeIO(WebSocketServerProtocol):
     #: counts even if the client reset the connection before the verdict.
     _client_host: str | None = None
     _pipelineStarted: bool = False
+    #: txwssec logged why the connection is dropped (a refusal, a handshake
+    #: timeout): Autobahn's own "dropping connection" line is left out.
+    _dropLogged: bool = False
+    #: When the request's header block was complete (the handshake's
+    #: duration, in the events, counts from there).
+    _handshakeStarted: float | None = None
 
     def handshakeRequest(self, request: ConnectionRequest) -> HandshakeRequest:
         """
@@ -98,13 +104,17 @@ class HandshakeIO(WebSocketServerProtocol):
         Refuse an oversized header block (431) before Autobahn parses it,
         however slowly it arrives; then run the pipeline for the first
         request only. While it runs (authentication may wait on a thread or
-        an upstream), the connection is not read: a client must wait for the
-        101, and a second request on the same connection must never start
-        a second pipeline.
+        an upstream), what the client sends is kept for after the 101 and
+        never starts a second pipeline; it is read only so that a client
+        that leaves is noticed at once (its upstream connection closed, its
+        authentication's verdict dropped): past C{max_header_bytes} more,
+        reading stops until the 101.
         """
-        if self._pipelineStarted:
-            return
         policy = self.factory.policy
+        if self._pipelineStarted:
+            if len(self.data) > policy.max_header_bytes:
+                self._transport().pauseProducing()
+            return
         end = self.data.find(b"\r\n\r\n")
         size = end
         if end < 0:
@@ -121,7 +131,7 @@ class HandshakeIO(WebSocketServerProtocol):
             return self._refuse(HeaderFieldsTooLarge("too many header lines"))
         if end >= 0:
             self._pipelineStarted = True
-            self._transport().pauseProducing()
+            self._handshakeStarted = self.factory.clock.seconds()
             try:
                 # Before anything else reads the request: a body, malformed
                 # extension offers (400).
@@ -165,6 +175,8 @@ class HandshakeIO(WebSocketServerProtocol):
         gets the reason, the client a fixed body for the status.
         """
         refusal = self._refusal
+        if refusal is None and code == 426 and self._answerHealthCheck():
+            return
         if refusal is None:
             # Autobahn's own checks (malformed upgrade): its reason can quote
             # header values, which may hold credentials; keep the words only.
@@ -188,9 +200,30 @@ class HandshakeIO(WebSocketServerProtocol):
             method=refusal.method,
             reason=bounded(refusal.reason, _MAX_LOGGED_REASON),
             limit=refusal.counter,
+            duration_s=self._handshakeDuration(),
         )
         self.sendData(http_refusal(refusal.status, refusal.headers))
+        self._dropLogged = True
         self.dropConnection(abort=False)
+
+    def _answerHealthCheck(self) -> bool:
+        """
+        A plain GET (no Upgrade) of C{[server] health_path}: answer 200
+        C{ok} (for probes that reach only the service port) and say so.
+        """
+        path = self.factory.policy.health_path
+        if not path or getattr(self, "http_request_path", None) != path:
+            return False
+        self.wasClean = True
+        self._dropLogged = True  # no "dropping connection" warning per probe
+        self.sendData(HEALTH_OK)
+        self.dropConnection(abort=False)
+        return True
+
+    def _handshakeDuration(self) -> float | None:
+        """Seconds since the request was complete, if it was."""
+        started = self._handshakeStarted
+        return None if started is None else round(self.factory.clock.seconds() - started, 6)
 
     def _requestPath(self) -> str:
         """
@@ -222,6 +255,12 @@ def _peer_host(peer: str) -> str:
         return rest.rsplit(":", 1)[0]
     return peer
 
+
+#: The answer to a health check (see L{ServerPolicy.health_path}).
+HEALTH_OK = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 3\r\n"
+    b"Connection: close\r\nCache-Control: no-store\r\n\r\nok\n"
+)
 
 #: The most characters of a refusal's reason that reach the log (the values
 #: in it are bounded each, see L{bounded}; this bounds the rest).

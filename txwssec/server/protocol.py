@@ -21,13 +21,19 @@ from autobahn.websocket.compress import (
 )
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from txwssec import events
-from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
+from txwssec._autobahn import (
+    cancel_close_timer,
+    connection_lost_quietly,
+    copy_options,
+    drop_connection_quietly,
+)
 from txwssec._cycles import FiredWithProtocol
+from txwssec._ends import end_fields
 from txwssec._hooks import run_hook, transport_details
 from txwssec.admission import ConsumerBuckets
 from txwssec.auth.chain import authenticate
@@ -40,10 +46,12 @@ from txwssec.errors import (
     CloseCode,
     Forbidden,
     HandshakeRefused,
+    Unauthorized,
 )
 from txwssec.logs import bounded
 from txwssec.messages.sealed_route import negotiate_seal
 from txwssec.messages.sealing import PROTOCOL as SEALED_PROTOCOL
+from txwssec.messages.validation import MessageValidator, Refusal, validator_for
 from txwssec.origin import listener_for
 from txwssec.policy import RoutePolicy
 from txwssec.server.context import ServerContext
@@ -96,12 +104,21 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     #: counts even if the client reset the connection before the verdict.
     _client_host: str | None = None
     _pipelineStarted: bool = False
+    #: The pipeline's result while a step waits (a password hash, an
+    #: identity provider, an upstream): cancelled if the client leaves.
+    _pending: Deferred[str | None] | None = None
+    #: Step 4 waits on a method (see L{_deny}).
+    _authenticating: bool = False
     _consumer_admitted: tuple[RoutePolicy, str] | None = None
     _idle_timer: Deadline | None = None
     #: Aborts an orderly close that the peer does not let finish.
     _loseTimer: Deadline | None = None
     _last_message: float = 0.0
+    #: When the session opened (for its duration in C{session.closed}).
+    _openedAt: float = 0.0
     _guard: TrafficGuard | None = None
+    #: The route's message rules, compiled (None: the route checks nothing).
+    _validator: MessageValidator | None = None
     # Autobahn's per-connection size limits (set from the route).
     maxFramePayloadSize: int
     maxMessagePayloadSize: int
@@ -128,13 +145,26 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         except Exception:
             self._deny(Failure())
         if isinstance(subprotocol, Deferred):
-            return subprotocol.addErrback(self._deny)
+            self._pending = subprotocol
+            return subprotocol.addBoth(self._settled).addErrback(self._deny)
         return subprotocol
+
+    def _settled(self, result: Any) -> Any:
+        self._pending = None
+        return result
 
     def _deny(self, failure: Failure) -> NoReturn:
         error = failure.value
         if isinstance(error, HandshakeRefused):
             self._refusal = error
+        elif isinstance(error, CancelledError) and self._authenticating:
+            # The client left before its authentication's verdict: that counts
+            # as a failed authentication (Unauthorized), or leaving would buy
+            # password checks that never count against the address.
+            self._refusal = error = Unauthorized("client left before the authentication verdict")
+        elif isinstance(error, CancelledError):
+            # connectionLost cancelled the waiting step: nobody to answer.
+            self._refusal = error = HandshakeRefused("connection lost during the handshake")
         else:
             self.factory.events.emit(events.HANDSHAKE_ERROR, peer=self.peer, failure=failure)
             self._refusal = error = HandshakeRefused("internal error", status=500)
@@ -173,12 +203,14 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         # 4. authentication (401, 403)
         accept = authenticate(route.authenticators, handshake)
         if isinstance(accept, Deferred):
+            self._authenticating = True
             return accept.addCallback(self._authenticated, handshake)
         return self._authenticated(accept, handshake)
 
     def _authenticated(
         self, accept: Accept, handshake: HandshakeRequest
     ) -> str | Deferred[str | None] | None:
+        self._authenticating = False
         factory, route = self.factory, self.route
         assert route is not None
         if self.state == self.STATE_CLOSED:
@@ -186,6 +218,13 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             # consumer and open nothing (connectionLost released the rest).
             raise HandshakeRefused("connection lost during authentication")
         principal = accept.principal
+        if principal.claims and factory.revocations.is_revoked(principal):
+            challenges = [a.challenge for a in route.authenticators if a.challenge]
+            revoked = Unauthorized(
+                "token revoked", tuple(("WWW-Authenticate", c) for c in challenges)
+            )
+            revoked.method = principal.method
+            raise revoked
         if route.consumers is not None and principal.consumer not in route.consumers:
             refusal = Forbidden(f"consumer {bounded(principal.consumer)!r} not allowed on route")
             refusal.method = principal.method
@@ -202,6 +241,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         sealed = negotiate_seal(route, principal.consumer, handshake.subprotocols)
         if sealed is not None:
             self._seal, self._sealHello = sealed
+            self._outgoing = self._seal.outgoing
         subprotocol = self.negotiate(handshake, accept)
         if isinstance(subprotocol, Deferred | Coroutine):
             negotiated: Deferred[str | None] = ensureDeferred(subprotocol)
@@ -227,6 +267,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             consumer=principal.consumer,
             method=principal.method,
             expires_at=self.session.expires_at,
+            duration_s=self._handshakeDuration(),
         )
         return subprotocol
 
@@ -256,6 +297,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             for name in _own_options(protocol):
                 self.__dict__.pop(name, None)
         self.maxMessagePayloadSize = self.maxFramePayloadSize = route.max_message_size
+        self._validator = validator_for(route.messages)
         if route.compression:
             self.perMessageCompressionAccept = accept_deflate(route.max_message_size)
 
@@ -272,6 +314,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             factory = self.factory
             deadlines = factory.deadlines
             session.start(self._credentialsExpired, deadlines)
+            self._openedAt = factory.clock.seconds()
             factory.sessionOpened(self)
             factory.events.emit(
                 events.SESSION_OPENED,
@@ -279,6 +322,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
                 route=session.route,
                 consumer=session.consumer,
                 id=session.id,
+                method=session.principal.method,
+                expires_at=session.expires_at,
             )
             self.registerProducer(self, True)
             if self._sealHello is not None:
@@ -293,12 +338,37 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     # -- application hooks and errors ---------------------------------------
 
     def _onMessage(self, payload: bytes, isBinary: bool) -> None:
+        # A whole message, in this order (see txwssec.messages.validation):
+        # 0. a sealed session's message is opened (1007 if it does not):
+        #    sealed frames are opaque to everything below;
+        # 1. txwssec's own messages (the identity issue's wssec.refresh) are
+        #    taken here, before validation, and never reach 2 or 3;
+        # 2. the route's message rules (1003, 1007), on the plaintext;
+        # 3. the application (on a gateway route, the upstream).
         if self._seal is not None:
             opened = self._unseal(payload, isBinary)
             if opened is None:
                 return
             payload, isBinary = opened
+        validator = self._validator
+        if validator is not None:
+            refusal = validator.check(payload, isBinary)
+            if refusal is not None:
+                self._messageRefused(refusal, "client")
+                return
         run_hook(self, "onMessage", self.onMessage, payload, isBinary)
+
+    def _messageRefused(self, refusal: Refusal, direction: str) -> None:
+        """Tell the observers, and close for a message the rules refused."""
+        self.factory.events.emit(
+            events.MESSAGE_REFUSED,
+            rule=refusal.rule,
+            direction=direction,
+            code=refusal.code,
+            detail=refusal.detail,
+            **self._sessionFields(),
+        )
+        self._fail_connection(refusal.code, refusal.reason)
 
     def _onPing(self, payload: bytes) -> None:
         run_hook(self, "onPing", self.onPing, payload)
@@ -321,19 +391,6 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         )
         if hook != "onClose":
             self._internalError()
-
-    def _internalError(self) -> None:
-        """
-        Close with 1011 after an error in this connection's code: the close
-        handshake as for any close (nothing the peer sends after it reaches
-        the application), or, before the connection opened or once it is
-        closing, the TCP connection.
-        """
-        self.failedByMe = True
-        if self.state == self.STATE_OPEN:
-            self.sendCloseFrame(CloseCode.INTERNAL_ERROR, b"internal error")
-        elif self.state != self.STATE_CLOSED and not self.closeHandshakeTimeoutCall:
-            self.dropConnection(abort=True)
 
     def _credentialsExpired(self) -> None:
         self.endSession(CloseCode.CREDENTIALS_EXPIRED, "credentials expired", "expired")
@@ -381,7 +438,10 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             self._loseTimer = self.factory.deadlines.call_later(
                 close_timeout, self._abortLingering
             )
-        super().dropConnection(abort)
+        if self._dropLogged:
+            drop_connection_quietly(self, abort)
+        else:
+            super().dropConnection(abort)
 
     def _abortLingering(self) -> None:
         self._loseTimer = None
@@ -392,6 +452,12 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     def connectionLost(self, reason: Failure | None = None) -> None:
         """Release everything this connection held, however it ended."""
         cancel_close_timer(self)
+        pending = self._pending
+        if pending is not None:
+            # The client left while a step waited: a queued password check
+            # is dropped before it is hashed, an upstream attempt is closed.
+            self._pending = None
+            pending.cancel()
         lose_timer = self._loseTimer
         if lose_timer is not None:
             lose_timer.cancel()
@@ -412,6 +478,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
                     route=session.route,
                     consumer=session.consumer,
                     id=session.id,
+                    method=session.principal.method,
+                    **end_fields(self, factory.clock.seconds() - self._openedAt),
                 )
         admission = self.factory.admission
         if self._consumer_admitted is not None:

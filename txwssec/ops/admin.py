@@ -1,0 +1,253 @@
+"""
+The admin API: a Twisted Web resource for operators, served on its own
+listener (C{[admin] listen}, loopback by default).
+
+Open to whoever reaches the listener: C{GET /healthz} (200 while serving),
+C{GET /readyz} (200, or 503 with a JSON list of reasons, from the
+factory's L{txwssec.readiness.Readiness}), C{GET /metrics} (Prometheus
+text). With the admin token (C{Authorization: Bearer <token>}, compared as
+its SHA-256 digest in constant time): C{GET /sessions}, C{DELETE
+/sessions?consumer=NAME} or C{?id=ID}, C{POST /revocations}.
+
+Answers: a missing or wrong token, 401 with C{WWW-Authenticate: Bearer};
+no token configured, 403 on the endpoints that need one (never open by
+default); a body that is not the expected JSON, 400; an unknown path, 404;
+another method, 405. Bodies of errors are short and fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from txwssec.revocations import matches
+
+#: The largest request body read (a revocation is a few dozen bytes).
+MAX_BODY = 4096
+
+_FIXED = {
+    400: b"bad request\n",
+    401: b"unauthorized\n",
+    403: b"admin token not configured\n",
+    404: b"not found\n",
+    405: b"method not allowed\n",
+}
+
+#: Authorization scheme the token comes with.
+_BEARER = b"bearer "
+
+
+class BadRequest(Exception):
+    """The request's query or body is not what the endpoint takes (400)."""
+
+
+Handler = Callable[[Request], bytes]
+
+
+class AdminResource(Resource):
+    """
+    The admin API of one server factory (see the module docstring).
+
+    @param factory: the server factory (its C{registry}, C{revocations},
+        C{readiness} and state store).
+    @param metrics: the registry C{/metrics} exposes (L{None}: 404).
+    @param token_digest: the SHA-256 digest of the admin token, or L{None}.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        factory: Any,
+        metrics: CollectorRegistry | None = None,
+        token_digest: bytes | None = None,
+    ) -> None:
+        super().__init__()
+        self.factory = factory
+        self.metrics = metrics
+        self.token_digest = token_digest
+        self._routes: Mapping[bytes, Mapping[bytes, tuple[bool, Handler]]] = {
+            b"/healthz": {b"GET": (False, self._healthz)},
+            b"/readyz": {b"GET": (False, self._readyz)},
+            b"/metrics": {b"GET": (False, self._metrics)},
+            b"/sessions": {b"GET": (True, self._sessions), b"DELETE": (True, self._close)},
+            b"/revocations": {b"POST": (True, self._revoke)},
+        }
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")
+        methods = self._routes.get(request.path)
+        if methods is None or (request.path == b"/metrics" and self.metrics is None):
+            return _error(request, 404)
+        method = request.method
+        if method == b"HEAD":
+            method = b"GET"
+        entry = methods.get(method)
+        if entry is None:
+            request.setHeader(b"allow", b", ".join(sorted(methods)))
+            return _error(request, 405)
+        needs_token, handler = entry
+        if needs_token:
+            if self.token_digest is None:
+                return _error(request, 403)
+            if not self._authorized(request):
+                request.setHeader(b"www-authenticate", b'Bearer realm="wssec-admin"')
+                return _error(request, 401)
+        try:
+            return handler(request)
+        except BadRequest:
+            return _error(request, 400)
+
+    def _authorized(self, request: Request) -> bool:
+        header = request.getHeader(b"authorization")
+        if header is None or header[: len(_BEARER)].lower() != _BEARER:
+            return False
+        token = header[len(_BEARER) :].strip()
+        digest = hashlib.sha256(token).digest()
+        assert self.token_digest is not None
+        return hmac.compare_digest(digest, self.token_digest)
+
+    # -- the endpoints -------------------------------------------------------
+
+    def _healthz(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"ok\n"
+
+    def _readyz(self, request: Request) -> bytes:
+        reasons = self.factory.readiness.reasons()
+        if reasons:
+            request.setResponseCode(503)
+            return _json(request, {"ready": False, "reasons": reasons})
+        return _json(request, {"ready": True, "reasons": []})
+
+    def _metrics(self, request: Request) -> bytes:
+        assert self.metrics is not None
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self.metrics)
+
+    def _sessions(self, request: Request) -> bytes:
+        records = self.factory.admission.store.sessions()
+        return _json(request, sorted((dict(r) for r in records), key=lambda r: r["opened_at"]))
+
+    def _close(self, request: Request) -> bytes:
+        args = request.args or {}
+        consumer, session_id = _one(args, b"consumer"), _one(args, b"id")
+        if (consumer is None) == (session_id is None) or set(args) - {b"consumer", b"id"}:
+            raise BadRequest()
+        closed = self.factory.registry.revoke(consumer=consumer, session_id=session_id)
+        return _json(request, {"closed": closed})
+
+    def _revoke(self, request: Request) -> bytes:
+        body = _body(request)
+        revocations = self.factory.revocations
+        keys = set(body)
+        if keys == {"jti", "expires_at"}:
+            jti, expires_at = body["jti"], _time(body["expires_at"])
+            if not isinstance(jti, str) or not jti:
+                raise BadRequest()
+            revocations.revoke_token(jti, expires_at)
+            closed = self._closeMatching(jti=jti)
+        elif keys == {"consumer", "issued_before"}:
+            consumer, issued_before = body["consumer"], _time(body["issued_before"])
+            if not isinstance(consumer, str) or not consumer:
+                raise BadRequest()
+            revocations.revoke_consumer(consumer, issued_before)
+            closed = self._closeMatching(consumer=consumer, issued_before=issued_before)
+        else:
+            raise BadRequest()
+        return _json(request, {"closed": closed})
+
+    def _closeMatching(self, **revocation: Any) -> int:
+        """Close (3003) the live sessions whose token the revocation matches."""
+        closed = 0
+        for protocol in self.factory.registry:
+            session = protocol.session
+            if session is not None and matches(session.principal, **revocation):
+                protocol.revoke()
+                closed += 1
+        return closed
+
+
+def _error(request: Request, status: int) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return _FIXED[status]
+
+
+def _json(request: Request, value: Any) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(value, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def _one(args: Mapping[bytes, list[bytes]], name: bytes) -> str | None:
+    values = args.get(name)
+    if values is None:
+        return None
+    if len(values) != 1 or not values[0]:
+        raise BadRequest()
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest() from None
+
+
+def _body(request: Request) -> dict[str, Any]:
+    content = request.content
+    data = content.read(MAX_BODY + 1) if content is not None else b""
+    if len(data) > MAX_BODY:
+        raise BadRequest()
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        raise BadRequest() from None
+    if not isinstance(value, dict):
+        raise BadRequest()
+    return value
+
+
+def _time(value: object) -> float:
+    """A POSIX time: a finite JSON number, not a boolean."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest()
+    try:
+        number = float(value)
+    except OverflowError:
+        raise BadRequest() from None
+    if not math.isfinite(number):
+        raise BadRequest()
+    return number
+
+
+class AdminSite(Site):
+    """
+    A L{Site} for L{AdminResource} that writes no access log line (a
+    scraper every few seconds would fill the log).
+    """
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        """No access log."""
+
+
+def admin_site(
+    factory: Any, metrics: CollectorRegistry | None = None, token_digest: bytes | None = None
+) -> AdminSite:
+    """The admin API of C{factory} as a site to listen with."""
+    site = AdminSite(AdminResource(factory, metrics, token_digest))
+    site.displayTracebacks = False
+    return site
+
+
+def token_digest(token: str) -> bytes:
+    """The digest C{[admin] token} holds for C{token} (C{"sha256:" + hex})."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
