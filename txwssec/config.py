@@ -60,6 +60,8 @@ class Config:
     @ivar gc_young_threshold: the cycle collector's young-generation
         threshold C{twistd wssec} sets (see L{txwssec.collector}); 0 leaves
         the collector as Python set it.
+    @ivar shutdown_timeout: seconds a graceful stop waits for the sessions'
+        close handshakes (see L{txwssec.lifecycle}).
     """
 
     listen: tuple[str, ...]
@@ -67,6 +69,7 @@ class Config:
     consumers: ConsumerDirectory
     tls: ReloadingContextFactory | None = None
     gc_young_threshold: int = DEFAULT_YOUNG_THRESHOLD
+    shutdown_timeout: float = 10.0
 
     def endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
         """One server endpoint per listen description."""
@@ -130,6 +133,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
                 f"{server.key_path('public_origins')}[{index}]", str(error)
             ) from None
     gc_young_threshold = server.integer("gc_young_threshold", DEFAULT_YOUNG_THRESHOLD)
+    shutdown_timeout = server.number("shutdown_timeout", 10)
     server.finish()
     tls = _tls(root.table("tls"), base_dir) if root.has("tls") else None
     _check_listeners(listen, allow_plaintext, tls)
@@ -167,6 +171,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         consumers=consumers,
         tls=tls,
         gc_young_threshold=gc_young_threshold,
+        shutdown_timeout=shutdown_timeout,
     )
 
 

@@ -53,6 +53,14 @@ UPSTREAM_FAILED = "upstream.failed"
 #: A gateway session's upstream went away first: peer.
 UPSTREAM_LOST = "upstream.lost"
 
+#: The configuration file was reloaded and applied (SIGHUP, see
+#: L{txwssec.lifecycle}): path, routes, consumers, revoked (sessions closed
+#: 3003), listen_changed (listeners differ: a restart applies them).
+CONFIG_RELOADED = "config.reloaded"
+#: A reload found the file invalid; the old configuration stays: path,
+#: error (naming the key path).
+CONFIG_RELOAD_FAILED = "config.reload_failed"
+
 #: The event list: every name emitted, and what it means.
 EVENTS: Mapping[str, str] = {
     HANDSHAKE_ACCEPTED: "a handshake was accepted",
@@ -67,6 +75,8 @@ EVENTS: Mapping[str, str] = {
     APPLICATION_ERROR: "an application hook failed",
     UPSTREAM_FAILED: "an upstream failed a gateway handshake",
     UPSTREAM_LOST: "a gateway session's upstream went away",
+    CONFIG_RELOADED: "the configuration file was reloaded",
+    CONFIG_RELOAD_FAILED: "a configuration reload failed; the old one stays",
 }
 
 

@@ -4,12 +4,11 @@ C{twistd wssec}: run txwssec from a TOML configuration file.
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, MultiService
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
@@ -18,9 +17,9 @@ from twisted.python import usage
 from txwssec.collector import tune_collector
 from txwssec.config import Config, load
 from txwssec.errors import ConfigError
+from txwssec.lifecycle import ConfigReloader, GracefulStop
 from txwssec.logs import twistdLogObserver
 from txwssec.server import SecureServerFactory
-from txwssec.tls import reload_certificates
 
 
 class Options(usage.Options):
@@ -141,31 +140,6 @@ class ListeningService(StreamServerEndpointService):
         return port
 
 
-class CertificateReloader(Service):
-    """
-    Reloads TLS certificates on SIGHUP: new connections get the new
-    certificate, live ones keep theirs. A certificate that fails to load is
-    logged and the old one stays in use.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-        self._previous: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._onSignal)
-
-    def stopService(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
-        return super().stopService()  # type: ignore[no-any-return]
-
-    def _onSignal(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(reload_certificates)
-
-
 class WssecService(MultiService):
     """
     The root of C{twistd wssec}'s service tree. When twistd attaches it to
@@ -207,16 +181,18 @@ class WssecService(MultiService):
 def makeService(options: Options) -> IService:
     """
     Build the service tree: one listening service per C{[server] listen}
-    entry, all sharing one L{SecureServerFactory}, and a SIGHUP certificate
-    reloader when TLS is configured.
+    entry, all sharing one L{SecureServerFactory}, the graceful stop
+    (SIGTERM, SIGINT) and the configuration reloader (SIGHUP).
     """
     from twisted.internet import reactor
 
     config = options.config
     factory = SecureServerFactory(config.policy, reactor=reactor)
     service = WssecService(getattr(options, "parent", None), config.gc_young_threshold)
+    # First, so that it stops last: the listeners stop accepting before the
+    # sessions are closed (see txwssec.lifecycle).
+    GracefulStop([factory], config.shutdown_timeout, reactor).setServiceParent(service)
     for description, endpoint in zip(config.listen, config.endpoints(reactor), strict=True):
         ListeningService(endpoint, factory, description).setServiceParent(service)
-    if config.tls is not None:
-        CertificateReloader(reactor).setServiceParent(service)
+    ConfigReloader(options["config"], [factory], config, reactor).setServiceParent(service)
     return service

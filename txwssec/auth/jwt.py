@@ -11,6 +11,7 @@ source (C{jku}, C{x5u}, C{jwk}, C{x5c}) are refused: keys are never fetched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -146,6 +147,11 @@ class JWTAuthenticator:
         self.consumers = consumers
         self.algorithms = list(algorithms)
         self._key = check_key(key, self.algorithms)
+        #: The SHA-256 digest of the key as configured: what a session opened
+        #: with a token verified by it records (L{Principal.key}).
+        self.key_digest = hashlib.sha256(
+            key.encode("utf-8") if isinstance(key, str) else key
+        ).digest()
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
@@ -217,7 +223,7 @@ class JWTAuthenticator:
             return Deny("token names an unknown consumer")
         exp = claims["exp"]
         return Accept(
-            Principal(consumer.name, self.name, claims),
+            Principal(consumer.name, self.name, claims, key=self.key_digest),
             expires_at=float(exp) + self.leeway,
             credential=found.credential,
         )

@@ -260,6 +260,12 @@ class GatewayProtocol(SecureServerProtocol):
         self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
         super().endSession(code, reason, event)
 
+    def goAway(self) -> None:
+        # The server stops: both legs get 1001.
+        self._stopDraining()
+        self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
+        super().goAway()
+
     def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
         upstream = self.upstream
         if (

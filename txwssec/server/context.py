@@ -34,6 +34,8 @@ class ServerContext(Protocol):
     #: The open sessions (see L{txwssec.sessions}).
     registry: SessionRegistry
     countConnections: int
+    #: The server stops: handshakes get 503 (see L{txwssec.lifecycle}).
+    stopping: bool
     #: The gateway's upstream pools by route path (see L{txwssec.gateway}).
     upstreamPools: dict[str, Any]
 

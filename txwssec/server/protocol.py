@@ -40,6 +40,7 @@ from txwssec.errors import (
     CloseCode,
     Forbidden,
     HandshakeRefused,
+    ServiceUnavailable,
 )
 from txwssec.logs import bounded
 from txwssec.origin import listener_for
@@ -157,7 +158,9 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         self.route = route
         self._useRoute(route)
 
-        # 2. connection admission (503, 429)
+        # 2. connection admission (503, 429); 503 while the server stops
+        if factory.stopping:
+            raise ServiceUnavailable("server shutting down")
         factory.admission.admit(handshake.host, factory.clock.seconds())
         self._admitted_host = self._client_host = handshake.host
 
@@ -208,6 +211,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         # 7. the session, its timers armed when the connection opens
         route, clock, principal = self.route, self.factory.clock, accept.principal
         assert route is not None
+        if self.factory.stopping:  # it stopped while this handshake waited
+            raise ServiceUnavailable("server shutting down")
         now = clock.seconds()
         not_after = now + route.max_lifetime if route.max_lifetime else None
         self.session = Session(principal, accept.expires_at, route.path, clock, not_after)
@@ -325,6 +330,13 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     def revoke(self) -> None:
         """Close this session because its credentials were revoked (3003)."""
         self.endSession(CloseCode.FORBIDDEN, "credentials revoked", "revoked")
+
+    def goAway(self) -> None:
+        """Close this session because the server stops (1001)."""
+        if self.session is not None:
+            self.session.stop()
+        # (Autobahn's sendClose refuses 1001, a code for servers only.)
+        self.sendCloseFrame(int(CloseCode.GOING_AWAY), b"server shutting down")
 
     def endSession(self, code: int, reason: str, event: str) -> None:
         """

@@ -1,0 +1,252 @@
+"""
+Operations on a running server: the graceful stop (L{drain}, L{GracefulStop})
+and the live reload of the configuration file (L{reload}, L{ConfigReloader}).
+C{twistd wssec} runs both services: SIGTERM and SIGINT stop gracefully,
+SIGHUP reloads (DESIGN.md, "Operations").
+
+A graceful stop: the listeners stop accepting (they stop before this
+service, see L{GracefulStop}), every handshake still running gets 503,
+every open session is closed with 1001 (a gateway session: both legs),
+and the stop waits for the close handshakes, at most C{shutdown_timeout}
+seconds; connections still open then are cut.
+
+A reload reads and checks the whole file. If it is valid, new handshakes use
+its routes, consumers, keys, JWT settings and TLS certificate (one swap, with
+nothing left half-applied), and the open sessions whose consumer, API key or
+JWT verification key is gone close with 3003; every other session stays
+open. If it is not, one log line names the key path and nothing changes.
+Listen addresses cannot change without a restart: a reload that changes
+C{[server] listen} keeps the old listeners and says so.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from txwssec import events
+from txwssec.config import Config, load
+from txwssec.consumers import ConsumerDirectory
+from txwssec.errors import ConfigError
+from txwssec.server import SecureServerFactory
+from txwssec.types import Principal
+
+log = Logger(namespace="txwssec.server")
+
+#: How often a stop looks whether every connection has ended (seconds).
+DRAIN_POLL = 0.05
+
+
+def drain(
+    factories: Iterable[SecureServerFactory], timeout: float, clock: IReactorTime
+) -> Deferred[None]:
+    """
+    Stop C{factories}' sessions gracefully: handshakes get 503 from now on,
+    every open session is closed with 1001, and the result fires once every
+    connection has ended, or after C{timeout} seconds, when the sessions
+    still connected are cut (their connections aborted). Stop the
+    listeners first (C{port.stopListening()}).
+
+    @return: fires with L{None}; it never fails.
+    """
+    factories = list(factories)
+    closing = 0
+    for factory in factories:
+        factory.stopping = True
+        for protocol in factory.registry.open():
+            protocol.goAway()  # type: ignore[attr-defined]
+            closing += 1
+    log.info(
+        "wssec stopping: {count} sessions closed with 1001, waiting up to {timeout}s",
+        count=closing,
+        timeout=timeout,
+    )
+    done: Deferred[None] = Deferred()
+    deadline = clock.seconds() + timeout
+
+    def check() -> None:
+        left = sum(factory.countConnections for factory in factories)
+        if left and clock.seconds() < deadline:
+            clock.callLater(min(DRAIN_POLL, max(0.0, deadline - clock.seconds())), check)
+            return
+        cut = 0
+        for factory in factories:
+            for protocol in factory.registry:
+                transport: Any = getattr(protocol, "transport", None)
+                if transport is not None:
+                    transport.abortConnection()
+                    cut += 1
+        if left:
+            log.warn(
+                "wssec shutdown_timeout ({timeout}s) reached: {count} connections cut",
+                timeout=timeout,
+                count=left,
+            )
+        log.info("wssec stopped: every session closed")
+        done.callback(None)
+
+    check()
+    return done
+
+
+class GracefulStop(Service):
+    """
+    Stops C{factories} gracefully (L{drain}) when the service tree stops:
+    twistd stops it on SIGTERM and SIGINT, and waits for its L{Deferred}
+    before the reactor stops.
+
+    Add it to the tree I{before} the listening services: a L{MultiService}
+    stops its children in reverse order, so the listeners stop accepting
+    first.
+    """
+
+    def __init__(
+        self, factories: Sequence[SecureServerFactory], timeout: float, clock: IReactorTime
+    ) -> None:
+        self.factories = factories
+        self.timeout = timeout
+        self.clock = clock
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return drain(self.factories, self.timeout, self.clock).addCallback(self._stopped)
+
+    def _stopped(self, ignored: None) -> None:
+        # twistd exits by the signal that stopped it (status -15 under a
+        # shell, "killed by SIGTERM" for a service manager) unless told
+        # otherwise: a stop that closed every session is a clean exit, 0.
+        if getattr(self.clock, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self.clock._exitSignal = None  # type: ignore[attr-defined]
+
+
+def reload(path: str | Path, factories: Sequence[SecureServerFactory], current: Config) -> Config:
+    """
+    Read the configuration file at C{path} again and apply it to
+    C{factories}, which serve C{current}: see this module's docstring.
+    The events C{config.reloaded} (with C{revoked}, the sessions closed) or
+    C{config.reload_failed} (with C{error}, naming the key path) go to each
+    factory's observers.
+
+    @return: the configuration now in use (C{current} if the file is not
+        valid).
+    """
+    try:
+        new = load(path)
+        for factory in factories:
+            factory.usePolicy(new.policy)
+    except (ConfigError, TypeError) as error:
+        for factory in factories:
+            factory.events.emit(events.CONFIG_RELOAD_FAILED, path=str(path), error=str(error))
+        return current
+    if current.tls is not None and new.tls is not None:
+        current.tls.replace(new.tls)
+        new = _keep_tls(new, current)
+        log.info("certificate reloaded from {cert}", cert=str(current.tls.settings.cert))
+    listen_changed = new.listen != current.listen
+    keys = _verification_keys(new)
+    revoked = 0
+    for factory in factories:
+        for protocol in factory.registry.open():
+            session = protocol.session
+            if session is not None and _revoked(
+                session.principal, current.consumers, new.consumers, keys
+            ):
+                protocol.revoke()
+                revoked += 1
+    for factory in factories:
+        factory.events.emit(
+            events.CONFIG_RELOADED,
+            path=str(path),
+            routes=len(new.policy.routes),
+            consumers=len(new.consumers),
+            revoked=revoked,
+            listen_changed=listen_changed,
+        )
+    return new
+
+
+def _keep_tls(new: Config, current: Config) -> Config:
+    """C{new}, with the context factory the listeners use (now updated)."""
+    from dataclasses import replace
+
+    return replace(new, tls=current.tls)
+
+
+def _verification_keys(config: Config) -> frozenset[bytes]:
+    """The digests of the verification keys of C{config}'s methods (JWT)."""
+    return frozenset(
+        digest
+        for route in config.policy.routes
+        for method in route.authenticators
+        if isinstance(digest := getattr(method, "key_digest", None), bytes)
+    )
+
+
+def _revoked(
+    principal: Principal,
+    old: ConsumerDirectory,
+    new: ConsumerDirectory,
+    verification_keys: frozenset[bytes],
+) -> bool:
+    """
+    Whether a session of C{principal} must close after a reload from the
+    consumers C{old} to C{new}: its consumer was removed, or the key that
+    accepted its credential (L{Principal.key}) was.
+    """
+    name = principal.consumer
+    if old.by_name(name) is not None and new.by_name(name) is None:
+        return True
+    if principal.key is None:
+        return False
+    if principal.method == "key":
+        consumer = new.by_name(name)
+        return consumer is None or principal.key not in consumer.key_digests
+    return principal.key not in verification_keys
+
+
+class ConfigReloader(Service):
+    """
+    Reloads the configuration file on SIGHUP (see L{reload}), for
+    C{twistd wssec}: always installed, TLS or not.
+
+    @ivar config: the configuration in use.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        factories: Sequence[SecureServerFactory],
+        config: Config,
+        reactor: Any,
+    ) -> None:
+        self.path = path
+        self.factories = factories
+        self.config = config
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._onSignal)
+
+    def stopService(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        super().stopService()
+
+    def _onSignal(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """Reload now (what SIGHUP does)."""
+        if any(factory.stopping for factory in self.factories):
+            return
+        self.config = reload(self.path, self.factories, self.config)
