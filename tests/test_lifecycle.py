@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,12 @@ from twisted.internet.task import Clock
 
 from txwssec import events
 from txwssec.config import load, parse
+from txwssec.consumers import Consumer, ConsumerDirectory, key_digest
 from txwssec.devcert import write_dev_certificates
 from txwssec.errors import ConfigError
-from txwssec.lifecycle import drain, reload
+from txwssec.lifecycle import _revoked, drain, reload
 from txwssec.server import SecureServerFactory
+from txwssec.types import Principal
 
 SECRET = "s" * 32
 OTHER_SECRET = "t" * 32
@@ -506,3 +509,77 @@ def test_shutdown_timeout_errors(value: Any, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse(minimal({"shutdown_timeout": value}))
     assert str(caught.value).startswith(message)
+
+
+# -- which sessions a reload closes --------------------------------------------------
+
+
+def directory(*consumers: Consumer) -> ConsumerDirectory:
+    return ConsumerDirectory(consumers)
+
+
+JOHN = Consumer("john", key_digests=(key_digest("k1"), key_digest("k2")), password="hash-1")
+
+
+@pytest.mark.parametrize(
+    ("principal", "new", "keys", "closed"),
+    [
+        # consumer removed: whatever the method
+        (Principal("john", "basic", key=key_digest("hash-1")), directory(), frozenset(), True),
+        (Principal("john", "tls"), directory(), frozenset(), True),
+        # API keys: only the sessions opened with the removed key
+        (
+            Principal("john", "key", key=key_digest("k2")),
+            directory(replace(JOHN, key_digests=(key_digest("k1"),))),
+            frozenset(),
+            True,
+        ),
+        (
+            Principal("john", "key", key=key_digest("k1")),
+            directory(replace(JOHN, key_digests=(key_digest("k1"),))),
+            frozenset(),
+            False,
+        ),
+        # the key moved to another consumer: john's session with it closes
+        (
+            Principal("john", "key", key=key_digest("k2")),
+            directory(replace(JOHN, key_digests=()), Consumer("ann", (key_digest("k2"),))),
+            frozenset(),
+            True,
+        ),
+        # Basic: a changed password closes, an unchanged one does not
+        (
+            Principal("john", "basic", key=key_digest("hash-1")),
+            directory(replace(JOHN, password="hash-2")),
+            frozenset(),
+            True,
+        ),
+        (
+            Principal("john", "basic", key=key_digest("hash-1")),
+            directory(JOHN),
+            frozenset(),
+            False,
+        ),
+        # JWT: the verification key
+        (
+            Principal("john", "jwt", key=b"old"),
+            directory(JOHN),
+            frozenset({b"new"}),
+            True,
+        ),
+        (
+            Principal("john", "jwt", key=b"same"),
+            directory(JOHN),
+            frozenset({b"same"}),
+            False,
+        ),
+        # names that never were consumers (anonymous, a custom method's)
+        (Principal("anonymous", "anonymous"), directory(), frozenset(), False),
+        (Principal("robot-7", "custom"), directory(), frozenset(), False),
+    ],
+)
+def test_revoked_on_reload(
+    principal: Principal, new: ConsumerDirectory, keys: frozenset[bytes], closed: bool
+) -> None:
+    """The rule a reload applies to each open session (L{_revoked})."""
+    assert _revoked(principal, directory(JOHN), new, keys) is closed

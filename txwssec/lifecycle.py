@@ -21,6 +21,7 @@ C{[server] listen} keeps the old listeners and says so.
 
 from __future__ import annotations
 
+import hmac
 import signal
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from twisted.logger import Logger
 
 from txwssec import events
 from txwssec.config import Config, load
-from txwssec.consumers import ConsumerDirectory
+from txwssec.consumers import ConsumerDirectory, key_digest
 from txwssec.errors import ConfigError
 from txwssec.server import SecureServerFactory
 from txwssec.types import Principal
@@ -198,7 +199,8 @@ def _revoked(
     """
     Whether a session of C{principal} must close after a reload from the
     consumers C{old} to C{new}: its consumer was removed, or the key that
-    accepted its credential (L{Principal.key}) was.
+    accepted its credential (L{Principal.key}) was: the API key (C{key}),
+    the password (C{basic}: its hash changed), the JWT verification key.
     """
     name = principal.consumer
     if old.by_name(name) is not None and new.by_name(name) is None:
@@ -208,6 +210,10 @@ def _revoked(
     if principal.method == "key":
         consumer = new.by_name(name)
         return consumer is None or principal.key not in consumer.key_digests
+    if principal.method == "basic":
+        consumer = new.by_name(name)
+        password = consumer.password if consumer is not None else None
+        return password is None or not hmac.compare_digest(principal.key, key_digest(password))
     return principal.key not in verification_keys
 
 
@@ -230,16 +236,22 @@ class ConfigReloader(Service):
         self.factories = factories
         self.config = config
         self._reactor = reactor
-        self._previous: Any = None
+        self._installed = False
 
-    def startService(self) -> None:
-        super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._onSignal)
+    def privilegedStartService(self) -> None:
+        # Before the listeners start (add this service before them): once
+        # "listening" is logged, SIGHUP reloads, it never kills.
+        super().privilegedStartService()
+        if not self._installed:
+            signal.signal(signal.SIGHUP, self._onSignal)
+            self._installed = True
 
     def stopService(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
+        # While the server stops (a drain may take shutdown_timeout), SIGHUP
+        # is ignored rather than given back to a default that would kill.
+        if self._installed:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            self._installed = False
         super().stopService()
 
     def _onSignal(self, signum: int, frame: Any) -> None:

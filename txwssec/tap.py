@@ -192,7 +192,8 @@ def makeService(options: Options) -> IService:
     # First, so that it stops last: the listeners stop accepting before the
     # sessions are closed (see txwssec.lifecycle).
     GracefulStop([factory], config.shutdown_timeout, reactor).setServiceParent(service)
+    # Before the listeners: SIGHUP reloads as soon as they listen.
+    ConfigReloader(options["config"], [factory], config, reactor).setServiceParent(service)
     for description, endpoint in zip(config.listen, config.endpoints(reactor), strict=True):
         ListeningService(endpoint, factory, description).setServiceParent(service)
-    ConfigReloader(options["config"], [factory], config, reactor).setServiceParent(service)
     return service

@@ -59,7 +59,7 @@ class GatewayProtocol(SecureServerProtocol):
         route = self.route
         assert route is not None and route.upstream is not None
         pool = pool_for(self.factory, route)
-        policy = self.factory.policy
+        policy = self.handshakePolicy or self.factory.policy
         known = [method for each in policy.routes for method in each.authenticators]
         direct_peer = self._directPeer()
         headers = forwarded_headers(

@@ -44,7 +44,7 @@ from txwssec.errors import (
 )
 from txwssec.logs import bounded
 from txwssec.origin import listener_for
-from txwssec.policy import RoutePolicy
+from txwssec.policy import RoutePolicy, ServerPolicy
 from txwssec.server.context import ServerContext
 from txwssec.server.flow import TrafficFlow
 from txwssec.server.handshake import HandshakeIO
@@ -89,6 +89,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     factory: ServerContext
     session: Session | None = None
     route: RoutePolicy | None = None
+    #: The server policy this connection's handshake started with.
+    handshakePolicy: ServerPolicy | None = None
     _refusal: HandshakeRefused | None = None
     _admitted_host: str | None = None
     #: The admitted address, kept after release: a failed authentication
@@ -153,8 +155,10 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         factory = self.factory
         handshake = self.handshakeRequest(request)
 
-        # 1. route lookup by path (404)
-        route = factory.policy.route_for(handshake.path)
+        # 1. route lookup by path (404); the whole handshake uses this
+        # policy, even if a reload swaps the factory's meanwhile
+        self.handshakePolicy = policy = factory.policy
+        route = policy.route_for(handshake.path)
         self.route = route
         self._useRoute(route)
 
@@ -167,7 +171,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         # 3. Origin (403)
         origin = handshake.header_values("origin")
         if origin and not route.origins.allows(
-            origin[0], listener_for(self.transport, factory.policy.public_origins)
+            origin[0], listener_for(self.transport, policy.public_origins)
         ):
             raise Forbidden(f"origin {bounded(origin[0])!r} not allowed")
 
