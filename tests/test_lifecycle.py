@@ -14,6 +14,7 @@ import ssl
 import struct
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -267,7 +268,7 @@ def test_sigterm_closes_ws_wss_and_gateway_with_1001(
     assert upstream.close_code == 1001
     output = server.output()
     assert "wssec stopping: 3 sessions closed with 1001" in output
-    assert "wssec stopped" in output
+    assert "wssec stopped: every connection closed" in output
     assert "shutdown_timeout" not in output
     assert "Traceback" not in output
 
@@ -291,7 +292,8 @@ def test_client_that_never_answers_is_cut_at_shutdown_timeout(
 ) -> None:
     """
     A client that never answers the 1001 is cut once shutdown_timeout has
-    passed, and the process still exits 0.
+    passed (here below the close timeout, 1 s, which would drop it
+    otherwise), and the process still exits 0.
     """
     port = free_port()
     text = config_text(port, consumers=JOHN_AND_MARY, extra_server="shutdown_timeout = 0.5")
@@ -301,12 +303,17 @@ def test_client_that_never_answers_is_cut_at_shutdown_timeout(
     server.process.send_signal(signal.SIGTERM)
     assert silent.close_code(answer=False) == 1001
     assert server.process.wait(TIMEOUT) == 0
-    assert "shutdown_timeout (0.5s) reached: 1 connections cut" in server.output()
+    output = server.output()
+    assert "shutdown_timeout (0.5s) reached: 1 connections cut" in output
+    assert "Traceback" not in output
     silent.close()
 
 
 def test_handshake_in_flight_during_drain_gets_503(tmp_path: Path, running: list[Process]) -> None:
-    """A handshake that arrives while the server drains is answered 503."""
+    """
+    A handshake that arrives while the server drains is answered 503 (and
+    a second SIGTERM meanwhile is only logged).
+    """
     port = free_port()
     server = start(running, write(tmp_path / "w.toml", config_text(port, consumers=JOHN_AND_MARY)))
     late = Client(port, "")
@@ -319,10 +326,13 @@ def test_handshake_in_flight_during_drain_gets_503(tmp_path: Path, running: list
     server.process.send_signal(signal.SIGTERM)
     assert session.close_code() == 1001
     server.wait_for("wssec stopping")
+    server.process.send_signal(signal.SIGTERM)  # impatient: said once, changes nothing
+    server.wait_for("wssec already stopping")
     late.sock.sendall(request[20:])
     head = late.head()
     assert head.startswith(b"HTTP/1.1 503 "), head
     assert server.process.wait(TIMEOUT) == 0
+    assert "Traceback" not in server.output()
 
 
 # -- reload --------------------------------------------------------------------------
@@ -484,6 +494,23 @@ def test_drain_without_sessions_fires_at_once() -> None:
 
 
 # -- [server] shutdown_timeout -------------------------------------------------------
+
+
+def test_systemd_example_leaves_time_for_the_drain() -> None:
+    """
+    The example unit reloads with SIGHUP and lets a stop take longer than
+    the example configuration's shutdown_timeout (or systemd would SIGKILL).
+    """
+    systemd = Path(__file__).resolve().parent.parent / "examples" / "systemd"
+    unit = dict(
+        line.split("=", 1)
+        for line in (systemd / "txwssec.service").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert unit["KillSignal"] == "SIGTERM"
+    config = tomllib.loads((systemd / "wssec.toml").read_text())
+    assert float(unit["TimeoutStopSec"]) > config["server"]["shutdown_timeout"]
 
 
 def minimal(server: dict[str, Any]) -> dict[str, Any]:

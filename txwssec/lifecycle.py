@@ -24,6 +24,7 @@ from __future__ import annotations
 import hmac
 import signal
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -77,20 +78,19 @@ def drain(
         if left and clock.seconds() < deadline:
             clock.callLater(min(DRAIN_POLL, max(0.0, deadline - clock.seconds())), check)
             return
-        cut = 0
         for factory in factories:
             for protocol in factory.registry:
                 transport: Any = getattr(protocol, "transport", None)
                 if transport is not None:
                     transport.abortConnection()
-                    cut += 1
         if left:
             log.warn(
                 "wssec shutdown_timeout ({timeout}s) reached: {count} connections cut",
                 timeout=timeout,
                 count=left,
             )
-        log.info("wssec stopped: every session closed")
+        else:
+            log.info("wssec stopped: every connection closed")
         done.callback(None)
 
     check()
@@ -117,7 +117,19 @@ class GracefulStop(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        # A second SIGTERM or SIGINT would make the reactor's handler log a
+        # ReactorNotRunning traceback: say it once instead (SIGKILL forces).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with suppress(ValueError):  # not the main thread
+                signal.signal(signum, self._again)
         return drain(self.factories, self.timeout, self.clock).addCallback(self._stopped)
+
+    def _again(self, signum: int, frame: Any) -> None:
+        self.clock.callFromThread(  # type: ignore[attr-defined]
+            log.info,
+            "wssec already stopping (signal {signum}): waiting for the sessions to close",
+            signum=signum,
+        )
 
     def _stopped(self, ignored: None) -> None:
         # twistd exits by the signal that stopped it (status -15 under a
