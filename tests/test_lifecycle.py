@@ -196,11 +196,15 @@ class Upstream(threading.Thread):
     the close code the gateway sends it, and answers the close.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hold: threading.Event | None = None) -> None:
         super().__init__(daemon=True)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.close_code: int | None = None
+        #: Set once the gateway's request has arrived.
+        self.requested = threading.Event()
+        #: When given, the 101 waits until it is set.
+        self.hold = hold
 
     def run(self) -> None:
         sock, _ = self.listener.accept()
@@ -213,6 +217,9 @@ class Upstream(threading.Thread):
             for line in request.split("\r\n")
             if line.lower().startswith("sec-websocket-key:")
         )
+        self.requested.set()
+        if self.hold is not None:
+            self.hold.wait(TIMEOUT)
         digest = hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
         sock.sendall(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -389,6 +396,36 @@ keys = ["bob-key"]
     output = server.output()
     assert "2 sessions revoked" in output
     assert "mary-leaked-key" not in output
+    assert server.stop() == 0
+
+
+def test_sighup_during_a_handshake_applies_when_it_opens(
+    tmp_path: Path, running: list[Process]
+) -> None:
+    """
+    A handshake that started before the reload (a gateway waiting for its
+    upstream) finishes with the configuration it started with, and its
+    session is then checked against the new one: a removed consumer's
+    session closes with 3003 as soon as it opens.
+    """
+    hold = threading.Event()
+    upstream = Upstream(hold)
+    upstream.start()
+    port = free_port()
+    text = config_text(port, consumers=JOHN_AND_MARY, upstream_port=upstream.port)
+    path = write(tmp_path / "w.toml", text)
+    server = start(running, path)
+    late = Client(port, "")
+    late.sock.sendall(upgrade_request("/gw", "apikey: john-key"))
+    assert upstream.requested.wait(TIMEOUT)
+    mary_only = '[[consumer]]\nname = "mary"\nkeys = ["mary-key"]\n'
+    write(path, config_text(port, consumers=mary_only, upstream_port=upstream.port))
+    sighup(server, "configuration reloaded")
+    hold.set()
+    assert late.head().startswith(b"HTTP/1.1 101 ")
+    assert late.close_code() == 3003
+    upstream.join(TIMEOUT)
+    assert upstream.close_code == 1001
     assert server.stop() == 0
 
 

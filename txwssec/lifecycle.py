@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import hmac
 import signal
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,7 @@ def reload(path: str | Path, factories: Sequence[SecureServerFactory], current: 
     keys = _verification_keys(new)
     revoked = 0
     for factory in factories:
+        _LateSessions.watch(factory, current, new.consumers, keys)
         for protocol in factory.registry.open():
             session = protocol.session
             if session is not None and _revoked(
@@ -183,6 +185,74 @@ def reload(path: str | Path, factories: Sequence[SecureServerFactory], current: 
             listen_changed=listen_changed,
         )
     return new
+
+
+class _LateSessions:
+    """
+    A reload's rule for the sessions whose handshake started before it (a
+    gateway waiting for its upstream, a password being checked) and that
+    open after it, with the configuration they started with: checked as
+    they open (an observer of C{session.opened}), against the latest
+    configuration, until the old configuration's handshakes have timed out.
+    """
+
+    #: The watchers of each factory, one per configuration a reload replaced.
+    _watching: weakref.WeakKeyDictionary[SecureServerFactory, list[_LateSessions]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(
+        self,
+        factory: SecureServerFactory,
+        old: Config,
+        new: ConsumerDirectory,
+        keys: frozenset[bytes],
+    ) -> None:
+        self.factory = factory
+        self.old = old
+        self.new = new
+        self.keys = keys
+
+    @classmethod
+    def watch(
+        cls,
+        factory: SecureServerFactory,
+        old: Config,
+        new: ConsumerDirectory,
+        keys: frozenset[bytes],
+    ) -> None:
+        """Watch the late sessions of C{old}; earlier watchers now check against C{new}."""
+        watchers = cls._watching.setdefault(factory, [])
+        for watcher in watchers:
+            watcher.new, watcher.keys = new, keys
+        watcher = cls(factory, old, new, keys)
+        watchers.append(watcher)
+        factory.events.add(watcher)
+        # Autobahn drops a handshake that takes longer than this.
+        factory.clock.callLater(old.policy.handshake_timeout + 1, watcher.stop)
+
+    def stop(self) -> None:
+        """Stop watching."""
+        self.factory.events.remove(self)
+        self._watching.get(self.factory, []).remove(self)
+
+    def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
+        if event != events.SESSION_OPENED:
+            return
+        protocol: Any = self.factory.registry.get(fields["id"])
+        if protocol is None or protocol.handshakePolicy is not self.old.policy:
+            return
+        session = protocol.session
+        if session is not None and _revoked(
+            session.principal, self.old.consumers, self.new, self.keys
+        ):
+            # After the application's onOpen, as for any open session.
+            self.factory.clock.callLater(0, _revokeIfOpen, protocol)
+
+
+def _revokeIfOpen(protocol: Any) -> None:
+    if protocol.state == protocol.STATE_OPEN:
+        protocol.revoke()
 
 
 def _keep_tls(new: Config, current: Config) -> Config:
