@@ -475,6 +475,27 @@ def test_sighup_with_an_invalid_file_keeps_serving(tmp_path: Path, running: list
     assert server.stop() == 0
 
 
+def test_sighup_with_an_unreadable_certificate_keeps_the_old_one(
+    tmp_path: Path, running: list[Process]
+) -> None:
+    """
+    A certificate file that no longer loads fails the whole reload: one line
+    naming tls.cert, and wss:// goes on with the old certificate.
+    """
+    write_dev_certificates(tmp_path / "dev-certs")
+    port, tls_port = free_port(), free_port()
+    text = config_text(port, consumers=JOHN_AND_MARY, tls_port=tls_port)
+    server = start(running, write(tmp_path / "w.toml", text))
+    server.wait_for(f"127.0.0.1:{tls_port}")
+    (tmp_path / "dev-certs" / "server.pem").write_text("not a certificate\n")
+    sighup(server, "configuration reload failed")
+    assert "w.toml: tls.cert" in server.wait_for("configuration reload failed").string
+    wss = Client(tls_port, "/echo", "apikey: john-key", tls=True)
+    assert status(wss) == 101
+    assert wss.echo("old certificate") == "old certificate"
+    assert server.stop() == 0
+
+
 def test_sighup_with_other_listeners_keeps_the_old_ones(
     tmp_path: Path, running: list[Process]
 ) -> None:
