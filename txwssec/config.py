@@ -69,6 +69,8 @@ class Config:
     @ivar gc_young_threshold: the cycle collector's young-generation
         threshold C{twistd wssec} sets (see L{txwssec.collector}); 0 leaves
         the collector as Python set it.
+    @ivar shutdown_timeout: seconds a graceful stop waits for the sessions'
+        close handshakes (see L{txwssec.lifecycle}).
     """
 
     listen: tuple[str, ...]
@@ -80,6 +82,7 @@ class Config:
     admin: AdminSettings | None = None
     #: C{[log]} (see L{txwssec.ops}).
     log: LogSettings = DEFAULT_LOG
+    shutdown_timeout: float = 10.0
 
     def endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
         """One server endpoint per listen description."""
@@ -145,6 +148,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
                 f"{server.key_path('public_origins')}[{index}]", str(error)
             ) from None
     gc_young_threshold = server.integer("gc_young_threshold", DEFAULT_YOUNG_THRESHOLD)
+    shutdown_timeout = server.number("shutdown_timeout", 10)
     server.finish()
     tls = _tls(root.table("tls"), base_dir) if root.has("tls") else None
     _check_listeners(listen, allow_plaintext, tls)
@@ -191,6 +195,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         gc_young_threshold=gc_young_threshold,
         admin=admin,
         log=log,
+        shutdown_timeout=shutdown_timeout,
     )
 
 

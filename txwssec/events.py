@@ -61,6 +61,14 @@ UPSTREAM_LOST = "upstream.lost"
 #: consumer.
 MESSAGE_REFUSED = "message.refused"
 
+#: The configuration file was reloaded and applied (SIGHUP, see
+#: L{txwssec.lifecycle}): path, routes, consumers, revoked (sessions closed
+#: 3003), listen_changed (listeners differ: a restart applies them).
+CONFIG_RELOADED = "config.reloaded"
+#: A reload found the file invalid; the old configuration stays: path,
+#: error (naming the key path).
+CONFIG_RELOAD_FAILED = "config.reload_failed"
+
 #: The event list: every name emitted, and what it means.
 EVENTS: Mapping[str, str] = {
     HANDSHAKE_ACCEPTED: "a handshake was accepted",
@@ -76,6 +84,8 @@ EVENTS: Mapping[str, str] = {
     UPSTREAM_FAILED: "an upstream failed a gateway handshake",
     UPSTREAM_LOST: "a gateway session's upstream went away",
     MESSAGE_REFUSED: "a message broke its route's message rules",
+    CONFIG_RELOADED: "the configuration file was reloaded",
+    CONFIG_RELOAD_FAILED: "a configuration reload failed; the old one stays",
 }
 
 

@@ -157,6 +157,25 @@ def _upstream_lost(fields: Mapping[str, Any]) -> None:
     gatewayLog.warn("upstream of {peer} went away", peer=fields["peer"])
 
 
+def _reloaded(fields: Mapping[str, Any]) -> None:
+    securityLog.info(
+        "wssec configuration reloaded from {path}: {routes} routes, {consumers} consumers,"
+        " {revoked} sessions revoked",
+        **fields,
+    )
+    if fields["listen_changed"]:
+        securityLog.warn(
+            "wssec server.listen changed in {path}: listeners are unchanged until a restart",
+            path=fields["path"],
+        )
+
+
+def _reload_failed(fields: Mapping[str, Any]) -> None:
+    securityLog.error(
+        "wssec configuration reload failed, keeping the old one: {path}: {error}", **fields
+    )
+
+
 class TextLogObserver:
     """
     The text log: one line per event that has one, with the format and the
@@ -178,6 +197,8 @@ class TextLogObserver:
         events.UPSTREAM_FAILED: _upstream_failed,
         events.UPSTREAM_LOST: _upstream_lost,
         events.MESSAGE_REFUSED: _message_refused,
+        events.CONFIG_RELOADED: _reloaded,
+        events.CONFIG_RELOAD_FAILED: _reload_failed,
     }
 
     def __call__(self, event: str, fields: Mapping[str, Any]) -> None:

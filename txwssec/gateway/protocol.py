@@ -68,7 +68,7 @@ class GatewayProtocol(SecureServerProtocol):
         route = self.route
         assert route is not None and route.upstream is not None
         pool = pool_for(self.factory, route)
-        policy = self.factory.policy
+        policy = self.handshakePolicy or self.factory.policy
         known = [method for each in policy.routes for method in each.authenticators]
         direct_peer = self._directPeer()
         headers = forwarded_headers(
@@ -383,6 +383,12 @@ class GatewayProtocol(SecureServerProtocol):
         self._stopDraining()
         self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
         super().endSession(code, reason, event)
+
+    def goAway(self) -> None:
+        # The server stops: both legs get 1001.
+        self._stopDraining()
+        self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
+        super().goAway()
 
     def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
         upstream = self.upstream

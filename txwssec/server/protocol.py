@@ -46,12 +46,13 @@ from txwssec.errors import (
     CloseCode,
     Forbidden,
     HandshakeRefused,
+    ServiceUnavailable,
     Unauthorized,
 )
 from txwssec.logs import bounded
 from txwssec.messages.validation import MessageValidator, Refusal, validator_for
 from txwssec.origin import listener_for
-from txwssec.policy import RoutePolicy
+from txwssec.policy import RoutePolicy, ServerPolicy
 from txwssec.server.context import ServerContext
 from txwssec.server.flow import TrafficFlow
 from txwssec.server.handshake import HandshakeIO
@@ -96,6 +97,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     factory: ServerContext
     session: Session | None = None
     route: RoutePolicy | None = None
+    #: The server policy this connection's handshake started with.
+    handshakePolicy: ServerPolicy | None = None
     _refusal: HandshakeRefused | None = None
     _admitted_host: str | None = None
     #: The admitted address, kept after release: a failed authentication
@@ -182,19 +185,23 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         factory = self.factory
         handshake = self.handshakeRequest(request)
 
-        # 1. route lookup by path (404)
-        route = factory.policy.route_for(handshake.path)
+        # 1. route lookup by path (404); the whole handshake uses this
+        # policy, even if a reload swaps the factory's meanwhile
+        self.handshakePolicy = policy = factory.policy
+        route = policy.route_for(handshake.path)
         self.route = route
         self._useRoute(route)
 
-        # 2. connection admission (503, 429)
+        # 2. connection admission (503, 429); 503 while the server stops
+        if factory.stopping:
+            raise ServiceUnavailable("server shutting down")
         factory.admission.admit(handshake.host, factory.clock.seconds())
         self._admitted_host = self._client_host = handshake.host
 
         # 3. Origin (403)
         origin = handshake.header_values("origin")
         if origin and not route.origins.allows(
-            origin[0], listener_for(self.transport, factory.policy.public_origins)
+            origin[0], listener_for(self.transport, policy.public_origins)
         ):
             raise Forbidden(f"origin {bounded(origin[0])!r} not allowed")
 
@@ -247,6 +254,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         # 7. the session, its timers armed when the connection opens
         route, clock, principal = self.route, self.factory.clock, accept.principal
         assert route is not None
+        if self.factory.stopping:  # it stopped while this handshake waited
+            raise ServiceUnavailable("server shutting down")
         now = clock.seconds()
         not_after = now + route.max_lifetime if route.max_lifetime else None
         self.session = Session(principal, accept.expires_at, route.path, clock, not_after)
@@ -379,6 +388,13 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     def revoke(self) -> None:
         """Close this session because its credentials were revoked (3003)."""
         self.endSession(CloseCode.FORBIDDEN, "credentials revoked", "revoked")
+
+    def goAway(self) -> None:
+        """Close this session because the server stops (1001)."""
+        if self.session is not None:
+            self.session.stop()
+        # (Autobahn's sendClose refuses 1001, a code for servers only.)
+        self.sendCloseFrame(int(CloseCode.GOING_AWAY), b"server shutting down")
 
     def endSession(self, code: int, reason: str, event: str) -> None:
         """
