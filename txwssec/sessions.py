@@ -12,7 +12,7 @@ list (L{txwssec.store}), which it keeps: one record per open session.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import chain, count
 from typing import Any, Protocol
 
@@ -101,21 +101,26 @@ class SessionRegistry:
         """C{consumer}'s tracked sessions (a new list)."""
         return list(self.by_consumer.get(consumer, ()))
 
-    def open(self, route: str | None = None) -> list[Live]:
+    def open(self, route: str | None = None, *, gateways: bool = True) -> list[Live]:
         """
         The sessions that are open now (not closing), on C{route} (a path)
-        or on every application route (gateway sessions, whose messages
-        come from their upstream, are left out): a new list, so that
-        sessions may close while the caller goes through it.
+        or on every route: a new list, so that sessions may close while the
+        caller goes through it.
+
+        @param gateways: include gateway sessions (a broadcast leaves them
+            out: their messages come from their upstream; a stop or a reload
+            does not).
         """
-        if route is not None:
-            live = self._by_route.get(route, ())
-            return [protocol for protocol in live if protocol.state == protocol.STATE_OPEN]
+        live: Iterable[Live] = (
+            self._by_route.get(route, ())
+            if route is not None
+            else chain.from_iterable(self._by_route.values())
+        )
         return [
             protocol
-            for protocol in chain.from_iterable(self._by_route.values())
+            for protocol in live
             if protocol.state == protocol.STATE_OPEN
-            and (protocol.route is None or protocol.route.upstream is None)
+            and (gateways or protocol.route is None or protocol.route.upstream is None)
         ]
 
     def revoke(self, consumer: str | None = None, session_id: str | None = None) -> int:

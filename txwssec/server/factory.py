@@ -131,7 +131,7 @@ class SecureServerFactory(WebSocketServerFactory):
         @raise ValueError: C{route} is a gateway route.
         """
         self._notGateway(route)
-        return self.registry.open(route)
+        return self.registry.open(route, gateways=False)
 
     def _notGateway(self, route: str | None) -> None:
         known = self._protocols.get(route) if route is not None else None
@@ -159,7 +159,7 @@ class SecureServerFactory(WebSocketServerFactory):
         self._notGateway(route)
         sent = too_big = 0
         size = len(payload)
-        for protocol in self.registry.open(route):
+        for protocol in self.registry.open(route, gateways=False):
             policy = protocol.route
             if policy is not None and size > policy.max_message_size:
                 too_big += 1
