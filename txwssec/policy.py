@@ -161,6 +161,10 @@ class RoutePolicy:
     upstream: Upstream | None = None
     forward_cookie: bool = False
     forward_authorization: bool = False
+    refresh: bool = False
+    refresh_notice: float = 30
+    tickets: bool = False
+    ticket_ttl: float = 30
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):

@@ -47,6 +47,8 @@ class GatewayProtocol(SecureServerProtocol):
     #: The frame relay, once the session is open (see L{txwssec.gateway.relay}).
     _scanner: FrameScanner | None = None
     _scanning: bool = False
+    #: Messages of the gateway's own waiting for a relayed message's end.
+    _ownMessages: list[tuple[bytes, bool]] | None = None
 
     async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
         """
@@ -161,6 +163,7 @@ class GatewayProtocol(SecureServerProtocol):
             max_frame=self.maxFramePayloadSize,
             max_message=self.maxMessagePayloadSize,
             accounted=True,
+            refresh=self.route is not None and self.route.refresh,
         )
         upstream.startRelay()
 
@@ -206,12 +209,50 @@ class GatewayProtocol(SecureServerProtocol):
         self._scanner = None
         autobahn_rest(self, rest, inside, so_far, binary)
 
+    def relayRefresh(self, payload: bytes) -> None:
+        self._refreshMessage(payload)
+
     def relayWrite(self, frames: bytes) -> None:
         """
         Write frames relayed from the upstream: through L{sendData}, so that
         the slow-consumer limit counts them.
         """
+        if self._ownMessages and not self._upstreamInside():
+            self._flushOwn()
         self.sendData(frames)
+
+    # -- the gateway's own messages (wssec.refreshed, wssec.expiring) ----------
+
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> bool:
+        """
+        As L{SecureServerProtocol.sendMessage}; while the upstream's frames
+        of a fragmented message are being relayed, a message of the
+        gateway's own waits for that message's end (it cannot go between
+        its frames).
+        """
+        if self._upstreamInside():
+            if self._ownMessages is None:
+                self._ownMessages = []
+            self._ownMessages.append((payload, isBinary))
+            return bool(self.state == self.STATE_OPEN)
+        return super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
+
+    def _upstreamInside(self) -> bool:
+        upstream = self.upstream
+        scanner = upstream._scanner if upstream is not None else None
+        return scanner is not None and scanner.inside
+
+    def _flushOwn(self) -> None:
+        waiting, self._ownMessages = self._ownMessages or [], None
+        for payload, binary in waiting:
+            super().sendMessage(payload, binary)
 
     # -- client -> upstream ----------------------------------------------------
 

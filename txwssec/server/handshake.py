@@ -8,6 +8,7 @@ The pipeline that decides is L{SecureServerProtocol.secureHandshake}.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
@@ -32,6 +33,7 @@ from txwssec.errors import (
 from txwssec.logs import bounded
 from txwssec.policy import RoutePolicy
 from txwssec.server.context import ServerContext
+from txwssec.server.ticketing import TICKET_METHODS
 from txwssec.tls import peer_certificate
 from txwssec.types import HandshakeRequest
 
@@ -50,6 +52,8 @@ class HandshakeIO(WebSocketServerProtocol):
     #: counts even if the client reset the connection before the verdict.
     _client_host: str | None = None
     _pipelineStarted: bool = False
+    #: From L{txwssec.server.ticketing.TicketIssuer} (another base class).
+    _ticketRequest: Callable[[int], None]
 
     def handshakeRequest(self, request: ConnectionRequest) -> HandshakeRequest:
         """
@@ -128,6 +132,9 @@ class HandshakeIO(WebSocketServerProtocol):
                 self.data = check_request_head(self.data, end)
             except HandshakeRefused as refusal:
                 return self._refuse(refusal)
+            if self.data.startswith(TICKET_METHODS):
+                # One-time tickets: POST (and its preflight) on a route.
+                return self._ticketRequest(self.data.find(b"\r\n\r\n"))
             super().processHandshake()
 
     def _parseExtensionsHeader(

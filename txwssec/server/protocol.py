@@ -44,17 +44,21 @@ from txwssec.errors import (
 from txwssec.logs import bounded
 from txwssec.origin import listener_for
 from txwssec.policy import RoutePolicy
+from txwssec.refresh import is_refresh
 from txwssec.server.context import ServerContext
 from txwssec.server.flow import TrafficFlow
 from txwssec.server.handshake import HandshakeIO
+from txwssec.server.refreshing import SessionRefresh
+from txwssec.server.ticketing import TicketIssuer
 from txwssec.session import Session
 from txwssec.subprotocols import select_subprotocol
+from txwssec.tickets import redeem
 from txwssec.traffic import TrafficGuard
 from txwssec.types import Accept, HandshakeRequest
 
 
 # (mypy: two bases that share Autobahn's, whose own bases disagree on two names.)
-class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
+class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssuer):  # type: ignore[misc]
     """
     A WebSocket server protocol whose handshake is authenticated.
 
@@ -168,8 +172,12 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         ):
             raise Forbidden(f"origin {bounded(origin[0])!r} not allowed")
 
-        # 4. authentication (401, 403)
-        accept = authenticate(route.authenticators, handshake)
+        # 4. authentication (401, 403): a one-time ticket, or the methods
+        accept: Accept | Deferred[Accept] | None = None
+        if route.tickets:
+            accept = redeem(factory.admission.store, route, handshake, factory.clock.seconds())
+        if accept is None:
+            accept = authenticate(route.authenticators, handshake)
         if isinstance(accept, Deferred):
             return accept.addCallback(self._authenticated, handshake)
         return self._authenticated(accept, handshake)
@@ -264,6 +272,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             factory = self.factory
             deadlines = factory.deadlines
             session.start(self._credentialsExpired, deadlines)
+            if route.refresh:
+                self._startRefresh(session, route)
             factory.sessionOpened(self)
             factory.events.emit(
                 events.SESSION_OPENED,
@@ -282,6 +292,11 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     # -- application hooks and errors ---------------------------------------
 
     def _onMessage(self, payload: bytes, isBinary: bool) -> None:
+        route = self.route
+        if route is not None and route.refresh and not isBinary and is_refresh(payload):
+            # Consumed here, first: never validated, never the application's.
+            self._refreshMessage(payload)
+            return
         run_hook(self, "onMessage", self.onMessage, payload, isBinary)
 
     def _onPing(self, payload: bytes) -> None:
@@ -329,10 +344,11 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     def endSession(self, code: int, reason: str, event: str) -> None:
         """
         Close the connection with C{code} and a short C{reason}: the event
-        C{session.<event>} (C{expired}, C{revoked}, C{idle}).
+        C{session.<event>} (C{expired}, C{revoked}, C{idle}; none for C{""}).
         """
         session = self.session
-        self.factory.events.emit(f"session.{event}", code=int(code), **self._sessionFields())
+        if event:
+            self.factory.events.emit(f"session.{event}", code=int(code), **self._sessionFields())
         if session is not None:
             session.stop()
         self.sendClose(int(code), reason)

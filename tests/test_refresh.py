@@ -1,0 +1,467 @@
+"""
+In-band refresh (routes with C{refresh = true}, txwssec.refresh): real
+servers on 127.0.0.1, real clients (C{websockets}), short-lived JWTs
+(seconds, so that a session outliving its first token takes seconds, not
+minutes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+import pytest
+import pytest_twisted
+import websockets
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from conftest import aio
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from txwssec import (
+    Consumer,
+    ConsumerDirectory,
+    JWTAuthenticator,
+    KeyAuthenticator,
+    RoutePolicy,
+    SecureServerFactory,
+    SecureServerProtocol,
+    ServerPolicy,
+)
+from txwssec.apps.echo import EchoProtocol
+from txwssec.consumers import key_digest
+from txwssec.policy import Upstream
+from txwssec.refresh import (
+    MAX_REFRESH_BYTES,
+    ConsumerChanged,
+    RefreshRejected,
+    is_refresh,
+    read_token,
+)
+
+SECRET = "refresh-tests-hmac-secret-of-at-least-32-bytes"
+JOHN_KEY = "john-refresh-key"
+TIMEOUT = 15.0
+
+Serve = Callable[[Any], int]
+
+
+def directory() -> ConsumerDirectory:
+    return ConsumerDirectory([Consumer("john", (key_digest(JOHN_KEY),)), Consumer("mary", ())])
+
+
+def token(sub: str = "john", lifetime: float = 60, secret: str = SECRET) -> str:
+    return jwt.encode({"sub": sub, "exp": int(time.time() + lifetime)}, secret, algorithm="HS256")
+
+
+def exp_of(jwt_token: str) -> int:
+    return int(jwt.decode(jwt_token, options={"verify_signature": False})["exp"])
+
+
+def route(path: str = "/echo", **options: Any) -> RoutePolicy:
+    consumers = directory()
+    options.setdefault("protocol", EchoProtocol)
+    return RoutePolicy(
+        path,
+        [KeyAuthenticator(consumers), JWTAuthenticator(consumers, SECRET)],
+        **options,
+    )
+
+
+def server(*routes: RoutePolicy) -> SecureServerFactory:
+    factory = SecureServerFactory(ServerPolicy(routes=tuple(routes), ping_interval=0))
+    return factory
+
+
+def seen_events(factory: SecureServerFactory) -> list[tuple[str, dict[str, Any]]]:
+    seen: list[tuple[str, dict[str, Any]]] = []
+    factory.events.add(lambda name, fields: seen.append((name, dict(fields))))
+    return seen
+
+
+async def connect(port: int, jwt_token: str, path: str = "/echo") -> ClientConnection:
+    return await websockets.connect(
+        f"ws://127.0.0.1:{port}{path}",
+        additional_headers={"Authorization": f"Bearer {jwt_token}"},
+        open_timeout=TIMEOUT,
+        ping_interval=None,
+    )
+
+
+def refresh_message(credential: Any) -> str:
+    return json.dumps({"type": "wssec.refresh", "token": credential})
+
+
+async def ask(ws: ClientConnection, message: str) -> Any:
+    await ws.send(message)
+    reply = await asyncio.wait_for(ws.recv(), TIMEOUT)
+    assert isinstance(reply, str)
+    return json.loads(reply)
+
+
+async def closed(ws: ClientConnection) -> tuple[int, str]:
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                await ws.recv()
+    except ConnectionClosed as error:
+        assert error.rcvd is not None
+        return error.rcvd.code, error.rcvd.reason
+    raise AssertionError("unreachable")
+
+
+# -- what a refresh message is -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"type": "wssec.refresh", "token": "x"}',
+        b'{"type":"wssec.refresh","token":"x"}',
+        b'  \n{ "type" : "wssec.refresh" }',
+        b'{"type": "wssec.refresh", "token": 5}',
+        b'{"type": "wssec.refresh", "token": "x"' + b"x" * MAX_REFRESH_BYTES,
+    ],
+)
+def test_is_refresh(payload: bytes) -> None:
+    """A JSON object whose first member is "type": "wssec.refresh"."""
+    assert is_refresh(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"type": "wssec.refreshed", "token": "x"}',
+        b'{"token": "x", "type": "wssec.refresh"}',
+        b'["wssec.refresh"]',
+        b"wssec.refresh",
+        b'{"type": "chat", "text": "{\\"type\\": \\"wssec.refresh\\"}"}',
+        b"",
+    ],
+)
+def test_is_not_refresh(payload: bytes) -> None:
+    """Anything else is an ordinary message."""
+    assert not is_refresh(payload)
+
+
+@pytest.mark.parametrize(
+    ("payload", "outcome"),
+    [
+        (b'{"type": "wssec.refresh", "token": "x"' + b" " * MAX_REFRESH_BYTES + b"}", "too_large"),
+        (b'{"type": "wssec.refresh", "token": "secret-tok', "malformed"),
+        (b'{"type": "wssec.refresh"}', "malformed"),
+        (b'{"type": "wssec.refresh", "token": 5}', "malformed"),
+        (b'{"type": "wssec.refresh", "token": ""}', "malformed"),
+        (b'{"type": "wssec.refresh", "token": null}', "malformed"),
+    ],
+)
+def test_read_token_rejects(payload: bytes, outcome: str) -> None:
+    """Malformed refresh messages are rejected with a fixed reason."""
+    with pytest.raises(RefreshRejected) as raised:
+        read_token(payload)
+    assert raised.value.outcome == outcome
+    assert "secret-tok" not in raised.value.reason + raised.value.detail
+
+
+# -- an application route ------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_refreshed_three_times_outlives_first_token(serve: Serve) -> None:
+    """
+    A session opened with a token valid 2 s is refreshed three times (one
+    per second: the rate limit) with tokens valid 3 s: it is still open
+    (echoing) after the first token's expiry, each answer names the new
+    token's exp, and it finally closes 3000 when the last one expires.
+    """
+    factory = server(route(refresh=True, refresh_notice=0))
+    seen = seen_events(factory)
+    port = serve(factory)
+    first = token(lifetime=2)
+
+    async def client() -> tuple[list[Any], tuple[int, str]]:
+        ws = await connect(port, first)
+        answers = []
+        for index in range(3):
+            if index:
+                await asyncio.sleep(1.05)
+            fresh = token(lifetime=3)
+            answer = await ask(ws, refresh_message(fresh))
+            assert answer == {"type": "wssec.refreshed", "expires_at": exp_of(fresh)}
+            answers.append(answer)
+        await asyncio.sleep(max(0.0, exp_of(first) - time.time()) + 0.2)
+        await ws.send("still here")
+        assert await asyncio.wait_for(ws.recv(), TIMEOUT) == "still here"
+        return answers, await closed(ws)
+
+    answers, close = await aio(client())
+    assert close == (3000, "credentials expired")
+    assert len(answers) == 3
+    refreshed = [fields for name, fields in seen if name == "session.refreshed"]
+    assert [fields["outcome"] for fields in refreshed] == ["refreshed"] * 3
+    assert refreshed[-1]["consumer"] == "john"
+    assert refreshed[-1]["method"] == "jwt"
+
+
+@pytest_twisted.ensureDeferred
+async def test_refresh_with_a_key(serve: Serve) -> None:
+    """
+    A key (the route's first method) refreshes too: it has no expiry, so
+    the session has none any more (expires_at null).
+    """
+    port = serve(server(route(refresh=True, refresh_notice=0)))
+
+    async def client() -> Any:
+        ws = await connect(port, token(lifetime=30))
+        return await ask(ws, refresh_message(JOHN_KEY))
+
+    assert await aio(client()) == {"type": "wssec.refreshed", "expires_at": None}
+
+
+@pytest_twisted.ensureDeferred
+async def test_refresh_message_on_a_route_without_refresh(serve: Serve) -> None:
+    """With refresh = false (the default) it is an ordinary message: echoed."""
+    port = serve(server(route()))
+    message = refresh_message(token())
+
+    async def client() -> Any:
+        ws = await connect(port, token())
+        await ws.send(message)
+        return await asyncio.wait_for(ws.recv(), TIMEOUT)
+
+    assert await aio(client()) == message
+
+
+class Recorder(SecureServerProtocol):
+    """Records the messages the application receives; echoes them."""
+
+    received: list[bytes] = []
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        Recorder.received.append(payload)
+        self.sendMessage(payload, isBinary)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rejections_leave_the_session_as_it_was(serve: Serve) -> None:
+    """
+    Malformed messages, a bad credential and a second refresh within the
+    second are each answered with a fixed reason (the token is never
+    echoed), none reaches the application, and the session keeps its
+    expiry and stays open. A bad credential counts as an authentication
+    failure of the address.
+    """
+    Recorder.received = []
+    factory = server(route(refresh=True, refresh_notice=0, protocol=Recorder))
+    seen = seen_events(factory)
+    port = serve(factory)
+    first = token(lifetime=30)
+    forged = token(lifetime=60, secret="another-secret-of-at-least-32-bytes-long")
+
+    async def client() -> list[Any]:
+        ws = await connect(port, first)
+        answers = [
+            await ask(ws, '{"type": "wssec.refresh", "token": "secret-tok'),
+            await ask(ws, '{"type": "wssec.refresh"}'),
+            await ask(ws, '{"type": "wssec.refresh", "token": ["secret-tok"]}'),
+            await ask(ws, '{"type": "wssec.refresh", "token": "' + "x" * MAX_REFRESH_BYTES + '"}'),
+            await ask(ws, refresh_message(forged)),
+            await ask(ws, refresh_message(token(lifetime=60))),
+        ]
+        await ws.send("ordinary")
+        answers.append(await asyncio.wait_for(ws.recv(), TIMEOUT))
+        await ws.close()
+        return answers
+
+    answers = await aio(client())
+    assert answers[:6] == [
+        {"type": "wssec.refresh_rejected", "reason": "malformed refresh message"},
+        {"type": "wssec.refresh_rejected", "reason": "malformed refresh message"},
+        {"type": "wssec.refresh_rejected", "reason": "malformed refresh message"},
+        {"type": "wssec.refresh_rejected", "reason": "message too large"},
+        {"type": "wssec.refresh_rejected", "reason": "invalid credential"},
+        {"type": "wssec.refresh_rejected", "reason": "too many refreshes"},
+    ]
+    assert answers[6] == "ordinary"
+    assert Recorder.received == [b"ordinary"]
+    outcomes = [f["outcome"] for name, f in seen if name == "session.refresh_rejected"]
+    assert outcomes == [
+        *("malformed", "malformed", "malformed", "too_large", "invalid", "rate_limited")
+    ]
+    assert not [name for name, _ in seen if name == "session.refreshed"]
+    assert "secret-tok" not in repr(seen) and forged not in repr(seen)
+    assert len(factory.admission.auth_failures) == 1  # the address failed once
+
+
+@pytest_twisted.ensureDeferred
+async def test_credential_of_another_consumer_closes_3003(serve: Serve) -> None:
+    """A valid credential naming another consumer closes the session: 3003."""
+    factory = server(route(refresh=True))
+    seen = seen_events(factory)
+    port = serve(factory)
+
+    async def client() -> tuple[int, str]:
+        ws = await connect(port, token("john"))
+        await ws.send(refresh_message(token("mary")))
+        return await closed(ws)
+
+    assert await aio(client()) == (3003, "consumer changed")
+    rejected = [f for name, f in seen if name == "session.refresh_rejected"]
+    assert [f["outcome"] for f in rejected] == ["consumer_changed"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_expiring_notice(serve: Serve) -> None:
+    """
+    wssec.expiring arrives refresh_notice seconds before the expiry (not
+    sooner), once; after a refresh, again before the new expiry.
+    """
+    port = serve(server(route(refresh=True, refresh_notice=1)))
+    first = token(lifetime=2)
+
+    async def client() -> tuple[Any, float, Any, Any]:
+        ws = await connect(port, first)
+        notice = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+        when = time.time()
+        fresh = token(lifetime=3)
+        answer = await ask(ws, refresh_message(fresh))
+        second = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+        return notice, when, answer, second
+
+    notice, when, answer, second = await aio(client())
+    assert notice == {"type": "wssec.expiring", "expires_at": exp_of(first)}
+    assert when >= exp_of(first) - 1
+    assert answer["type"] == "wssec.refreshed"
+    assert second == {"type": "wssec.expiring", "expires_at": answer["expires_at"]}
+
+
+class ApiRefresh(SecureServerProtocol):
+    """Refreshes through the Python API: C{await session.refresh(credential)}."""
+
+    async def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        assert self.session is not None
+        try:
+            expires_at = await self.session.refresh(payload.decode())
+        except RefreshRejected as rejected:
+            self.sendMessage(f"rejected: {rejected.reason}".encode())
+        except ConsumerChanged:
+            pass
+        else:
+            self.sendMessage(f"refreshed: {expires_at}".encode())
+
+
+@pytest_twisted.ensureDeferred
+async def test_python_api(serve: Serve) -> None:
+    """
+    C{await protocol.session.refresh(credential)}: the new expiry, or
+    RefreshRejected with the session left as it was.
+    """
+    port = serve(server(route(refresh=True, refresh_notice=0, protocol=ApiRefresh)))
+    fresh = token(lifetime=50)
+
+    async def client() -> list[Any]:
+        ws = await connect(port, token(lifetime=20))
+        answers = []
+        for message in (fresh, "not-a-credential"):
+            await ws.send(message)
+            answers.append(await asyncio.wait_for(ws.recv(), TIMEOUT))
+        return answers
+
+    assert await aio(client()) == [
+        f"refreshed: {float(exp_of(fresh))}",
+        "rejected: invalid credential",
+    ]
+
+
+# -- a gateway route -----------------------------------------------------------
+
+
+class Upstream_(WebSocketServerProtocol):
+    """An upstream that records what it receives and echoes it."""
+
+    received: list[bytes] = []
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        Upstream_.received.append(payload)
+        self.sendMessage(payload, isBinary)
+
+
+def upstream_factory() -> WebSocketServerFactory:
+    factory = WebSocketServerFactory()
+    factory.protocol = Upstream_
+    factory.setProtocolOptions(autoPingInterval=0)
+    return factory
+
+
+@pytest.mark.parametrize("compression", [False, True], ids=["relay", "autobahn"])
+@pytest_twisted.ensureDeferred
+async def test_gateway_refresh_never_reaches_upstream(serve: Serve, compression: bool) -> None:
+    """
+    Through a gateway route (the frame relay, and Autobahn's path when
+    compression is on): a session refreshed three times outlives its first
+    token; the upstream sees the ordinary messages only, never a refresh
+    message, and a refresh split in two frames is consumed too.
+    """
+    Upstream_.received = []
+    upstream_port = serve(upstream_factory())
+    gateway = route(
+        "/gw",
+        protocol=None,
+        refresh=True,
+        refresh_notice=0,
+        compression=compression,
+        upstream=Upstream((f"ws://127.0.0.1:{upstream_port}/",)),
+    )
+    factory = server(gateway)
+    seen = seen_events(factory)
+    port = serve(factory)
+    first = token(lifetime=2)
+
+    async def client() -> list[Any]:
+        ws = await websockets.connect(
+            f"ws://127.0.0.1:{port}/gw",
+            additional_headers={"Authorization": f"Bearer {first}"},
+            open_timeout=TIMEOUT,
+            ping_interval=None,
+            compression="deflate" if compression else None,
+        )
+        answers = []
+        for index in range(3):
+            if index:
+                await asyncio.sleep(1.05)
+            await ws.send(f"before {index}")
+            assert await asyncio.wait_for(ws.recv(), TIMEOUT) == f"before {index}"
+            message = refresh_message(token(lifetime=3))
+            if index == 2:
+                await ws.send([message[:10], message[10:]])  # fragmented
+                answers.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
+            else:
+                answers.append(await ask(ws, message))
+        await asyncio.sleep(max(0.0, exp_of(first) - time.time()) + 0.2)
+        await ws.send("after")
+        answers.append(await asyncio.wait_for(ws.recv(), TIMEOUT))
+        await ws.close()
+        return answers
+
+    answers = await aio(client())
+    assert [answer["type"] for answer in answers[:3]] == ["wssec.refreshed"] * 3
+    assert answers[3] == "after"
+    assert Upstream_.received == [b"before 0", b"before 1", b"before 2", b"after"]
+    assert len([name for name, _ in seen if name == "session.refreshed"]) == 3
+
+
+def test_relay_unmasks_exactly() -> None:
+    """The relay's unmasking matches RFC 6455's (wsframes.apply_mask)."""
+    import wsframes
+
+    from txwssec.gateway.relay import _unmasked
+
+    mask = b"\x01\x82\x13\xf4"
+    for payload in (b"", b"a", b"abcd", b"abcde" * 7):
+        data = b"xx" + mask + wsframes.apply_mask(payload, mask)
+        assert _unmasked(data, 6, len(payload), 2) == payload
+        assert _unmasked(data, 6, min(len(payload), 3), 2) == payload[:3]
