@@ -19,6 +19,8 @@ import pytest_twisted
 import websockets
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from conftest import aio
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -33,6 +35,7 @@ from txwssec import (
     ServerPolicy,
 )
 from txwssec.apps.echo import EchoProtocol
+from txwssec.client import BearerToken, SecureClientFactory, SecureClientProtocol
 from txwssec.consumers import key_digest
 from txwssec.policy import Upstream
 from txwssec.refresh import (
@@ -465,3 +468,59 @@ def test_relay_unmasks_exactly() -> None:
         data = b"xx" + mask + wsframes.apply_mask(payload, mask)
         assert _unmasked(data, 6, len(payload), 2) == payload
         assert _unmasked(data, 6, min(len(payload), 3), 2) == payload[:3]
+
+
+# -- the Python client ---------------------------------------------------------
+
+
+class RefreshingClient(SecureClientProtocol):
+    """Records what reaches the application and the refresh answers."""
+
+    def onOpen(self) -> None:
+        self.messages: list[bytes] = []
+        self.refreshed: list[float | None] = []
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.messages.append(payload)
+
+    def onRefreshed(self, expires_at: float | None) -> None:
+        self.refreshed.append(expires_at)
+
+
+@pytest_twisted.ensureDeferred
+async def test_python_client_refreshes_on_its_own(serve: Serve) -> None:
+    """
+    SecureClientFactory(refresh=...): on each wssec.expiring (1 s ahead of
+    the expiry) the client calls the callback (a coroutine here) and sends
+    the new token; three refreshes later the session has outlived its
+    first token, the application saw none of the refresh messages, and the
+    session still echoes.
+    """
+    port = serve(server(route(refresh=True, refresh_notice=1)))
+    first = token(lifetime=2)
+    issued: list[str] = []
+
+    async def new_token() -> str:
+        fresh = token(lifetime=3.5)
+        issued.append(fresh)
+        return fresh
+
+    factory = SecureClientFactory(
+        f"ws://127.0.0.1:{port}/echo", BearerToken(first), refresh=new_token
+    )
+    factory.protocol = RefreshingClient
+    protocol = await factory.connect()
+    await protocol.opened
+    assert isinstance(protocol, RefreshingClient)
+    deadline = time.time() + TIMEOUT
+    while len(protocol.refreshed) < 3 and time.time() < deadline:
+        await deferLater(reactor, 0.05)
+    assert len(protocol.refreshed) == 3, (protocol.refreshed, protocol.messages)
+    assert time.time() > exp_of(first)
+    protocol.sendMessage(b"still open")
+    while not protocol.messages and time.time() < deadline:
+        await deferLater(reactor, 0.05)
+    assert protocol.messages == [b"still open"]
+    assert protocol.refreshed[:3] == [float(exp_of(each)) for each in issued[:3]]
+    protocol.sendClose(1000)
+    await protocol.closed

@@ -54,6 +54,11 @@ _PREFIX = re.compile(
     rb'[ \t\r\n]*\{[ \t\r\n]*"type"[ \t\r\n]*:[ \t\r\n]*"wssec\.refresh"[ \t\r\n]*[,}]'
 )
 
+_NOTICE = re.compile(
+    rb'[ \t\r\n]*\{[ \t\r\n]*"type"[ \t\r\n]*:[ \t\r\n]*'
+    rb'"wssec\.(?:expiring|refreshed|refresh_rejected)"[ \t\r\n]*[,}]'
+)
+
 #: Outcome (for events and metrics) -> the reason the client is sent.
 REASONS = {
     "too_large": "message too large",
@@ -88,6 +93,14 @@ class ConsumerChanged(Exception):
 def is_refresh(payload: bytes) -> bool:
     """Whether the text message C{payload} is a refresh message (by its start)."""
     return _PREFIX.match(payload, 0, PREFIX_BYTES) is not None
+
+
+def is_notice(payload: bytes) -> bool:
+    """
+    Whether a server's text message is one of its refresh messages
+    (C{wssec.expiring}, C{wssec.refreshed}, C{wssec.refresh_rejected}).
+    """
+    return _NOTICE.match(payload, 0, PREFIX_BYTES) is not None
 
 
 def read_token(payload: bytes) -> str:
