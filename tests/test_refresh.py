@@ -524,3 +524,84 @@ async def test_python_client_refreshes_on_its_own(serve: Serve) -> None:
     assert protocol.refreshed[:3] == [float(exp_of(each)) for each in issued[:3]]
     protocol.sendClose(1000)
     await protocol.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_list_shows_the_new_expiry(serve: Serve) -> None:
+    """The store's session list (what GET /sessions lists) gets the new expiry."""
+    factory = server(route(refresh=True, refresh_notice=0))
+    port = serve(factory)
+    fresh = token(lifetime=90)
+
+    async def client() -> tuple[list[Any], list[Any]]:
+        ws = await connect(port, token(lifetime=30))
+        before = [dict(each) for each in factory.admission.store.sessions()]
+        await ask(ws, refresh_message(fresh))
+        after = [dict(each) for each in factory.admission.store.sessions()]
+        await ws.close()
+        return before, after
+
+    before, after = await aio(client())
+    assert len(before) == len(after) == 1
+    assert after[0]["expires_at"] == exp_of(fresh) != before[0]["expires_at"]
+    assert after[0]["opened_at"] == before[0]["opened_at"] > 0
+    assert after[0]["id"] == before[0]["id"]
+
+
+# -- methods that ask an identity provider ---------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_refresh_with_jwks_and_introspection(serve: Serve, tmp_path: Any) -> None:
+    """
+    A route with JWKS keys and introspection (tests/idp.py, over HTTPS): a
+    session opened with an opaque token is refreshed with a JWT signed by a
+    JWKS key, then with another opaque token (both checked asynchronously);
+    a revoked (inactive) opaque token is rejected, the session as it was.
+    """
+    from idp import IdentityProvider
+    from test_introspect import introspection
+    from test_jwks import authenticator, keys_of
+
+    provider = IdentityProvider(tmp_path / "idp").start()
+    try:
+        key = provider.add_key("RS256")
+        # (Each method in its own place: in a handshake the first method that
+        # finds a credential decides. A refresh tries each method in turn.)
+        methods = [
+            authenticator(keys_of(provider)),
+            introspection(provider, header="x-opaque", subprotocol="opaque"),
+        ]
+        policy = RoutePolicy(
+            "/echo", methods, protocol=EchoProtocol, refresh=True, refresh_notice=0
+        )
+        port = serve(server(policy))
+        first = provider.opaque("john", lifetime=30)
+        signed = provider.sign(key, "john", lifetime=60)
+        second = provider.opaque("john", lifetime=90)
+        inactive = provider.opaque("john", lifetime=120)
+        provider.tokens[inactive]["active"] = False
+
+        async def client() -> list[Any]:
+            ws = await websockets.connect(
+                f"ws://127.0.0.1:{port}/echo",
+                additional_headers={"x-opaque": first},
+                open_timeout=TIMEOUT,
+                ping_interval=None,
+            )
+            answers = [await ask(ws, refresh_message(signed))]
+            await asyncio.sleep(1.05)
+            answers.append(await ask(ws, refresh_message(second)))
+            await asyncio.sleep(1.05)
+            answers.append(await ask(ws, refresh_message(inactive)))
+            await ws.close()
+            return answers
+
+        answers = await aio(client())
+    finally:
+        await provider.stop()
+    assert answers == [
+        {"type": "wssec.refreshed", "expires_at": exp_of(signed)},
+        {"type": "wssec.refreshed", "expires_at": provider.tokens[second]["exp"]},
+        {"type": "wssec.refresh_rejected", "reason": "invalid credential"},
+    ]

@@ -28,6 +28,7 @@ class Session:
     @ivar route: the path of the route it was opened on.
     @ivar id: its id in the server's session registry, unique across
         processes (set when the connection opens; C{""} until then).
+    @ivar opened_at: when the registry listed it (POSIX time; 0 until then).
     @ivar not_after: a hard end (the route's C{max_lifetime}) that
         L{refresh} cannot move, or L{None}.
     @ivar refresher: what checks a new credential for L{refresh} (set by
@@ -47,6 +48,7 @@ class Session:
         "expires_at",
         "id",
         "not_after",
+        "opened_at",
         "principal",
         "refresher",
         "route",
@@ -76,6 +78,7 @@ class Session:
         self.refresher: Callable[[str], Deferred[float | None]] | None = None
         self.ended = False
         self.id = ""
+        self.opened_at = 0.0
 
     @property
     def consumer(self) -> str:

@@ -130,6 +130,8 @@ class SessionRefresh(WebSocketServerProtocol):
             raise ConsumerChanged()
         session.principal = principal
         session.refresh(accept.expires_at)
+        live: Any = self  # (the registry's Live: a whole server protocol)
+        self.factory.registry.refreshed(live)
         self.factory.events.emit(
             events.SESSION_REFRESHED,
             outcome="refreshed",
