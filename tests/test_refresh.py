@@ -219,8 +219,8 @@ async def test_refresh_with_a_key(serve: Serve) -> None:
     port = serve(server(route(refresh=True, refresh_notice=0)))
 
     async def client() -> Any:
-        ws = await connect(port, token(lifetime=30))
-        return await ask(ws, refresh_message(JOHN_KEY))
+        async with await connect(port, token(lifetime=30)) as ws:
+            return await ask(ws, refresh_message(JOHN_KEY))
 
     assert await aio(client()) == {"type": "wssec.refreshed", "expires_at": None}
 
@@ -232,9 +232,9 @@ async def test_refresh_message_on_a_route_without_refresh(serve: Serve) -> None:
     message = refresh_message(token())
 
     async def client() -> Any:
-        ws = await connect(port, token())
-        await ws.send(message)
-        return await asyncio.wait_for(ws.recv(), TIMEOUT)
+        async with await connect(port, token()) as ws:
+            await ws.send(message)
+            return await asyncio.wait_for(ws.recv(), TIMEOUT)
 
     assert await aio(client()) == message
 
@@ -333,6 +333,7 @@ async def test_expiring_notice(serve: Serve) -> None:
         fresh = token(lifetime=3)
         answer = await ask(ws, refresh_message(fresh))
         second = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+        await ws.close()
         return notice, when, answer, second
 
     notice, when, answer, second = await aio(client())
@@ -363,7 +364,7 @@ async def test_python_api(serve: Serve) -> None:
     C{await protocol.session.refresh(credential)}: the new expiry, or
     RefreshRejected with the session left as it was.
     """
-    port = serve(server(route(refresh=True, refresh_notice=0, protocol=ApiRefresh)))
+    port = serve(server(route(protocol=ApiRefresh)))  # (refresh = false: messages only)
     fresh = token(lifetime=50)
 
     async def client() -> list[Any]:
@@ -372,6 +373,7 @@ async def test_python_api(serve: Serve) -> None:
         for message in (fresh, "not-a-credential"):
             await ws.send(message)
             answers.append(await asyncio.wait_for(ws.recv(), TIMEOUT))
+        await ws.close()
         return answers
 
     assert await aio(client()) == [

@@ -227,7 +227,7 @@ def test_store_keeps_hashes_only() -> None:
         (post("/chat"), 401),  # no credential
         (post("/chat", "apikey: wrong-key"), 401),
         (post("/chat", f"apikey: {KEY}", "Origin: https://evil.example"), 403),
-        (post("/nowhere", f"apikey: {KEY}"), 404),
+        (post("/nowhere", f"apikey: {KEY}"), 405),  # no route: as without tickets
     ],
 )
 @pytest_twisted.ensureDeferred
@@ -243,10 +243,16 @@ async def test_refused_posts(serve: Serve, request_bytes: bytes, status: int) ->
 
 @pytest_twisted.ensureDeferred
 async def test_route_without_tickets(serve: Serve) -> None:
-    """tickets = false (the default): POST gets 405, and ?ticket= is no credential."""
+    """
+    tickets = false (the default): POST gets 405 as before, OPTIONS too, and
+    ?ticket= is no credential.
+    """
     port = serve(server(tickets=False))
-    status, headers, _ = split(await aio(raw_exchange(port, post("/chat", f"apikey: {KEY}"))))
-    assert (status, headers["allow"]) == (405, "GET")
+    for method in ("POST", "OPTIONS"):
+        request = post("/chat", f"apikey: {KEY}", f"Origin: {ORIGIN}", method=method)
+        status, headers, _ = split(await aio(raw_exchange(port, request)))
+        assert status == 405
+        assert not [name for name in headers if name.startswith("access-control")]
     assert await aio(status_with(port, "A" * 43)) == 401
 
 

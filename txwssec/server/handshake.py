@@ -53,7 +53,7 @@ class HandshakeIO(WebSocketServerProtocol):
     _client_host: str | None = None
     _pipelineStarted: bool = False
     #: From L{txwssec.server.ticketing.TicketIssuer} (another base class).
-    _ticketRequest: Callable[[int], None]
+    _ticketRequest: Callable[[int], bool]
 
     def handshakeRequest(self, request: ConnectionRequest) -> HandshakeRequest:
         """
@@ -132,9 +132,10 @@ class HandshakeIO(WebSocketServerProtocol):
                 self.data = check_request_head(self.data, end)
             except HandshakeRefused as refusal:
                 return self._refuse(refusal)
-            if self.data.startswith(TICKET_METHODS):
-                # One-time tickets: POST (and its preflight) on a route.
-                return self._ticketRequest(self.data.find(b"\r\n\r\n"))
+            if self.data.startswith(TICKET_METHODS) and self._ticketRequest(
+                self.data.find(b"\r\n\r\n")
+            ):
+                return  # one-time tickets: POST (and its preflight) on a route
             super().processHandshake()
 
     def _parseExtensionsHeader(

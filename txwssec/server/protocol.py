@@ -272,8 +272,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             factory = self.factory
             deadlines = factory.deadlines
             session.start(self._credentialsExpired, deadlines)
-            if route.refresh:
-                self._startRefresh(session, route)
+            self._startRefresh(session, route)
             factory.sessionOpened(self)
             factory.events.emit(
                 events.SESSION_OPENED,

@@ -49,9 +49,12 @@ class SessionRefresh(WebSocketServerProtocol):
     endSession: Callable[[int, str, str], None]
 
     def _startRefresh(self, session: Session, route: RoutePolicy) -> None:
-        """When the session opens on a refresh route: the refresher, the notice."""
+        """
+        When the session opens: the refresher behind C{session.refresh(credential)}
+        (any route: the application decides), and on a refresh route the notice.
+        """
         session.refresher = self._refreshCredential
-        if route.refresh_notice > 0:
+        if route.refresh and route.refresh_notice > 0:
             session.notify(route.refresh_notice, self._credentialsExpiring)
 
     def _refreshMessage(self, payload: bytes) -> None:

@@ -17,7 +17,7 @@ A browser's request from an allowed origin (the route's C{allowed_origins}
 or same-origin rule) gets C{Access-Control-Allow-Origin} (that origin) on
 every answer, and its preflight C{OPTIONS} a 204 naming C{POST} and the
 headers the route's methods read; other origins get 403 and no CORS
-header. A route without C{tickets = true} answers 405.
+header. Elsewhere a C{POST} is refused (405) as it always was.
 """
 
 from __future__ import annotations
@@ -71,32 +71,38 @@ class TicketIssuer(WebSocketServerProtocol):
     handshakeRequest: Callable[[Any], HandshakeRequest]
     _refuse: Callable[[HandshakeRefused], None]
 
-    def _ticketRequest(self, end: int) -> None:
+    def _ticketRequest(self, end: int) -> bool:
         """
         Answer a C{POST} or C{OPTIONS} whose head is C{self.data[:end + 4]}
-        (checked: no body, see L{txwssec._request}).
+        (checked: no body, see L{txwssec._request}) on a route with tickets.
+
+        @return: L{False}, having done nothing, for another path: the
+            request is Autobahn's to refuse (405), as without tickets.
         """
         head = self.data[: end + 4]
-        self.http_request_data = head
         method, _, rest = head.partition(b"\r\n")[0].decode("iso-8859-1").partition(" ")
         target = rest.rpartition(" ")[0]
-        self.http_request_path = urlsplit(target).path
+        path = urlsplit(target).path
+        try:
+            if not self.factory.policy.route_for(path).tickets:
+                return False
+        except HandshakeRefused:
+            return False
+        self.http_request_data = head
+        self.http_request_path = path
         try:
             self._ticketPipeline(method, target)
         except HandshakeRefused as refusal:
             self._ticketRefused(refusal)
         except Exception:
             self._ticketFailed(Failure())
+        return True
 
     def _ticketPipeline(self, method: str, target: str) -> None:
         factory = self.factory
         request = self.handshakeRequest(_Request(target))
         route = factory.policy.route_for(request.path)
         self.route = route
-        if not route.tickets:
-            raise HandshakeRefused(
-                f"{method} on a route without tickets", (("Allow", "GET"),), 405
-            )
         factory.admission.admit(request.host, factory.clock.seconds())
         self._admitted_host = self._client_host = request.host
         origin = request.header_values("origin")
