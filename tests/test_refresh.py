@@ -607,3 +607,34 @@ async def test_refresh_with_jwks_and_introspection(serve: Serve, tmp_path: Any) 
         {"type": "wssec.refreshed", "expires_at": provider.tokens[second]["exp"]},
         {"type": "wssec.refresh_rejected", "reason": "invalid credential"},
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_python_client_retries_a_rate_limited_refresh(serve: Serve) -> None:
+    """
+    Two refreshes sent at once: the server checks the first and rejects the
+    second ("too many refreshes"); the client sends it again a second later
+    on its own, and both end up refreshed.
+    """
+    port = serve(server(route(refresh=True, refresh_notice=0)))
+    tokens = [token(lifetime=40), token(lifetime=50)]
+
+    async def unused() -> str:
+        raise AssertionError("no wssec.expiring on this route")
+
+    factory = SecureClientFactory(
+        f"ws://127.0.0.1:{port}/echo", BearerToken(token(lifetime=30)), refresh=unused
+    )
+    factory.protocol = RefreshingClient
+    protocol = await factory.connect()
+    await protocol.opened
+    assert isinstance(protocol, RefreshingClient)
+    for each in tokens:
+        protocol.refresh(each)
+    deadline = time.time() + TIMEOUT
+    while len(protocol.refreshed) < 2 and time.time() < deadline:
+        await deferLater(reactor, 0.05)
+    assert protocol.refreshed == [float(exp_of(each)) for each in tokens]
+    assert protocol.messages == []
+    protocol.sendClose(1000)
+    await protocol.closed
