@@ -638,3 +638,53 @@ async def test_python_client_retries_a_rate_limited_refresh(serve: Serve) -> Non
     assert protocol.messages == []
     protocol.sendClose(1000)
     await protocol.closed
+
+
+class FragmentingUpstream(WebSocketServerProtocol):
+    """On C{!frag}: a text message in three frames, the last 0.3 s later."""
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if payload == b"!frag":
+            self.beginMessage(isBinary=False)
+            self.sendMessageFrame(b"part1-")
+            reactor.callLater(0.3, self.finish)  # type: ignore[attr-defined]
+
+    def finish(self) -> None:
+        self.sendMessageFrame(b"part2")
+        self.endMessage()
+
+
+@pytest_twisted.ensureDeferred
+async def test_gateway_answer_waits_for_a_relayed_message(serve: Serve) -> None:
+    """
+    A refresh answered while the upstream's fragmented message is being
+    relayed to the client waits for that message's end (a data frame
+    between its frames would be a protocol error for the client).
+    """
+    upstream = WebSocketServerFactory()
+    upstream.protocol = FragmentingUpstream
+    upstream.setProtocolOptions(autoPingInterval=0)
+    upstream_port = serve(upstream)
+    gateway = route(
+        "/gw",
+        protocol=None,
+        refresh=True,
+        refresh_notice=0,
+        upstream=Upstream((f"ws://127.0.0.1:{upstream_port}/",)),
+    )
+    port = serve(server(gateway))
+    fresh = token(lifetime=60)
+
+    async def client() -> list[Any]:
+        ws = await connect(port, token(lifetime=30), "/gw")
+        await ws.send("!frag")
+        await asyncio.sleep(0.1)
+        await ws.send(refresh_message(fresh))
+        received = [await asyncio.wait_for(ws.recv(), TIMEOUT) for _ in range(2)]
+        await ws.close()
+        return received
+
+    assert await aio(client()) == [
+        "part1-part2",
+        json.dumps({"type": "wssec.refreshed", "expires_at": exp_of(fresh)}),
+    ]

@@ -220,6 +220,10 @@ class GatewayProtocol(SecureServerProtocol):
         if self._ownMessages and not self._upstreamInside():
             self._flushOwn()
         self.sendData(frames)
+        if self._ownMessages:
+            # Once this read is relayed (the scanner then knows whether the
+            # message ended): what waited goes out.
+            self.factory.clock.callLater(0, self._flushIfIdle)
 
     # -- the gateway's own messages (wssec.refreshed, wssec.expiring) ----------
 
@@ -248,6 +252,10 @@ class GatewayProtocol(SecureServerProtocol):
         upstream = self.upstream
         scanner = upstream._scanner if upstream is not None else None
         return scanner is not None and scanner.inside
+
+    def _flushIfIdle(self) -> None:
+        if self._ownMessages and not self._upstreamInside():
+            self._flushOwn()
 
     def _flushOwn(self) -> None:
         waiting, self._ownMessages = self._ownMessages or [], None
