@@ -346,3 +346,54 @@ def test_config_errors(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as raised:
         parse(_config(**options))
     assert str(raised.value).startswith(message)
+
+
+# -- a gateway route -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_ticket_on_a_gateway_route(serve: Serve) -> None:
+    """
+    A ticket opens a gateway session; the upstream's request carries no
+    ticket (the parameter is a consumed credential) and names the consumer.
+    """
+    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+
+    from txwssec.policy import Upstream
+
+    seen: list[tuple[str, dict[str, Any], str | None]] = []
+
+    class Recording(WebSocketServerProtocol):
+        def onConnect(self, request: Any) -> None:
+            seen.append(
+                (request.path, dict(request.params), request.headers.get("x-consumer-username"))
+            )
+
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
+            self.sendMessage(payload, isBinary)
+
+    upstream = WebSocketServerFactory()
+    upstream.protocol = Recording
+    upstream.setProtocolOptions(autoPingInterval=0)
+    upstream_port = serve(upstream)
+    consumers = ConsumerDirectory([Consumer("john", (key_digest(KEY),))])
+    route = RoutePolicy(
+        "/chat",
+        [KeyAuthenticator(consumers)],
+        tickets=True,
+        upstream=Upstream((f"ws://127.0.0.1:{upstream_port}/up",)),
+    )
+    port = serve(SecureServerFactory(ServerPolicy.single(route, ping_interval=0)))
+
+    async def client() -> Any:
+        ticket, _ = await get_ticket(port)
+        async with websockets.connect(
+            f"ws://127.0.0.1:{port}/chat?ticket={ticket}&room=1", open_timeout=TIMEOUT
+        ) as ws:
+            await ws.send("through")
+            return ticket, await asyncio.wait_for(ws.recv(), TIMEOUT)
+
+    ticket, echoed = await aio(client())
+    assert echoed == "through"
+    assert seen == [("/up", {"room": ["1"]}, "john")]
+    assert ticket not in repr(seen)
