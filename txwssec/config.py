@@ -49,6 +49,7 @@ from txwssec.passwords import check_password_hash
 from txwssec.policy import ProxyNetwork, RouteLimits, RoutePolicy, ServerPolicy
 from txwssec.proxy import Upstream
 from txwssec.server import SecureServerProtocol
+from txwssec.tickets import MAX_TICKET_TTL
 from txwssec.tls import (
     ReloadingContextFactory,
     TLSSettings,
@@ -444,6 +445,7 @@ def _route(
         "compression": table.boolean("compression", False),
         "limits": _limits(table.table("limits")),
         "messages": read_rules(table.table("messages"), base_dir, upstream is not None),
+        **_identity(table),
     }
     table.finish()
     try:
@@ -458,6 +460,19 @@ def _route(
         )
     except ValueError as error:
         raise ConfigError(table.path, str(error)) from None
+
+
+def _identity(table: Table) -> dict[str, bool | float]:
+    """C{refresh}, C{refresh_notice}, C{tickets}, C{ticket_ttl} (see L{txwssec.tickets})."""
+    ttl = table.number("ticket_ttl", 30, minimum=1)
+    if ttl > MAX_TICKET_TTL:
+        raise table.error("ticket_ttl", f"must be at most {MAX_TICKET_TTL:g} seconds")
+    return {
+        "refresh": table.boolean("refresh", False),
+        "refresh_notice": table.number("refresh_notice", 30),
+        "tickets": table.boolean("tickets", False),
+        "ticket_ttl": ttl,
+    }
 
 
 def _forwarding(table: Table, gateway: bool, methods: list[Authenticator]) -> dict[str, bool]:

@@ -39,6 +39,17 @@ SESSION_OPENED = "session.opened"
 SESSION_EXPIRED = "session.expired"
 SESSION_REVOKED = "session.revoked"
 SESSION_IDLE = "session.idle"
+#: A session was refreshed in-band (see L{txwssec.refresh}): peer, route,
+#: consumer, id, method, expires_at, outcome ("refreshed").
+SESSION_REFRESHED = "session.refreshed"
+#: A refresh left the session as it was, or (outcome "consumer_changed")
+#: closed it with 3003: peer, route, consumer, id, method, reason (for the
+#: operator), outcome (C{too_large}, C{malformed}, C{rate_limited},
+#: C{invalid}, C{forbidden}, C{unavailable}, C{consumer_changed}).
+SESSION_REFRESH_REJECTED = "session.refresh_rejected"
+#: A one-time ticket was issued (see L{txwssec.tickets}): peer, route,
+#: consumer, method, expires_in. Never the ticket.
+TICKET_ISSUED = "ticket.issued"
 #: A session's connection ended, however: peer, route, consumer, id, method,
 #: and how (see L{txwssec._ends}): code, initiator, duration_s, messages_in,
 #: messages_out, bytes_in, bytes_out.
@@ -78,6 +89,9 @@ EVENTS: Mapping[str, str] = {
     SESSION_EXPIRED: "a session's credentials expired",
     SESSION_REVOKED: "a session's credentials were revoked",
     SESSION_IDLE: "a session was idle too long",
+    SESSION_REFRESHED: "a session was refreshed in-band",
+    SESSION_REFRESH_REJECTED: "an in-band refresh was rejected",
+    TICKET_ISSUED: "a one-time ticket was issued",
     SESSION_CLOSED: "a session's connection ended",
     LIMIT_EXCEEDED: "a limit closed or dropped a connection",
     APPLICATION_ERROR: "an application hook failed",

@@ -72,12 +72,19 @@ class SessionRegistry:
         session = protocol.session
         assert session is not None
         session.id = session_id = f"{self._prefix}-{next(self._ids):x}"
+        session.opened_at = now
         self._by_id[session_id] = protocol
         self.by_consumer.setdefault(session.consumer, set()).add(protocol)
         self._by_route.setdefault(session.route, set()).add(protocol)
         if self.store is not None:
             self.store.add_session(session_id, record(protocol, session, now))
         return session_id
+
+    def refreshed(self, protocol: Live) -> None:
+        """C{protocol}'s session was refreshed: its record gets the new expiry and method."""
+        session = protocol.session
+        if session is not None and session.id in self._by_id and self.store is not None:
+            self.store.add_session(session.id, record(protocol, session, session.opened_at))
 
     def remove(self, protocol: Live) -> None:
         """Stop tracking C{protocol}'s session (its connection ended)."""

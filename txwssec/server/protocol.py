@@ -53,17 +53,21 @@ from txwssec.logs import bounded
 from txwssec.messages.validation import MessageValidator, Refusal, validator_for
 from txwssec.origin import listener_for
 from txwssec.policy import RoutePolicy, ServerPolicy
+from txwssec.refresh import is_refresh
 from txwssec.server.context import ServerContext
 from txwssec.server.flow import TrafficFlow
 from txwssec.server.handshake import HandshakeIO
+from txwssec.server.refreshing import SessionRefresh
+from txwssec.server.ticketing import TicketIssuer
 from txwssec.session import Session
 from txwssec.subprotocols import select_subprotocol
+from txwssec.tickets import redeem
 from txwssec.traffic import TrafficGuard
 from txwssec.types import Accept, HandshakeRequest
 
 
 # (mypy: two bases that share Autobahn's, whose own bases disagree on two names.)
-class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
+class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssuer):  # type: ignore[misc]
     """
     A WebSocket server protocol whose handshake is authenticated.
 
@@ -205,8 +209,12 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         ):
             raise Forbidden(f"origin {bounded(origin[0])!r} not allowed")
 
-        # 4. authentication (401, 403)
-        accept = authenticate(route.authenticators, handshake)
+        # 4. authentication (401, 403): a one-time ticket, or the methods
+        accept: Accept | Deferred[Accept] | None = None
+        if route.tickets:
+            accept = redeem(factory.admission.store, route, handshake, factory.clock.seconds())
+        if accept is None:
+            accept = authenticate(route.authenticators, handshake)
         if isinstance(accept, Deferred):
             self._authenticating = True
             return accept.addCallback(self._authenticated, handshake)
@@ -315,6 +323,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             deadlines = factory.deadlines
             session.start(self._credentialsExpired, deadlines)
             self._openedAt = factory.clock.seconds()
+            self._startRefresh(session, route)
             factory.sessionOpened(self)
             factory.events.emit(
                 events.SESSION_OPENED,
@@ -336,10 +345,14 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
 
     def _onMessage(self, payload: bytes, isBinary: bool) -> None:
         # A whole message, in this order (see txwssec.messages.validation):
-        # 1. txwssec's own messages (the identity issue's wssec.refresh) are
+        # 1. txwssec's own messages (wssec.refresh, see txwssec.refresh) are
         #    taken here, before validation, and never reach 2 or 3;
         # 2. the route's message rules (1003, 1007);
         # 3. the application (on a gateway route, the upstream).
+        route = self.route
+        if route is not None and route.refresh and not isBinary and is_refresh(payload):
+            self._refreshMessage(payload)
+            return
         validator = self._validator
         if validator is not None:
             refusal = validator.check(payload, isBinary)
@@ -399,10 +412,11 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     def endSession(self, code: int, reason: str, event: str) -> None:
         """
         Close the connection with C{code} and a short C{reason}: the event
-        C{session.<event>} (C{expired}, C{revoked}, C{idle}).
+        C{session.<event>} (C{expired}, C{revoked}, C{idle}; none for C{""}).
         """
         session = self.session
-        self.factory.events.emit(f"session.{event}", code=int(code), **self._sessionFields())
+        if event:
+            self.factory.events.emit(f"session.{event}", code=int(code), **self._sessionFields())
         if session is not None:
             session.stop()
         self.sendClose(int(code), reason)
