@@ -1,9 +1,9 @@
 """
 Broadcasting is for application routes: L{SecureServerFactory.broadcast}
 and C{openSessions} leave gateway sessions out (a gateway route named
-explicitly is a L{ValueError}), and a gateway session that relays frames
-refuses messages of the application's own (L{RuntimeError}), which could
-fall inside a message its upstream sends in fragments.
+explicitly is a L{ValueError}). A message of the gateway session's own
+(wssec.refreshed, or a subclass's) never falls inside a message its upstream
+sends in fragments: it waits for that message's end (see test_refresh).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ async def test_a_gateway_route_named_explicitly_is_an_error(serve: Serve) -> Non
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_relaying_gateway_session_refuses_messages_of_its_own(serve: Serve) -> None:
+async def test_a_relaying_gateway_sessions_own_message_arrives_whole(serve: Serve) -> None:
     backend = BackendFactory()
     factory = server(serve(backend))
     port = serve(factory)
@@ -83,11 +83,11 @@ async def test_a_relaying_gateway_session_refuses_messages_of_its_own(serve: Ser
         gateway = await connect(port, "/echo", headers={"apikey": KEY})
         try:
             (session,) = list(factory.registry)
-            with pytest.raises(RuntimeError, match="relays its upstream's frames"):
-                session.sendMessage(b"injected")
+            assert session.sendMessage(b"own") is True
+            own = await asyncio.wait_for(gateway.recv(), TIMEOUT)
             await gateway.send("still relayed")
-            return await asyncio.wait_for(gateway.recv(), TIMEOUT)
+            return own, await asyncio.wait_for(gateway.recv(), TIMEOUT)
         finally:
             await gateway.close()
 
-    assert await aio(run()) == "still relayed"
+    assert await aio(run()) == ("own", "still relayed")

@@ -221,3 +221,51 @@ def test_passthrough_with_rules_is_refused() -> None:
             sealing=Sealing("required", "passthrough"),
             messages=MessageRules(binary="none"),
         )
+
+
+# -- in-band refresh on a sealed session ------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_sealed_refresh(serve: Callable[[Any], int]) -> None:
+    """
+    On a sealed route with refresh = true: the server's wssec.expiring
+    notice and its answer travel sealed, the Python client opens them and
+    refreshes (sealed); the server opens the refresh and takes it before the
+    route's rules (which it would break: no "app" key) and the application.
+    """
+    import time
+
+    from test_refresh import RefreshingClient, exp_of, route, server, token
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from txwssec.client import BearerToken, SecureClientFactory
+
+    rules = MessageRules(binary="none", schema={"type": "object", "required": ["app"]})
+    sealed = Sealing("required", keys={"john": (KEY,)})
+    port = serve(server(route(refresh=True, refresh_notice=1, sealing=sealed, messages=rules)))
+    first = token(lifetime=2)
+    issued: list[str] = []
+
+    def new_token() -> str:
+        issued.append(token(lifetime=30))
+        return issued[-1]
+
+    factory = SecureClientFactory(
+        f"ws://127.0.0.1:{port}/echo", BearerToken(first), refresh=new_token, seal_key=KEY
+    )
+    factory.protocol = RefreshingClient
+    protocol: Any = await factory.connect()
+    await protocol.opened
+    assert protocol.websocket_protocol_in_use == "wssec.sealed.v1"
+    deadline = time.time() + 15
+    while not protocol.refreshed and time.time() < deadline:
+        await deferLater(reactor, 0.05)
+    assert protocol.refreshed == [float(exp_of(issued[0]))]
+    protocol.sendMessage(b'{"app": 1}')
+    while not protocol.messages and time.time() < deadline:
+        await deferLater(reactor, 0.05)
+    assert protocol.messages == [b'{"app": 1}']
+    protocol.sendClose(1000)
+    await protocol.closed

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import re
 import sys
 from importlib import metadata
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(hash_password(password, args.scheme))
         return 0
+    _import_as_twistd()
     try:
         config = load(args.path)
     except ConfigError as error:
@@ -91,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.path}: ok ({len(config.policy.routes)} routes, {len(config.consumers)} consumers)"
     )
     return 0
+
+
+def _import_as_twistd() -> None:
+    """
+    Import applications (C{app = "module:Class"}) as C{twistd wssec} does:
+    C{python -m} puts the current directory first on C{sys.path}, the
+    C{twistd} script does not, so it is taken off here. An application
+    module must be importable (installed, or on C{PYTHONPATH}) for both.
+    """
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
 
 
 def config_reference() -> str:

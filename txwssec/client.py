@@ -12,15 +12,18 @@ with service_identity, and report expired credentials as their own event.
     protocol = await factory.connect()
     await protocol.opened
 
-A little over 400 lines: the credentials helpers, one protocol and its
-factory, which read best together.
+About 500 lines: the credentials helpers, one protocol (with its in-band
+refresh, see L{SecureClientFactory}'s C{refresh}) and its factory, which
+read best together.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from inspect import iscoroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -53,6 +56,7 @@ from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
 from txwssec.messages import sealing
 from txwssec.policy import DEFAULT_MAX_MESSAGE_SIZE
+from txwssec.refresh import MIN_INTERVAL, REASONS, is_notice
 from txwssec.tls import (
     HTTP_1_1,
     ChainVerificationError,
@@ -180,6 +184,8 @@ class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[m
     _headSearched: int = 0
     #: Why the WebSocket never opened, when txwssec decided it.
     _openingFailure: ConnectionError | None = None
+    #: The credential of the last refresh sent (retried once if rate-limited).
+    _refreshSent: str | None = None
     #: Deferreds that fire with this protocol, forgotten once fired and the
     #: connection is lost (see L{txwssec._cycles}).
     opened = FiredWithProtocol()
@@ -336,6 +342,10 @@ class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[m
                 log.warn("sealed message rejected: {check}", check=str(error))
                 self._failSealed(sealing.CLOSE_CODE, sealing.CLOSE_REASON)
                 return
+        if self.factory.refresh is not None and not isBinary and is_notice(payload):
+            # The server's refresh messages, when this client refreshes.
+            run_hook(self, "refresh", self._refreshNotice, payload)
+            return
         run_hook(self, "onMessage", self.onMessage, payload, isBinary)
 
     def _failSealed(self, code: int, reason: str) -> None:
@@ -344,6 +354,56 @@ class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[m
         self._seal = None
         self._outgoing = _unsent
         self._fail_connection(code, reason)
+
+    async def _refreshNotice(self, payload: bytes) -> None:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            message = {}
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "wssec.expiring":
+            callback: Any = self.factory.refresh
+            try:
+                credential = callback()
+                if isinstance(credential, Deferred) or iscoroutine(credential):
+                    credential = await credential
+            except Exception:
+                # The session goes on until it expires (3000).
+                log.failure("the refresh callback failed")
+                return
+            self.refresh(credential)
+        elif kind == "wssec.refreshed":
+            self.onRefreshed(message.get("expires_at"))
+        elif kind == "wssec.refresh_rejected":
+            reason = str(message.get("reason"))
+            credential = self._refreshSent
+            if reason == REASONS["rate_limited"] and credential is not None:
+                # Sent within a second of the last one: once more, later.
+                self._refreshSent = None
+                self.factory.reactor.callLater(MIN_INTERVAL, self.refresh, credential)
+                return
+            self.onRefreshRejected(reason)
+
+    def refresh(self, credential: str) -> bool:
+        """
+        Send C{credential} to the server in a C{wssec.refresh} message (a
+        route with C{refresh = true}); the answer arrives as
+        L{onRefreshed} or L{onRefreshRejected} when the factory has a
+        C{refresh} callback, else as an ordinary message.
+
+        @return: whether it was sent (the connection was open).
+        """
+        self._refreshSent = credential
+        message = json.dumps({"type": "wssec.refresh", "token": credential})
+        return self.sendMessage(message.encode())
+
+    def onRefreshed(self, expires_at: float | None) -> None:
+        """The server accepted a refresh: the session now ends at C{expires_at}."""
+        log.info("session refreshed until {expires_at}", expires_at=expires_at)
+
+    def onRefreshRejected(self, reason: str) -> None:
+        """The server rejected a refresh (C{reason}: its fixed text); the session is as it was."""
+        log.warn("refresh rejected: {reason}", reason=reason)
 
     def _onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:
@@ -411,6 +471,12 @@ class SecureClientFactory(WebSocketClientFactory):
         The connection opens once the server's hello is checked; a server
         that does not answer C{wssec.sealed.v1} is closed with 1002, a
         message that does not open with 1007.
+    @param refresh: called with no argument when the server sends
+        C{wssec.expiring} (a route with C{refresh = true}); returns the new
+        credential (a C{str}, or a coroutine or L{Deferred} of one), which
+        the protocol sends in a C{wssec.refresh} message. The server's
+        answers then go to L{SecureClientProtocol.onRefreshed} and
+        L{SecureClientProtocol.onRefreshRejected}, not to C{onMessage}.
     """
 
     protocol = SecureClientProtocol  # type: ignore[assignment]
@@ -428,6 +494,7 @@ class SecureClientFactory(WebSocketClientFactory):
         max_header_bytes: int = 16384,
         on_credentials_expired: Any = None,
         seal_key: bytes | str | None = None,
+        refresh: Callable[[], Any] | None = None,
         reactor: Any = None,
     ) -> None:
         credentials = credentials or Credentials()
@@ -458,6 +525,7 @@ class SecureClientFactory(WebSocketClientFactory):
         self.tls = tls or ClientTLS()
         self.max_header_bytes = max_header_bytes
         self.on_credentials_expired = on_credentials_expired
+        self.refresh = refresh
 
     def endpoint(self) -> IStreamClientEndpoint:
         """The client endpoint: TCP, wrapped in verified TLS for wss://."""

@@ -58,6 +58,7 @@ from txwssec.policy import (
 )
 from txwssec.proxy import Upstream
 from txwssec.server import SecureServerProtocol
+from txwssec.tickets import MAX_TICKET_TTL
 from txwssec.tls import (
     ReloadingContextFactory,
     TLSSettings,
@@ -78,6 +79,8 @@ class Config:
     @ivar gc_young_threshold: the cycle collector's young-generation
         threshold C{twistd wssec} sets (see L{txwssec.collector}); 0 leaves
         the collector as Python set it.
+    @ivar shutdown_timeout: seconds a graceful stop waits for the sessions'
+        close handshakes (see L{txwssec.lifecycle}).
     """
 
     listen: tuple[str, ...]
@@ -89,6 +92,7 @@ class Config:
     admin: AdminSettings | None = None
     #: C{[log]} (see L{txwssec.ops}).
     log: LogSettings = DEFAULT_LOG
+    shutdown_timeout: float = 10.0
 
     def endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
         """One server endpoint per listen description."""
@@ -154,6 +158,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
                 f"{server.key_path('public_origins')}[{index}]", str(error)
             ) from None
     gc_young_threshold = server.integer("gc_young_threshold", DEFAULT_YOUNG_THRESHOLD)
+    shutdown_timeout = server.number("shutdown_timeout", 10)
     server.finish()
     tls = _tls(root.table("tls"), base_dir) if root.has("tls") else None
     _check_listeners(listen, allow_plaintext, tls)
@@ -200,6 +205,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         gc_young_threshold=gc_young_threshold,
         admin=admin,
         log=log,
+        shutdown_timeout=shutdown_timeout,
     )
 
 
@@ -458,6 +464,7 @@ def _route(
         "limits": _limits(table.table("limits")),
         "sealing": _sealing(table, upstream is not None, consumers),
         "messages": read_rules(table.table("messages"), base_dir, upstream is not None),
+        **_identity(table),
     }
     table.finish()
     try:
@@ -472,6 +479,19 @@ def _route(
         )
     except ValueError as error:
         raise ConfigError(table.path, str(error)) from None
+
+
+def _identity(table: Table) -> dict[str, bool | float]:
+    """C{refresh}, C{refresh_notice}, C{tickets}, C{ticket_ttl} (see L{txwssec.tickets})."""
+    ttl = table.number("ticket_ttl", 30, minimum=1)
+    if ttl > MAX_TICKET_TTL:
+        raise table.error("ticket_ttl", f"must be at most {MAX_TICKET_TTL:g} seconds")
+    return {
+        "refresh": table.boolean("refresh", False),
+        "refresh_notice": table.number("refresh_notice", 30),
+        "tickets": table.boolean("tickets", False),
+        "ticket_ttl": ttl,
+    }
 
 
 def _forwarding(table: Table, gateway: bool, methods: list[Authenticator]) -> dict[str, bool]:

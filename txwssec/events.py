@@ -39,6 +39,17 @@ SESSION_OPENED = "session.opened"
 SESSION_EXPIRED = "session.expired"
 SESSION_REVOKED = "session.revoked"
 SESSION_IDLE = "session.idle"
+#: A session was refreshed in-band (see L{txwssec.refresh}): peer, route,
+#: consumer, id, method, expires_at, outcome ("refreshed").
+SESSION_REFRESHED = "session.refreshed"
+#: A refresh left the session as it was, or (outcome "consumer_changed")
+#: closed it with 3003: peer, route, consumer, id, method, reason (for the
+#: operator), outcome (C{too_large}, C{malformed}, C{rate_limited},
+#: C{invalid}, C{forbidden}, C{unavailable}, C{consumer_changed}).
+SESSION_REFRESH_REJECTED = "session.refresh_rejected"
+#: A one-time ticket was issued (see L{txwssec.tickets}): peer, route,
+#: consumer, method, expires_in. Never the ticket.
+TICKET_ISSUED = "ticket.issued"
 #: A session's connection ended, however: peer, route, consumer, id, method,
 #: and how (see L{txwssec._ends}): code, initiator, duration_s, messages_in,
 #: messages_out, bytes_in, bytes_out.
@@ -61,6 +72,14 @@ UPSTREAM_LOST = "upstream.lost"
 #: consumer.
 MESSAGE_REFUSED = "message.refused"
 
+#: The configuration file was reloaded and applied (SIGHUP, see
+#: L{txwssec.lifecycle}): path, routes, consumers, revoked (sessions closed
+#: 3003), listen_changed (listeners differ: a restart applies them).
+CONFIG_RELOADED = "config.reloaded"
+#: A reload found the file invalid; the old configuration stays: path,
+#: error (naming the key path).
+CONFIG_RELOAD_FAILED = "config.reload_failed"
+
 #: The event list: every name emitted, and what it means.
 EVENTS: Mapping[str, str] = {
     HANDSHAKE_ACCEPTED: "a handshake was accepted",
@@ -70,12 +89,17 @@ EVENTS: Mapping[str, str] = {
     SESSION_EXPIRED: "a session's credentials expired",
     SESSION_REVOKED: "a session's credentials were revoked",
     SESSION_IDLE: "a session was idle too long",
+    SESSION_REFRESHED: "a session was refreshed in-band",
+    SESSION_REFRESH_REJECTED: "an in-band refresh was rejected",
+    TICKET_ISSUED: "a one-time ticket was issued",
     SESSION_CLOSED: "a session's connection ended",
     LIMIT_EXCEEDED: "a limit closed or dropped a connection",
     APPLICATION_ERROR: "an application hook failed",
     UPSTREAM_FAILED: "an upstream failed a gateway handshake",
     UPSTREAM_LOST: "a gateway session's upstream went away",
     MESSAGE_REFUSED: "a message broke its route's message rules",
+    CONFIG_RELOADED: "the configuration file was reloaded",
+    CONFIG_RELOAD_FAILED: "a configuration reload failed; the old one stays",
 }
 
 

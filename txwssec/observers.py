@@ -108,6 +108,33 @@ def _session_ended(event: str) -> Callable[[Mapping[str, Any]], None]:
     return log
 
 
+def _refreshed(fields: Mapping[str, Any]) -> None:
+    securityLog.info(
+        "session refreshed: {peer} on {route} ({consumer}) by {method} until {expires_at}",
+        method=fields["method"],
+        expires_at=fields["expires_at"],
+        **_session_fields(fields),
+    )
+
+
+def _refresh_rejected(fields: Mapping[str, Any]) -> None:
+    securityLog.info(
+        "refresh rejected ({outcome}): {peer} on {route} ({consumer}): {reason}",
+        outcome=fields["outcome"],
+        reason=fields["reason"],
+        **_session_fields(fields),
+    )
+
+
+def _ticket_issued(fields: Mapping[str, Any]) -> None:
+    securityLog.info(
+        "ticket issued to {peer} on {route} for {consumer} by {method} ({expires_in} s)",
+        method=fields["method"],
+        expires_in=fields["expires_in"],
+        **_session_fields(fields),
+    )
+
+
 def _limit(fields: Mapping[str, Any]) -> None:
     limit = fields["limit"]
     if limit == "limit.handshake_timeout":
@@ -157,6 +184,25 @@ def _upstream_lost(fields: Mapping[str, Any]) -> None:
     gatewayLog.warn("upstream of {peer} went away", peer=fields["peer"])
 
 
+def _reloaded(fields: Mapping[str, Any]) -> None:
+    securityLog.info(
+        "wssec configuration reloaded from {path}: {routes} routes, {consumers} consumers,"
+        " {revoked} sessions revoked",
+        **fields,
+    )
+    if fields["listen_changed"]:
+        securityLog.warn(
+            "wssec server.listen changed in {path}: listeners are unchanged until a restart",
+            path=fields["path"],
+        )
+
+
+def _reload_failed(fields: Mapping[str, Any]) -> None:
+    securityLog.error(
+        "wssec configuration reload failed, keeping the old one: {path}: {error}", **fields
+    )
+
+
 class TextLogObserver:
     """
     The text log: one line per event that has one, with the format and the
@@ -173,11 +219,16 @@ class TextLogObserver:
         events.SESSION_EXPIRED: _session_ended(events.SESSION_EXPIRED),
         events.SESSION_REVOKED: _session_ended(events.SESSION_REVOKED),
         events.SESSION_IDLE: _session_ended(events.SESSION_IDLE),
+        events.SESSION_REFRESHED: _refreshed,
+        events.SESSION_REFRESH_REJECTED: _refresh_rejected,
+        events.TICKET_ISSUED: _ticket_issued,
         events.LIMIT_EXCEEDED: _limit,
         events.APPLICATION_ERROR: _application_error,
         events.UPSTREAM_FAILED: _upstream_failed,
         events.UPSTREAM_LOST: _upstream_lost,
         events.MESSAGE_REFUSED: _message_refused,
+        events.CONFIG_RELOADED: _reloaded,
+        events.CONFIG_RELOAD_FAILED: _reload_failed,
     }
 
     def __call__(self, event: str, fields: Mapping[str, Any]) -> None:

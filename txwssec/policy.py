@@ -265,6 +265,10 @@ class RoutePolicy:
     forward_authorization: bool = False
     sealing: Sealing = field(default_factory=Sealing)
     messages: MessageRules = field(default_factory=MessageRules)
+    refresh: bool = False
+    refresh_notice: float = 30
+    tickets: bool = False
+    ticket_ttl: float = 30
 
     def __post_init__(self) -> None:
         if self.messages.upstream_schema is not None and self.upstream is None:

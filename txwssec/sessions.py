@@ -12,7 +12,7 @@ list (L{txwssec.store}), which it keeps: one record per open session.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import chain, count
 from typing import Any, Protocol
 
@@ -72,12 +72,19 @@ class SessionRegistry:
         session = protocol.session
         assert session is not None
         session.id = session_id = f"{self._prefix}-{next(self._ids):x}"
+        session.opened_at = now
         self._by_id[session_id] = protocol
         self.by_consumer.setdefault(session.consumer, set()).add(protocol)
         self._by_route.setdefault(session.route, set()).add(protocol)
         if self.store is not None:
             self.store.add_session(session_id, record(protocol, session, now))
         return session_id
+
+    def refreshed(self, protocol: Live) -> None:
+        """C{protocol}'s session was refreshed: its record gets the new expiry and method."""
+        session = protocol.session
+        if session is not None and session.id in self._by_id and self.store is not None:
+            self.store.add_session(session.id, record(protocol, session, session.opened_at))
 
     def remove(self, protocol: Live) -> None:
         """Stop tracking C{protocol}'s session (its connection ended)."""
@@ -101,21 +108,26 @@ class SessionRegistry:
         """C{consumer}'s tracked sessions (a new list)."""
         return list(self.by_consumer.get(consumer, ()))
 
-    def open(self, route: str | None = None) -> list[Live]:
+    def open(self, route: str | None = None, *, gateways: bool = True) -> list[Live]:
         """
         The sessions that are open now (not closing), on C{route} (a path)
-        or on every application route (gateway sessions, whose messages
-        come from their upstream, are left out): a new list, so that
-        sessions may close while the caller goes through it.
+        or on every route: a new list, so that sessions may close while the
+        caller goes through it.
+
+        @param gateways: include gateway sessions (a broadcast leaves them
+            out: their messages come from their upstream; a stop or a reload
+            does not).
         """
-        if route is not None:
-            live = self._by_route.get(route, ())
-            return [protocol for protocol in live if protocol.state == protocol.STATE_OPEN]
+        live: Iterable[Live] = (
+            self._by_route.get(route, ())
+            if route is not None
+            else chain.from_iterable(self._by_route.values())
+        )
         return [
             protocol
-            for protocol in chain.from_iterable(self._by_route.values())
+            for protocol in live
             if protocol.state == protocol.STATE_OPEN
-            and (protocol.route is None or protocol.route.upstream is None)
+            and (gateways or protocol.route is None or protocol.route.upstream is None)
         ]
 
     def revoke(self, consumer: str | None = None, session_id: str | None = None) -> int:

@@ -4,12 +4,11 @@ C{twistd wssec}: run txwssec from a TOML configuration file.
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, MultiService
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
@@ -19,11 +18,11 @@ from txwssec.auth.registry import auth_services
 from txwssec.collector import tune_collector
 from txwssec.config import Config, load
 from txwssec.errors import ConfigError
+from txwssec.lifecycle import ConfigReloader, GracefulStop
 from txwssec.listen import server_endpoint
 from txwssec.ops import JSONEventObserver, admin_for, log_observer, use_json_log
 from txwssec.ops.settings import LogSettings
 from txwssec.server import SecureServerFactory
-from txwssec.tls import reload_certificates
 
 
 class Options(usage.Options):
@@ -147,31 +146,6 @@ class ListeningService(StreamServerEndpointService):
         return port
 
 
-class CertificateReloader(Service):
-    """
-    Reloads TLS certificates on SIGHUP: new connections get the new
-    certificate, live ones keep theirs. A certificate that fails to load is
-    logged and the old one stays in use.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-        self._previous: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._onSignal)
-
-    def stopService(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
-        return super().stopService()  # type: ignore[no-any-return]
-
-    def _onSignal(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(reload_certificates)
-
-
 class WssecService(MultiService):
     """
     The root of C{twistd wssec}'s service tree. When twistd attaches it to
@@ -220,14 +194,19 @@ class WssecService(MultiService):
 def makeService(options: Options) -> IService:
     """
     Build the service tree: one listening service per C{[server] listen}
-    entry, all sharing one L{SecureServerFactory}, and a SIGHUP certificate
-    reloader when TLS is configured.
+    entry, all sharing one L{SecureServerFactory}, the graceful stop
+    (SIGTERM, SIGINT) and the configuration reloader (SIGHUP).
     """
     from twisted.internet import reactor
 
     config = options.config
     factory = SecureServerFactory(config.policy, reactor=reactor)
     service = WssecService(getattr(options, "parent", None), config.gc_young_threshold, config.log)
+    # First, so that it stops last: the listeners stop accepting before the
+    # sessions are closed (see txwssec.lifecycle).
+    GracefulStop([factory], config.shutdown_timeout, reactor).setServiceParent(service)
+    # Before the listeners: SIGHUP reloads as soon as they listen.
+    ConfigReloader(options["config"], [factory], config, reactor).setServiceParent(service)
     listeners = []
     for description, endpoint in zip(config.listen, config.endpoints(reactor), strict=True):
         listener = ListeningService(endpoint, factory, description)
@@ -243,8 +222,6 @@ def makeService(options: Options) -> IService:
         for description in config.admin.listen:
             endpoint = server_endpoint(reactor, description, config.tls)
             ListeningService(endpoint, site, f"admin {description}").setServiceParent(service)
-    if config.tls is not None:
-        CertificateReloader(reactor).setServiceParent(service)
     return service
 
 

@@ -259,6 +259,13 @@ class ReloadingContextFactory:
         """
         self._options = certificate_options(self.settings)
 
+    def replace(self, other: ReloadingContextFactory) -> None:
+        """
+        Serve new connections with C{other}'s settings and certificate (a
+        configuration reload: listeners keep this factory).
+        """
+        self.settings, self._options = other.settings, other._options
+
     def getContext(self) -> SSL.Context:
         """The current context (Twisted's old-style context factory API)."""
         return self._options.getContext()

@@ -61,11 +61,16 @@ class Principal:
     @ivar consumer: the consumer name from the configuration.
     @ivar method: the name of the authentication method that accepted it.
     @ivar claims: verified claims (JWT payload), empty for other methods.
+    @ivar key: the SHA-256 digest of the server-side key that accepted the
+        credential, when the method has one: the consumer's API key
+        (C{key}), the verification key (C{jwt}). A reload closes the
+        sessions whose key is gone (see L{txwssec.lifecycle}). Never logged.
     """
 
     consumer: str
     method: str
     claims: Mapping[str, Any] = field(default_factory=_no_claims)
+    key: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -24,24 +24,43 @@
 //     3008  timeout (idle, ping)        -> reconnect with backoff
 //     1000  normal                      -> done
 //
-// Refresh before expiry: txwssec's in-band refresh protocol (wssec.refresh /
-// wssec.expiring messages) does not exist yet. Until it does, a session ends
-// with 3000 when its credential expires and this client reconnects with a
-// fresh one; refreshBeforeExpiry() below is where the refresh will go.
+// Refresh before expiry (refresh: true, for a route with refresh = true): when
+// the server sends {"type": "wssec.expiring"} (refresh_notice seconds before
+// the credential expires), the client asks getCredential(true) for a fresh one
+// and sends {"type": "wssec.refresh", "token": ...}; the session goes on with
+// no reconnect. The server's answers (wssec.refreshed, wssec.refresh_rejected)
+// go to onStatus, never to onMessage. Without it (or if the refresh fails) the
+// session ends with 3000 and the client reconnects with a fresh credential.
+// One-time tickets (method: "ticket", a route with tickets = true): the page
+// gets a ticket with fetchTicket() (a POST the browser authenticates with a
+// header, from an allowed origin) and connects with ?ticket=...: no credential
+// in the WebSocket handshake at all.
 "use strict";
 
 // Codes after which reconnecting cannot help.
 const GIVE_UP = new Set([3003, 1002, 1003, 1007, 1008, 1009]);
 
+// The server's refresh messages: a JSON object whose first member is "type".
+const REFRESH_MESSAGE = /^\s*\{\s*"type"\s*:\s*"wssec\.(expiring|refreshed|refresh_rejected)"/;
+
+// POST <route> with headers that authenticate it (e.g. {apikey: "..."} or
+// {Authorization: "Bearer ..."}): a one-time ticket for that route's WebSocket.
+async function fetchTicket(url, headers) {
+  const response = await fetch(url, {method: "POST", headers, cache: "no-store"});
+  if (response.status !== 201) throw new Error(`ticket refused: HTTP ${response.status}`);
+  return (await response.json()).ticket;
+}
+
 class SecureSocket {
   constructor({url, getCredential, method = "token", protocols = [], onMessage, onStatus,
-               baseDelay = 1000, maxDelay = 30000, maxFailedOpens = 5}) {
+               refresh = false, baseDelay = 1000, maxDelay = 30000, maxFailedOpens = 5}) {
     this.url = url;
     this.getCredential = getCredential;
     this.method = method;
     this.protocols = protocols;
     this.onMessage = onMessage || (() => {});
     this.onStatus = onStatus || (() => {});
+    this.refresh = refresh;
     this.baseDelay = baseDelay;
     this.maxDelay = maxDelay;
     this.maxFailedOpens = maxFailedOpens;
@@ -81,16 +100,23 @@ class SecureSocket {
     }
     if (this.stopped) return;
     let opened = false;
-    const ws = new WebSocket(this.url, [...this.protocols, this.method, credential]);
+    const ws = this.method === "ticket"
+      ? new WebSocket(`${this.url}?ticket=${encodeURIComponent(credential)}`, this.protocols)
+      : new WebSocket(this.url, [...this.protocols, this.method, credential]);
     this.ws = ws;
     ws.onopen = () => {
       opened = true;
       this.attempt = 0;
       this.failedOpens = 0;
       this.onStatus(`open (protocol ${ws.protocol})`);
-      this.refreshBeforeExpiry(ws);
     };
-    ws.onmessage = (event) => this.onMessage(event.data);
+    ws.onmessage = (event) => {
+      if (this.refresh && typeof event.data === "string" && REFRESH_MESSAGE.test(event.data)) {
+        this.refreshMessage(ws, JSON.parse(event.data));
+      } else {
+        this.onMessage(event.data);
+      }
+    };
     ws.onclose = (event) => {
       if (this.ws === ws) this.ws = null;
       this.onStatus(`closed ${event.code}${event.reason ? ` (${event.reason})` : ""}` +
@@ -143,8 +169,33 @@ class SecureSocket {
     this.timer = setTimeout(() => this.connect(fresh), delay);
   }
 
-  // Placeholder: txwssec has no in-band refresh yet (see above). When it has,
-  // this will send {"type": "wssec.refresh", "token": <fresh credential>}
-  // before the session's expiry, so that the session is never closed with 3000.
-  refreshBeforeExpiry(ws) {}
+  // The server's refresh messages (refresh: true).
+  async refreshMessage(ws, message) {
+    if (message.type === "wssec.expiring") {
+      await this.refreshBeforeExpiry(ws);
+    } else if (message.type === "wssec.refreshed") {
+      this.onStatus(`refreshed until ${message.expires_at}`);
+    } else if (message.reason === "too many refreshes") {
+      // Within a second of the previous one: try once more a second later.
+      setTimeout(() => this.refreshBeforeExpiry(ws), 1000);
+    } else {
+      // The session goes on until it expires (3000), then reconnects.
+      this.onStatus(`refresh rejected: ${message.reason}`);
+    }
+  }
+
+  // Send {"type": "wssec.refresh", "token": <fresh credential>} before the
+  // session's expiry, so that it is never closed with 3000.
+  async refreshBeforeExpiry(ws) {
+    let credential;
+    try {
+      credential = await this.getCredential(true);
+    } catch (error) {
+      this.onStatus(`no credential to refresh with: ${error}`);
+      return;
+    }
+    if (ws.readyState === WebSocket.OPEN) {
+      ws.send(JSON.stringify({type: "wssec.refresh", token: credential}));
+    }
+  }
 }

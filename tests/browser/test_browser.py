@@ -6,8 +6,9 @@ the negotiated protocol and extensions, the messages, the error events, the
 close code and C{wasClean}.
 
 One browser and one server serve the whole module (the example page test has
-its own quick-start server). The module takes about 10 s on 2 cores: about
-5 s waiting for two JWTs to expire, 1 s to start twistd, 0.5 s per chromium
+its own quick-start server). The module takes about 15 s on 2 cores: about
+5 s waiting for two JWTs to expire, 5 s for three in-band refreshes, 1 s to
+start twistd, 0.5 s per chromium
 start (two: the untrusted-CA control has its own), the rest in probes.
 Skipped, with the reason, when chromium, chromedriver, certutil or selenium
 are missing (C{.ci/run} installs them).
@@ -92,6 +93,15 @@ path = "/gateway"
 upstream = "ws://127.0.0.1:{upstream_port}/"
 auth = ["key"]
 allowed_origins = ["{origin}"]
+
+[[route]]
+path = "/refresh"
+app = "echo"
+auth = ["key", "jwt"]
+allowed_origins = ["{origin}"]
+refresh = true
+refresh_notice = 1
+tickets = true
 
 [[route]]
 path = "/faulty"
@@ -527,3 +537,137 @@ def test_example_client_acts_on_close_codes(page: Any, server: Server) -> None:
         "closed 1009 (message too big)",
         "the server refused what this client sent (1009): not reconnecting",
     ]
+
+
+#: examples/browser/client.js's SecureSocket with refresh: true on the
+#: /refresh route: the first credential, then one fresh credential per
+#: wssec.expiring; after three refreshes it sends a message and reports the
+#: status lines, the messages the page got, and the credentials asked for.
+REFRESHING_SOCKET = """
+const [url, first, fresh, done] = arguments;
+const lines = [];
+const messages = [];
+const asked = [];
+const script = document.createElement("script");
+script.src = "client.js";
+script.onload = () => {
+    const socket = new SecureSocket({
+        url,
+        method: "bearer",
+        refresh: true,
+        getCredential: async (isFresh) => {
+            asked.push(isFresh);
+            return isFresh ? fresh.shift() : first;
+        },
+        onStatus: (line) => {
+            lines.push(line);
+            if (lines.filter((each) => each.startsWith("refreshed")).length === 3
+                    && line.startsWith("refreshed")) {
+                socket.send("still open");
+            }
+        },
+        onMessage: (data) => {
+            messages.push(data);
+            socket.stop();
+            setTimeout(() => done({lines, messages, asked}), 200);
+        },
+    });
+    socket.start();
+};
+document.head.appendChild(script);
+"""
+
+
+def test_example_client_refreshes(page: Any, server: Server) -> None:
+    """
+    examples/browser/client.js with refresh: true: on each wssec.expiring
+    (refresh_notice = 1 s ahead) it sends a fresh JWT; three refreshes
+    later (tokens valid 2, 4, 6, 8 s from the start) the session has
+    outlived its first token without a reconnect, and the page's onMessage
+    saw only the echo, none of the refresh messages.
+    """
+    start = math.ceil(time.time())
+    first = bearer_until(start + 2)
+    fresh = [bearer_until(start + 4), bearer_until(start + 6), bearer_until(start + 8)]
+    seen = page.execute_async_script(REFRESHING_SOCKET, f"{server.ws}/refresh", first, fresh)
+    assert time.time() > start + 2, told(seen)
+    assert seen["asked"] == [False, True, True, True], told(seen)
+    assert seen["messages"] == ["still open"], told(seen)
+    assert seen["lines"] == [
+        "open (protocol bearer)",
+        f"refreshed until {start + 4}",
+        f"refreshed until {start + 6}",
+        f"refreshed until {start + 8}",
+        "closed 1000",
+    ], told(seen)
+
+
+def bearer_until(exp: int) -> str:
+    """An HS256 JWT for john that expires at C{exp}."""
+    return jwt.encode({"sub": "john", "exp": exp}, SECRET, "HS256")
+
+
+#: fetchTicket() from examples/browser/client.js (a cross-origin POST with an
+#: apikey header: a CORS preflight first), then SecureSocket with method
+#: "ticket", then the same ticket again on a plain WebSocket.
+TICKETS = """
+const [postUrl, wsUrl, key, done] = arguments;
+const result = {lines: []};
+function openOnce(url) {
+    return new Promise((resolve) => {
+        const ws = new WebSocket(url);
+        let opened = false;
+        ws.onopen = () => { opened = true; ws.close(1000); };
+        ws.onclose = (event) => resolve({opened, code: event.code});
+    });
+}
+const script = document.createElement("script");
+script.src = "client.js";
+script.onload = async () => {
+    let ticket;
+    try {
+        ticket = await fetchTicket(postUrl, {apikey: key});
+    } catch (error) {
+        done({error: String(error)});
+        return;
+    }
+    result.length = ticket.length;
+    const socket = new SecureSocket({
+        url: wsUrl,
+        method: "ticket",
+        getCredential: async () => ticket,
+        onStatus: (line) => {
+            result.lines.push(line);
+            if (line.startsWith("open")) socket.send("with a ticket");
+        },
+        onMessage: async (data) => {
+            result.echo = data;
+            socket.stop();
+            result.again = await openOnce(`${wsUrl}?ticket=${ticket}`);
+            done(result);
+        },
+    });
+    socket.start();
+};
+document.head.appendChild(script);
+"""
+
+
+def test_example_tickets(browser: Any, sites: Sites, server: Server) -> None:
+    """
+    From the allowed origin, fetchTicket() gets a ticket (the preflight and
+    the POST get their CORS answers), the ticket opens the WebSocket once
+    (no credential in the handshake), and a second use is refused. From
+    another origin, the browser does not let the page read the answer.
+    """
+    post_url = "http" + server.ws.removeprefix("ws") + "/refresh"
+    ws_url = f"{server.ws}/refresh"
+    browser.get(f"{sites.allowed}/index.html")
+    seen = browser.execute_async_script(TICKETS, post_url, ws_url, KEY)
+    assert seen.get("length") == 43, told(seen)
+    assert seen["lines"][0] == "open (protocol )", told(seen)
+    assert seen["echo"] == "with a ticket", told(seen)
+    assert seen["again"] == {"opened": False, "code": 1006}, told(seen)
+    browser.get(f"{sites.evil}/index.html")
+    seen = browser.execute_async_script(TICKETS, post_url, ws_url, KEY)
+    assert seen == {"error": "TypeError: Failed to fetch"}, told(seen)

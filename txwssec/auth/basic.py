@@ -19,7 +19,7 @@ from txwssec._reactor import default_reactor
 from txwssec._schema import Table
 from txwssec.auth._extract import from_header
 from txwssec.auth.context import BuildContext
-from txwssec.consumers import ConsumerDirectory
+from txwssec.consumers import ConsumerDirectory, key_digest
 from txwssec.interfaces import IAuthenticator
 from txwssec.limits import address_key
 from txwssec.passwords import DUMMY_HASH, dummy_hash_like, verify_password
@@ -136,7 +136,10 @@ class BasicAuthenticator:
 
         def verified(ok: bool) -> Verdict:
             if ok and stored is not None:
-                return Accept(Principal(user, self.name), credential=credential)
+                # The session records which password hash accepted it: a
+                # reload that changes the password closes it (txwssec.lifecycle).
+                principal = Principal(user, self.name, key=key_digest(stored))
+                return Accept(principal, credential=credential)
             return Deny("wrong user name or password")
 
         def done(result: bool) -> bool:

@@ -14,6 +14,7 @@ C{public_key}) or comes from the identity provider's key set
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -155,10 +156,17 @@ class JWTAuthenticator:
         self.consumers = consumers
         self.algorithms = list(algorithms)
         self.keys = keys
+        #: The SHA-256 digest of the static key as configured: what a session
+        #: opened with a token verified by it records (L{Principal.key});
+        #: L{None} with an identity provider's keys (rotated by the provider).
+        self.key_digest: bytes | None = None
         if keys is None:
             if key is None:
                 raise KeyMismatch("a key or an identity provider's keys are required")
             self._key = check_key(key, self.algorithms)
+            self.key_digest = hashlib.sha256(
+                key.encode("utf-8") if isinstance(key, str) else key
+            ).digest()
         else:
             if key is not None:
                 raise KeyMismatch("a static key and an identity provider's keys are exclusive")
@@ -261,7 +269,7 @@ class JWTAuthenticator:
             return Deny("token names an unknown consumer")
         exp = claims["exp"]
         return Accept(
-            Principal(consumer.name, self.name, claims),
+            Principal(consumer.name, self.name, claims, key=self.key_digest),
             expires_at=float(exp) + self.leeway,
             credential=found.credential,
         )

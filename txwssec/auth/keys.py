@@ -10,7 +10,7 @@ from zope.interface import implementer
 from txwssec._schema import Table
 from txwssec.auth._extract import first_found, is_printable_ascii
 from txwssec.auth.context import BuildContext
-from txwssec.consumers import ConsumerDirectory
+from txwssec.consumers import ConsumerDirectory, key_digest
 from txwssec.interfaces import IAuthenticator
 from txwssec.types import Accept, Deny, HandshakeRequest, Principal, Verdict
 
@@ -55,7 +55,8 @@ class KeyAuthenticator:
         consumer = self.consumers.by_key(key)
         if consumer is None:
             return Deny("unknown key")
-        return Accept(Principal(consumer.name, self.name), credential=found.credential)
+        principal = Principal(consumer.name, self.name, key=key_digest(key))
+        return Accept(principal, credential=found.credential)
 
 
 def build(section: Table, context: BuildContext) -> KeyAuthenticator:

@@ -55,8 +55,8 @@ class GatewayProtocol(SecureServerProtocol):
     _attempt: Deferred[UpstreamProtocol] | None = None
     #: The client's handshake_timeout came while the upstream connected.
     _handshakeExpired: bool = False
-    #: Data frames are relayed as they come (see L{_startRelay}).
-    _relaying: bool = False
+    #: Messages of the gateway's own waiting for a relayed message's end.
+    _ownMessages: list[tuple[bytes, bool]] | None = None
 
     async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
         """
@@ -69,7 +69,7 @@ class GatewayProtocol(SecureServerProtocol):
         route = self.route
         assert route is not None and route.upstream is not None
         pool = pool_for(self.factory, route)
-        policy = self.factory.policy
+        policy = self.handshakePolicy or self.factory.policy
         known = [method for each in policy.routes for method in each.authenticators]
         direct_peer = self._directPeer()
         headers = forwarded_headers(
@@ -218,13 +218,13 @@ class GatewayProtocol(SecureServerProtocol):
 
     def _startRelay(self, upstream: UpstreamProtocol) -> None:
         """Relay data frames both ways as they come (see L{txwssec.gateway.relay})."""
-        self._relaying = True
         self._scanner = FrameScanner(
             self,
             masked=True,
             max_frame=self.maxFramePayloadSize,
             max_message=self.maxMessagePayloadSize,
             accounted=True,
+            refresh=self.route is not None and self.route.refresh,
         )
         upstream.startRelay()
 
@@ -275,12 +275,23 @@ class GatewayProtocol(SecureServerProtocol):
         self._scanner = None
         autobahn_rest(self, rest, inside, so_far, binary)
 
+    def relayRefresh(self, payload: bytes) -> None:
+        self._refreshMessage(payload)
+
     def relayWrite(self, frames: bytes) -> None:
         """
         Write frames relayed from the upstream: through L{sendData}, so that
         the slow-consumer limit counts them.
         """
+        if self._ownMessages and not self._upstreamInside():
+            self._flushOwn()
         self.sendData(frames)
+        if self._ownMessages:
+            # Once this read is relayed (the scanner then knows whether the
+            # message ended): what waited goes out.
+            self.factory.clock.callLater(0, self._flushIfIdle)
+
+    # -- the gateway's own messages (wssec.refreshed, wssec.expiring) ----------
 
     def sendMessage(
         self,
@@ -291,22 +302,31 @@ class GatewayProtocol(SecureServerProtocol):
         doNotCompress: bool = False,
     ) -> bool:
         """
-        Send a message of the gateway's own to the client. While frames are
-        relayed (the default) the client's messages come from its upstream
-        only, and a message sent here could fall inside one the upstream is
-        sending in fragments: this raises L{RuntimeError}. A subclass that
-        overrides C{onMessage} relays whole messages (see L{_relays}) and
-        may send its own between them.
-
-        @raise RuntimeError: this session relays frames.
+        As L{SecureServerProtocol.sendMessage}; while the upstream's frames
+        of a fragmented message are being relayed, a message of the
+        gateway's own waits for that message's end (it cannot go between
+        its frames).
         """
-        if self._relaying:
-            raise RuntimeError(
-                "a gateway session relays its upstream's frames: sending a message of "
-                "its own could split one of the upstream's (override onMessage to relay "
-                "whole messages)"
-            )
+        if self._upstreamInside():
+            if self._ownMessages is None:
+                self._ownMessages = []
+            self._ownMessages.append((payload, isBinary))
+            return bool(self.state == self.STATE_OPEN)
         return super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
+
+    def _upstreamInside(self) -> bool:
+        upstream = self.upstream
+        scanner = upstream._scanner if upstream is not None else None
+        return scanner is not None and scanner.inside
+
+    def _flushIfIdle(self) -> None:
+        if self._ownMessages and not self._upstreamInside():
+            self._flushOwn()
+
+    def _flushOwn(self) -> None:
+        waiting, self._ownMessages = self._ownMessages or [], None
+        for payload, binary in waiting:
+            super().sendMessage(payload, binary)
 
     def relayMessage(self, payload: bytes, isBinary: bool) -> bool:
         """A whole message from the upstream (when frames are not relayed)."""
@@ -389,6 +409,12 @@ class GatewayProtocol(SecureServerProtocol):
         self._stopDraining()
         self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
         super().endSession(code, reason, event)
+
+    def goAway(self) -> None:
+        # The server stops: both legs get 1001.
+        self._stopDraining()
+        self._closeUpstream(CloseCode.GOING_AWAY, b"going away")
+        super().goAway()
 
     def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
         upstream = self.upstream

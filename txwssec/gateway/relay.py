@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from txwssec.refresh import PREFIX_BYTES, is_refresh
 from txwssec.traffic import Violation
 
 _FIN = 0x80
@@ -65,6 +66,9 @@ class RelayLeg(Protocol):
         may go on afterwards.
         """
 
+    def relayRefresh(self, payload: bytes) -> None:
+        """Take a refresh message (unmasked) instead of relaying it."""
+
     def relayStop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
         """
         Hand C{rest} (which starts at a frame boundary) and what follows to
@@ -86,6 +90,14 @@ class FrameScanner:
         Autobahn's C{maxMessagePayloadSize}.
     @param accounted: whether data frame headers go to
         L{RelayLeg.relayAccount} (the client leg's limits).
+    @param refresh: look at the start of each text message for a refresh
+        message (L{txwssec.refresh.is_refresh}; a route with C{refresh =
+        true}): one in a single frame goes to L{RelayLeg.relayRefresh}
+        instead of the other leg. A text message in several frames whose
+        first starts with C{{} (it may be a refresh message in pieces)
+        makes Autobahn take over the stream for good (L{RelayLeg.relayStop}),
+        which hands whole messages to the same hook. Other frames are
+        relayed as without it.
     """
 
     __slots__ = (
@@ -98,15 +110,24 @@ class FrameScanner:
         "_max_frame",
         "_max_message",
         "_need",
+        "_refresh",
         "_so_far",
         "_stash",
         "_stashed",
     )
 
     def __init__(
-        self, leg: RelayLeg, *, masked: bool, max_frame: int, max_message: int, accounted: bool
+        self,
+        leg: RelayLeg,
+        *,
+        masked: bool,
+        max_frame: int,
+        max_message: int,
+        accounted: bool,
+        refresh: bool = False,
     ) -> None:
         self._leg = leg
+        self._refresh = refresh
         self._mask = _MASK if masked else 0
         self._max_frame = max_frame
         self._max_message = max_message
@@ -144,6 +165,7 @@ class FrameScanner:
         max_frame = self._max_frame
         max_message = self._max_message
         accounted = self._accounted
+        refresh = self._refresh
         inside = self._inside
         so_far = self._so_far
         binary = self._binary
@@ -225,6 +247,24 @@ class FrameScanner:
                 counted = True
                 break
             counted = False
+            if refresh and opcode == 1:
+                key = head if mask_length else -1
+                payload = head + mask_length
+                prefix = _unmasked(data, payload, min(length, PREFIX_BYTES), key)
+                if not first & _FIN:
+                    if prefix.lstrip(b" \t\r\n").startswith(b"{"):
+                        # Maybe a refresh message in pieces: Autobahn
+                        # reassembles it (and the rest of the stream).
+                        if pos > start:
+                            leg.relayForward(data[start:pos])
+                        self._stop(data[pos:], inside, so_far, binary)
+                        return
+                elif is_refresh(prefix):
+                    if pos > start:
+                        leg.relayForward(data[start:pos])
+                    leg.relayRefresh(_unmasked(data, payload, length, key))
+                    start = pos = end
+                    continue
             if starts:
                 binary = opcode == 2
             so_far = prior + length
@@ -244,6 +284,11 @@ class FrameScanner:
             self._stashed = len(rest)
             self._need = need or len(rest) + 1
             self._counted = counted
+
+    @property
+    def inside(self) -> bool:
+        """Whether a fragmented message's first frames went through."""
+        return self._inside
 
     def _finish(self, data: bytes, counted: bool) -> None:
         """
@@ -267,6 +312,15 @@ class FrameScanner:
     def _stop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
         self._stash = None
         self._leg.relayStop(rest, inside, so_far, binary)
+
+
+def _unmasked(data: bytes, start: int, length: int, key: int) -> bytes:
+    """C{length} payload bytes from C{start}, unmasked with the key at C{key} (-1: none)."""
+    chunk = data[start : start + length]
+    if key < 0 or not chunk:
+        return chunk
+    mask = (data[key : key + 4] * (length // 4 + 1))[:length]
+    return (int.from_bytes(chunk) ^ int.from_bytes(mask)).to_bytes(length)
 
 
 def _header_length(data: bytes) -> int:

@@ -217,6 +217,9 @@ class UpstreamProtocol(SecureClientProtocol):
     def relayControl(self, frame: bytes) -> bool:
         return autobahn_control(self, frame) and self.relayOpen()
 
+    def relayRefresh(self, payload: bytes) -> None:
+        """Never called: refresh messages come from clients only."""
+
     def relayStop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
         self._scanner = None
         autobahn_rest(self, rest, inside, so_far, binary)

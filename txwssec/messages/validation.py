@@ -8,10 +8,10 @@ Where it runs. A message received from a client goes, in this order:
     (L{txwssec.compression}), UTF-8 of text checked by Autobahn (1007);
  1b. on a sealed session (L{txwssec.messages.sealing}), opened: one that
     does not open closes 1007; everything below sees the plaintext;
- 2. once whole, through txwssec's own messages (the identity issue's
-    C{{"type": "wssec.refresh", ...}}, not built yet): consumed there, never
-    validated, never delivered. Their single place is marked in
-    C{SecureServerProtocol._onMessage}, before step 3;
+ 2. once whole, through txwssec's own messages (C{{"type":
+    "wssec.refresh", ...}} on a route with C{refresh = true}, see
+    L{txwssec.refresh}): consumed there, never validated, never delivered.
+    Their single place is C{SecureServerProtocol._onMessage}, before step 3;
  3. through L{MessageValidator.check} (this module): a refused kind closes
     1003, a text that is not JSON, too deep, or that does not match the
     schema closes 1007;

@@ -37,6 +37,8 @@ class ServerContext(Protocol):
     #: Revoked tokens (see L{txwssec.revocations}).
     revocations: Revocations
     countConnections: int
+    #: The server stops: handshakes get 503 (see L{txwssec.lifecycle}).
+    stopping: bool
     #: The gateway's upstream pools by route path (see L{txwssec.gateway}).
     upstreamPools: dict[str, Any]
 

@@ -53,6 +53,9 @@ class SecureServerFactory(WebSocketServerFactory):
     """
 
     protocol = SecureServerProtocol  # type: ignore[assignment]
+    #: Set when the server stops (see L{txwssec.lifecycle.drain}): every
+    #: handshake still running, or arriving, gets 503.
+    stopping = False
 
     def __init__(
         self,
@@ -84,6 +87,22 @@ class SecureServerFactory(WebSocketServerFactory):
         self.events = Events([CounterObserver(self.counters), TextLogObserver()])
         self.upstreamPools: dict[str, Any] = {}
 
+    def usePolicy(self, policy: ServerPolicy) -> None:
+        """
+        Serve new handshakes with C{policy} (a reload, see
+        L{txwssec.lifecycle}). Everything that can fail (resolving the
+        routes' classes: L{TypeError}) is done before anything changes; a
+        handshake already running and the open sessions keep the route
+        they started with. Listeners and the state store stay.
+        """
+        protocols = {route.path: (route, _resolve(route)) for route in policy.routes}
+        options = policy.protocol_options()
+        self._protocols = protocols
+        self.policy = self.admission.policy = policy
+        self.setProtocolOptions(**options)
+        # Upstream pools start again from the new routes' upstreams.
+        self.upstreamPools = {}
+
     @property
     def connections(self) -> CountView:
         """Admitted connections, in total and per client address."""
@@ -112,7 +131,7 @@ class SecureServerFactory(WebSocketServerFactory):
         @raise ValueError: C{route} is a gateway route.
         """
         self._notGateway(route)
-        return self.registry.open(route)
+        return self.registry.open(route, gateways=False)
 
     def _notGateway(self, route: str | None) -> None:
         known = self._protocols.get(route) if route is not None else None
@@ -140,7 +159,7 @@ class SecureServerFactory(WebSocketServerFactory):
         self._notGateway(route)
         sent = too_big = 0
         size = len(payload)
-        for protocol in self.registry.open(route):
+        for protocol in self.registry.open(route, gateways=False):
             policy = protocol.route
             if policy is not None and size > policy.max_message_size:
                 too_big += 1

@@ -8,6 +8,7 @@ The pipeline that decides is L{SecureServerProtocol.secureHandshake}.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
@@ -32,6 +33,7 @@ from txwssec.errors import (
 from txwssec.logs import bounded
 from txwssec.policy import RoutePolicy
 from txwssec.server.context import ServerContext
+from txwssec.server.ticketing import TICKET_METHODS
 from txwssec.tls import peer_certificate
 from txwssec.types import HandshakeRequest
 
@@ -56,6 +58,8 @@ class HandshakeIO(WebSocketServerProtocol):
     #: When the request's header block was complete (the handshake's
     #: duration, in the events, counts from there).
     _handshakeStarted: float | None = None
+    #: From L{txwssec.server.ticketing.TicketIssuer} (another base class).
+    _ticketRequest: Callable[[int], bool]
 
     def handshakeRequest(self, request: ConnectionRequest) -> HandshakeRequest:
         """
@@ -138,6 +142,10 @@ class HandshakeIO(WebSocketServerProtocol):
                 self.data = check_request_head(self.data, end)
             except HandshakeRefused as refusal:
                 return self._refuse(refusal)
+            if self.data.startswith(TICKET_METHODS) and self._ticketRequest(
+                self.data.find(b"\r\n\r\n")
+            ):
+                return  # one-time tickets: POST (and its preflight) on a route
             super().processHandshake()
 
     def _parseExtensionsHeader(

@@ -46,6 +46,7 @@ from txwssec.errors import (
     CloseCode,
     Forbidden,
     HandshakeRefused,
+    ServiceUnavailable,
     Unauthorized,
 )
 from txwssec.logs import bounded
@@ -53,18 +54,22 @@ from txwssec.messages.sealed_route import negotiate_seal
 from txwssec.messages.sealing import PROTOCOL as SEALED_PROTOCOL
 from txwssec.messages.validation import MessageValidator, Refusal, validator_for
 from txwssec.origin import listener_for
-from txwssec.policy import RoutePolicy
+from txwssec.policy import RoutePolicy, ServerPolicy
+from txwssec.refresh import is_refresh
 from txwssec.server.context import ServerContext
 from txwssec.server.flow import TrafficFlow
 from txwssec.server.handshake import HandshakeIO
+from txwssec.server.refreshing import SessionRefresh
+from txwssec.server.ticketing import TicketIssuer
 from txwssec.session import Session
 from txwssec.subprotocols import select_subprotocol
+from txwssec.tickets import redeem
 from txwssec.traffic import TrafficGuard
 from txwssec.types import Accept, HandshakeRequest
 
 
 # (mypy: two bases that share Autobahn's, whose own bases disagree on two names.)
-class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
+class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssuer):  # type: ignore[misc]
     """
     A WebSocket server protocol whose handshake is authenticated.
 
@@ -98,6 +103,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
     factory: ServerContext
     session: Session | None = None
     route: RoutePolicy | None = None
+    #: The server policy this connection's handshake started with.
+    handshakePolicy: ServerPolicy | None = None
     _refusal: HandshakeRefused | None = None
     _admitted_host: str | None = None
     #: The admitted address, kept after release: a failed authentication
@@ -184,24 +191,32 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         factory = self.factory
         handshake = self.handshakeRequest(request)
 
-        # 1. route lookup by path (404)
-        route = factory.policy.route_for(handshake.path)
+        # 1. route lookup by path (404); the whole handshake uses this
+        # policy, even if a reload swaps the factory's meanwhile
+        self.handshakePolicy = policy = factory.policy
+        route = policy.route_for(handshake.path)
         self.route = route
         self._useRoute(route)
 
-        # 2. connection admission (503, 429)
+        # 2. connection admission (503, 429); 503 while the server stops
+        if factory.stopping:
+            raise ServiceUnavailable("server shutting down")
         factory.admission.admit(handshake.host, factory.clock.seconds())
         self._admitted_host = self._client_host = handshake.host
 
         # 3. Origin (403)
         origin = handshake.header_values("origin")
         if origin and not route.origins.allows(
-            origin[0], listener_for(self.transport, factory.policy.public_origins)
+            origin[0], listener_for(self.transport, policy.public_origins)
         ):
             raise Forbidden(f"origin {bounded(origin[0])!r} not allowed")
 
-        # 4. authentication (401, 403)
-        accept = authenticate(route.authenticators, handshake)
+        # 4. authentication (401, 403): a one-time ticket, or the methods
+        accept: Accept | Deferred[Accept] | None = None
+        if route.tickets:
+            accept = redeem(factory.admission.store, route, handshake, factory.clock.seconds())
+        if accept is None:
+            accept = authenticate(route.authenticators, handshake)
         if isinstance(accept, Deferred):
             self._authenticating = True
             return accept.addCallback(self._authenticated, handshake)
@@ -254,6 +269,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         # 7. the session, its timers armed when the connection opens
         route, clock, principal = self.route, self.factory.clock, accept.principal
         assert route is not None
+        if self.factory.stopping:  # it stopped while this handshake waited
+            raise ServiceUnavailable("server shutting down")
         if self._seal is not None:
             subprotocol = SEALED_PROTOCOL
         now = clock.seconds()
@@ -315,6 +332,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             deadlines = factory.deadlines
             session.start(self._credentialsExpired, deadlines)
             self._openedAt = factory.clock.seconds()
+            self._startRefresh(session, route)
             factory.sessionOpened(self)
             factory.events.emit(
                 events.SESSION_OPENED,
@@ -341,7 +359,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         # A whole message, in this order (see txwssec.messages.validation):
         # 0. a sealed session's message is opened (1007 if it does not):
         #    sealed frames are opaque to everything below;
-        # 1. txwssec's own messages (the identity issue's wssec.refresh) are
+        # 1. txwssec's own messages (wssec.refresh, see txwssec.refresh) are
         #    taken here, before validation, and never reach 2 or 3;
         # 2. the route's message rules (1003, 1007), on the plaintext;
         # 3. the application (on a gateway route, the upstream).
@@ -350,6 +368,10 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
             if opened is None:
                 return
             payload, isBinary = opened
+        route = self.route
+        if route is not None and route.refresh and not isBinary and is_refresh(payload):
+            self._refreshMessage(payload)
+            return
         validator = self._validator
         if validator is not None:
             refusal = validator.check(payload, isBinary)
@@ -399,13 +421,21 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow):  # type: ignore[misc]
         """Close this session because its credentials were revoked (3003)."""
         self.endSession(CloseCode.FORBIDDEN, "credentials revoked", "revoked")
 
+    def goAway(self) -> None:
+        """Close this session because the server stops (1001)."""
+        if self.session is not None:
+            self.session.stop()
+        # (Autobahn's sendClose refuses 1001, a code for servers only.)
+        self.sendCloseFrame(int(CloseCode.GOING_AWAY), b"server shutting down")
+
     def endSession(self, code: int, reason: str, event: str) -> None:
         """
         Close the connection with C{code} and a short C{reason}: the event
-        C{session.<event>} (C{expired}, C{revoked}, C{idle}).
+        C{session.<event>} (C{expired}, C{revoked}, C{idle}; none for C{""}).
         """
         session = self.session
-        self.factory.events.emit(f"session.{event}", code=int(code), **self._sessionFields())
+        if event:
+            self.factory.events.emit(f"session.{event}", code=int(code), **self._sessionFields())
         if session is not None:
             session.stop()
         self.sendClose(int(code), reason)
