@@ -630,3 +630,54 @@ def test_readme_example(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert client.stdout == "subprotocol wssec.sealed.v1\ngot hello, sealed\n", client.stderr
+
+
+# -- reload ------------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_that_removes_a_seal_key_ends_its_sessions_3003(
+    tmp_path: Path, serve: Callable[[Any], int]
+) -> Any:
+    """
+    SIGHUP's reload (L{txwssec.lifecycle.reload}): a session sealed under a
+    key that its consumer no longer has closes 3003; one sealed under a key
+    the consumer keeps goes on.
+    """
+    from txwssec.client import ApiKey
+    from txwssec.config import load
+    from txwssec.lifecycle import reload
+
+    def encoded(key: bytes) -> str:
+        return "base64:" + base64.b64encode(key).decode()
+
+    path = write_config(tmp_path, 0)
+    text = path.read_text()
+    both = f'seal_keys = ["{encoded(KEY)}", "{encoded(OTHER_KEY)}"]'
+    path.write_text(re.sub(r"seal_keys = \[.*\]", both, text))
+    current = load(path)
+    factory = SecureServerFactory(current.policy)
+    port = serve(factory)
+    url = f"ws://127.0.0.1:{port}/echo"
+
+    protocols: list[Any] = []
+    for key in (KEY, OTHER_KEY):
+        client = SecureClientFactory(url, ApiKey("alice-key"), seal_key=key)
+        client.protocol = Collector
+        protocol: Any = yield client.connect()
+        yield protocol.opened
+        protocols.append(protocol)
+    removed, kept = protocols
+
+    path.write_text(re.sub(r"seal_keys = \[.*\]", f'seal_keys = ["{encoded(OTHER_KEY)}"]', text))
+    reload(path, [factory], current)
+    from twisted.internet import reactor
+
+    yield removed.closed.addTimeout(10, reactor)
+    assert removed.remoteCloseCode == 3003
+    kept.sendMessage(b"one", False)
+    kept.sendMessage(b"two", False)
+    yield kept.got
+    assert kept.messages == [(b"one", False), (b"two", False)]
+    kept.sendClose(1000)
+    yield kept.closed

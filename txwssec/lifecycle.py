@@ -38,6 +38,7 @@ from txwssec import events
 from txwssec.config import Config, load
 from txwssec.consumers import ConsumerDirectory, key_digest
 from txwssec.errors import ConfigError
+from txwssec.messages.sealing import find_key
 from txwssec.server import SecureServerFactory
 from txwssec.types import Principal
 
@@ -170,8 +171,9 @@ def reload(path: str | Path, factories: Sequence[SecureServerFactory], current: 
         _LateSessions.watch(factory, current, new.consumers, keys)
         for protocol in factory.registry.open():
             session = protocol.session
-            if session is not None and _revoked(
-                session.principal, current.consumers, new.consumers, keys
+            if session is not None and (
+                _revoked(session.principal, current.consumers, new.consumers, keys)
+                or _seal_key_removed(protocol, new.consumers)
             ):
                 protocol.revoke()
                 revoked += 1
@@ -297,6 +299,20 @@ def _revoked(
         password = consumer.password if consumer is not None else None
         return password is None or not hmac.compare_digest(principal.key, key_digest(password))
     return principal.key not in verification_keys
+
+
+def _seal_key_removed(protocol: Any, new: ConsumerDirectory) -> bool:
+    """
+    Whether C{protocol}'s session is sealed under a key that its consumer
+    no longer has (see L{txwssec.messages.sealing}).
+    """
+    sealed = getattr(protocol, "_seal", None)
+    kid = getattr(sealed, "kid", b"")
+    session = protocol.session
+    if not kid or session is None:
+        return False
+    consumer = new.by_name(session.consumer)
+    return find_key(consumer.seal_keys if consumer is not None else (), kid) is None
 
 
 class ConfigReloader(Service):

@@ -209,11 +209,14 @@ class SealedSession:
     L{server_session} or L{ClientHandshake.accept_hello}.
     """
 
-    __slots__ = ("_receive", "_send")
+    __slots__ = ("_receive", "_send", "kid")
 
-    def __init__(self, send: Direction, receive: Direction) -> None:
+    def __init__(self, send: Direction, receive: Direction, kid: bytes = b"") -> None:
         self._send = send
         self._receive = receive
+        #: The id of the consumer's key the session was derived from (the
+        #: server's side: a reload that removes that key ends the session).
+        self.kid = kid
 
     def __repr__(self) -> str:
         return f"<SealedSession sent={self._send.counter} received={self._receive.counter}>"
@@ -266,7 +269,7 @@ def server_session(
     c2s, s2c = derive_keys(key, client_nonce, server_nonce, path)
     send = Direction(s2c, _S2C)
     hello = send.seal(HELLO, b"", server_nonce)
-    return SealedSession(send, Direction(c2s, _C2S)), hello
+    return SealedSession(send, Direction(c2s, _C2S), key_id(key)), hello
 
 
 class ClientHandshake:
