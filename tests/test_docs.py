@@ -163,6 +163,7 @@ def example_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 #: Values the configuration reference abbreviates, and valid ones for the loader.
 PLACEHOLDERS = {
+    '"base64:..."': '"base64:' + "A" * 43 + '="',
     '"sha256:<64 hex>"': '"sha256:' + "0" * 64 + '"',
     '"sha256:9f86d0..."': '"sha256:'
     + "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"

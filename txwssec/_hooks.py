@@ -77,7 +77,16 @@ class OpenOnly:
     C{sendMessage} that does nothing to a connection that is not open, and
     the close after an error in the connection's own code (1011). Mixed in
     before Autobahn's protocol class.
+
+    A protocol that transforms what it sends (sealed payloads,
+    L{txwssec.messages.sealing}) sets C{_outgoing}: C{sendMessage} then
+    sends C{_outgoing(payload, isBinary)} instead, or nothing when that is
+    L{None} (not ready to send yet). Left at L{None}, a message costs one
+    state check and this one attribute check.
     """
+
+    #: Turns the application's message into the one sent, or L{None}.
+    _outgoing: Callable[[bytes, bool], tuple[bytes, bool] | None] | None = None
 
     if TYPE_CHECKING:
         state: int
@@ -112,6 +121,12 @@ class OpenOnly:
         """
         if self.state != self.STATE_OPEN:
             return False
+        outgoing = self._outgoing
+        if outgoing is not None:
+            sent = outgoing(payload, isBinary)
+            if sent is None:
+                return False
+            payload, isBinary = sent
         protocol: Any = self
         WebSocketProtocol.sendMessage(
             protocol, payload, isBinary, fragmentSize, sync, doNotCompress

@@ -31,7 +31,7 @@ from urllib.parse import quote, urlsplit
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from autobahn.websocket.types import ConnectionResponse
+from autobahn.websocket.types import ConnectingRequest, ConnectionResponse
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
 from twisted.internet import ssl
@@ -54,6 +54,7 @@ from txwssec._hooks import OpenOnly, run_hook, transport_details
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
 from txwssec.errors import CloseCode
+from txwssec.messages import sealing
 from txwssec.policy import DEFAULT_MAX_MESSAGE_SIZE
 from txwssec.refresh import MIN_INTERVAL, REASONS, is_notice
 from txwssec.tls import (
@@ -189,6 +190,10 @@ class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[m
     #: connection is lost (see L{txwssec._cycles}).
     opened = FiredWithProtocol()
     is_closed = FiredWithProtocol()
+    #: A sealed session (C{seal_key}): the handshake until the server's
+    #: hello, then the session (see L{txwssec.messages.sealing}).
+    _sealHandshake: sealing.ClientHandshake | None = None
+    _seal: sealing.SealedSession | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -226,6 +231,31 @@ class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[m
         except Exception:
             self._applicationFailed("dataReceived", Failure())
 
+    def onConnecting(self, transport_details: Any) -> ConnectingRequest | None:
+        """
+        The request's options: with C{seal_key}, a fresh offer (key id and
+        nonce) after C{wssec.sealed.v1} for each connection.
+        """
+        factory = self.factory
+        if factory.seal_key is None:
+            return None
+        self._sealHandshake = handshake = sealing.ClientHandshake(
+            factory.seal_key, urlsplit(factory.url).path or "/"
+        )
+        # sendMessage sends nothing until the server's hello is checked.
+        self._outgoing = _unsent
+        protocols = list(factory.protocols)
+        protocols.insert(protocols.index(sealing.PROTOCOL) + 1, handshake.offer)
+        return ConnectingRequest(
+            host=factory.host,
+            port=factory.port,
+            resource=factory.resource,
+            headers=factory.headers,
+            useragent=factory.useragent,
+            origin=factory.origin,
+            protocols=protocols,
+        )
+
     def processHandshake(self) -> None:
         """
         Wait for the server's whole response head, searching only the bytes
@@ -249,6 +279,14 @@ class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[m
         super().processHandshake()
 
     def _onOpen(self) -> None:
+        if self._sealHandshake is not None:
+            if self.websocket_protocol_in_use != sealing.PROTOCOL:
+                log.warn("server did not answer {protocol}: closing", protocol=sealing.PROTOCOL)
+                self._failSealed(_PROTOCOL_ERROR, "sealing refused")
+            return  # opened once the server's hello is checked (_onMessage)
+        self._opened()
+
+    def _opened(self) -> None:
         transport_details(self)
         run_hook(self, "onOpen", self.onOpen)
         if not self.opened.called:
@@ -289,11 +327,33 @@ class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[m
         # which drops the connection before the close reply is written.
         if self._closeReceived:
             return
+        handshake = self._sealHandshake
+        if handshake is _SEAL_FAILED:
+            return
+        if handshake is not None:
+            try:
+                if self._seal is None:
+                    self._seal = handshake.accept_hello(payload, isBinary)
+                    self._outgoing = self._seal.outgoing
+                    self._opened()
+                    return
+                payload, isBinary = self._seal.unseal(payload, isBinary)
+            except sealing.SealError as error:
+                log.warn("sealed message rejected: {check}", check=str(error))
+                self._failSealed(sealing.CLOSE_CODE, sealing.CLOSE_REASON)
+                return
         if self.factory.refresh is not None and not isBinary and is_notice(payload):
             # The server's refresh messages, when this client refreshes.
             run_hook(self, "refresh", self._refreshNotice, payload)
             return
         run_hook(self, "onMessage", self.onMessage, payload, isBinary)
+
+    def _failSealed(self, code: int, reason: str) -> None:
+        # Nothing more is opened or sent: the session's keys are forgotten.
+        self._sealHandshake = _SEAL_FAILED
+        self._seal = None
+        self._outgoing = _unsent
+        self._fail_connection(code, reason)
 
     async def _refreshNotice(self, payload: bytes) -> None:
         try:
@@ -406,6 +466,11 @@ class SecureClientFactory(WebSocketClientFactory):
         and headers) accepted from the server; beyond, the connection fails
         with L{ResponseHeadTooLarge}.
     @param on_credentials_expired: called with the protocol on close 3000.
+    @param seal_key: a consumer's seal key (32 bytes, or C{"base64:..."}):
+        offer C{wssec.sealed.v1} and seal every message (docs/sealed-v1.md).
+        The connection opens once the server's hello is checked; a server
+        that does not answer C{wssec.sealed.v1} is closed with 1002, a
+        message that does not open with 1007.
     @param refresh: called with no argument when the server sends
         C{wssec.expiring} (a route with C{refresh = true}); returns the new
         credential (a C{str}, or a coroutine or L{Deferred} of one), which
@@ -428,15 +493,23 @@ class SecureClientFactory(WebSocketClientFactory):
         handshake_timeout: float = 10,
         max_header_bytes: int = 16384,
         on_credentials_expired: Any = None,
+        seal_key: bytes | str | None = None,
         refresh: Callable[[], Any] | None = None,
         reactor: Any = None,
     ) -> None:
         credentials = credentials or Credentials()
         url = _with_query(url, credentials.query)
+        if isinstance(seal_key, str):
+            seal_key = sealing.parse_key(seal_key)
+        if seal_key is not None and len(seal_key) != sealing.KEY_BYTES:
+            raise ValueError(f"seal_key must be {sealing.KEY_BYTES} bytes")
+        #: The seal key, if any (never shown).
+        self.seal_key: bytes | None = seal_key
+        sealed = [sealing.PROTOCOL] if seal_key is not None else []
         super().__init__(
             url,
             origin=origin,
-            protocols=[*subprotocols, *credentials.subprotocols],
+            protocols=[*subprotocols, *sealed, *credentials.subprotocols],
             headers=dict(credentials.headers),
             reactor=reactor or default_reactor(),
         )
@@ -509,6 +582,17 @@ class SecureClientFactory(WebSocketClientFactory):
         C{protocol.opened} for the WebSocket handshake.
         """
         return self.endpoint().connect(self)  # type: ignore[return-value]
+
+
+def _unsent(payload: bytes, isBinary: bool) -> None:
+    """The C{_outgoing} hook of a sealed session that cannot send (yet)."""
+    return None
+
+
+#: After a sealed message failed to open: nothing more is opened.
+_SEAL_FAILED = sealing.ClientHandshake(bytes(sealing.KEY_BYTES), "/")
+#: RFC 6455's close code for a protocol error.
+_PROTOCOL_ERROR = 1002
 
 
 def _with_query(url: str, query: tuple[tuple[str, str], ...]) -> str:

@@ -35,6 +35,7 @@ from txwssec.consumers import (
 from txwssec.errors import ConfigError
 from txwssec.interfaces import Authenticator
 from txwssec.listen import Description, server_endpoint
+from txwssec.messages.sealing import parse_key
 from txwssec.messages.validation import read_rules
 from txwssec.ops.settings import (
     DEFAULT_LOG,
@@ -46,7 +47,15 @@ from txwssec.ops.settings import (
 from txwssec.ops.settings import health_path as _health_path
 from txwssec.origin import OriginPolicy, parse_origin
 from txwssec.passwords import check_password_hash
-from txwssec.policy import ProxyNetwork, RouteLimits, RoutePolicy, ServerPolicy
+from txwssec.policy import (
+    SEALED_MODES,
+    SEALED_UPSTREAM,
+    ProxyNetwork,
+    RouteLimits,
+    RoutePolicy,
+    Sealing,
+    ServerPolicy,
+)
 from txwssec.proxy import Upstream
 from txwssec.server import SecureServerProtocol
 from txwssec.tickets import MAX_TICKET_TTL
@@ -342,8 +351,17 @@ def _consumers(tables: list[Table]) -> ConsumerDirectory:
                 fingerprints = (parse_fingerprint(table.string("tls_fingerprint")),)
         except ValueError as error:
             raise table.error("tls_fingerprint", str(error)) from None
+        seal_keys = []
+        for index, text in enumerate(table.strings("seal_keys")):
+            try:
+                seal_keys.append(parse_key(text))
+            except ValueError as error:
+                raise ConfigError(f"{table.key_path('seal_keys')}[{index}]", str(error)) from None
         table.finish()
-        directory.add(Consumer(name, tuple(digests), password, subjects, fingerprints), table.path)
+        directory.add(
+            Consumer(name, tuple(digests), password, subjects, fingerprints, tuple(seal_keys)),
+            table.path,
+        )
     return directory
 
 
@@ -444,6 +462,7 @@ def _route(
         "idle_timeout": table.number("idle_timeout", 0),
         "compression": table.boolean("compression", False),
         "limits": _limits(table.table("limits")),
+        "sealing": _sealing(table, upstream is not None, consumers),
         "messages": read_rules(table.table("messages"), base_dir, upstream is not None),
         **_identity(table),
     }
@@ -491,6 +510,26 @@ def _forwarding(table: Table, gateway: bool, methods: list[Authenticator]) -> di
                 "which is never forwarded",
             )
     return options
+
+
+def _sealing(table: Table, gateway: bool, consumers: ConsumerDirectory) -> Sealing:
+    """C{sealed} and C{sealed_upstream} of a route (docs/sealed-v1.md)."""
+    mode = table.string("sealed", "off")
+    if mode not in SEALED_MODES:
+        raise table.error("sealed", "expected one of " + _quoted(SEALED_MODES))
+    upstream = table.string("sealed_upstream", "unseal")
+    if upstream not in SEALED_UPSTREAM:
+        raise table.error("sealed_upstream", "expected one of " + _quoted(SEALED_UPSTREAM))
+    if "sealed_upstream" in table.data and not gateway:
+        raise table.error("sealed_upstream", "only applies to routes with an upstream")
+    keys = consumers.seal_keys()
+    if mode != "off" and upstream == "unseal" and not keys:
+        raise table.error("sealed", "no [[consumer]] has seal_keys")
+    return Sealing(mode, upstream, keys)
+
+
+def _quoted(names: tuple[str, ...]) -> str:
+    return ", ".join(f'"{name}"' for name in names)
 
 
 def _upstream(table: Table, base_dir: Path) -> Upstream | None:

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -107,6 +107,8 @@ class Consumer:
         normalised by L{normalise_subject}) that identify it.
     @ivar tls_fingerprints: SHA-256 fingerprints of client certificates that
         identify it.
+    @ivar seal_keys: its secrets for sealed payloads (32 bytes each; see
+        docs/sealed-v1.md), never shown by C{repr}.
     """
 
     name: str
@@ -114,6 +116,7 @@ class Consumer:
     password: str | None = None
     tls_subjects: tuple[str, ...] = ()
     tls_fingerprints: tuple[bytes, ...] = ()
+    seal_keys: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 class ConsumerDirectory:
@@ -130,6 +133,7 @@ class ConsumerDirectory:
         self._by_digest: dict[bytes, Consumer] = {}
         self._by_subject: dict[str, Consumer] = {}
         self._by_fingerprint: dict[bytes, Consumer] = {}
+        self._seal_keys: dict[bytes, str] = {}
         for consumer in consumers:
             self.add(consumer)
 
@@ -158,6 +162,14 @@ class ConsumerDirectory:
                     "fingerprint already belongs to consumer "
                     f'"{self._by_fingerprint[fingerprint].name}"',
                 )
+        for index, key in enumerate(consumer.seal_keys):
+            owner = self._seal_keys.get(key)
+            if owner is not None:
+                # A key names its consumer (docs/sealed-v1.md): never shared.
+                raise ConfigError(
+                    f"{path}.seal_keys[{index}]", f'seal key already belongs to consumer "{owner}"'
+                )
+            self._seal_keys[key] = consumer.name
         self._by_name[consumer.name] = consumer
         for digest in consumer.key_digests:
             self._by_digest[digest] = consumer
@@ -191,6 +203,10 @@ class ConsumerDirectory:
         if consumer is not None:
             return consumer
         return self._by_subject.get(certificate.subject.rfc4514_string())
+
+    def seal_keys(self) -> dict[str, tuple[bytes, ...]]:
+        """Each consumer's seal keys, for the consumers that have some."""
+        return {name: c.seal_keys for name, c in self._by_name.items() if c.seal_keys}
 
     def names(self) -> Mapping[str, Consumer]:
         """All consumers by name."""

@@ -176,6 +176,40 @@ class Upstream:
                 raise ValueError(f"upstream {url!r} must not carry user info or a fragment")
 
 
+#: The values of C{Sealing.mode} and C{Sealing.upstream}.
+SEALED_MODES = ("off", "optional", "required")
+SEALED_UPSTREAM = ("unseal", "passthrough")
+
+
+@dataclass(frozen=True)
+class Sealing:
+    """
+    Sealed payloads on a route (C{wssec.sealed.v1}, docs/sealed-v1.md).
+
+    @ivar mode: C{"off"} (the subprotocol is never answered), C{"optional"}
+        (sealed when the client offers it), C{"required"} (a client that
+        does not offer it gets 403).
+    @ivar upstream: on a gateway route, C{"unseal"} (the gateway opens the
+        client's messages and relays plaintext) or C{"passthrough"} (the
+        offer goes to the upstream, which seals; frames pass untouched).
+    @ivar keys: each consumer's secrets (32 bytes each), newest first; never
+        shown by C{repr}.
+    """
+
+    mode: str = "off"
+    upstream: str = "unseal"
+    keys: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in SEALED_MODES:
+            raise ValueError(f"sealed must be one of {', '.join(SEALED_MODES)}")
+        if self.upstream not in SEALED_UPSTREAM:
+            raise ValueError(f"sealed_upstream must be one of {', '.join(SEALED_UPSTREAM)}")
+        for consumer, keys in self.keys.items():
+            if any(len(key) != 32 for key in keys):
+                raise ValueError(f"seal keys of {consumer!r} must be 32 bytes each")
+
+
 @dataclass(frozen=True)
 class RoutePolicy:
     """
@@ -210,6 +244,7 @@ class RoutePolicy:
         C{Authorization} header (stripped by default). Not allowed when a
         method of the route reads its credential from C{Authorization}: a
         consumed credential is never forwarded.
+    @ivar sealing: sealed payloads (L{Sealing}; off by default).
     @ivar messages: what each message must be (L{MessageRules}); by
         default anything within the limits.
     """
@@ -228,6 +263,7 @@ class RoutePolicy:
     upstream: Upstream | None = None
     forward_cookie: bool = False
     forward_authorization: bool = False
+    sealing: Sealing = field(default_factory=Sealing)
     messages: MessageRules = field(default_factory=MessageRules)
     refresh: bool = False
     refresh_notice: float = 30
@@ -237,6 +273,17 @@ class RoutePolicy:
     def __post_init__(self) -> None:
         if self.messages.upstream_schema is not None and self.upstream is None:
             raise ValueError("messages.upstream_schema only applies to routes with an upstream")
+        if (
+            self.upstream is not None
+            and self.sealing.mode != "off"
+            and self.sealing.upstream == "passthrough"
+            and self.messages.active
+        ):
+            # The gateway holds no key: it would check ciphertext.
+            raise ValueError(
+                'messages rules cannot check what sealed_upstream = "passthrough" '
+                'passes through sealed (use sealed_upstream = "unseal")'
+            )
         if not self.path.startswith("/"):
             raise ValueError(f"route path must start with '/': {self.path!r}")
         if not self.authenticators:

@@ -28,6 +28,7 @@ from txwssec.gateway.upstream import (
     open_upstream,
     pool_for,
 )
+from txwssec.messages.sealed_route import is_seal_entry
 from txwssec.messages.validation import Refusal
 from txwssec.server import SecureServerProtocol
 from txwssec.traffic import Violation
@@ -86,6 +87,8 @@ class GatewayProtocol(SecureServerProtocol):
             p
             for p in without_credentials(handshake.subprotocols, route.authenticators)
             if p not in accept.credential.subprotocols
+            # sealed here (sealed_upstream = "unseal"): the upstream sees plaintext
+            and not (self._seal is not None and is_seal_entry(p))
         ]
         origin = handshake.header_values("origin")
         target = forwarded_target(self.http_request_uri, route.authenticators, accept, known)
@@ -199,11 +202,14 @@ class GatewayProtocol(SecureServerProtocol):
         (permessage-deflate: Autobahn inflates and checks the client's
         messages and sends them uncompressed to the upstream), nor for a
         subclass that reads the client's messages (overrides C{onMessage}),
-        nor when the route has message rules (L{txwssec.messages.validation}:
-        Autobahn assembles each message, bounded by C{max_message_size}).
+        nor when the gateway unseals (sealed payloads: each message is opened
+        whole), nor when the route has message rules
+        (L{txwssec.messages.validation}: Autobahn assembles each message,
+        bounded by C{max_message_size}).
         """
         return (
-            self._perMessageCompress is None
+            self._seal is None
+            and self._perMessageCompress is None
             and upstream._perMessageCompress is None
             and type(self).onMessage is GatewayProtocol.onMessage
             # nor with message rules: they check whole messages

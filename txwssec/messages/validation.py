@@ -6,10 +6,12 @@ Where it runs. A message received from a client goes, in this order:
  1. frame by frame, through the route's limits (size, rates, fragments:
     L{txwssec.server.flow}), inflation bounded by C{max_message_size}
     (L{txwssec.compression}), UTF-8 of text checked by Autobahn (1007);
- 2. once whole, through txwssec's own messages (the identity issue's
-    C{{"type": "wssec.refresh", ...}}, not built yet): consumed there, never
-    validated, never delivered. Their single place is marked in
-    C{SecureServerProtocol._onMessage}, before step 3;
+ 1b. on a sealed session (L{txwssec.messages.sealing}), opened: one that
+    does not open closes 1007; everything below sees the plaintext;
+ 2. once whole, through txwssec's own messages (C{{"type":
+    "wssec.refresh", ...}} on a route with C{refresh = true}, see
+    L{txwssec.refresh}): consumed there, never validated, never delivered.
+    Their single place is C{SecureServerProtocol._onMessage}, before step 3;
  3. through L{MessageValidator.check} (this module): a refused kind closes
     1003, a text that is not JSON, too deep, or that does not match the
     schema closes 1007;
@@ -18,11 +20,11 @@ Where it runs. A message received from a client goes, in this order:
 
 On a gateway route, a message from the upstream goes through
 L{MessageValidator.check_upstream} (C{upstream_schema}) before it is sent to
-the client; one that fails closes the client with 1014 and the upstream with
-1007. A gateway route whose rules check anything does not relay frame by
-frame (L{txwssec.gateway.relay}): Autobahn assembles each message, bounded
-by C{max_message_size}, which is then checked and sent whole. Routes without
-rules keep the frame relay.
+the client (and sealed, on a sealed session); one that fails closes the
+client with 1014 and the upstream with 1007. A gateway route whose rules
+check anything does not relay frame by frame (L{txwssec.gateway.relay}):
+Autobahn assembles each message, bounded by C{max_message_size}, which is
+then checked and sent whole. Routes without rules keep the frame relay.
 
 JSON is parsed safely: the nesting depth is counted before parsing (a
 byte-level scan, strings skipped), so a deeply nested message is refused

@@ -24,6 +24,8 @@ from txwssec.deadlines import Deadline
 from txwssec.errors import (
     CloseCode,
 )
+from txwssec.messages.sealed_route import log_rejected
+from txwssec.messages.sealing import CLOSE_CODE, CLOSE_REASON, SealedSession, SealError
 from txwssec.policy import RoutePolicy
 from txwssec.server.context import ServerContext
 from txwssec.session import Session
@@ -47,11 +49,34 @@ class TrafficFlow(OpenOnly, WebSocketServerProtocol):  # type: ignore[misc]
     maxFramePayloadSize: int
     maxMessagePayloadSize: int
     _discard_writes: bool = False
+    #: A sealed session's keys and counters (see L{txwssec.messages.sealing}),
+    #: and the hello to send first. Its C{outgoing} is then the
+    #: C{_outgoing} hook of L{OpenOnly.sendMessage}, which seals.
+    _seal: SealedSession | None = None
+    _sealHello: bytes | None = None
     _dropLogged: bool = False
 
     def endSession(self, code: int, reason: str, event: str) -> None:
         """Close the session (see L{SecureServerProtocol.endSession})."""
         raise NotImplementedError
+
+    def _unseal(self, payload: bytes, isBinary: bool) -> tuple[bytes, bool] | None:
+        """
+        Open a message of a sealed session; one that does not open closes
+        the session with 1007 (see docs/sealed-v1.md).
+
+        @return: the application's payload and type, or L{None}.
+        """
+        assert self._seal is not None
+        try:
+            return self._seal.unseal(payload, isBinary)
+        except SealError as error:
+            # Once closing, the counter stays put: nothing more opens.
+            if self.state == self.STATE_OPEN:
+                fields = self._sessionFields()
+                log_rejected(error, **fields)
+                self._closeForLimit("limit.sealed_message", CLOSE_CODE, CLOSE_REASON)
+            return None
 
     def _checkIdle(self) -> None:
         # Messages do not move the timer (onFrameBegin only notes the time):

@@ -50,6 +50,8 @@ from txwssec.errors import (
     Unauthorized,
 )
 from txwssec.logs import bounded
+from txwssec.messages.sealed_route import negotiate_seal
+from txwssec.messages.sealing import PROTOCOL as SEALED_PROTOCOL
 from txwssec.messages.validation import MessageValidator, Refusal, validator_for
 from txwssec.origin import listener_for
 from txwssec.policy import RoutePolicy, ServerPolicy
@@ -249,7 +251,12 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
         )
         self._consumer_admitted = (route, principal.consumer)
 
-        # 6. subprotocol: credentials consumed, never echoed
+        # 6. sealed payloads (400, 403), then the subprotocol: credentials
+        #    consumed, never echoed
+        sealed = negotiate_seal(route, principal.consumer, handshake.subprotocols)
+        if sealed is not None:
+            self._seal, self._sealHello = sealed
+            self._outgoing = self._seal.outgoing
         subprotocol = self.negotiate(handshake, accept)
         if isinstance(subprotocol, Deferred | Coroutine):
             negotiated: Deferred[str | None] = ensureDeferred(subprotocol)
@@ -264,6 +271,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
         assert route is not None
         if self.factory.stopping:  # it stopped while this handshake waited
             raise ServiceUnavailable("server shutting down")
+        if self._seal is not None:
+            subprotocol = SEALED_PROTOCOL
         now = clock.seconds()
         not_after = now + route.max_lifetime if route.max_lifetime else None
         self.session = Session(principal, accept.expires_at, route.path, clock, not_after)
@@ -335,6 +344,9 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
                 expires_at=session.expires_at,
             )
             self.registerProducer(self, True)
+            if self._sealHello is not None:
+                WebSocketServerProtocol.sendMessage(self, self._sealHello, True)
+                self._sealHello = None
             if route.idle_timeout:
                 self._last_message = now = factory.clock.seconds()
                 self._idle_timer = deadlines.call_at(now + route.idle_timeout, self._checkIdle)
@@ -345,10 +357,17 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
 
     def _onMessage(self, payload: bytes, isBinary: bool) -> None:
         # A whole message, in this order (see txwssec.messages.validation):
+        # 0. a sealed session's message is opened (1007 if it does not):
+        #    sealed frames are opaque to everything below;
         # 1. txwssec's own messages (wssec.refresh, see txwssec.refresh) are
         #    taken here, before validation, and never reach 2 or 3;
-        # 2. the route's message rules (1003, 1007);
+        # 2. the route's message rules (1003, 1007), on the plaintext;
         # 3. the application (on a gateway route, the upstream).
+        if self._seal is not None:
+            opened = self._unseal(payload, isBinary)
+            if opened is None:
+                return
+            payload, isBinary = opened
         route = self.route
         if route is not None and route.refresh and not isBinary and is_refresh(payload):
             self._refreshMessage(payload)
