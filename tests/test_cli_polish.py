@@ -3,7 +3,7 @@ The command line as an operator meets it, through the real C{twistd} and
 C{python -m txwssec}: a configuration error is one line naming the key path
 (no usage block), C{--version} names txwssec's version, C{--help} points at
 a command that prints the configuration reference, and that reference is
-README's section.
+docs/configuration.rst, from a checkout and from an installed package.
 """
 
 from __future__ import annotations
@@ -149,13 +149,12 @@ def test_python_m_txwssec_version(tmp_path: Path) -> None:
 # -- --help and the configuration reference ------------------------------------------
 
 
-def readme_reference() -> str:
-    """README's "Configuration reference" section, found independently."""
-    readme = (REPO / "README.rst").read_text(encoding="utf-8")
-    start = readme.index("Configuration reference\n=======================\n")
-    end = re.compile(r"\n\n\S[^\n]*\n=+\n").search(readme, start + 50)
-    assert end is not None
-    return readme[start : end.start()].rstrip("\n") + "\n"
+def docs_reference() -> str:
+    """docs/configuration.rst's "Configuration reference" section, found independently."""
+    text = (REPO / "docs" / "configuration.rst").read_text(encoding="utf-8")
+    start = text.index("Configuration reference\n=======================\n")
+    end = re.compile(r"\n\n\S[^\n]*\n=+\n").search(text, start + 50)
+    return text[start : end.start() if end else len(text)].rstrip("\n") + "\n"
 
 
 def test_help_points_to_a_command(tmp_path: Path) -> None:
@@ -167,28 +166,70 @@ def test_help_points_to_a_command(tmp_path: Path) -> None:
     assert "README" not in text
 
 
-def test_config_reference_prints_readme_section(tmp_path: Path) -> None:
+def test_config_reference_prints_docs_page(tmp_path: Path) -> None:
     status, out, err = python_m_txwssec("config-reference", cwd=tmp_path)
     assert (status, err) == (0, "")
-    assert out == readme_reference()
+    assert out == docs_reference()
     assert out.startswith("Configuration reference\n=======================\n\n")
     assert "``python -m txwssec check-config FILE``" in out
     assert "[server]" in out
 
 
-def test_config_reference_from_metadata(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_config_reference_from_installed_package(tmp_path: Path) -> None:
     """
-    Installed from a wheel there is no README file: the reference comes from
-    the distribution's metadata, whose long description is README.rst.
+    Installed (not editable) there is no checkout: the package carries
+    docs/configuration.rst, copied in by setup.py when it is built. The
+    source is copied first (the files git knows, as a release has them), so
+    the build leaves nothing in the checkout.
     """
-    assert "long_description = file: README.rst" in (REPO / "setup.cfg").read_text()
-    monkeypatch.setattr(cli, "CHECKOUT_README", tmp_path / "README.rst")
-    reference = cli.config_reference()
-    assert reference.startswith("Configuration reference\n=======================\n\n")
-    assert "``python -m txwssec check-config FILE``" in reference
-    # A README.rst that is not txwssec's is not used either.
-    (tmp_path / "README.rst").write_text("Configuration reference\n=======================\n")
-    assert cli.config_reference() == reference
+    source = tmp_path / "source"
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, timeout=TIMEOUT
+    ).stdout.decode()
+    for name in [*filter(None, listed.split("\0")), "setup.py", "MANIFEST.in"]:
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_bytes((REPO / name).read_bytes())
+    target = tmp_path / "installed"
+    installing = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, source],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installing.returncode == 0, installing.stderr
+    assert (target / "txwssec" / "docs" / "configuration.rst").is_file()
+    assert not (target / "docs").exists()
+    printing = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, txwssec, txwssec.__main__ as cli; "
+            "print(txwssec.__file__, file=sys.stderr); sys.exit(cli.main(sys.argv[1:]))",
+            "config-reference",
+        ],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert printing.returncode == 0, printing.stderr
+    assert printing.stderr.startswith(str(target / "txwssec")), printing.stderr
+    assert printing.stdout == docs_reference()
+
+
+def test_config_reference_reads_the_checkout_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without a packaged copy (editable install) the checkout's file is the reference."""
+    monkeypatch.setattr(cli, "CHECKOUT_REFERENCE", tmp_path / "configuration.rst")
+    with pytest.raises(FileNotFoundError):
+        cli.config_reference()  # editable, no checkout file: nothing to print
+    (tmp_path / "configuration.rst").write_text(
+        "Configuration reference\n=======================\n\nx\n"
+    )
+    assert cli.config_reference() == "Configuration reference\n=======================\n\nx\n"
 
 
 def test_reference_section_ends_at_next_heading() -> None:

@@ -112,9 +112,11 @@ def test_missing_schema_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_readme_python_example() -> None:
-    """The README's Python example of message rules runs as written."""
+    """The user guide's Python example of message rules runs as written."""
     port = free_port()
-    source = code_block("Message validation\n==================").replace("9091", str(port))
+    source = code_block("Message validation\n==================", "guide.rst").replace(
+        "9091", str(port)
+    )
     assert str(port) in source
     running = Process([sys.executable, "-c", source])
     try:

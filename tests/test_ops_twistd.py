@@ -309,8 +309,8 @@ def test_json_log_has_no_secret(tmp_path: Path, upstream: int) -> None:
 
 
 def readme_block(heading: str) -> str:
-    """The first Python code block after C{heading} in README.rst."""
-    readme = (EXAMPLES.parent / "README.rst").read_text(encoding="utf-8")
+    """The first Python code block after C{heading} in docs/operations.rst."""
+    readme = (EXAMPLES.parent / "docs" / "operations.rst").read_text(encoding="utf-8")
     start = readme.index(heading)
     match = re.search(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", readme[start:])
     assert match is not None

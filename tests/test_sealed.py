@@ -601,11 +601,12 @@ def test_config_gateway() -> None:
         assert str(raised.value).startswith(message), str(raised.value)
 
 
-# -- README ---------------------------------------------------------------------------
+# -- docs/guide.rst --------------------------------------------------------------------------
 
 
 def readme_block(language: str) -> str:
-    text = (REPO / "README.rst").read_text(encoding="utf-8")
+    """The first C{language} block of the user guide's "Sealed payloads"."""
+    text = (REPO / "docs" / "guide.rst").read_text(encoding="utf-8")
     start = text.index("Sealed payloads\n===============")
     found = re.search(rf"\.\. code-block:: {language}\n\n((?:    .*\n|\n)+)", text[start:])
     assert found is not None
@@ -613,7 +614,7 @@ def readme_block(language: str) -> str:
 
 
 def test_readme_example(tmp_path: Path) -> None:
-    """README's "Sealed payloads": its TOML under twistd, its client echoes sealed."""
+    """The user guide's "Sealed payloads": its TOML under twistd, its client echoes sealed."""
     port = free_port()
     config = tmp_path / "sealed.toml"
     config.write_text(readme_block("toml").replace("9090", str(port)))

@@ -6,7 +6,7 @@ C{python -m txwssec}: helper commands for operators.
   check-config    validate a configuration file and exit
   make-dev-cert   write a development CA, server and client certificates
   config-reference
-                  print the configuration reference (README's section)
+                  print the configuration reference (docs/configuration.rst)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import getpass
 import os
 import re
 import sys
-from importlib import metadata
+from importlib import resources
 from pathlib import Path
 
 from txwssec.config import load
@@ -25,9 +25,12 @@ from txwssec.errors import ConfigError
 from txwssec.passwords import hash_password
 from txwssec.tap import version_text
 
-#: The README of the source checkout this package is imported from, if any.
-CHECKOUT_README = Path(__file__).resolve().parent.parent / "README.rst"
-#: The heading of README's section that C{config-reference} prints.
+#: The configuration reference of the source checkout this package is
+#: imported from, if any (the only copy: builds carry it in the package).
+CHECKOUT_REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "configuration.rst"
+#: Where an installed package carries docs/configuration.rst (setup.py copies it).
+PACKAGED_REFERENCE = ("docs", "configuration.rst")
+#: The heading of the section that C{config-reference} prints.
 REFERENCE_HEADING = "Configuration reference"
 
 
@@ -61,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "config-reference",
         help="print the configuration reference",
-        description="Prints the 'Configuration reference' section of txwssec's README "
-        "(reStructuredText), from the installed package's metadata.",
+        description="Prints txwssec's configuration reference, docs/configuration.rst "
+        "(reStructuredText), from the installed package.",
     )
     args = parser.parse_args(argv)
 
@@ -108,19 +111,25 @@ def _import_as_twistd() -> None:
 
 def config_reference() -> str:
     """
-    The configuration reference: the section of README.rst under
-    L{REFERENCE_HEADING}, heading included, up to the next section. README
-    is the only copy: it is read from the source checkout when the package
-    runs from one, else from the installed distribution's metadata (README
-    is its long description, so every wheel carries it).
+    The configuration reference: the L{REFERENCE_HEADING} section of
+    docs/configuration.rst, heading included. That file is the only copy: an
+    installed package carries it as C{txwssec/docs/configuration.rst}
+    (setup.py copies it in at build time); a package imported from its
+    source checkout (an editable install) reads the checkout's file.
     """
+    packaged = resources.files("txwssec").joinpath(*PACKAGED_REFERENCE)
     try:
-        readme = CHECKOUT_README.read_text(encoding="utf-8")
+        text = packaged.read_text(encoding="utf-8")
     except OSError:
-        readme = ""
-    if not readme.startswith("=======\ntxwssec\n=======\n"):
-        readme = str(metadata.metadata("txwssec").json["description"])
-    return reference_section(readme)
+        text = ""
+    if not _is_reference(text):
+        text = CHECKOUT_REFERENCE.read_text(encoding="utf-8")
+    return reference_section(text)
+
+
+def _is_reference(text: str) -> bool:
+    underline = "=" * len(REFERENCE_HEADING)
+    return text.startswith(f"{REFERENCE_HEADING}\n{underline}\n")
 
 
 def reference_section(readme: str) -> str:

@@ -2,7 +2,7 @@
 Adjustments to Autobahn behaviour that txwssec relies on.
 
 Close code 1014 (Bad Gateway) is in IANA's WebSocket close code registry and
-is txwssec's "upstream failed" code (DESIGN.md, "Close codes"). Autobahn
+is txwssec's "upstream failed" code (docs/guide.rst, "HTTP statuses and close codes"). Autobahn
 26.10 accepts the registered 1012 and 1013 but not 1014, so an Autobahn peer
 receiving it would call it a protocol error (1002) instead of reconnecting
 with backoff. Autobahn checks the list through the class, so no subclass can

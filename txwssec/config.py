@@ -1,5 +1,5 @@
 """
-The TOML configuration (DESIGN.md, "Configuration (contract)") read into
+The TOML configuration (docs/configuration.rst) read into
 typed values, with errors that name the key path.
 
 About 500 lines: the whole schema in one place (the composition root of the

@@ -14,7 +14,7 @@ from http import HTTPStatus
 
 class CloseCode(IntEnum):
     """
-    WebSocket close codes used by txwssec (see DESIGN.md, "Close codes").
+    WebSocket close codes used by txwssec (see docs/guide.rst, "HTTP statuses and close codes").
     """
 
     NORMAL = 1000

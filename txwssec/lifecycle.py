@@ -2,7 +2,7 @@
 Operations on a running server: the graceful stop (L{drain}, L{GracefulStop})
 and the live reload of the configuration file (L{reload}, L{ConfigReloader}).
 C{twistd wssec} runs both services: SIGTERM and SIGINT stop gracefully,
-SIGHUP reloads (DESIGN.md, "Operations").
+SIGHUP reloads (docs/operations.rst).
 
 A graceful stop: the listeners stop accepting (they stop before this
 service, see L{GracefulStop}), every handshake still running gets 503,

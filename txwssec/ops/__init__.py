@@ -1,6 +1,6 @@
 """
-Operations: what an operator scripts against (DESIGN.md, "Operations
-(contract)"). The admin API (L{AdminResource}, L{admin_site}), the
+Operations: what an operator scripts against (docs/operations.rst).
+The admin API (L{AdminResource}, L{admin_site}), the
 Prometheus metrics (L{Metrics}) and the JSON log (L{JSONEventObserver},
 L{JSONFormatter}), and their configuration (C{[admin]}, C{[log]}).
 
