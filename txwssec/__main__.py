@@ -138,7 +138,15 @@ def reference_section(readme: str) -> str:
     start = readme.index(f"{REFERENCE_HEADING}\n{underline}\n")
     following = re.compile(r"^\S.*\n=+\n", re.MULTILINE)
     after = following.search(readme, start + len(REFERENCE_HEADING) + len(underline) + 2)
-    return readme[start : after.start() if after else len(readme)].rstrip("\n") + "\n"
+    section = readme[start : after.start() if after else len(readme)]
+    # The docs tests' markers (".. not-run: ...", ".. tested-by: ...") are for
+    # the test suite, not for a reader at a terminal.
+    section = _TEST_MARKER.sub("", section)
+    return section.rstrip("\n") + "\n"
+
+
+#: A docs-test marker line and the blank line after it (see tests/test_docs.py).
+_TEST_MARKER = re.compile(r"^\.\. (?:not-run|tested-by):.*\n\n?", re.MULTILINE)
 
 
 def _read_password() -> str:
