@@ -94,10 +94,10 @@ class FrameScanner:
         message (L{txwssec.refresh.is_refresh}; a route with C{refresh =
         true}): one in a single frame goes to L{RelayLeg.relayRefresh}
         instead of the other leg. A text message in several frames whose
-        first starts with C{{} (it may be a refresh message in pieces)
-        makes Autobahn take over the stream for good (L{RelayLeg.relayStop}),
-        which hands whole messages to the same hook. Other frames are
-        relayed as without it.
+        first starts with C{{}, or holds only whitespace or nothing (it may
+        be a refresh message in pieces), makes Autobahn take over the
+        stream for good (L{RelayLeg.relayStop}), which hands whole messages
+        to the same hook. Other frames are relayed as without it.
     """
 
     __slots__ = (
@@ -252,8 +252,9 @@ class FrameScanner:
                 payload = head + mask_length
                 prefix = _unmasked(data, payload, min(length, PREFIX_BYTES), key)
                 if not first & _FIN:
-                    if prefix.lstrip(b" \t\r\n").startswith(b"{"):
-                        # Maybe a refresh message in pieces: Autobahn
+                    if prefix.lstrip(b" \t\r\n")[:1] in (b"{", b""):
+                        # Maybe a refresh message in pieces (an empty or
+                        # blank first frame does not yet show): Autobahn
                         # reassembles it (and the rest of the stream).
                         if pos > start:
                             leg.relayForward(data[start:pos])
