@@ -210,3 +210,21 @@ def test_forward_options_config() -> None:
     with pytest.raises(ConfigError) as caught:
         parse({"route": [app_route]})
     assert str(caught.value) == "route[0].forward_cookie: only applies to routes with an upstream"
+
+
+@pytest_twisted.ensureDeferred
+async def test_ticket_query_parameter_never_reaches_the_upstream(serve: Serve) -> None:
+    """
+    A route without tickets, and no method reading C{ticket}: a one-time
+    ticket sent in the query is still a credential and is removed; every
+    other byte of the query is as sent.
+    """
+    backend = BackendFactory()
+    key = KeyAuthenticator(CONSUMERS)
+    route = RoutePolicy("/ws", [key], upstream=Upstream((ws_url(serve(backend)),)))
+    port = serve(SecureServerFactory(ServerPolicy([route], ping_interval=0)))
+    query = "a=%2F+b&ticket=LIVE-TICKET-VALUE&x=1&ticket&Ticket=T"
+    request = upgrade_request(f"/ws?{query}", f"apikey: {KEY}")
+    assert (await aio(handshake(port, request))).startswith(b"HTTP/1.1 101 ")
+    assert received(backend)[0] == b"GET /ws?a=%2F+b&x=1&Ticket=T HTTP/1.1"
+    assert b"LIVE-TICKET-VALUE" not in backend.last.raw

@@ -66,6 +66,10 @@ APPLICATION_ERROR = "application.error"
 UPSTREAM_FAILED = "upstream.failed"
 #: A gateway session's upstream went away first: peer.
 UPSTREAM_LOST = "upstream.lost"
+#: A gateway's upstream sent a txwssec control message (C{wssec.expiring}...)
+#: on a route with C{refresh = true}; it was dropped (the first of a
+#: session is told): kind (its type), peer, route, consumer.
+UPSTREAM_WSSEC_DROPPED = "upstream.wssec_dropped"
 #: A message broke its route's message rules and closed the connection:
 #: rule (C{binary}, C{text}, C{json}, C{depth}, C{schema}), direction
 #: (C{client}, or C{upstream} on a gateway), code, detail, peer, route,
@@ -97,6 +101,7 @@ EVENTS: Mapping[str, str] = {
     APPLICATION_ERROR: "an application hook failed",
     UPSTREAM_FAILED: "an upstream failed a gateway handshake",
     UPSTREAM_LOST: "a gateway session's upstream went away",
+    UPSTREAM_WSSEC_DROPPED: "an upstream's txwssec control message was not relayed",
     MESSAGE_REFUSED: "a message broke its route's message rules",
     CONFIG_RELOADED: "the configuration file was reloaded",
     CONFIG_RELOAD_FAILED: "a configuration reload failed; the old one stays",

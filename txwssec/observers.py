@@ -180,6 +180,14 @@ def _message_refused(fields: Mapping[str, Any]) -> None:
     )
 
 
+def _upstream_wssec_dropped(fields: Mapping[str, Any]) -> None:
+    gatewayLog.warn(
+        "upstream of {peer} on {route} sent {kind}: not relayed (only the gateway sends those)",
+        kind=fields["kind"],
+        **_session_fields(fields),
+    )
+
+
 def _upstream_lost(fields: Mapping[str, Any]) -> None:
     gatewayLog.warn("upstream of {peer} went away", peer=fields["peer"])
 
@@ -226,6 +234,7 @@ class TextLogObserver:
         events.APPLICATION_ERROR: _application_error,
         events.UPSTREAM_FAILED: _upstream_failed,
         events.UPSTREAM_LOST: _upstream_lost,
+        events.UPSTREAM_WSSEC_DROPPED: _upstream_wssec_dropped,
         events.MESSAGE_REFUSED: _message_refused,
         events.CONFIG_RELOADED: _reloaded,
         events.CONFIG_RELOAD_FAILED: _reload_failed,

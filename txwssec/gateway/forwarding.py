@@ -12,6 +12,7 @@ from urllib.parse import unquote_plus, urlsplit
 
 from txwssec.credentials import credential_headers, credential_queries
 from txwssec.interfaces import Authenticator
+from txwssec.tickets import TICKET_QUERY
 from txwssec.types import Accept, HandshakeRequest
 
 #: Request headers that belong to one hop, or to the WebSocket handshake the
@@ -129,13 +130,16 @@ def forwarded_target(
 ) -> str:
     """
     The client's path and query, minus every query parameter a method of
-    the route or of C{known_authenticators} reads credentials from.
+    the route or of C{known_authenticators} reads credentials from, and
+    always minus C{ticket} (a one-time ticket, even one sent to a route
+    without tickets, is still a live credential).
 
     The query is edited as sent: only the removed C{name=value} pieces go,
     every other byte (percent-encoding, C{+}, order, empty pieces between
     kept ones) is left as the client wrote it, so signed URLs still verify.
     """
     names = set(credential_queries(authenticators)) | set(credential_queries(known_authenticators))
+    names.add(TICKET_QUERY)
     if accept.credential.query:
         names.add(accept.credential.query)
     path, question, query = request_uri.partition("?")

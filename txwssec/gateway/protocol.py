@@ -20,7 +20,13 @@ from txwssec.auth.credentials import (
 from txwssec.client import ClientTLS, SecureClientFactory
 from txwssec.errors import CloseCode, HandshakeRefused
 from txwssec.gateway.forwarding import forwarded_headers, forwarded_target, join_target
-from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
+from txwssec.gateway.relay import (
+    FrameScanner,
+    autobahn_control,
+    autobahn_rest,
+    feed_relay,
+    wssec_message,
+)
 from txwssec.gateway.upstream import (
     BadGateway,
     GatewayTimeout,
@@ -57,6 +63,8 @@ class GatewayProtocol(SecureServerProtocol):
     _handshakeExpired: bool = False
     #: Messages of the gateway's own waiting for a relayed message's end.
     _ownMessages: list[tuple[bytes, bool]] | None = None
+    #: The upstream sent a txwssec control message (dropped, logged once).
+    _wssecDropped: bool = False
 
     async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
         """
@@ -224,9 +232,12 @@ class GatewayProtocol(SecureServerProtocol):
             max_frame=self.maxFramePayloadSize,
             max_message=self.maxMessagePayloadSize,
             accounted=True,
-            refresh=self.route is not None and self.route.refresh,
+            refresh=self._refreshes(),
         )
-        upstream.startRelay()
+        upstream.startRelay(notices=self._refreshes())
+
+    def _refreshes(self) -> bool:
+        return self.route is not None and self.route.refresh
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -363,6 +374,9 @@ class GatewayProtocol(SecureServerProtocol):
         checked against the route's C{upstream_schema}, then sent. One that
         breaks it closes the upstream with 1007 and the client with 1014.
         """
+        if not isBinary and self._refreshes() and wssec_message(payload) is not None:
+            self.wssecFromUpstream(payload)
+            return
         validator = self._validator
         if validator is not None:
             refusal = validator.check_upstream(payload, isBinary)
@@ -370,6 +384,23 @@ class GatewayProtocol(SecureServerProtocol):
                 self._upstreamRefused(refusal)
                 return
         self.relayMessage(payload, isBinary)
+
+    def wssecFromUpstream(self, payload: bytes) -> None:
+        """
+        The upstream sent a txwssec control message (C{wssec.expiring}...)
+        on a route with C{refresh = true}: only the gateway sends those to
+        the client (which would act on a forged one: send a credential,
+        believe a refresh), so it is dropped; the first of a session is an
+        event (C{upstream.wssec_dropped}: its type, bounded).
+        """
+        if self._wssecDropped:
+            return
+        self._wssecDropped = True
+        self.factory.events.emit(
+            events.UPSTREAM_WSSEC_DROPPED,
+            kind=wssec_message(payload) or "wssec.",
+            **self._sessionFields(),
+        )
 
     def _upstreamRefused(self, refusal: Refusal) -> None:
         upstream, self.upstream = self.upstream, None

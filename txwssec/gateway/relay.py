@@ -31,6 +31,7 @@ for the upstream, 1014 for the client) with the message unfinished.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 from txwssec.refresh import PREFIX_BYTES, is_refresh
@@ -43,6 +44,21 @@ _CLOSE = 0x8
 _PONG = 0xA
 #: Largest control frame payload (RFC 6455 section 5.5).
 _CONTROL_MAX = 125
+
+#: The start of a txwssec control message (C{{"type": "wssec.<kind>"...}).
+_WSSEC_MESSAGE = re.compile(
+    rb'[ \t\r\n]*\{[ \t\r\n]*"type"[ \t\r\n]*:[ \t\r\n]*"(wssec\.[A-Za-z0-9_.-]{0,32})'
+)
+
+
+def wssec_message(payload: bytes) -> str | None:
+    """
+    The type of the txwssec control message (C{wssec.expiring}...) that the
+    text message C{payload} is, by its first L{PREFIX_BYTES} bytes (at most
+    32 characters after C{wssec.}); C{None} for any other message.
+    """
+    match = _WSSEC_MESSAGE.match(payload, 0, PREFIX_BYTES)
+    return None if match is None else match.group(1).decode("ascii")
 
 
 class RelayLeg(Protocol):
@@ -67,7 +83,11 @@ class RelayLeg(Protocol):
         """
 
     def relayRefresh(self, payload: bytes) -> None:
-        """Take a refresh message (unmasked) instead of relaying it."""
+        """
+        Take a refresh message (unmasked; the client leg), or a txwssec
+        control message (the upstream leg, with C{notices}), instead of
+        relaying it.
+        """
 
     def relayStop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
         """
@@ -94,10 +114,14 @@ class FrameScanner:
         message (L{txwssec.refresh.is_refresh}; a route with C{refresh =
         true}): one in a single frame goes to L{RelayLeg.relayRefresh}
         instead of the other leg. A text message in several frames whose
-        first starts with C{{} (it may be a refresh message in pieces)
-        makes Autobahn take over the stream for good (L{RelayLeg.relayStop}),
-        which hands whole messages to the same hook. Other frames are
-        relayed as without it.
+        first starts with C{{}, or holds only whitespace or nothing (it may
+        be a refresh message in pieces), makes Autobahn take over the
+        stream for good (L{RelayLeg.relayStop}), which hands whole messages
+        to the same hook. Other frames are relayed as without it.
+    @param notices: the same for the upstream leg of such a route, with
+        L{wssec_message} instead of L{is_refresh}: the upstream's txwssec
+        control messages (C{wssec.expiring}...) go to
+        L{RelayLeg.relayRefresh}, never to the client.
     """
 
     __slots__ = (
@@ -114,6 +138,7 @@ class FrameScanner:
         "_so_far",
         "_stash",
         "_stashed",
+        "_taken",
     )
 
     def __init__(
@@ -125,9 +150,11 @@ class FrameScanner:
         max_message: int,
         accounted: bool,
         refresh: bool = False,
+        notices: bool = False,
     ) -> None:
         self._leg = leg
-        self._refresh = refresh
+        self._refresh = refresh or notices
+        self._taken = _is_wssec if notices else is_refresh
         self._mask = _MASK if masked else 0
         self._max_frame = max_frame
         self._max_message = max_message
@@ -166,6 +193,7 @@ class FrameScanner:
         max_message = self._max_message
         accounted = self._accounted
         refresh = self._refresh
+        taken = self._taken
         inside = self._inside
         so_far = self._so_far
         binary = self._binary
@@ -252,14 +280,15 @@ class FrameScanner:
                 payload = head + mask_length
                 prefix = _unmasked(data, payload, min(length, PREFIX_BYTES), key)
                 if not first & _FIN:
-                    if prefix.lstrip(b" \t\r\n").startswith(b"{"):
-                        # Maybe a refresh message in pieces: Autobahn
+                    if prefix.lstrip(b" \t\r\n")[:1] in (b"{", b""):
+                        # Maybe a refresh message in pieces (an empty or
+                        # blank first frame does not yet show): Autobahn
                         # reassembles it (and the rest of the stream).
                         if pos > start:
                             leg.relayForward(data[start:pos])
                         self._stop(data[pos:], inside, so_far, binary)
                         return
-                elif is_refresh(prefix):
+                elif taken(prefix):
                     if pos > start:
                         leg.relayForward(data[start:pos])
                     leg.relayRefresh(_unmasked(data, payload, length, key))
@@ -312,6 +341,10 @@ class FrameScanner:
     def _stop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
         self._stash = None
         self._leg.relayStop(rest, inside, so_far, binary)
+
+
+def _is_wssec(payload: bytes) -> bool:
+    return wssec_message(payload) is not None
 
 
 def _unmasked(data: bytes, start: int, length: int, key: int) -> bytes:

@@ -55,6 +55,8 @@ class ClientLeg(Protocol):
 
     def messageFromUpstream(self, payload: bytes, isBinary: bool) -> None: ...
 
+    def wssecFromUpstream(self, payload: bytes) -> None: ...
+
     def sendPing(self, payload: bytes | None = None) -> None: ...
 
     def sendPong(self, payload: bytes | None = None) -> None: ...
@@ -166,14 +168,19 @@ class UpstreamProtocol(SecureClientProtocol):
 
     # -- the frame relay (see txwssec.gateway.relay) ------------------------------------
 
-    def startRelay(self) -> None:
-        """Relay the upstream's data frames to the client as they come."""
+    def startRelay(self, notices: bool = False) -> None:
+        """
+        Relay the upstream's data frames to the client as they come; with
+        C{notices} (a route with C{refresh = true}), not its txwssec control
+        messages (see L{FrameScanner}).
+        """
         self._scanner = FrameScanner(
             self,
             masked=False,
             max_frame=self.maxFramePayloadSize,
             max_message=self.maxMessagePayloadSize,
             accounted=False,
+            notices=notices,
         )
 
     def dataReceived(self, data: bytes) -> None:
@@ -218,7 +225,10 @@ class UpstreamProtocol(SecureClientProtocol):
         return autobahn_control(self, frame) and self.relayOpen()
 
     def relayRefresh(self, payload: bytes) -> None:
-        """Never called: refresh messages come from clients only."""
+        """A txwssec control message from the upstream: not relayed."""
+        downstream = self.downstream
+        if downstream is not None:
+            downstream.wssecFromUpstream(payload)
 
     def relayStop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
         self._scanner = None
