@@ -14,13 +14,13 @@ and members see who comes and goes::
 
 Run it::
 
-    python examples/chat_server.py            # ws://127.0.0.1:9082/chat
+    python examples/chat_server.py            # ws://127.0.0.1:9084/chat
     python examples/chat_server.py --port 0   # any free port (it is logged)
 
 Connect with websocat, the key in a header (one terminal per member)::
 
-    websocat -H 'apikey: alice-key' --protocol chat.v1 ws://127.0.0.1:9082/chat
-    websocat -H 'apikey: bob-key' ws://127.0.0.1:9082/chat
+    websocat -H 'apikey: alice-key' --protocol chat.v1 ws://127.0.0.1:9084/chat
+    websocat -H 'apikey: bob-key' ws://127.0.0.1:9084/chat
 
 or from Python with websockets::
 
@@ -28,7 +28,7 @@ or from Python with websockets::
 
     async def main() -> None:
         async with websockets.connect(
-            "ws://127.0.0.1:9082/chat",
+            "ws://127.0.0.1:9084/chat",
             additional_headers={"apikey": "alice-key"},
             subprotocols=["chat.v1"],
         ) as ws:
@@ -203,7 +203,7 @@ async def serve(reactor: Any, port: int, interface: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the chat server."""
     parser = argparse.ArgumentParser(description="txwssec broadcast chat example")
-    parser.add_argument("--port", type=int, default=9082, help="TCP port (0: any free port)")
+    parser.add_argument("--port", type=int, default=9084, help="TCP port (0: any free port)")
     parser.add_argument("--interface", default="127.0.0.1", help="address to listen on")
     args = parser.parse_args(argv)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])

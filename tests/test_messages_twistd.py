@@ -27,8 +27,8 @@ from websockets.sync.client import connect
 def server(tmp_path: Path) -> Iterator[tuple[Process, int]]:
     port = free_port()
     text = (EXAMPLES / "messages.toml").read_text()
-    assert text.count("9082") == 4  # the comments, the listener, the upstream
-    (tmp_path / "messages.toml").write_text(text.replace("9082", str(port)))
+    assert text.count("9083") == 4  # the comments, the listener, the upstream
+    (tmp_path / "messages.toml").write_text(text.replace("9083", str(port)))
     shutil.copy(EXAMPLES / "chat.schema.json", tmp_path)
     running = twistd(tmp_path / "messages.toml", tmp_path)
     try:
@@ -94,7 +94,7 @@ def test_example_routes(server: tuple[Process, int]) -> None:
 def test_missing_schema_is_a_one_line_error(tmp_path: Path) -> None:
     """The example without its schema file: one line naming key path and file."""
     path = tmp_path / "messages.toml"
-    path.write_text((EXAMPLES / "messages.toml").read_text().replace("9082", str(free_port())))
+    path.write_text((EXAMPLES / "messages.toml").read_text().replace("9083", str(free_port())))
     done = subprocess.run(
         [str(TWISTD), "-n", "--pidfile=", "wssec", "--config", str(path)],
         cwd=tmp_path,

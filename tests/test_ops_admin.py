@@ -425,6 +425,28 @@ def test_limit_and_upstream_events_counted() -> None:
     assert value(server, "wssec_upstream_errors_total", route="/gw", kind="lost") == 1
 
 
+def test_refresh_and_message_events_counted() -> None:
+    """
+    Refreshes by outcome, and message-rule refusals as limit violations
+    (the events' shapes: tests/test_refresh.py, tests/test_messages.py).
+    """
+    factory = make_factory()
+    metrics = Metrics(factory)
+    fields = {"peer": "p", "route": "/echo", "consumer": "c", "id": "i", "method": "jwt"}
+    factory.events.emit("session.refreshed", expires_at=1.0, outcome="refreshed", **fields)
+    factory.events.emit("session.refreshed", expires_at=2.0, outcome="refreshed", **fields)
+    factory.events.emit("session.refresh_rejected", reason="r", outcome="rate_limited", **fields)
+    factory.events.emit(
+        "message.refused", rule="schema", direction="client", code=1007, detail="d", **fields
+    )
+    server: Any = type("S", (), {"metrics": metrics})
+    assert value(server, "wssec_refreshes_total", route="/echo", outcome="refreshed") == 2
+    assert value(server, "wssec_refreshes_total", route="/echo", outcome="rate_limited") == 1
+    assert (
+        value(server, "wssec_limit_violations_total", route="/echo", limit="message.schema") == 1
+    )
+
+
 # -- the service listeners' health path --------------------------------------
 
 

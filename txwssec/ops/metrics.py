@@ -103,6 +103,9 @@ class Metrics:
             events.LIMIT_EXCEEDED: self._limit,
             events.UPSTREAM_FAILED: self._upstream,
             events.UPSTREAM_LOST: self._upstream,
+            events.SESSION_REFRESHED: self._refresh,
+            events.SESSION_REFRESH_REJECTED: self._refresh,
+            events.MESSAGE_REFUSED: self._message_refused,
         }
         factory.events.add(self)
 
@@ -160,6 +163,13 @@ class Metrics:
 
     def _limit(self, fields: Mapping[str, Any]) -> None:
         self.limit_violations.labels(fields.get("route", "-"), _limit_name(fields["limit"])).inc()
+
+    def _refresh(self, fields: Mapping[str, Any]) -> None:
+        self.refreshes.labels(fields.get("route", "-"), fields["outcome"]).inc()
+
+    def _message_refused(self, fields: Mapping[str, Any]) -> None:
+        # Rules are a fixed set (binary, text, json, depth, schema): bounded.
+        self.limit_violations.labels(fields.get("route", "-"), f"message.{fields['rule']}").inc()
 
     def _upstream(self, fields: Mapping[str, Any]) -> None:
         self.upstream_errors.labels(fields.get("route", "-"), fields.get("kind", "lost")).inc()
