@@ -658,6 +658,32 @@ JOHN = Consumer("john", key_digests=(key_digest("k1"), key_digest("k2")), passwo
             frozenset({b"same"}),
             False,
         ),
+        # a ticket's session: that of the credential it was issued to
+        (
+            Principal("john", "ticket", key=key_digest("k2"), issued_by="key"),
+            directory(replace(JOHN, key_digests=(key_digest("k1"),))),
+            frozenset(),
+            True,
+        ),
+        (
+            Principal("john", "ticket", key=key_digest("k1"), issued_by="key"),
+            directory(replace(JOHN, key_digests=(key_digest("k1"),))),
+            frozenset(),
+            False,
+        ),
+        (
+            Principal("john", "ticket", key=key_digest("hash-1"), issued_by="basic"),
+            directory(replace(JOHN, password="hash-2")),
+            frozenset(),
+            True,
+        ),
+        (
+            Principal("john", "ticket", key=b"old", issued_by="jwt"),
+            directory(JOHN),
+            frozenset({b"new"}),
+            True,
+        ),
+        (Principal("john", "ticket", issued_by="tls"), directory(), frozenset(), True),
         # names that never were consumers (anonymous, a custom method's)
         (Principal("anonymous", "anonymous"), directory(), frozenset(), False),
         (Principal("robot-7", "custom"), directory(), frozenset(), False),

@@ -300,6 +300,63 @@ async def test_rejections_leave_the_session_as_it_was(serve: Serve) -> None:
     assert len(factory.admission.auth_failures) == 1  # the address failed once
 
 
+def claimed(sub: str = "john", **claims: Any) -> str:
+    """A JWT of C{sub} with C{claims} (C{jti}, C{iat}) that expires in a minute."""
+    payload = {"sub": sub, "exp": int(time.time() + 60), **claims}
+    return jwt.encode(payload, SECRET, algorithm="HS256")
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_tokens_do_not_refresh(serve: Serve) -> None:
+    """
+    A token whose jti is revoked, and a token issued before its consumer's
+    revocation, are invalid credentials for a refresh (as for a handshake):
+    rejected, counted as failed authentications, and the session keeps
+    its principal (the token it opened with). The Python API says the same.
+    """
+    factory = server(route(refresh=True, refresh_notice=0))
+    seen = seen_events(factory)
+    port = serve(factory)
+    now = time.time()
+    factory.revocations.revoke_token("A", now + 3600)
+    factory.revocations.revoke_consumer("john", now - 100)
+    revoked = (claimed(jti="A", iat=int(now - 50)), claimed(jti="C", iat=int(now - 200)))
+
+    async def client() -> list[Any]:
+        sockets = [await connect(port, claimed(jti="B", iat=int(now - 50))) for _ in revoked]
+        answers = [
+            await ask(ws, refresh_message(t)) for ws, t in zip(sockets, revoked, strict=True)
+        ]
+        for ws in sockets:
+            await ws.close()
+        return answers
+
+    answers = await aio(client())
+    assert answers == [{"type": "wssec.refresh_rejected", "reason": "invalid credential"}] * 2
+    outcomes = [f["outcome"] for name, f in seen if name == "session.refresh_rejected"]
+    assert outcomes == ["invalid", "invalid"]
+    assert not [name for name, _ in seen if name == "session.refreshed"]
+    assert len(factory.admission.auth_failures) == 1  # the address failed
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_token_keeps_the_principal(serve: Serve) -> None:
+    """After a rejected refresh, the session's principal is its first token's."""
+    factory = server(route(protocol=ApiRefresh))
+    port = serve(factory)
+    factory.revocations.revoke_token("A", time.time() + 3600)
+
+    async def client() -> tuple[Any, list[str]]:
+        ws = await connect(port, claimed(jti="B"))
+        await ws.send(claimed(jti="A"))
+        answer = await asyncio.wait_for(ws.recv(), TIMEOUT)
+        jtis = [live.session.principal.claims["jti"] for live in factory.registry]
+        await ws.close()
+        return answer, jtis
+
+    assert await aio(client()) == ("rejected: invalid credential", ["B"])
+
+
 @pytest_twisted.ensureDeferred
 async def test_credential_of_another_consumer_closes_3003(serve: Serve) -> None:
     """A valid credential naming another consumer closes the session: 3003."""

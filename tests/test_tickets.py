@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import jwt
@@ -208,17 +209,46 @@ async def test_concurrent_redemption(serve: Serve) -> None:
 def test_store_keeps_hashes_only() -> None:
     """The store holds the ticket's SHA-256, never the ticket; take is once."""
     store = MemoryStore()
-    route = RoutePolicy("/chat", [KeyAuthenticator(ConsumerDirectory([]))], tickets=True)
-    ticket, ttl = issue(store, route, Accept(Principal("john", "key")), 100.0)
+    consumers = ConsumerDirectory([Consumer("john", (key_digest(KEY),))])
+    route = RoutePolicy("/chat", [KeyAuthenticator(consumers)], tickets=True)
+    issuer = Principal("john", "key", key=key_digest(KEY))
+    ticket, ttl = issue(store, route, Accept(issuer), 100.0)
     assert ttl == 30
     assert ticket not in repr(store.__dict__)
     assert ticket_key(ticket) in repr(store.__dict__)
     request = HandshakeRequest("tcp4:1.2.3.4:5", "1.2.3.4", "/chat", {"ticket": (ticket,)}, (), ())
     accept = redeem(store, route, request, 101.0)
-    assert accept is not None and accept.principal == Principal("john", "ticket")
+    assert accept is not None
+    assert accept.principal == Principal("john", "ticket", issued_by="key")
+    assert accept.principal.key == key_digest(KEY)  # (the issuer's: a reload checks it)
     assert accept.credential.query == "ticket"
     with pytest.raises(Exception, match="unknown, used or expired"):
         redeem(store, route, request, 101.0)
+
+
+def test_ticket_keeps_the_issuers_identity() -> None:
+    """
+    A redeemed ticket's principal has the issuing token's jti, iat and exp
+    (no other claim) and its key; once the route's methods no longer know
+    that key (a reload), the ticket does not open.
+    """
+    store = MemoryStore()
+    consumers = ConsumerDirectory([Consumer("john", (key_digest(KEY),))])
+    method = JWTAuthenticator(consumers, SECRET)
+    route = RoutePolicy("/chat", [method], tickets=True)
+    claims = {"sub": "john", "jti": "A", "iat": 90, "exp": 200, "scope": "chat"}
+    issuer = Principal("john", "jwt", claims, key=method.key_digest)
+    request = HandshakeRequest("tcp4:1.2.3.4:5", "1.2.3.4", "/chat", {}, (), ())
+    tickets = [issue(store, route, Accept(issuer, expires_at=200.0), 100.0)[0] for _ in "12"]
+    accept = redeem(store, route, replace(request, query={"ticket": (tickets[0],)}), 101.0)
+    assert accept is not None
+    assert accept.principal == Principal(
+        "john", "ticket", {"jti": "A", "iat": 90, "exp": 200}, issued_by="jwt"
+    )
+    assert accept.principal.key == method.key_digest
+    rotated = RoutePolicy("/chat", [JWTAuthenticator(consumers, SECRET + "-new")], tickets=True)
+    with pytest.raises(Exception, match="no longer accepted"):
+        redeem(store, rotated, replace(request, query={"ticket": (tickets[1],)}), 101.0)
 
 
 @pytest.mark.parametrize(
@@ -397,3 +427,177 @@ async def test_ticket_on_a_gateway_route(serve: Serve) -> None:
     assert echoed == "through"
     assert seen == [("/up", {"room": ["1"]}, "john")]
     assert ticket not in repr(seen)
+
+
+# -- a ticket stands for its issuing credential: revocations, reloads ---------
+
+
+def token_of(jti: str, iat: float) -> str:
+    """john's JWT with C{jti} and C{iat}, for a minute."""
+    claims = {"sub": "john", "jti": jti, "iat": int(iat), "exp": int(time.time() + 60)}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+async def ticket_for(port: int, header: str) -> str:
+    """A ticket for the credential in C{header} (only)."""
+    status, _, body = split(await raw_exchange(port, post("/chat", header)))
+    assert status == 201, body
+    ticket: str = json.loads(body)["ticket"]
+    return ticket
+
+
+def revoke(factory: SecureServerFactory, now: float) -> None:
+    """Revoke jti "A", and john's tokens issued before C{now - 100}."""
+    factory.revocations.revoke_token("A", now + 3600)
+    factory.revocations.revoke_consumer("john", now - 100)
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_token_gets_no_ticket(serve: Serve) -> None:
+    """
+    POST with a revoked token (its jti, or issued before its consumer's
+    revocation): 401, as its handshake would be; another token: 201.
+    """
+    factory = server()
+    port = serve(factory)
+    now = time.time()
+    revoke(factory, now)
+
+    async def client() -> list[int]:
+        statuses = []
+        for jti, iat in (("A", now - 50), ("C", now - 200), ("B", now - 50)):
+            authorization = f"Authorization: Bearer {token_of(jti, iat)}"
+            statuses.append(split(await raw_exchange(port, post("/chat", authorization)))[0])
+        return statuses
+
+    assert await aio(client()) == [401, 401, 201]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ticket_of_a_token_revoked_since_does_not_open(serve: Serve) -> None:
+    """
+    Tickets issued before their token was revoked (its jti, or its
+    consumer's tokens issued before a time) get 401 when redeemed; a ticket
+    of a token that is not revoked opens, as john (method "ticket").
+    """
+    factory = server()
+    port = serve(factory)
+    now = time.time()
+
+    async def client() -> list[Any]:
+        tickets = []
+        for jti, iat in (("A", now - 50), ("C", now - 200), ("B", now - 50)):
+            tickets.append(await ticket_for(port, f"Authorization: Bearer {token_of(jti, iat)}"))
+        revoke(factory, now)
+        return [
+            await status_with(port, tickets[0]),
+            await status_with(port, tickets[1]),
+            await open_with(port, tickets[2]),
+        ]
+
+    expires = float(jwt.decode(token_of("B", now), options={"verify_signature": False})["exp"])
+    answers = await aio(client())
+    assert answers[:2] == [401, 401]
+    assert answers[2].split(" ")[:2] == ["john", "ticket"]
+    assert abs(float(answers[2].split(" ")[2]) - expires) <= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_revocation_closes_ticket_sessions(serve: Serve) -> None:
+    """
+    POST /revocations closes (3003) the sessions opened with tickets of the
+    revoked tokens, as those of the tokens themselves; others stay.
+    """
+    from txwssec.ops import Metrics, admin_site, token_digest
+
+    factory = server()
+    port = serve(factory)
+    admin = serve(admin_site(factory, Metrics(factory).registry, token_digest("admin-0123456789")))
+    now = time.time()
+
+    async def http(body: dict[str, Any]) -> tuple[int, Any]:
+        data = json.dumps(body).encode()
+        head = (
+            "POST /revocations HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            f"Authorization: Bearer admin-0123456789\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
+        status, _, answer = split(await raw_exchange(admin, head.encode() + data))
+        return status, json.loads(answer)
+
+    async def client() -> list[Any]:
+        sockets = []
+        for jti, iat in (("A", now - 50), ("C", now - 200), ("B", now - 50)):
+            ticket = await ticket_for(port, f"Authorization: Bearer {token_of(jti, iat)}")
+            ws = await websockets.connect(
+                f"ws://127.0.0.1:{port}/chat?ticket={ticket}", ping_interval=None
+            )
+            await asyncio.wait_for(ws.recv(), TIMEOUT)  # the greeting
+            sockets.append(ws)
+        first = await http({"jti": "A", "expires_at": now + 3600})
+        await asyncio.wait_for(sockets[0].wait_closed(), TIMEOUT)
+        second = await http({"consumer": "john", "issued_before": now - 100})
+        await asyncio.wait_for(sockets[1].wait_closed(), TIMEOUT)
+        codes = [sockets[0].close_code, sockets[1].close_code, sockets[2].close_code]
+        await sockets[2].close()
+        return [first, second, codes]
+
+    assert await aio(client()) == [(200, {"closed": 1}), (200, {"closed": 1}), [3003, 3003, None]]
+
+
+RELOAD_CONFIG = """
+[server]
+listen = ["tcp:0:interface=127.0.0.1"]
+
+[auth.key]
+header = "apikey"
+
+[[consumer]]
+name = "john"
+keys = [{keys}]
+
+[[route]]
+path = "/chat"
+app = "echo"
+auth = ["key"]
+tickets = true
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_removing_a_key_ends_its_tickets(serve: Serve, tmp_path: Any) -> None:
+    """
+    A reload that removes the API key a ticket was issued with closes the
+    ticket's session (3003) as it closes the key's own, and the key's
+    unredeemed ticket no longer opens (401); another key's ticket session
+    stays open.
+    """
+    from txwssec.config import load
+    from txwssec.lifecycle import reload
+
+    path = tmp_path / "tickets.toml"
+    path.write_text(RELOAD_CONFIG.format(keys=f'"{KEY}", "kept-key"'))
+    current = load(path)
+    factory = SecureServerFactory(current.policy)
+    port = serve(factory)
+
+    async def client() -> list[Any]:
+        def ticket_url(ticket: str) -> str:
+            return f"ws://127.0.0.1:{port}/chat?ticket={ticket}"
+
+        by_key = await websockets.connect(
+            f"ws://127.0.0.1:{port}/chat", additional_headers={"apikey": KEY}, ping_interval=None
+        )
+        removed = await websockets.connect(ticket_url((await get_ticket(port))[0]))
+        kept = await websockets.connect(ticket_url(await ticket_for(port, "apikey: kept-key")))
+        unredeemed, _ = await get_ticket(port)
+        path.write_text(RELOAD_CONFIG.format(keys='"kept-key"'))
+        reload(path, [factory], current)
+        await asyncio.wait_for(by_key.wait_closed(), TIMEOUT)
+        await asyncio.wait_for(removed.wait_closed(), TIMEOUT)
+        late = await status_with(port, unredeemed)
+        await kept.send("still here")
+        echoed = await asyncio.wait_for(kept.recv(), TIMEOUT)
+        await kept.close()
+        return [by_key.close_code, removed.close_code, late, echoed]
+
+    assert await aio(client()) == [3003, 3003, 401, "still here"]

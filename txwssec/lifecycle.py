@@ -284,17 +284,20 @@ def _revoked(
     Whether a session of C{principal} must close after a reload from the
     consumers C{old} to C{new}: its consumer was removed, or the key that
     accepted its credential (L{Principal.key}) was: the API key (C{key}),
-    the password (C{basic}: its hash changed), the JWT verification key.
+    the password (C{basic}: its hash changed), the JWT verification key;
+    for a ticket's session, the key of the credential it was issued to.
     """
     name = principal.consumer
     if old.by_name(name) is not None and new.by_name(name) is None:
         return True
     if principal.key is None:
         return False
-    if principal.method == "key":
+    # A session opened with a one-time ticket is one of its issuing credential.
+    method = principal.issued_by or principal.method
+    if method == "key":
         consumer = new.by_name(name)
         return consumer is None or principal.key not in consumer.key_digests
-    if principal.method == "basic":
+    if method == "basic":
         consumer = new.by_name(name)
         password = consumer.password if consumer is not None else None
         return password is None or not hmac.compare_digest(principal.key, key_digest(password))

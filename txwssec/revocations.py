@@ -25,6 +25,8 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
+from txwssec.errors import Unauthorized
+from txwssec.policy import RoutePolicy
 from txwssec.store import StateStore
 from txwssec.types import Principal
 
@@ -69,6 +71,20 @@ class Revocations:
             return False
         iat = _issued(claims)
         return iat is None or store.revoked(key, iat + HORIZON)
+
+    def refuse(self, principal: Principal, route: RoutePolicy) -> None:
+        """
+        Refuse C{principal} on C{route} if its token is revoked: the check of
+        a handshake, a ticket's issue and its redemption.
+
+        @raise Unauthorized: revoked (401, with the route's methods' challenges).
+        """
+        if not self.is_revoked(principal):
+            return
+        challenges = [a.challenge for a in route.authenticators if a.challenge]
+        revoked = Unauthorized("token revoked", tuple(("WWW-Authenticate", c) for c in challenges))
+        revoked.method = principal.method
+        raise revoked
 
 
 def matches(

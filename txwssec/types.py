@@ -65,12 +65,19 @@ class Principal:
         credential, when the method has one: the consumer's API key
         (C{key}), the verification key (C{jwt}). A reload closes the
         sessions whose key is gone (see L{txwssec.lifecycle}). Never logged.
+        A session opened with a one-time ticket (method C{ticket}) has the
+        issuing credential's C{key} and the claims revocations read
+        (C{jti}, C{iat}, C{exp}; see L{txwssec.tickets}).
+    @ivar issued_by: for a session opened with a one-time ticket, the method
+        that authenticated the credential the ticket was issued to (C{key},
+        C{jwt}...); L{None} otherwise.
     """
 
     consumer: str
     method: str
     claims: Mapping[str, Any] = field(default_factory=_no_claims)
     key: bytes | None = field(default=None, repr=False, compare=False)
+    issued_by: str | None = None
 
 
 @dataclass(frozen=True)

@@ -233,13 +233,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             # consumer and open nothing (connectionLost released the rest).
             raise HandshakeRefused("connection lost during authentication")
         principal = accept.principal
-        if principal.claims and factory.revocations.is_revoked(principal):
-            challenges = [a.challenge for a in route.authenticators if a.challenge]
-            revoked = Unauthorized(
-                "token revoked", tuple(("WWW-Authenticate", c) for c in challenges)
-            )
-            revoked.method = principal.method
-            raise revoked
+        factory.revocations.refuse(principal, route)
         if route.consumers is not None and principal.consumer not in route.consumers:
             refusal = Forbidden(f"consumer {bounded(principal.consumer)!r} not allowed on route")
             refusal.method = principal.method

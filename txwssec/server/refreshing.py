@@ -10,7 +10,9 @@ session (and one at a time); a malformed message is rejected without
 counting (it costs no check). A credential that no method accepts counts as a failed
 authentication of the client's address, as a refused handshake does: a
 session cannot be used to try credentials faster than new connections
-could.
+could. A token that is revoked (L{txwssec.revocations}: its C{jti}, or its
+consumer's tokens issued before a time) is such a credential: the refresh
+is rejected (C{invalid credential}) and the session keeps its principal.
 """
 
 from __future__ import annotations
@@ -111,6 +113,9 @@ class SessionRefresh(WebSocketServerProtocol):
         )
         try:
             accept = await refresh.verify(route.authenticators, token, base)
+            if self.factory.revocations.is_revoked(accept.principal):
+                # A revoked token is an invalid credential, as at the handshake.
+                raise RefreshRejected("invalid", "token revoked")
         except RefreshRejected as rejection:
             if rejection.outcome == "invalid" and self._client_host is not None:
                 factory = self.factory

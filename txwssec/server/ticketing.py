@@ -5,7 +5,8 @@ CORS preflight C{OPTIONS}, arriving where a handshake would.
 
 C{POST} goes through the handshake's own steps (route, admission, Origin,
 the route's methods; a refusal is answered and counted as a refused
-handshake, a 401 counts towards the address's lockout) and answers::
+handshake, a 401 counts towards the address's lockout; a revoked token is
+refused 401 as at the handshake, see L{txwssec.revocations}) and answers::
 
     HTTP/1.1 201 Created
     Content-Type: application/json
@@ -133,6 +134,7 @@ class TicketIssuer(WebSocketServerProtocol):
         if self.state == self.STATE_CLOSED:
             return
         try:
+            factory.revocations.refuse(accept.principal, route)
             ticket, ttl = tickets.issue(
                 factory.admission.store, route, accept, factory.clock.seconds()
             )
