@@ -18,7 +18,7 @@ import pytest
 import pytest_twisted
 import websockets
 import wsframes
-from conftest import aio
+from conftest import CapturedLog, aio
 from test_gateway_relay import SANITY_TIMEOUT, Serve, closed, gateway, until
 
 from txwssec import AnonymousAuthenticator, RoutePolicy, SecureServerFactory
@@ -370,3 +370,24 @@ async def test_upstream_breaking_its_schema_gets_the_client_1014(serve: Serve) -
     assert (code, reason) == (1014, "upstream failed")
     await aio(until(lambda: env.upstream.closes == [1007], "the upstream closed 1007"))
     assert env.factory.counters["message.schema"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_is_logged_once(serve: Serve, captured_log: CapturedLog) -> None:
+    """
+    txwssec's line for a refused message (and for a limit: 1009) is the only
+    one: Autobahn's "failing WebSocket connection" warning is left out.
+    """
+    port = echo_server(serve, text="json")
+    assert (await aio(refusal(port, text(b"{not json"))))[0] == 1007
+    small = serve(
+        SecureServerFactory(
+            RoutePolicy(
+                "/echo", [AnonymousAuthenticator()], protocol=EchoProtocol, max_message_size=4
+            )
+        )
+    )
+    assert (await aio(refusal(small, text(b"too long"))))[0] == 1009
+    lines = captured_log.text()
+    assert "failing WebSocket connection" not in lines
+    assert "message refused (json, from client)" in lines

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import txaio
+from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 from OpenSSL import SSL
 from twisted.python.failure import Failure
@@ -90,3 +91,22 @@ def drop_connection_quietly(protocol: Any, abort: bool) -> None:
         protocol.state = WebSocketProtocol.STATE_CLOSED
         txaio.resolve(protocol.is_closed, protocol)  # type: ignore[attr-defined]
         protocol._closeConnection(abort)
+
+
+def fail_connection_quietly(protocol: Any, code: int, reason: str) -> None:
+    """
+    Autobahn's C{_fail_connection} without its "failing WebSocket connection"
+    warn line: for a close txwssec has already told its observers about (a
+    limit, a message rule), whose own log line says why.
+    """
+    if protocol.state == WebSocketProtocol.STATE_CLOSED:
+        return
+    protocol.failedByMe = True
+    if protocol.failByDrop:
+        protocol.wasClean = False
+        protocol.wasNotCleanReason = f"I dropped the WebSocket TCP connection: {reason}"
+        protocol.dropConnection(abort=True)
+    elif protocol.state != WebSocketProtocol.STATE_CLOSING:
+        protocol.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False)
+    else:
+        protocol.dropConnection(abort=False)

@@ -16,6 +16,7 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerProtocol
 
 from txwssec import events
+from txwssec._autobahn import fail_connection_quietly
 from txwssec._hooks import OpenOnly
 from txwssec.compression import (
     deflated_bound,
@@ -55,6 +56,8 @@ class TrafficFlow(OpenOnly, WebSocketServerProtocol):  # type: ignore[misc]
     _seal: SealedSession | None = None
     _sealHello: bytes | None = None
     _dropLogged: bool = False
+    #: An event already said why the connection fails (see L{_fail_connection}).
+    _failLogged: bool = False
 
     def endSession(self, code: int, reason: str, event: str) -> None:
         """Close the session (see L{SecureServerProtocol.endSession})."""
@@ -243,7 +246,17 @@ class TrafficFlow(OpenOnly, WebSocketServerProtocol):  # type: ignore[misc]
         self.factory.events.emit(
             events.LIMIT_EXCEEDED, limit=limit, code=int(code), **self._sessionFields()
         )
+        self._failLogged = True
         self._fail_connection(code, reason)
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        # Autobahn logs a warn line for every failed connection; when an
+        # event has already said why (a limit, a message rule), that line
+        # only doubles the log.
+        if self._failLogged:
+            fail_connection_quietly(self, code, reason)
+        else:
+            super()._fail_connection(code, reason)
 
     def _sessionFields(self) -> dict[str, Any]:
         """The named log fields that say whose connection this is."""

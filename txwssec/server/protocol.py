@@ -384,6 +384,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             detail=refusal.detail,
             **self._sessionFields(),
         )
+        self._failLogged = True
         self._fail_connection(refusal.code, refusal.reason)
 
     def _onPing(self, payload: bytes) -> None:
