@@ -1,0 +1,132 @@
+"""
+The worker's side of C{[server] workers}: what a C{twistd wssec} process
+started by the supervisor (L{txwssec.workers.supervisor}) does differently.
+
+The supervisor starts each worker as C{twistd -n --pidfile= wssec --config
+FILE} with two environment variables: L{ROLE_ENV} (a JSON object: the
+worker's index, its private socket, the ports the supervisor reserved, the
+supervisor's pid) and L{TOKEN_ENV} (the private admin token, removed from
+the environment as soon as it is read). The worker loads the configuration
+and its TLS files itself, and then:
+
+- listens on every service listener with C{SO_REUSEPORT}
+  (L{txwssec.reuseport}), on the reserved ports;
+- serves the admin API on a UNIX socket in the supervisor's private
+  directory (mode 0600), behind the private token, in place of C{[admin]};
+- writes its log events as JSON lines on standard output, which the
+  supervisor reads and logs as its own (one log, in the configured format);
+- ignores SIGUSR1 (the supervisor owns the log files) and stops gracefully
+  if the supervisor dies (Linux's C{PR_SET_PDEATHSIG}).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceCollection
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import ILogObserver, jsonFileLogObserver
+
+from txwssec.config import Config
+from txwssec.ops import Metrics, admin_site, token_digest
+from txwssec.reuseport import shared
+
+#: The environment variable that makes C{twistd wssec} a worker.
+ROLE_ENV = "TXWSSEC_WORKER"
+#: The environment variable of the private admin token.
+TOKEN_ENV = "TXWSSEC_WORKER_TOKEN"  # noqa: S105 (a variable name)
+#: C{prctl}'s C{PR_SET_PDEATHSIG}.
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """
+    What the supervisor told a worker.
+
+    @ivar index: the worker's number, from 0.
+    @ivar socket: the path of its private admin socket.
+    @ivar ports: the port of each C{[server] listen} entry, in order.
+    @ivar supervisor: the supervisor's pid.
+    @ivar token: the private admin token.
+    """
+
+    index: int
+    socket: str
+    ports: tuple[int, ...]
+    supervisor: int
+    token: str
+
+    @classmethod
+    def from_environment(
+        cls, environ: MutableMapping[str, str] | None = None
+    ) -> WorkerRole | None:
+        """The role in C{environ} (L{os.environ}), or L{None}: not a worker."""
+        environ = os.environ if environ is None else environ
+        text = environ.get(ROLE_ENV)
+        if text is None:
+            return None
+        role: Mapping[str, Any] = json.loads(text)
+        return cls(
+            index=int(role["index"]),
+            socket=str(role["socket"]),
+            ports=tuple(int(port) for port in role["ports"]),
+            supervisor=int(role["supervisor"]),
+            token=environ.pop(TOKEN_ENV, ""),
+        )
+
+    def to_environment(self) -> dict[str, str]:
+        """The environment variables that give this role to a worker."""
+        role = {
+            "index": self.index,
+            "socket": self.socket,
+            "ports": list(self.ports),
+            "supervisor": self.supervisor,
+        }
+        return {ROLE_ENV: json.dumps(role), TOKEN_ENV: self.token}
+
+    def endpoints(self, config: Config, reactor: Any) -> list[IStreamServerEndpoint]:
+        """The service listeners, shared with the other workers."""
+        endpoints = config.endpoints(reactor)
+        return [
+            shared(endpoint, reactor, port)
+            for endpoint, port in zip(endpoints, self.ports, strict=True)
+        ]
+
+    def install(self, service: IServiceCollection, factory: Any, reactor: Any) -> None:
+        """
+        Serve C{factory}'s admin API on the private socket, under
+        C{service}; ignore SIGUSR1; stop when the supervisor dies.
+        """
+        site = admin_site(factory, Metrics(factory).registry, token_digest(self.token))
+        endpoint = UNIXServerEndpoint(reactor, self.socket, mode=0o600)
+        StreamServerEndpointService(endpoint, site).setServiceParent(service)
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        _die_with(self.supervisor)
+
+    def log_observer(self) -> ILogObserver:
+        """Log events as JSON lines on standard output, for the supervisor."""
+        return jsonFileLogObserver(sys.__stdout__, recordSeparator="")  # type: ignore[arg-type]
+
+
+def _die_with(parent: int) -> None:
+    """Get SIGTERM (a graceful stop) when the supervisor dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
