@@ -339,8 +339,12 @@ class Supervisor(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self.stopping = True
-        with suppress(ValueError):
+        with suppress(ValueError):  # not the main thread
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            # As GracefulStop: a second SIGTERM or SIGINT is said once, not
+            # a ReactorNotRunning traceback (SIGKILL forces).
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._again)
         for call in self._restarts.values():
             if call.active():
                 call.cancel()
@@ -361,6 +365,13 @@ class Supervisor(Service):
             )
             done.addBoth(lambda result: (kill.active() and kill.cancel(), result)[1])
         return done.addCallback(self._cleanUp)
+
+    def _again(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(
+            log.info,
+            "wssec already stopping (signal {signum}): waiting for the workers to stop",
+            signum=signum,
+        )
 
     def _signal(self, worker: WorkerProcess, signum: int) -> None:
         if worker.pid is not None:
