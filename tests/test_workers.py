@@ -484,3 +484,37 @@ def capturedLogs(lines: list[str]) -> Iterator[None]:
         yield
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+def test_one_json_log_for_every_worker_reopened_on_sigusr1(
+    tmp_path: Path, running: list[Process]
+) -> None:
+    """
+    With [log] format = "json" and a file, the supervisor writes every
+    worker's events to the one file (each with its worker_pid) and reopens
+    it on SIGUSR1; the workers ignore SIGUSR1 and keep serving.
+    """
+    log = tmp_path / "wssec.json"
+    folder = tmp_path
+    write_dev_certificates(folder / "dev-certs")
+    path = folder / "wssec.toml"
+    admin = free_admin_port()
+    path.write_text(config_text(admin) + f'\n[log]\nformat = "json"\nfile = "{log}"\n')
+    process = twistd(path, folder)
+    running.append(process)
+    wait_until(lambda: log.exists() and "2 workers serving" in log.read_text())
+    process.lines[:] = log.read_text().splitlines(keepends=True)
+    server = Server(process, admin)
+    clients = spread(server)
+    log.rename(tmp_path / "wssec.json.1")
+    process.process.send_signal(signal.SIGUSR1)
+    wait_until(log.exists)
+    for client in clients:
+        client.close()
+    wait_until(lambda: log.read_text().count('"event":"session.closed"') == SPREAD)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    closed = [r for r in records if r["event"] == "session.closed"]
+    assert {r["worker_pid"] for r in closed} == set(server.pids().values())
+    opened = (tmp_path / "wssec.json.1").read_text().count('"event":"session.opened"')
+    assert opened == SPREAD
+    assert process.stop() == 0

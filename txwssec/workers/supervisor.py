@@ -28,6 +28,7 @@ that all serve every service listener (docs/deployment.rst).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -44,7 +45,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import InvalidLogLevelError, LogEvent, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
@@ -54,7 +55,7 @@ from txwssec.errors import ConfigError
 from txwssec.events import Events
 from txwssec.observers import TextLogObserver
 from txwssec.ops import JSONEventObserver
-from txwssec.ops.jsonlog import FIELDS_KEY
+from txwssec.ops.jsonlog import EVENT_KEY, FIELDS_KEY
 from txwssec.reuseport import SUPPORTED, reserve, shared
 from txwssec.workers.admin import WorkerClient, supervisor_site
 from txwssec.workers.worker import WorkerRole
@@ -256,18 +257,8 @@ class Supervisor(Service):
         if not text:
             return
         if fd == 1 and text.startswith("{"):
-            try:
-                event = eventFromJSON(text)
-            except ValueError:
-                pass
-            else:
-                level = event.get("log_level")
-                namespace = event.get("log_namespace", "-")
-                name = getattr(level, "name", "info")
-                event["log_system"] = f"{namespace}#{name} worker={worker.index} pid={worker.pid}"
-                fields = event.get(FIELDS_KEY)
-                if isinstance(fields, dict):
-                    fields["worker_pid"] = worker.pid
+            event = relayed(text, worker.index, worker.pid)
+            if event is not None:
                 globalLogPublisher(event)
                 return
         log.warn(
@@ -398,6 +389,32 @@ class Supervisor(Service):
             self.reactor._exitSignal = None
         closed: Deferred[None] = self.client.pool.closeCachedConnections()
         return closed
+
+
+def relayed(line: str, index: int, pid: int | None) -> LogEvent | None:
+    """
+    The log event of a worker's line (L{txwssec.workers.worker.LogLines}),
+    with C{worker=INDEX pid=PID} as its system, or None if it is not one.
+    """
+    try:
+        record = json.loads(line)
+        level = LogLevel.levelWithName(record["level"])
+        text, namespace = str(record["text"]), str(record["namespace"])
+        when = float(record["time"])
+    except (ValueError, KeyError, TypeError, InvalidLogLevelError):
+        return None
+    event: LogEvent = {
+        "log_time": when,
+        "log_level": level,
+        "log_namespace": namespace,
+        "log_system": f"{namespace}#{level.name} worker={index} pid={pid}",
+        "log_format": "{log_text}",
+        "log_text": text,
+    }
+    name, fields = record.get("event"), record.get("fields")
+    if isinstance(name, str) and isinstance(fields, dict):
+        event[EVENT_KEY], event[FIELDS_KEY] = name, {**fields, "worker_pid": pid}
+    return event
 
 
 def _status(reason: Failure) -> str:
