@@ -249,7 +249,7 @@ def test_two_workers_serve_ws_and_wss_and_admin_covers_both(
 def test_revocation_reaches_every_worker(tmp_path: Path, running: list[Process]) -> None:
     """
     POST /revocations of a token closes its sessions on both workers (one
-    sum), and both refuse it from then on.
+    sum), and both refuse it from then on, even once started again.
     """
     server = start(running, tmp_path, free_admin_port())
     token = jwt.encode({"sub": "mary", "jti": "t-1", "exp": int(time.time()) + 600}, JWT_SECRET)
@@ -259,6 +259,16 @@ def test_revocation_reaches_every_worker(tmp_path: Path, running: list[Process])
     )
     assert (status, json.loads(body)) == (200, {"closed": SPREAD})
     assert [close_code(client) for client in clients] == [3003] * SPREAD
+    for _ in range(4):
+        with pytest.raises(InvalidStatus, match="401"):
+            server.open(f"jwt:{token}")
+    # Workers started again after the revocation (both, in turn) refuse it too.
+    for index in (0, 1):
+        seen = len(server.process.lines)
+        os.kill(server.pids()[index], signal.SIGKILL)
+        started = re.compile(rf"wssec worker {index} started \(pid (\d+)\)")
+        pid = server.process.wait_for(started, seen).group(1)
+        server.process.wait_for(f"wssec worker {index} (pid {pid}) serving", seen)
     for _ in range(4):
         with pytest.raises(InvalidStatus, match="401"):
             server.open(f"jwt:{token}")

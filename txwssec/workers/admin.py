@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from txwssec.ops.admin import MAX_BODY, AdminResource, AdminSite, _error, _json
 from txwssec.workers.merge import merged_text
+from txwssec.workers.revoked import KeptRevocations
 
 #: How long the supervisor waits for a worker's answer (seconds).
 WORKER_TIMEOUT = 5.0
@@ -141,12 +142,18 @@ class SupervisorAdmin(AdminResource):
     @param client: asks the workers.
     @param registry: the supervisor's own metrics.
     @param token_digest: the SHA-256 digest of C{[admin] token}, or None.
+    @param kept: where the revocations accepted are kept for new workers.
     """
 
     def __init__(
-        self, client: WorkerClient, registry: CollectorRegistry, token_digest: bytes | None
+        self,
+        client: WorkerClient,
+        registry: CollectorRegistry,
+        token_digest: bytes | None,
+        kept: KeptRevocations,
     ) -> None:
         super().__init__(None, registry, token_digest)
+        self._kept = kept
         self._client = client
         self._workers = client.workers
         self._registry = registry
@@ -230,6 +237,9 @@ class SupervisorAdmin(AdminResource):
         def answer(answers: list[Answer]) -> bytes:
             if any(got is not None and got[0] == 400 for got in answers):
                 return _error(request, 400)
+            if body is not None and any(got is not None and got[0] == 200 for got in answers):
+                # Accepted: the workers started later get it too.
+                self._kept.add(_loads(body))
             closed = sum(_loads(got[1]).get("closed", 0) for got in answers if got is not None)
             if any(got is None or got[0] != 200 for got in answers):
                 request.setResponseCode(503)
@@ -240,10 +250,13 @@ class SupervisorAdmin(AdminResource):
 
 
 def supervisor_site(
-    client: WorkerClient, registry: CollectorRegistry, token_digest: bytes | None
+    client: WorkerClient,
+    registry: CollectorRegistry,
+    token_digest: bytes | None,
+    kept: KeptRevocations,
 ) -> Site:
     """The supervisor's admin API as a site (no access log, as one process's)."""
-    site = AdminSite(SupervisorAdmin(client, registry, token_digest))
+    site = AdminSite(SupervisorAdmin(client, registry, token_digest, kept))
     site.displayTracebacks = False
     return site
 

@@ -58,7 +58,8 @@ from txwssec.ops import JSONEventObserver
 from txwssec.ops.jsonlog import EVENT_KEY, FIELDS_KEY
 from txwssec.reuseport import SUPPORTED, reserve, shared
 from txwssec.workers.admin import WorkerClient, supervisor_site
-from txwssec.workers.worker import WorkerRole
+from txwssec.workers.revoked import KeptRevocations
+from txwssec.workers.worker import REVOKED_FILE, WorkerRole
 
 log = Logger(namespace="txwssec.server")
 
@@ -148,10 +149,14 @@ class Supervisor(Service):
             registry=self.registry,
         )
         self.client = WorkerClient(reactor, self.token, lambda: self.workers)
+        #: The revocations made through the admin API, for new workers.
+        self.kept = KeptRevocations()
         #: The C{[admin]} site, if C{[admin]} is configured.
         self.admin: Site | None = None
         if config.admin is not None:
-            self.admin = supervisor_site(self.client, self.registry, config.admin.token_digest)
+            self.admin = supervisor_site(
+                self.client, self.registry, config.admin.token_digest, self.kept
+            )
 
     # -- start ---------------------------------------------------------------------
 
@@ -190,6 +195,7 @@ class Supervisor(Service):
         super().startService()
         # Here, not before: a listener that fails to start leaves nothing behind.
         self._directory = tempfile.mkdtemp(prefix="txwssec-workers-")
+        self.kept.path = os.path.join(self._directory, REVOKED_FILE)
         self.workers = [
             WorkerProcess(self, index, os.path.join(self._directory, f"worker-{index}.sock"))
             for index in range(self.count)

@@ -42,11 +42,14 @@ from txwssec.config import Config
 from txwssec.ops import Metrics, admin_site, token_digest
 from txwssec.ops.jsonlog import EVENT_KEY, FIELDS_KEY
 from txwssec.reuseport import shared
+from txwssec.workers.revoked import apply_kept
 
 #: The environment variable that makes C{twistd wssec} a worker.
 ROLE_ENV = "TXWSSEC_WORKER"
 #: The environment variable of the private admin token.
 TOKEN_ENV = "TXWSSEC_WORKER_TOKEN"  # noqa: S105 (a variable name)
+#: The file of the supervisor's private directory with the kept revocations.
+REVOKED_FILE = "revocations.json"
 #: C{prctl}'s C{PR_SET_PDEATHSIG}.
 _PR_SET_PDEATHSIG = 1
 
@@ -107,9 +110,12 @@ class WorkerRole:
 
     def install(self, service: IServiceCollection, factory: Any, reactor: Any) -> None:
         """
-        Serve C{factory}'s admin API on the private socket, under
-        C{service}; ignore SIGUSR1; stop when the supervisor dies.
+        Apply the kept revocations (L{txwssec.workers.revoked}); serve
+        C{factory}'s admin API on the private socket, under C{service};
+        ignore SIGUSR1; stop when the supervisor dies.
         """
+        # Before listening: the revocations made before this worker started.
+        apply_kept(os.path.join(os.path.dirname(self.socket), REVOKED_FILE), factory.revocations)
         site = admin_site(factory, Metrics(factory).registry, token_digest(self.token))
         endpoint = UNIXServerEndpoint(reactor, self.socket, mode=0o600)
         StreamServerEndpointService(endpoint, site).setServiceParent(service)
