@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import time
 import urllib.error
@@ -528,3 +529,92 @@ def test_one_json_log_for_every_worker_reopened_on_sigusr1(
     opened = (tmp_path / "wssec.json.1").read_text().count('"event":"session.opened"')
     assert opened == SPREAD
     assert process.stop() == 0
+
+
+def test_workers_serve_mutual_tls(tmp_path: Path, running: list[Process]) -> None:
+    """
+    A tls: listener with client certificates required: both workers load the
+    CA and check the client's certificate; a client without one is refused.
+    """
+    from test_mtls import PKI
+    from test_mtls import config_text as mtls_config
+
+    pki = PKI.create(tmp_path)
+    pki.client("alice")
+    admin = free_admin_port()
+    digest = hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()
+    text = mtls_config().replace("[server]\n", "[server]\nworkers = 2\n", 1)
+    text += f'\n[admin]\nlisten = ["tcp:{admin}:interface=127.0.0.1"]\ntoken = "sha256:{digest}"\n'
+    path = tmp_path / "wssec.toml"
+    path.write_text(text)
+    process = twistd(path, tmp_path)
+    running.append(process)
+    process.wait_for("wssec 2 workers serving")
+    port = int(process.wait_for(RESERVED).group(2))
+    server = Server.__new__(Server)
+    server.process, server.admin = process, admin
+    url = f"wss://127.0.0.1:{port}/echo"
+    clients = [connect(url, ssl=pki.context("alice"), proxy=None) for _ in range(SPREAD)]
+    for client in clients:
+        client.send("mutual")
+        assert client.recv(TIMEOUT) == "mutual"
+    records = server.sessions()
+    assert {r["worker"] for r in records} == set(server.pids().values())
+    assert {r["method"] for r in records} == {"tls"}
+    with pytest.raises((ssl.SSLError, ConnectionError, EOFError, ConnectionClosed)):
+        with connect(url, ssl=pki.context(), proxy=None) as anonymous:
+            anonymous.send("x")
+            anonymous.recv(TIMEOUT)
+    assert process.stop() == 0
+
+
+# -- shared listeners -------------------------------------------------------------
+
+
+def test_shared_endpoints_keep_each_listener_s_options(tmp_path: Path) -> None:
+    """tcp:, tcp6: and tls: listeners become shared ones with their own options."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import UNIXServerEndpoint
+
+    from txwssec.reuseport import shared
+
+    write_dev_certificates(tmp_path / "dev-certs")
+    loaded = parse(
+        {
+            "server": {
+                "listen": [
+                    "tcp:0:interface=127.0.0.1:backlog=7",
+                    "tcp6:0:interface=\\:\\:1",
+                    "tls:0:interface=127.0.0.1",
+                ],
+                "workers": 2,
+            },
+            "tls": {"cert": "dev-certs/server.pem", "key": "dev-certs/server.key"},
+            **ROUTE,
+            "auth": {"anonymous": {}},
+        },
+        base_dir=tmp_path,
+    )
+    found = [shared(e, reactor, 5555) for e in loaded.endpoints(reactor)]
+    assert [(e.port, e.interface, e.backlog) for e in found] == [
+        (5555, "127.0.0.1", 7),
+        (5555, "::1", 1024),
+        (5555, "127.0.0.1", 1024),
+    ]
+    assert [e.context is loaded.tls for e in found] == [False, False, True]
+    with pytest.raises(ValueError, match="workers cannot share a UNIXServerEndpoint"):
+        shared(UNIXServerEndpoint(reactor, str(tmp_path / "s")), reactor)
+
+
+def test_a_taken_port_fails_the_start(tmp_path: Path, running: list[Process]) -> None:
+    """A port another socket listens on (without SO_REUSEPORT): exit status 1."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        path = tmp_path / "wssec.toml"
+        path.write_text(config_text(free_admin_port()).replace("tcp:0:", f"tcp:{port}:", 1))
+        write_dev_certificates(tmp_path / "dev-certs")
+        process = twistd(path, tmp_path)
+        running.append(process)
+        assert process.process.wait(TIMEOUT) == 1
+    assert f"wssec cannot listen on tcp:{port}:interface=127.0.0.1" in process.output()
+    assert "worker 0 started" not in process.output()
