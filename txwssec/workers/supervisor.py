@@ -135,7 +135,6 @@ class Supervisor(Service):
         self._directory = ""
         self._restarts: dict[int, Any] = {}
         self._stopped: Deferred[None] | None = None
-        self._serving = False
         self.events = Events(
             [JSONEventObserver() if config.log.format == "json" else TextLogObserver()]
         )
