@@ -33,7 +33,7 @@ from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from txwssec.config import parse
@@ -561,7 +561,7 @@ def test_workers_serve_mutual_tls(tmp_path: Path, running: list[Process]) -> Non
     records = server.sessions()
     assert {r["worker"] for r in records} == set(server.pids().values())
     assert {r["method"] for r in records} == {"tls"}
-    with pytest.raises((ssl.SSLError, ConnectionError, EOFError, ConnectionClosed)):
+    with pytest.raises((ssl.SSLError, OSError, EOFError, ConnectionClosed, InvalidHandshake)):
         with connect(url, ssl=pki.context(), proxy=None) as anonymous:
             anonymous.send("x")
             anonymous.recv(TIMEOUT)
