@@ -36,6 +36,7 @@ from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import ILogObserver, LogEvent, formatEvent
 from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from txwssec.config import Config
@@ -136,10 +137,16 @@ class LogLines:
     text (formatted here, with its failure's traceback if any), and a
     txwssec event's name and fields for the JSON log. Cheaper than
     Twisted's C{eventAsJSON}, which keeps every field of every event.
+
+    While the reactor runs, the lines are flushed once per turn of the
+    reactor (a burst of sessions is one write, and one wake-up of the
+    supervisor); otherwise (start-up, shutdown, another thread) at once.
     """
 
-    def __init__(self, out: IO[str] | Any) -> None:
+    def __init__(self, out: IO[str] | Any, reactor: Any = None) -> None:
         self._out = out
+        self._reactor = reactor
+        self._pending = False
 
     def __call__(self, event: LogEvent) -> None:
         level = event.get("log_level")
@@ -156,6 +163,19 @@ class LogLines:
         if isinstance(name, str):
             record["event"], record["fields"] = name, event.get(FIELDS_KEY)
         self._out.write(_dumps(record) + "\n")
+        if self._pending:
+            return
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        if reactor.running and isInIOThread():
+            self._pending = True
+            reactor.callLater(0, self._flush)
+        else:
+            self._out.flush()
+
+    def _flush(self) -> None:
+        self._pending = False
         self._out.flush()
 
 
