@@ -20,7 +20,9 @@ Placement: the one-process server is pinned to CPU 0 (as in bench.py); the
 supervisor of two workers and its workers may run on CPUs 0 and 1; the load
 generator is pinned to CPU 1, so on a 2-core machine it shares a core with
 the second worker, and its own CPU use (``loadgen %``) caps what the servers
-can be given: read the throughput ratio with it.
+can be given: read the throughput ratio with it. A third subject, two
+workers pinned to CPU 0 only, shows what the supervisor and its log relay
+cost per operation, at the same placement as the one process.
 """
 
 from __future__ import annotations
@@ -59,11 +61,18 @@ from bench.loadgen import process_tree
 
 #: The section of bench/RESULTS.md this script writes.
 HEADING = "## Workers"
-KINDS = (1, 2)
+#: The subjects: a label, the workers, the CPUs they may use.
+KINDS = {
+    "workers=1": (1, {0}),
+    "workers=2": (2, {0, 1}),
+    # The cost of the architecture (supervisor, log relay) without the
+    # second core: CPU per operation against workers=1 at equal placement.
+    "workers=2, CPU 0 only": (2, {0}),
+}
 
 
-def start(env: Environment, workers: int) -> ServerProcess:
-    """A txwssec server with C{workers} workers (on CPU 0, or CPUs 0 and 1)."""
+def start(env: Environment, workers: int, cpus: set[int]) -> ServerProcess:
+    """A txwssec server with C{workers} workers, on C{cpus}."""
     port = free_port()
     env.counter += 1
     text = txwssec_config(port, False, None, env).replace(
@@ -74,7 +83,6 @@ def start(env: Environment, workers: int) -> ServerProcess:
     log = env.folder / f"scale-{env.counter}.log"
     argv = [TWISTD, "-n", "--pidfile=", f"--logfile={log}", "wssec", "--config", str(config)]
     server = ServerProcess(f"workers-{workers}", argv, port, env.folder)
-    cpus = set(range(workers))
     # Before the supervisor starts its workers (they inherit its CPUs).
     with contextlib.suppress(OSError):
         os.sched_setaffinity(server.pid, cpus)
@@ -98,9 +106,9 @@ def _read(path: Path) -> str:
     return ""
 
 
-def measure(settings: Settings, rounds: int) -> dict[str, dict[int, list[dict[str, Any]]]]:
-    """Windows of each scenario and kind, over C{rounds} rounds."""
-    found: dict[str, dict[int, list[dict[str, Any]]]] = {
+def measure(settings: Settings, rounds: int) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Windows of each scenario and subject, over C{rounds} rounds."""
+    found: dict[str, dict[str, list[dict[str, Any]]]] = {
         "handshake": {kind: [] for kind in KINDS},
         "echo": {kind: [] for kind in KINDS},
     }
@@ -108,10 +116,10 @@ def measure(settings: Settings, rounds: int) -> dict[str, dict[int, list[dict[st
     with tempfile.TemporaryDirectory(prefix="txwssec-scale-") as folder:
         env = Environment(Path(folder))
         for round_ in range(rounds):
-            servers = [start(env, kind) for kind in KINDS]
+            servers = [start(env, *KINDS[kind]) for kind in KINDS]
             with running(*servers):
                 subjects = [
-                    Subject(f"workers={kind}", f"ws://{HOST}:{server.port}/key", key, [server.pid])
+                    Subject(kind, f"ws://{HOST}:{server.port}/key", key, [server.pid])
                     for kind, server in zip(KINDS, servers, strict=True)
                 ]
                 for scenario, spec in (
@@ -120,7 +128,7 @@ def measure(settings: Settings, rounds: int) -> dict[str, dict[int, list[dict[st
                 ):
                     result = loadgen(spec)
                     for kind in KINDS:
-                        target = result["targets"][f"workers={kind}"]
+                        target = result["targets"][kind]
                         windows = [
                             {
                                 **w,
@@ -133,7 +141,7 @@ def measure(settings: Settings, rounds: int) -> dict[str, dict[int, list[dict[st
                         found[scenario][kind].extend(windows)
                         median = statistics.median(w["ops_per_s"] for w in windows)
                         print(
-                            f"round {round_ + 1} {scenario:9} workers={kind}:"
+                            f"round {round_ + 1} {scenario:9} {kind:21}:"
                             f" {median:8.0f} ops/s (median of {len(windows)} windows)"
                             f"  loadgen {target['loadgen_cpu_pct']:.0f}%"
                             f"  load {load_average()}"
@@ -147,7 +155,7 @@ def measure(settings: Settings, rounds: int) -> dict[str, dict[int, list[dict[st
     return found
 
 
-def table(found: dict[str, dict[int, list[dict[str, Any]]]], load: tuple[str, str]) -> str:
+def table(found: dict[str, dict[str, list[dict[str, Any]]]], load: tuple[str, str]) -> str:
     """The Markdown section of the results."""
     lines = [
         HEADING,
@@ -155,7 +163,7 @@ def table(found: dict[str, dict[int, list[dict[str, Any]]]], load: tuple[str, st
         "Written by bench/scale.py (`python bench/scale.py --write bench/RESULTS.md`).",
         f"Load average (1, 5, 15 min) before: {load[0]}; after: {load[1]}.",
         "",
-        "| scenario | workers | ops/s (median) | server CPU µs/op (median) | server CPU %"
+        "| scenario | server | ops/s (median) | server CPU µs/op (median) | server CPU %"
         " | loadgen CPU % | ops/s vs workers=1 |",
         "|---|---|---|---|---|---|---|",
     ]
