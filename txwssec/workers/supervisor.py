@@ -216,7 +216,14 @@ class Supervisor(Service):
             return
         with suppress(FileNotFoundError):
             os.unlink(worker.socket)
-        role = WorkerRole(worker.index, worker.socket, tuple(self.ports), os.getpid(), self.token)
+        role = WorkerRole(
+            worker.index,
+            worker.socket,
+            tuple(self.ports),
+            os.getpid(),
+            self.token,
+            metrics=self.config.admin is not None,
+        )
         env = {**os.environ, **role.to_environment()}
         args = [sys.executable, *TWISTD, "-n", "--pidfile=", "wssec", "--config", self.path]
         transport = self.reactor.spawnProcess(

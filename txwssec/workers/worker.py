@@ -65,6 +65,7 @@ class WorkerRole:
     @ivar ports: the port of each C{[server] listen} entry, in order.
     @ivar supervisor: the supervisor's pid.
     @ivar token: the private admin token.
+    @ivar metrics: whether to keep metrics (C{[admin]} is configured).
     """
 
     index: int
@@ -72,6 +73,7 @@ class WorkerRole:
     ports: tuple[int, ...]
     supervisor: int
     token: str
+    metrics: bool = True
 
     @classmethod
     def from_environment(
@@ -88,6 +90,7 @@ class WorkerRole:
             socket=str(role["socket"]),
             ports=tuple(int(port) for port in role["ports"]),
             supervisor=int(role["supervisor"]),
+            metrics=bool(role.get("metrics", True)),
             token=environ.pop(TOKEN_ENV, ""),
         )
 
@@ -98,6 +101,7 @@ class WorkerRole:
             "socket": self.socket,
             "ports": list(self.ports),
             "supervisor": self.supervisor,
+            "metrics": self.metrics,
         }
         return {ROLE_ENV: json.dumps(role), TOKEN_ENV: self.token}
 
@@ -117,7 +121,9 @@ class WorkerRole:
         """
         # Before listening: the revocations made before this worker started.
         apply_kept(os.path.join(os.path.dirname(self.socket), REVOKED_FILE), factory.revocations)
-        site = admin_site(factory, Metrics(factory).registry, token_digest(self.token))
+        # Metrics cost per event: only when the supervisor serves /metrics.
+        registry = Metrics(factory).registry if self.metrics else None
+        site = admin_site(factory, registry, token_digest(self.token))
         endpoint = UNIXServerEndpoint(reactor, self.socket, mode=0o600)
         StreamServerEndpointService(endpoint, site).setServiceParent(service)
         if hasattr(signal, "SIGUSR1"):
