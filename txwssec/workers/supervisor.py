@@ -28,7 +28,6 @@ that all serve every service listener (docs/deployment.rst).
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -45,7 +44,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import InvalidLogLevelError, LogEvent, Logger, LogLevel, globalLogPublisher
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
@@ -55,11 +54,10 @@ from txwssec.errors import ConfigError
 from txwssec.events import Events
 from txwssec.observers import TextLogObserver
 from txwssec.ops import JSONEventObserver
-from txwssec.ops.jsonlog import EVENT_KEY, FIELDS_KEY
 from txwssec.reuseport import SUPPORTED, reserve, shared
 from txwssec.workers.admin import WorkerClient, supervisor_site
 from txwssec.workers.revoked import KeptRevocations
-from txwssec.workers.worker import REVOKED_FILE, WorkerRole
+from txwssec.workers.worker import REVOKED_FILE, WorkerRole, relayed
 
 log = Logger(namespace="txwssec.server")
 
@@ -401,32 +399,6 @@ class Supervisor(Service):
             self.reactor._exitSignal = None
         closed: Deferred[None] = self.client.pool.closeCachedConnections()
         return closed
-
-
-def relayed(line: str, index: int, pid: int | None) -> LogEvent | None:
-    """
-    The log event of a worker's line (L{txwssec.workers.worker.LogLines}),
-    with C{worker=INDEX pid=PID} as its system, or None if it is not one.
-    """
-    try:
-        record = json.loads(line)
-        level = LogLevel.levelWithName(record["level"])
-        text, namespace = str(record["text"]), str(record["namespace"])
-        when = float(record["time"])
-    except (ValueError, KeyError, TypeError, InvalidLogLevelError):
-        return None
-    event: LogEvent = {
-        "log_time": when,
-        "log_level": level,
-        "log_namespace": namespace,
-        "log_system": f"{namespace}#{level.name} worker={index} pid={pid}",
-        "log_format": "{log_text}",
-        "log_text": text,
-    }
-    name, fields = record.get("event"), record.get("fields")
-    if isinstance(name, str) and isinstance(fields, dict):
-        event[EVENT_KEY], event[FIELDS_KEY] = name, {**fields, "worker_pid": pid}
-    return event
 
 
 def _status(reason: Failure) -> str:

@@ -34,7 +34,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import ILogObserver, LogEvent, formatEvent
+from twisted.logger import ILogObserver, InvalidLogLevelError, LogEvent, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
@@ -139,7 +139,7 @@ class WorkerRole:
 class LogLines:
     """
     Writes each log event as one JSON line for the supervisor (see
-    L{txwssec.workers.supervisor.relayed}): its time, level, namespace and
+    L{relayed}): its time, level, namespace and
     text (formatted here, with its failure's traceback if any), and a
     txwssec event's name and fields for the JSON log. Cheaper than
     Twisted's C{eventAsJSON}, which keeps every field of every event.
@@ -183,6 +183,32 @@ class LogLines:
     def _flush(self) -> None:
         self._pending = False
         self._out.flush()
+
+
+def relayed(line: str, index: int, pid: int | None) -> LogEvent | None:
+    """
+    The log event of a worker's line (L{LogLines}), for the supervisor,
+    with C{worker=INDEX pid=PID} as its system, or None if it is not one.
+    """
+    try:
+        record = json.loads(line)
+        level = LogLevel.levelWithName(record["level"])
+        text, namespace = str(record["text"]), str(record["namespace"])
+        when = float(record["time"])
+    except (ValueError, KeyError, TypeError, InvalidLogLevelError):
+        return None
+    event: LogEvent = {
+        "log_time": when,
+        "log_level": level,
+        "log_namespace": namespace,
+        "log_system": f"{namespace}#{level.name} worker={index} pid={pid}",
+        "log_format": "{log_text}",
+        "log_text": text,
+    }
+    name, fields = record.get("event"), record.get("fields")
+    if isinstance(name, str) and isinstance(fields, dict):
+        event[EVENT_KEY], event[FIELDS_KEY] = name, {**fields, "worker_pid": pid}
+    return event
 
 
 _dumps = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":")).encode
