@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from txwssec.policy import (
     ServerPolicy,
 )
 from txwssec.proxy import Upstream
+from txwssec.reuseport import unshareable
 from txwssec.server import SecureServerProtocol
 from txwssec.tickets import MAX_TICKET_TTL
 from txwssec.tls import (
@@ -93,6 +95,9 @@ class Config:
     #: C{[log]} (see L{txwssec.ops}).
     log: LogSettings = DEFAULT_LOG
     shutdown_timeout: float = 10.0
+    #: C{[server] workers}: processes sharing the listeners (see
+    #: L{txwssec.workers}); C{"auto"} is resolved to the CPU count.
+    workers: int = 1
 
     def endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
         """One server endpoint per listen description."""
@@ -159,6 +164,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
             ) from None
     gc_young_threshold = server.integer("gc_young_threshold", DEFAULT_YOUNG_THRESHOLD)
     shutdown_timeout = server.number("shutdown_timeout", 10)
+    workers = _workers(server, listen)
     server.finish()
     tls = _tls(root.table("tls"), base_dir) if root.has("tls") else None
     _check_listeners(listen, allow_plaintext, tls)
@@ -206,7 +212,26 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         admin=admin,
         log=log,
         shutdown_timeout=shutdown_timeout,
+        workers=workers,
     )
+
+
+def _workers(server: Table, listen: tuple[str, ...]) -> int:
+    """C{[server] workers}: an integer from 1, or C{"auto"} (the CPU count)."""
+    value = server.data.get("workers", 1) if server.has("workers") else 1
+    if value == "auto":
+        value = os.cpu_count() or 1
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise server.error("workers", 'expected an integer or "auto"')
+    elif value < 1:
+        raise server.error("workers", "must be at least 1")
+    if value > 1 and (found := unshareable(listen)) is not None:
+        raise server.error(
+            "workers",
+            f"workers share tcp:, tls:, ssl: and wss: listeners only, not"
+            f" server.listen[{found[0]}] {found[1]!r} (or set workers = 1)",
+        )
+    return int(value)
 
 
 def _check_upstream_timeout(

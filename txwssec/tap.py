@@ -23,6 +23,7 @@ from txwssec.listen import server_endpoint
 from txwssec.ops import JSONEventObserver, admin_for, log_observer, use_json_log
 from txwssec.ops.settings import LogSettings
 from txwssec.server import SecureServerFactory
+from txwssec.workers import Supervisor, WorkerRole
 
 
 class Options(usage.Options):
@@ -166,6 +167,8 @@ class WssecService(MultiService):
         self._log = log or LogSettings()
         #: The JSON log's event observer, if the log is JSON.
         self.jsonEvents: JSONEventObserver | None = None
+        #: The log observer to use in place of C{[log]}'s (a worker's).
+        self.logObserver: ILogObserver | None = None
 
     def privilegedStartService(self) -> None:
         # Before the listeners start: what exists now is start-up state.
@@ -184,7 +187,7 @@ class WssecService(MultiService):
         if self._twistdOptions is None or not hasattr(parent, "setComponent"):
             return
         if parent.getComponent(ILogObserver, None) is None:
-            observer = log_observer(
+            observer = self.logObserver or log_observer(
                 self._log.format, self._log.file, self._twistdOptions, self.jsonEvents
             )
             if observer is not None:
@@ -195,20 +198,33 @@ def makeService(options: Options) -> IService:
     """
     Build the service tree: one listening service per C{[server] listen}
     entry, all sharing one L{SecureServerFactory}, the graceful stop
-    (SIGTERM, SIGINT) and the configuration reloader (SIGHUP).
+    (SIGTERM, SIGINT) and the configuration reloader (SIGHUP). With
+    C{[server] workers} above 1, the supervisor of the workers instead
+    (L{txwssec.workers}); a worker is this tree, on shared listeners.
     """
     from twisted.internet import reactor
 
     config = options.config
-    factory = SecureServerFactory(config.policy, reactor=reactor)
     service = WssecService(getattr(options, "parent", None), config.gc_young_threshold, config.log)
+    worker = WorkerRole.from_environment()
+    if worker is None and config.workers > 1:
+        supervisor = Supervisor(options["config"], config, reactor)
+        supervisor.setServiceParent(service)
+        if config.admin is not None and supervisor.admin is not None:
+            for description in config.admin.listen:
+                endpoint = server_endpoint(reactor, description, config.tls)
+                admin = ListeningService(endpoint, supervisor.admin, f"admin {description}")
+                admin.setServiceParent(service)
+        return service
+    factory = SecureServerFactory(config.policy, reactor=reactor)
     # First, so that it stops last: the listeners stop accepting before the
     # sessions are closed (see txwssec.lifecycle).
     GracefulStop([factory], config.shutdown_timeout, reactor).setServiceParent(service)
     # Before the listeners: SIGHUP reloads as soon as they listen.
     ConfigReloader(options["config"], [factory], config, reactor).setServiceParent(service)
     listeners = []
-    for description, endpoint in zip(config.listen, config.endpoints(reactor), strict=True):
+    endpoints = config.endpoints(reactor) if worker is None else worker.endpoints(config, reactor)
+    for description, endpoint in zip(config.listen, endpoints, strict=True):
         listener = ListeningService(endpoint, factory, description)
         listener.setServiceParent(service)
         listeners.append(listener)
@@ -216,7 +232,11 @@ def makeService(options: Options) -> IService:
         dependency.setServiceParent(service)
     if config.log.format == "json":
         service.jsonEvents = use_json_log(factory)
-    if config.admin is not None:
+    if worker is not None:
+        factory.readiness.add("listeners", lambda: _not_listening(listeners))
+        worker.install(service, factory, reactor)
+        service.logObserver = worker.log_observer()
+    elif config.admin is not None:
         factory.readiness.add("listeners", lambda: _not_listening(listeners))
         site = admin_for(factory, config.admin)
         for description in config.admin.listen:
