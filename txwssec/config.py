@@ -58,6 +58,7 @@ from txwssec.policy import (
 )
 from txwssec.proxy import Upstream
 from txwssec.server import SecureServerProtocol
+from txwssec.store.settings import DEFAULT_STATE, StateSettings, state_settings
 from txwssec.tickets import MAX_TICKET_TTL
 from txwssec.tls import (
     ReloadingContextFactory,
@@ -93,6 +94,8 @@ class Config:
     #: C{[log]} (see L{txwssec.ops}).
     log: LogSettings = DEFAULT_LOG
     shutdown_timeout: float = 10.0
+    #: C{[state]}: where the state store lives (see L{txwssec.store.settings}).
+    state: StateSettings = DEFAULT_STATE
 
     def endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
         """One server endpoint per listen description."""
@@ -168,6 +171,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
             root.table("admin"), lambda text: server_endpoint(_NoReactor(), text, tls)
         )
     log = log_settings(root.table("log"))
+    state = state_settings(root.table("state"))
 
     consumers = _consumers(root.tables("consumer"))
     context = BuildContext(consumers=consumers, base_dir=base_dir)
@@ -206,6 +210,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         admin=admin,
         log=log,
         shutdown_timeout=shutdown_timeout,
+        state=state,
     )
 
 

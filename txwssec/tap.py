@@ -21,6 +21,7 @@ from txwssec.errors import ConfigError
 from txwssec.lifecycle import ConfigReloader, GracefulStop
 from txwssec.listen import server_endpoint
 from txwssec.ops import JSONEventObserver, admin_for, log_observer, use_json_log
+from txwssec.ops.cluster import StateService, follow, state_store
 from txwssec.ops.settings import LogSettings
 from txwssec.server import SecureServerFactory
 
@@ -200,8 +201,16 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config = options.config
-    factory = SecureServerFactory(config.policy, reactor=reactor)
     service = WssecService(getattr(options, "parent", None), config.gc_young_threshold, config.log)
+    store = None
+    if config.state.backend == "redis":
+        # First of all, so that it stops after the sessions (their leases go).
+        store = state_store(config.state, config.policy.auth_failures_per_minute, reactor)
+        StateService(store).setServiceParent(service)
+    factory = SecureServerFactory(config.policy, reactor=reactor, store=store)
+    if store is not None:
+        factory.readiness.add("state", store.not_ready)
+        follow(factory)
     # First, so that it stops last: the listeners stop accepting before the
     # sessions are closed (see txwssec.lifecycle).
     GracefulStop([factory], config.shutdown_timeout, reactor).setServiceParent(service)

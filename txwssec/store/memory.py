@@ -107,6 +107,12 @@ class MemoryStore:
     def sessions(self) -> list[Mapping[str, Any]]:
         return list(self._sessions.values())
 
+    def publish(self, message: Mapping[str, Any]) -> None:
+        """Nobody else to tell: this process is the only one."""
+
+    def listen(self, listener: Callable[[Mapping[str, Any]], None]) -> None:
+        """Nobody else publishes."""
+
 
 def _expire(entries: dict[str, Any], expiry: Callable[[Any], float], now: float) -> None:
     """

@@ -1,0 +1,114 @@
+"""
+The Lua scripts of the Redis state store (L{txwssec.store.redis}): each runs
+atomically in Redis, so that two nodes racing for the last connection under
+a cap, or for one ticket, cannot both win.
+
+Leases (connections, sessions) are members of sorted sets scored by their
+expiry in milliseconds of Redis's own clock (C{TIME}: one clock for every
+node); a lease that is not renewed (its node died) drops out of every count
+once it expires, and the key itself expires with its last lease.
+"""
+
+from __future__ import annotations
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+#: KEYS[1] a lease set; ARGV cap (0: none), member, lease (ms). 1 if counted.
+ACQUIRE = (
+    _NOW_MS
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local cap = tonumber(ARGV[1])
+if cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+)
+
+#: KEYS lease sets; ARGV[1] lease (ms), then one member per key: renewed
+#: (or added again after Redis lost them).
+RENEW = (
+    _NOW_MS
+    + """
+local lease = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now + lease, ARGV[i + 1])
+  redis.call('PEXPIRE', KEYS[i], lease)
+end
+return #KEYS
+"""
+)
+
+#: KEYS[1] the session lease set, KEYS[2] the records; ARGV lease (ms),
+#: then id and record pairs.
+ADD_SESSIONS = (
+    _NOW_MS
+    + """
+local lease = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+return 1
+"""
+)
+
+#: KEYS[1] the session lease set, KEYS[2] the records; ARGV[1] an id.
+REMOVE_SESSION = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
+
+#: KEYS[1] the session lease set, KEYS[2] the records: drops the expired
+#: ones (their node died), answers the records of the others.
+LIST_SESSIONS = (
+    _NOW_MS
+    + """
+local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for i = 1, #stale, 500 do
+  redis.call('HDEL', KEYS[2], unpack(stale, i, math.min(i + 499, #stale)))
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('HVALS', KEYS[2])
+"""
+)
+
+#: KEYS[1] a failure counter (one per key and minute); ARGV its life (ms).
+RECORD_FAILURE = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return n
+"""
+
+#: KEYS[1] a consumer's bucket; ARGV rate, burst, tokens used since the
+#: last call. Refilled from Redis's clock; answers the tokens left (text).
+BUCKET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst, used = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or burst
+local at = tonumber(state[2]) or now
+tokens = math.max(-burst, math.min(burst, tokens + (now - at) * rate) - used)
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens),
+           'at', string.format('%.6f', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst / rate + 60) * 1000))
+return string.format('%.6f', tokens)
+"""
+
+#: KEYS[1] the revocations (scored by their end); ARGV key, until, now,
+#: channel, message. Kept with the latest end, expired ones dropped, and
+#: told to every node.
+REVOKE = """
+redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
