@@ -30,6 +30,8 @@ class RedisServer:
         self.folder = folder
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        #: Set before L{start}: the server asks for it (C{--requirepass}).
+        self.password: str | None = None
 
     @property
     def url(self) -> str:
@@ -53,6 +55,7 @@ class RedisServer:
                 str(self.folder),
                 "--daemonize",
                 "no",
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -75,8 +78,12 @@ class RedisServer:
         """One command (inline), its first reply line; None if it does not answer."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                reader = sock.makefile("rb")
+                if self.password:
+                    sock.sendall(b"AUTH " + self.password.encode() + b"\r\n")
+                    reader.readline()
                 sock.sendall(b" ".join(args) + b"\r\n")
-                return sock.recv(65536).split(b"\r\n", 1)[0]
+                return reader.readline().rstrip(b"\r\n")
         except OSError:
             return None
 

@@ -68,6 +68,13 @@ class _Commands(txredisapi.RedisFactory):  # type: ignore[misc]
         delay: float = super().retryDelay(attempt)
         return delay
 
+    def stopTrying(self) -> Any:
+        # txredisapi stops for good when AUTH or SELECT fails; a Redis that
+        # restarts (or whose ACL is being changed) must not stop the node
+        # for good: it keeps trying, backing off (the link says why).
+        self.link._down(None, "AUTH or SELECT refused")
+        return None
+
 
 class _SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
@@ -99,6 +106,13 @@ class _Subscriber(txredisapi.SubscriberFactory):  # type: ignore[misc]
         self.link._down(None, "cannot connect")
         delay: float = super().retryDelay(attempt)
         return delay
+
+    def stopTrying(self) -> Any:
+        # txredisapi stops for good when AUTH or SELECT fails; a Redis that
+        # restarts (or whose ACL is being changed) must not stop the node
+        # for good: it keeps trying, backing off (the link says why).
+        self.link._down(None, "AUTH or SELECT refused")
+        return None
 
 
 class RedisLink:
