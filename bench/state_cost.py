@@ -45,13 +45,15 @@ REPO = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
 API_KEY = "bench-key-0123456789abcdef"
 TARGETS = {"handshake": 1.3, "message": 1.1}
+#: The caps (0: off; set by --caps): each one on asks Redis once per handshake.
+CAPS = {"per_ip": 0, "per_consumer": 0}
 WINDOW = 16
 
 CONFIG = """
 [server]
 listen = ["tcp:0:interface=127.0.0.1:backlog=1024"]
 ping_interval = 0
-max_connections_per_ip = 1000
+max_connections_per_ip = {per_ip}
 auth_failures_per_minute = 1000
 {state}
 [[consumer]]
@@ -64,7 +66,7 @@ app = "echo"
 auth = ["key"]
 
 [route.limits]
-connections_per_consumer = 1000
+connections_per_consumer = {per_consumer}
 consumer_messages_per_second = 10000000
 consumer_bytes_per_second = 10000000000
 """
@@ -88,8 +90,19 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
         raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
     port = free_port()
     process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + ["--dir", str(folder)],
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -110,7 +123,7 @@ def start_server(
     folder: Path, name: str, repo: Path, state: str
 ) -> tuple[subprocess.Popen[str], int]:
     config = folder / f"{name}.toml"
-    config.write_text(CONFIG.format(api_key=API_KEY, state=state))
+    config.write_text(CONFIG.format(api_key=API_KEY, state=state, **CAPS))
     env = {**os.environ, "PYTHONPATH": str(repo)}
 
     def pin() -> None:
@@ -183,7 +196,14 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=10000, help="echoes per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--base", type=Path, help="another checkout: its memory backend too")
+    parser.add_argument(
+        "--caps",
+        action="store_true",
+        help="max_connections_per_ip and connections_per_consumer on (1000)",
+    )
     options = parser.parse_args()
+    if options.caps:
+        CAPS.update(per_ip=1000, per_consumer=1000)
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
     with tempfile.TemporaryDirectory() as folder:
@@ -198,7 +218,7 @@ def main() -> None:
             servers["redis"] = start_server(work, "redis", REPO, state)
             figures: dict[tuple[str, str], list[float]] = {}
             redis_cpu: dict[str, list[float]] = {"handshake": [], "message": []}
-            for name, (process, port) in servers.items():  # warm up
+            for process, port in servers.values():  # warm up
                 handshakes(port, process.pid, options.handshakes // 5)
                 messages(port, process.pid, options.messages // 5)
             for _ in range(options.rounds):
@@ -216,9 +236,10 @@ def main() -> None:
                         used = cpu_seconds(redis.pid) - before
                         redis_cpu["message"].append(used / options.messages)
             load = Path("/proc/loadavg").read_text().split()[:3]
+            caps = "on" if options.caps else "off"
             print(
                 f"server CPU per operation, median of {options.rounds} rounds"
-                f" (servers alternating); load average {' '.join(load)}"
+                f" (servers alternating), caps {caps}; load average {' '.join(load)}"
             )
             print(f"{'operation':<10} {'server':<14} {'CPU/op':>10} {'ratio':>7} {'target':>7}")
             for what in ("handshake", "message"):

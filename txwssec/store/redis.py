@@ -56,6 +56,8 @@ T = TypeVar("T")
 LEASE = 30.0
 #: The failure lockout's window (seconds), as L{txwssec.limits.FailureWindow}.
 WINDOW = 60.0
+#: Writes nobody waits for are sent in batches, at least this often (seconds).
+FLUSH = 0.05
 
 
 def unavailable(reason: str = "state store unavailable") -> ServiceUnavailable:
@@ -133,12 +135,17 @@ class RedisStore:
         prefix = settings.prefix
         self._prefix = prefix
         self._revoked_key = prefix + "revoked"
+        self._blocked_key = prefix + "blocked"
         self._session_keys = [prefix + "sessions", prefix + "sessions:records"]
         self._serial = count(1)
         self._counts: dict[str, ConnectionCounter] = {}
         self._held: dict[tuple[str, str], list[str]] = {}
         self._shared: dict[str, Any] = {}
         self._revoked: dict[str, float] = {}
+        self._blocked: dict[str, float] = {}
+        self._replicas = {prefix + "revoked": self._revoked, prefix + "blocked": self._blocked}
+        self._writes: list[Any] = []
+        self._flushing: Any = None
         self._sessions: dict[str, str] = {}
         self._listeners: list[Callable[[Mapping[str, Any]], None]] = []
         self.link = RedisLink(
@@ -201,6 +208,32 @@ class RedisStore:
         """A write nobody waits for: its failure is the link's to log."""
         result.addErrback(lambda failure: None)
 
+    def _write(self, op: str, first: str, second: str) -> None:
+        """
+        A write nobody waits for (a lease given back, a session listed or
+        unlisted): batched, sent within L{FLUSH} seconds in one script, or
+        before this node's next C{acquire} or C{sessions}. While Redis is
+        away it is dropped: what Redis must hold is written again from this
+        node's state when it is back, and what it should forget expires.
+        """
+        self._writes += (op, first, second)
+        if self._flushing is None:
+            self._flushing = self.clock.callLater(FLUSH, self.flush)
+
+    def flush(self) -> None:
+        """Send the batched writes now."""
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None and flushing.active():
+            flushing.cancel()
+        writes, self._writes = self._writes, []
+        if not writes or not self.link.ready:
+            return
+        ms = int(self.lease * 1000)
+        for i in range(0, len(writes), 3 * 500):
+            self._quietly(
+                self._call(scripts.APPLY, self._session_keys, [ms, *writes[i : i + 3 * 500]])
+            )
+
     # -- connection counts -------------------------------------------------------
 
     @property
@@ -227,6 +260,7 @@ class RedisStore:
             return True
         member = f"{self.node}:{next(self._serial):x}"
         ms = int(self.lease * 1000)
+        self.flush()  # this node's releases first: its own view is never stale
         taken = self._call(scripts.ACQUIRE, [self._lease_key(kind, key)], [cap, member, ms])
         answer: Deferred[bool] = Deferred(lambda _: None)
 
@@ -237,7 +271,7 @@ class RedisStore:
                 return
             counter.release(key)
             if ok == 1:  # cancelled meanwhile: give it back
-                self._quietly(self._command("ZREM", self._lease_key(kind, key), member))
+                self._write("zrem", self._lease_key(kind, key), member)
             elif not answer.called:
                 answer.callback(False)
 
@@ -256,8 +290,7 @@ class RedisStore:
             member = held.pop()
             if not held:
                 del self._held[kind, key]
-            if self.link.ready:
-                self._quietly(self._command("ZREM", self._lease_key(kind, key), member))
+            self._write("zrem", self._lease_key(kind, key), member)
 
     def count(self, kind: str, key: str) -> int:
         """This node's connections of C{kind} under C{key}."""
@@ -305,8 +338,8 @@ class RedisStore:
         ]
         sessions = list(self._sessions.items())
         for i in range(0, len(sessions), 500):
-            pairs = [value for pair in sessions[i : i + 500] for value in pair]
-            calls.append(connection.eval(scripts.ADD_SESSIONS, self._session_keys, [ms, *pairs]))
+            adds = [v for pair in sessions[i : i + 500] for v in ("sadd", *pair)]
+            calls.append(connection.eval(scripts.APPLY, self._session_keys, [ms, *adds]))
         done: Deferred[Any] = gatherResults(calls, consumeErrors=True)
         return done.addCallback(lambda _: None)
 
@@ -329,11 +362,11 @@ class RedisStore:
         shared = []
         for index, item in enumerate(value):
             if type(item) is TokenBucket:
-                bucket = SharedBucket(
+                # (It learns what the other nodes left at its first report: a
+                # new bucket starts full, as in memory.)
+                item = SharedBucket(
                     item.rate, item.burst, item._last, f"{key}\x00{index}", self._report
                 )
-                self._report(bucket, 0.0)  # what the other nodes left
-                item = bucket
             shared.append(item)
         return tuple(shared)
 
@@ -349,28 +382,31 @@ class RedisStore:
 
     # -- failure lockout ---------------------------------------------------------
 
-    def _failure_keys(self, key: str, now: float) -> tuple[str, str, int]:
+    def record_failure(self, key: str, now: float) -> None:
+        """Counted in Redis; at the limit, every node's lockout replica learns it."""
+        if not self.link.ready:
+            return
         slot = int(now // WINDOW)
         base = f"{self._prefix}fail:{key}:"
-        return f"{base}{slot}", f"{base}{slot - 1}", slot
+        args = [int(WINDOW * 2000), now, WINDOW, self._failure_limit, key]
+        args += [self.link.channel, self.node]
+        keys = [f"{base}{slot}", f"{base}{slot - 1}", self._blocked_key]
+        recorded = self._call(scripts.RECORD_FAILURE, keys, args)
 
-    def record_failure(self, key: str, now: float) -> None:
-        current, _, _ = self._failure_keys(key, now)
-        if self.link.ready:
-            self._quietly(self._call(scripts.RECORD_FAILURE, [current], [int(WINDOW * 2000)]))
+        def blocked(until: Any) -> None:
+            if float(until) > 0:
+                self._replicate(self._blocked, key, float(until))
 
-    def blocked_for(self, key: str, now: float) -> Deferred[float]:
-        current, previous, _ = self._failure_keys(key, now)
-        limit = self._failure_limit
+        recorded.addCallbacks(blocked, lambda failure: None)
 
-        def wait(counts: list[Any]) -> float:
-            this, last = (int(count) if count is not None else 0 for count in counts)
-            elapsed = (now % WINDOW) / WINDOW
-            if this + last * (1 - elapsed) < limit:
-                return 0.0
-            return WINDOW - (now % WINDOW)
-
-        return self._command("MGET", current, previous).addCallback(wait)
+    def blocked_for(self, key: str, now: float) -> float:
+        """From this node's replica (as the memory window answers); 503 while it may be stale."""
+        if not self.link.ready:
+            raise unavailable("state store unavailable: lockouts unknown")
+        until = self._blocked.get(key)
+        if until is None or until <= now:
+            return 0.0
+        return WINDOW - (now % WINDOW)
 
     # -- tickets ---------------------------------------------------------------------
 
@@ -402,7 +438,7 @@ class RedisStore:
         args = [key, until, now, self.link.channel, message]
         stored = self._call(scripts.REVOKE, [self._revoked_key], args)
         if self.link.ready:  # (else it failed: 503, nothing revoked anywhere)
-            self._replicate(key, until)
+            self._replicate(self._revoked, key, until)
         return stored.addCallback(lambda _: None)
 
     def revoked(self, key: str, now: float) -> bool:
@@ -412,24 +448,20 @@ class RedisStore:
         until = self._revoked.get(key)
         return until is not None and until > now
 
-    def _replicate(self, key: str, until: float) -> None:
-        _expire(self._revoked, lambda until: until, self.clock.seconds())
-        self._revoked[key] = max(until, self._revoked.get(key, until))
+    def _replicate(self, replica: dict[str, float], key: str, until: float) -> None:
+        _expire(replica, lambda until: until, self.clock.seconds())
+        replica[key] = max(until, replica.get(key, until))
 
     # -- the session list ----------------------------------------------------------
 
     def add_session(self, session_id: str, record: Mapping[str, Any]) -> None:
         text = json.dumps({**record, "node": self.node}, separators=(",", ":"), default=str)
         self._sessions[session_id] = text
-        if self.link.ready:
-            ms = int(self.lease * 1000)
-            self._quietly(
-                self._call(scripts.ADD_SESSIONS, self._session_keys, [ms, session_id, text])
-            )
+        self._write("sadd", session_id, text)
 
     def remove_session(self, session_id: str) -> None:
-        if self._sessions.pop(session_id, None) is not None and self.link.ready:
-            self._quietly(self._call(scripts.REMOVE_SESSION, self._session_keys, [session_id]))
+        if self._sessions.pop(session_id, None) is not None:
+            self._write("srem", session_id, "")
 
     def sessions(self) -> Deferred[list[Mapping[str, Any]]]:
         """Every node's sessions (those of a node that died expire with its leases)."""
@@ -437,6 +469,7 @@ class RedisStore:
         def records(texts: list[Any]) -> list[Mapping[str, Any]]:
             return [json.loads(text) for text in texts]
 
+        self.flush()
         return self._call(scripts.LIST_SESSIONS, self._session_keys, []).addCallback(records)
 
     # -- messages between nodes ---------------------------------------------------------
@@ -457,10 +490,12 @@ class RedisStore:
             return
         if not isinstance(message, dict) or message.get("node") == self.node:
             return
-        if message.get("op") == "revoked":
+        op = message.get("op")
+        if op in ("revoked", "blocked"):
             key, until = message.get("key"), message.get("until")
             if isinstance(key, str) and isinstance(until, int | float):
-                self._replicate(key, float(until))
+                replica = self._revoked if op == "revoked" else self._blocked
+                self._replicate(replica, key, float(until))
         self._tell(message)
 
     def _tell(self, message: Mapping[str, Any]) -> None:
@@ -469,22 +504,26 @@ class RedisStore:
 
     def _sync(self) -> Deferred[None]:
         """
-        The link is up (commands and PUB/SUB): load the revocations, write
-        this node's leases and sessions again. Then the store is ready.
+        The link is up (commands and PUB/SUB): load the replicas (revocations,
+        lockouts), write this node's leases and sessions again. Then the
+        store is ready.
         """
         connection = self.link.connection
         assert connection is not None
         now = self.clock.seconds()
-        loaded: Deferred[Any] = connection.execute_command(
-            "ZRANGEBYSCORE", self._revoked_key, f"({now}", "+inf", "WITHSCORES"
-        )
+        loads = [
+            connection.execute_command("ZRANGEBYSCORE", name, f"({now}", "+inf", "WITHSCORES")
+            for name in self._replicas
+        ]
 
-        def replica(items: list[Any]) -> Deferred[None]:
-            for key, until in zip(items[::2], items[1::2], strict=True):
-                self._replicate(str(key), float(until))
+        def replicas(results: list[list[Any]]) -> Deferred[None]:
+            for replica, items in zip(self._replicas.values(), results, strict=True):
+                for key, until in zip(items[::2], items[1::2], strict=True):
+                    self._replicate(replica, str(key), float(until))
             return self._renew()
 
-        return loaded.addCallback(replica)
+        loaded: Deferred[Any] = gatherResults(loads, consumeErrors=True)
+        return loaded.addCallback(replicas)
 
     def synced(self) -> None:
         """Tell the listeners that the replica was loaded again (after a loss)."""

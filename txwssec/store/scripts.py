@@ -45,26 +45,29 @@ return #KEYS
 """
 )
 
-#: KEYS[1] the session lease set, KEYS[2] the records; ARGV lease (ms),
-#: then id and record pairs.
-ADD_SESSIONS = (
+#: KEYS[1] the session lease set, KEYS[2] the records; ARGV[1] lease (ms),
+#: then the writes nobody waits for, in order, three values each: C{zrem}
+#: (a lease set, a member: a connection ended), C{sadd} (an id, a record: a
+#: session opened), C{srem} (an id, "": a session ended).
+APPLY = (
     _NOW_MS
     + """
 local lease = tonumber(ARGV[1])
-for i = 2, #ARGV, 2 do
-  redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+for i = 2, #ARGV, 3 do
+  local op = ARGV[i]
+  if op == 'zrem' then
+    redis.call('ZREM', ARGV[i + 1], ARGV[i + 2])
+  elseif op == 'sadd' then
+    redis.call('ZADD', KEYS[1], now + lease, ARGV[i + 1])
+    redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+  elseif op == 'srem' then
+    redis.call('ZREM', KEYS[1], ARGV[i + 1])
+    redis.call('HDEL', KEYS[2], ARGV[i + 1])
+  end
 end
 return 1
 """
 )
-
-#: KEYS[1] the session lease set, KEYS[2] the records; ARGV[1] an id.
-REMOVE_SESSION = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 1
-"""
 
 #: KEYS[1] the session lease set, KEYS[2] the records: drops the expired
 #: ones (their node died), answers the records of the others.
@@ -80,11 +83,33 @@ return redis.call('HVALS', KEYS[2])
 """
 )
 
-#: KEYS[1] a failure counter (one per key and minute); ARGV its life (ms).
+#: KEYS[1] a key's failures this minute, KEYS[2] last minute's, KEYS[3] the
+#: lockouts (scored by their end); ARGV the counter's life (ms), now, the
+#: window, the limit, the key, the channel, the node. Counted; when the
+#: estimate (as L{txwssec.limits.FailureWindow}'s) reaches the limit, the
+#: time it will drop below it (no more failures) is kept and told to every
+#: node, which then answer C{blocked_for} from their replica.
 RECORD_FAILURE = """
-local n = redis.call('INCR', KEYS[1])
+local cur = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return n
+local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
+local now, window, limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local start = math.floor(now / window) * window
+local elapsed = (now - start) / window
+if cur + prev * (1 - elapsed) < limit then
+  return '0'
+end
+local ends
+if cur >= limit then
+  ends = start + window + window * (1 - limit / cur)
+else
+  ends = start + window * (1 - (limit - cur) / prev)
+end
+redis.call('ZADD', KEYS[3], 'GT', ends, ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('PUBLISH', ARGV[6],
+  cjson.encode({node = ARGV[7], op = 'blocked', key = ARGV[5], ['until'] = ends}))
+return string.format('%.6f', ends)
 """
 
 #: KEYS[1] a consumer's bucket; ARGV rate, burst, tokens used since the
