@@ -244,3 +244,17 @@ async def test_while_redis_is_away_calls_fail_with_503(nodes: Nodes) -> None:
     b = await nodes.node()
     assert await b.acquire("consumer", "held", 1) is False
     assert a.revoked("jti:x", 0.0) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_release_while_the_link_is_down_is_sent_when_it_is_back(nodes: Nodes) -> None:
+    a = await nodes.node()
+    assert await a.acquire("consumer", "blip", 1) is True
+    a.link.connection.transport.loseConnection()  # Redis keeps its data
+    await until(lambda: not a.ready)
+    a.release("consumer", "blip")
+    a.flush()
+    await until(lambda: a.ready)
+    await until(lambda: nodes.server.command(b"EXISTS", b"test:conn:consumer:blip") == b":0")
+    b = await nodes.node()
+    assert await b.acquire("consumer", "blip", 1) is True

@@ -58,6 +58,8 @@ LEASE = 30.0
 WINDOW = 60.0
 #: Writes nobody waits for are sent in batches, at least this often (seconds).
 FLUSH = 0.05
+#: At most this many removals are kept while Redis is away.
+MAX_KEPT = 100_000
 
 
 def unavailable(reason: str = "state store unavailable") -> ServiceUnavailable:
@@ -226,7 +228,18 @@ class RedisStore:
         if flushing is not None and flushing.active():
             flushing.cancel()
         writes, self._writes = self._writes, []
-        if not writes or not self.link.ready:
+        if not writes:
+            return
+        if not self.link.ready:
+            # Removals are kept for when Redis is back (it may still hold
+            # what they remove); additions are written again from this
+            # node's state then. Bounded: what is dropped expires by itself.
+            self._writes = [
+                value
+                for i in range(0, min(len(writes), MAX_KEPT * 3), 3)
+                if writes[i] != "sadd"
+                for value in writes[i : i + 3]
+            ]
             return
         ms = int(self.lease * 1000)
         for i in range(0, len(writes), 3 * 500):
@@ -522,8 +535,12 @@ class RedisStore:
                     self._replicate(replica, str(key), float(until))
             return self._renew()
 
+        def kept(_: None) -> None:
+            # The removals kept while Redis was away, once the link is ready.
+            self.clock.callLater(0, self.flush)
+
         loaded: Deferred[Any] = gatherResults(loads, consumeErrors=True)
-        return loaded.addCallback(replicas)
+        return loaded.addCallback(replicas).addCallback(kept)
 
     def synced(self) -> None:
         """Tell the listeners that the replica was loaded again (after a loss)."""
