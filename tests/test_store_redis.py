@@ -97,15 +97,17 @@ async def test_racing_for_the_last_place_one_wins(nodes: Nodes) -> None:
 async def test_a_dead_nodes_leases_expire(nodes: Nodes) -> None:
     dead = await nodes.node(lease=0.5)
     live = await nodes.node(lease=0.5)
-    assert await dead.acquire("consumer", "k", 2) is True
-    assert await dead.acquire("consumer", "k", 2) is True
-    assert await live.acquire("consumer", "k", 2) is False
+    assert await live.acquire("consumer", "k", 3) is True  # renewed: the key lives on
+    assert await dead.acquire("consumer", "k", 3) is True
+    assert await dead.acquire("consumer", "k", 3) is True
+    assert await live.acquire("consumer", "k", 3) is False
     # The node dies without releasing: no heartbeat, no ZREM.
     dead._heartbeat.stop()
     await dead.link.stop()
-    await sleep(0.7)
-    assert await live.acquire("consumer", "k", 2) is True
-    assert await live.acquire("consumer", "k", 2) is True
+    await sleep(0.8)
+    assert await live.acquire("consumer", "k", 3) is True
+    assert await live.acquire("consumer", "k", 3) is True
+    assert await live.acquire("consumer", "k", 3) is False
 
 
 @pytest_twisted.ensureDeferred
