@@ -167,6 +167,7 @@ class RedisStore:
         """Stop renewing and close the connections (what was written is sent first)."""
         if self._heartbeat.running:
             self._heartbeat.stop()
+        self.flush()  # the sessions' last releases, before the connection closes
         return self.link.stop()
 
     @property
