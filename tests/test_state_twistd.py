@@ -268,3 +268,17 @@ def test_redis_away_gives_503_and_open_sessions_carry_on(
         output = node.process.output()
         assert output.count("wssec state store lost") == 1, output
         assert output.count("wssec state store restored") == 1, output
+
+
+def test_a_node_that_stops_gives_its_places_back_at_once(two_nodes: list[Node]) -> None:
+    a, b = two_nodes
+    first, second = a.websocket(apikey=KEY), a.websocket(apikey=KEY)
+    echo(first, "one")
+    echo(second, "two")
+    assert b.status(apikey=KEY) == 429
+    assert a.process.stop() == 0  # SIGTERM: 1001 to both, leases released on the way out
+    first.close()
+    second.close()
+    with b.websocket(apikey=KEY) as ws, b.websocket(apikey=KEY) as ws2:
+        echo(ws, "three")
+        echo(ws2, "four")
