@@ -206,7 +206,7 @@ def makeService(options: Options) -> IService:
     if config.state.backend == "redis":
         # First of all, so that it stops after the sessions (their leases go).
         store = state_store(config.state, config.policy.auth_failures_per_minute, reactor)
-        StateService(store).setServiceParent(service)
+        StateService(store, config.shutdown_timeout + 1, reactor).setServiceParent(service)
     factory = SecureServerFactory(config.policy, reactor=reactor, store=store)
     if store is not None:
         factory.readiness.add("state", store.not_ready)

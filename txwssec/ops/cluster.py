@@ -21,9 +21,11 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
 from txwssec.revocations import matches
 from txwssec.store import StateStore
+from txwssec.store.interface import ADDRESS, CONSUMER
 from txwssec.store.settings import StateSettings
 
 
@@ -79,10 +81,19 @@ def follow(factory: Any) -> None:
 
 
 class StateService(Service):
-    """Runs a Redis store: connects on start, leaves on stop."""
+    """
+    Runs a Redis store: connects on start; on stop, leaves once this
+    process's connections are all released (their leases and session
+    records go to Redis first), or after C{linger} seconds.
 
-    def __init__(self, store: Any) -> None:
+    twistd stops every service at once (the graceful stop closes the
+    sessions meanwhile, see L{txwssec.lifecycle}), hence the wait.
+    """
+
+    def __init__(self, store: Any, linger: float, clock: Any) -> None:
         self.store = store
+        self.linger = linger
+        self.clock = clock
 
     def startService(self) -> None:
         super().startService()
@@ -90,8 +101,17 @@ class StateService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        stopped: Deferred[None] = self.store.stop()
-        return stopped
+        store, deadline = self.store, self.clock.seconds() + self.linger
+
+        def released() -> bool:
+            return not store.total(ADDRESS) and not store.total(CONSUMER)
+
+        async def leave() -> None:
+            while not released() and self.clock.seconds() < deadline:
+                await deferLater(self.clock, 0.02)
+            await store.stop()
+
+        return Deferred.fromCoroutine(leave())
 
 
 def state_store(settings: StateSettings, failure_limit: int, reactor: Any) -> Any:
