@@ -55,6 +55,8 @@ class RedisServer:
                 str(self.folder),
                 "--daemonize",
                 "no",
+                "--enable-debug-command",  # DEBUG SLEEP: a slow Redis
+                "local",
                 *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,

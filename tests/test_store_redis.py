@@ -19,6 +19,7 @@ from redisserver import RedisServer, redis_server  # noqa: F401
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from txwssec.errors import ServiceUnavailable
 from txwssec.limits import TokenBucket
@@ -44,10 +45,10 @@ class Nodes:
         self.server = server
         self.stores: list[Any] = []
 
-    async def node(self, lease: float = 30.0, failure_limit: int = 3) -> Any:
+    async def node(self, lease: float = 30.0, failure_limit: int = 3, timeout: float = 1.0) -> Any:
         from txwssec.store.redis import RedisStore
 
-        settings = StateSettings("redis", port=self.server.port, prefix="test:", timeout=1.0)
+        settings = StateSettings("redis", port=self.server.port, prefix="test:", timeout=timeout)
         store = RedisStore(settings, failure_limit, reactor=reactor, lease=lease)
         store.start()
         self.stores.append(store)
@@ -260,3 +261,19 @@ async def test_a_release_while_the_link_is_down_is_sent_when_it_is_back(nodes: N
     await until(lambda: nodes.server.command(b"EXISTS", b"test:conn:consumer:blip") == b":0")
     b = await nodes.node()
     assert await b.acquire("consumer", "blip", 1) is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_redis_gives_503_after_the_timeout(nodes: Nodes) -> None:
+    a = await nodes.node(timeout=0.3)
+    # Redis busy for 1.5 s (another client's DEBUG SLEEP, from a thread).
+    busy = deferToThread(nodes.server.command, b"DEBUG", b"SLEEP", b"1.5")
+    await sleep(0.1)
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable):
+        await a.acquire("consumer", "slow", 1)
+    assert time.monotonic() - started < 1.0
+    await until(lambda: not a.ready)  # the connection is dropped, and made again
+    await busy
+    await until(lambda: a.ready)
+    assert await a.acquire("consumer", "slow", 1) is True

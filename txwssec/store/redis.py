@@ -291,6 +291,8 @@ class RedisStore:
 
         def failed(failure: Failure) -> None:
             counter.release(key)
+            # A call that timed out may still run in Redis: its lease goes too.
+            self._write("zrem", self._lease_key(kind, key), member)
             if not answer.called:
                 answer.errback(failure)
 
