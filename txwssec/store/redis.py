@@ -333,7 +333,11 @@ class RedisStore:
             return succeed(None)
         # A failure is the link's business (it drops and makes the
         # connection again); the heartbeat goes on.
-        return self._renew().addErrback(lambda failure: None)
+        try:
+            renewing = self._renew()
+        except Exception:  # txredisapi: "Not connected", raised at once
+            return succeed(None)
+        return renewing.addErrback(lambda failure: None)
 
     def _renew(self) -> Deferred[None]:
         connection = self.link.connection
