@@ -23,6 +23,9 @@ on. The client (txredisapi) connects again by itself; once it has, this
 node's leases and sessions are written again, the replica reloaded, and the
 store is ready. Each change is logged once (L{RedisLink}).
 
+About 520 lines (over the usual 400): every operation of the interface,
+its batching and its replicas, read together with the scripts they run.
+
 Chosen client: txredisapi (Twisted-native, used by Synapse in production,
 reconnects through L{twisted.application.internet.ClientService}, pipelines
 commands on one connection, caches Lua scripts by SHA).
@@ -45,6 +48,7 @@ from zope.interface import implementer
 from txwssec.errors import ServiceUnavailable
 from txwssec.limits import ConnectionCounter, TokenBucket
 from txwssec.store import scripts
+from txwssec.store.buckets import SharedBucket
 from txwssec.store.interface import IStateStore
 from txwssec.store.link import RedisLink
 from txwssec.store.memory import _expire
@@ -65,50 +69,6 @@ MAX_KEPT = 100_000
 def unavailable(reason: str = "state store unavailable") -> ServiceUnavailable:
     """The refusal of a handshake that needs Redis while it is away (503)."""
     return ServiceUnavailable(reason)
-
-
-class SharedBucket(TokenBucket):
-    """
-    A consumer's bucket on this node, in front of the consumer's bucket in
-    Redis: it takes locally (as L{TokenBucket}, per frame, no I/O) and
-    reports what it took in batches (C{batch} tokens, about a twentieth of
-    a second at the rate); Redis answers what the consumer has left across
-    every node, and a local bucket with more is brought down to it. A
-    consumer over its rate on several nodes together is thus caught within
-    a batch per node.
-    """
-
-    __slots__ = ("_batch", "_key", "_report", "_used")
-
-    def __init__(
-        self,
-        rate: float,
-        burst: float,
-        now: float,
-        key: str,
-        report: Callable[[SharedBucket, float], None],
-    ) -> None:
-        super().__init__(rate, burst, now)
-        self._key = key
-        self._report = report
-        self._used = 0.0
-        self._batch = max(1.0, rate / 20)
-
-    def take(self, amount: float, now: float) -> bool:
-        if not TokenBucket.take(self, amount, now):
-            return False
-        used = self._used + amount
-        if used >= self._batch:
-            self._used = 0.0
-            self._report(self, used)
-        else:
-            self._used = used
-        return True
-
-    def settle(self, left: float) -> None:
-        """Redis says the consumer has C{left} tokens, on every node together."""
-        if left < self._tokens:
-            self._tokens = left
 
 
 @implementer(IStateStore)
