@@ -96,6 +96,7 @@ def write_config(
 [server]
 listen = ["tcp:{port}:interface=127.0.0.1"]
 auth_failures_per_minute = {failures}
+max_connections_per_ip = 3
 
 [admin]
 listen = ["tcp:{admin}:interface=127.0.0.1"]
@@ -190,6 +191,21 @@ def test_connections_per_consumer_hold_across_nodes(two_nodes: list[Node]) -> No
         assert {s["route"] for s in listed} == {"/echo"}
     # Released on both: room again.
     wait_until(lambda: b.status(apikey=KEY) == 101)
+
+
+def test_max_connections_per_ip_holds_across_nodes(two_nodes: list[Node]) -> None:
+    a, b = two_nodes
+    now = int(time.time())
+    token = jwt.encode({"sub": "john", "exp": now + 600, "iat": now - 5}, JWT_SECRET, "HS256")
+    bearer = {"Authorization": f"Bearer {token}"}
+    with a.websocket("/jwt", **bearer) as one, b.websocket("/jwt", **bearer) as two:
+        with a.websocket(apikey=KEY) as three:
+            for ws in (one, two, three):
+                echo(ws, "hello")
+            # A fourth from 127.0.0.1, on either node (/jwt has no consumer cap).
+            assert b.status("/jwt", **bearer) == 429
+            assert a.status("/jwt", **bearer) == 429
+        wait_until(lambda: b.status("/jwt", **bearer) == 101)
 
 
 def test_a_ticket_of_one_node_opens_once_on_the_other(two_nodes: list[Node]) -> None:

@@ -23,6 +23,7 @@ from twisted.internet.threads import deferToThread
 
 from txwssec.errors import ServiceUnavailable
 from txwssec.limits import TokenBucket
+from txwssec.store.interface import AlongRefused
 from txwssec.store.settings import StateSettings
 
 
@@ -89,9 +90,34 @@ async def test_no_cap_needs_no_redis(nodes: Nodes) -> None:
 async def test_racing_for_the_last_place_one_wins(nodes: Nodes) -> None:
     a, b = await nodes.node(), await nodes.node()
     results = await DeferredList(
-        [store.acquire("address", "192.0.2.9", 3) for store in (a, b) * 4], consumeErrors=True
+        [store.acquire("consumer", "race", 3) for store in (a, b) * 4], consumeErrors=True
     )
     assert sorted(ok for _, ok in results) == [False] * 5 + [True] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_address_cap_is_checked_along_with_the_consumer_step(nodes: Nodes) -> None:
+    a, b = await nodes.node(), await nodes.node()
+    ip = ("address", "192.0.2.5", 2)
+    # Admission: counted on this node only (a full node refuses at once).
+    assert a.acquire("address", "192.0.2.5", 2) is True
+    assert b.acquire("address", "192.0.2.5", 2) is True
+    # The consumer step takes both leases in one script, across nodes.
+    assert await a.acquire("consumer", "john", 0, along=ip) is True
+    assert await b.acquire("consumer", "jane", 5, along=ip) is True
+    assert b.acquire("address", "192.0.2.5", 2) is True
+    with pytest.raises(AlongRefused):
+        await b.acquire("consumer", "john", 0, along=ip)
+    assert b.count("consumer", "john") == 0
+    assert await b.acquire("consumer", "jane", 5) is True  # nothing was taken for jane
+    b.release("address", "192.0.2.5")  # the refused connection: it held no lease
+    a.release("consumer", "john")
+    a.release("address", "192.0.2.5")  # this one did: given back
+    await until(lambda: nodes.server.command(b"ZCARD", b"test:conn:address:192.0.2.5") == b":1")
+    assert b.acquire("address", "192.0.2.5", 2) is True
+    assert await b.acquire("consumer", "john", 0, along=ip) is True
+    # This node's own count refuses before any round trip.
+    assert b.acquire("address", "192.0.2.5", 2) is False
 
 
 @pytest_twisted.ensureDeferred

@@ -10,13 +10,14 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from txwssec.errors import ServiceUnavailable, TooManyRequests
 from txwssec.limits import FailureWindow, TokenBucket, address_key
 from txwssec.logs import bounded
 from txwssec.policy import ProxyNetwork, RoutePolicy, ServerPolicy
 from txwssec.store import CountView, MemoryStore, StateStore
-from txwssec.store.interface import ADDRESS, CONSUMER
+from txwssec.store.interface import ADDRESS, CONSUMER, AlongRefused
 
 ConsumerBuckets = tuple[TokenBucket | None, TokenBucket | None]
 
@@ -167,21 +168,39 @@ class Admission:
             self.store.record_failure(address_key(host), now)
 
     def admit_consumer(
-        self, route: RoutePolicy, consumer: str, now: float
+        self, route: RoutePolicy, consumer: str, now: float, host: str | None = None
     ) -> ConsumerBuckets | Deferred[ConsumerBuckets]:
         """
         Count a connection of C{consumer} on C{route}, or refuse it (a
         L{Deferred} when the store asks another process, as L{admit}).
 
+        @param host: the address L{admit} counted the connection under: a
+            store shared by several processes checks its per-address cap
+            across them here, in the same step (one round trip).
         @return: the message and byte buckets shared by the consumer's
             connections on the route (L{None} where off).
-        @raise TooManyRequests: at C{connections_per_consumer}.
+        @raise TooManyRequests: at C{connections_per_consumer} (or
+            C{max_connections_per_ip}, across processes).
         """
         key = _consumer_key(route, consumer)
-        counted = self.store.acquire(CONSUMER, key, route.limits.connections_per_consumer)
+        cap = route.limits.connections_per_consumer
+        per_ip = self.policy.max_connections_per_ip
+        if host is None or not per_ip:
+            counted = self.store.acquire(CONSUMER, key, cap)
+        else:
+            host = address_key(host)
+            counted = self.store.acquire(CONSUMER, key, cap, along=(ADDRESS, host, per_ip))
         if isinstance(counted, Deferred):
-            return counted.addCallback(self._consumerCounted, route, consumer, now)
+            counting = counted.addCallback(self._consumerCounted, route, consumer, now)
+            return counting.addErrback(self._addressFull, host or "")
         return self._consumerCounted(counted, route, consumer, now)
+
+    def _addressFull(self, failure: Failure, host: str) -> ConsumerBuckets:
+        failure.trap(AlongRefused)
+        raise TooManyRequests(
+            f"max_connections_per_ip reached for {bounded(host)}",
+            counter="limit.max_connections_per_ip",
+        )
 
     def _consumerCounted(
         self, counted: bool, route: RoutePolicy, consumer: str, now: float

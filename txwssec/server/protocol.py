@@ -250,7 +250,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
 
         # 5. per-consumer caps (429)
         admitted = factory.admission.admit_consumer(
-            route, principal.consumer, factory.clock.seconds()
+            route, principal.consumer, factory.clock.seconds(), self._admitted_host
         )
         if isinstance(admitted, Deferred):
             return admitted.addCallback(self._consumerAdmitted, handshake, accept)

@@ -33,6 +33,13 @@ T = TypeVar("T")
 ADDRESS = "address"
 CONSUMER = "consumer"
 
+#: A count taken along with another (kind, key, cap): see C{acquire}.
+Lease = tuple[str, str, int]
+
+
+class AlongRefused(Exception):
+    """C{acquire}'s C{along} count is the one at its cap."""
+
 
 class IStateStore(Interface):
     """State shared by every process serving the same configuration."""
@@ -41,12 +48,19 @@ class IStateStore(Interface):
 
     # -- connection counts -------------------------------------------------
 
-    def acquire(kind: str, key: str, cap: int) -> bool | Deferred[bool]:
+    def acquire(
+        kind: str, key: str, cap: int, *, along: Lease | None = None
+    ) -> bool | Deferred[bool]:
         """
         Count one more connection of C{kind} under C{key} if it has fewer
         than C{cap} (0: no cap).
 
-        @return: whether it was counted.
+        @param along: a count the same connection took before (its address:
+            kind, key, cap), which a store shared by several processes may
+            check across them only now, in the same atomic step; a store
+            that counted it for good then (the memory one) ignores it.
+        @return: whether it was counted; a L{Deferred} of it may fail with
+            L{AlongRefused} (nothing counted: C{along}'s cap is reached).
         """
 
     def release(kind: str, key: str) -> None:
@@ -123,7 +137,9 @@ class StateStore(Protocol):
     @property
     def failure_limit(self) -> int: ...
 
-    def acquire(self, kind: str, key: str, cap: int) -> bool | Deferred[bool]: ...
+    def acquire(
+        self, kind: str, key: str, cap: int, *, along: Lease | None = None
+    ) -> bool | Deferred[bool]: ...
 
     def release(self, kind: str, key: str) -> None: ...
 

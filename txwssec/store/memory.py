@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from zope.interface import implementer
 
 from txwssec.limits import ConnectionCounter, FailureWindow
-from txwssec.store.interface import IStateStore
+from txwssec.store.interface import IStateStore, Lease
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ class MemoryStore:
             counter = self._counts[kind] = ConnectionCounter()
         return counter
 
-    def acquire(self, kind: str, key: str, cap: int) -> bool:
+    def acquire(self, kind: str, key: str, cap: int, *, along: Lease | None = None) -> bool:
         counter = self.counter(kind)
         if cap and counter.count(key) >= cap:
             return False

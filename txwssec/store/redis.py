@@ -49,7 +49,7 @@ from txwssec.errors import ServiceUnavailable
 from txwssec.limits import ConnectionCounter, TokenBucket
 from txwssec.store import scripts
 from txwssec.store.buckets import SharedBucket
-from txwssec.store.interface import IStateStore
+from txwssec.store.interface import ADDRESS, AlongRefused, IStateStore, Lease
 from txwssec.store.link import RedisLink
 from txwssec.store.memory import _expire
 from txwssec.store.settings import StateSettings
@@ -222,47 +222,80 @@ class RedisStore:
             counter = self._counts[kind] = ConnectionCounter()
         return counter
 
-    def acquire(self, kind: str, key: str, cap: int) -> bool | Deferred[bool]:
+    def acquire(
+        self, kind: str, key: str, cap: int, *, along: Lease | None = None
+    ) -> bool | Deferred[bool]:
         """
-        Without a cap, counted on this node only (nothing to agree on). With
-        one, a lease in Redis: a L{Deferred} of whether it was counted; if
-        the caller cancels it, a lease that was taken is given back.
+        Counted on this node at once. Under a cap, also a lease in Redis, in
+        one script with C{along}'s (the per-address lease of the connection,
+        whose cap L{admission <txwssec.admission>} checked on this node
+        only): a L{Deferred} of whether it was counted, failing with
+        L{AlongRefused} when C{along}'s cap is the one reached. A per-address
+        count alone (C{kind} L{ADDRESS}) is this node's: one round trip per
+        handshake at most. If the caller cancels the L{Deferred}, leases
+        that were taken are given back.
         """
         counter = self.counter(kind)
-        counter.acquire(key)
-        if not cap:
+        if kind == ADDRESS:
+            if cap and counter.count(key) >= cap:
+                return False
+            counter.acquire(key)
             return True
-        member = f"{self.node}:{next(self._serial):x}"
-        ms = int(self.lease * 1000)
+        counter.acquire(key)
+        leases = [(kind, key, cap)] if cap else []
+        if along is not None and along[2]:
+            leases.append(along)
+        if not leases:
+            return True
+        members = [f"{self.node}:{next(self._serial):x}" for _ in leases]
+        keys = [self._lease_key(lease_kind, lease_of) for lease_kind, lease_of, _ in leases]
+        args: list[Any] = [int(self.lease * 1000)]
+        for (_, _, lease_cap), member in zip(leases, members, strict=True):
+            args += (lease_cap, member)
         self.flush()  # this node's releases first: its own view is never stale
-        taken = self._call(scripts.ACQUIRE, [self._lease_key(kind, key)], [cap, member, ms])
+        taken = self._call(scripts.ACQUIRE, keys, args)
         answer: Deferred[bool] = Deferred(lambda _: None)
 
-        def counted(ok: Any) -> None:
-            if ok == 1 and not answer.called:
-                self._held.setdefault((kind, key), []).append(member)
+        def counted(full: Any) -> None:
+            full = int(full)
+            if full == 0 and not answer.called:
+                for (lease_kind, lease_of, _), member in zip(leases, members, strict=True):
+                    self._held.setdefault((lease_kind, lease_of), []).append(member)
                 answer.callback(True)
                 return
             counter.release(key)
-            if ok == 1:  # cancelled meanwhile: give it back
-                self._write("zrem", self._lease_key(kind, key), member)
+            if full == 0:  # cancelled meanwhile: give them back
+                for lease_key, member in zip(keys, members, strict=True):
+                    self._write("zrem", lease_key, member)
             elif not answer.called:
-                answer.callback(False)
+                if leases[full - 1] is along:
+                    answer.errback(AlongRefused(along))
+                else:
+                    answer.callback(False)
 
         def failed(failure: Failure) -> None:
             counter.release(key)
-            # A call that timed out may still run in Redis: its lease goes too.
-            self._write("zrem", self._lease_key(kind, key), member)
+            # A call that timed out may still run in Redis: its leases go too.
+            for lease_key, member in zip(keys, members, strict=True):
+                self._write("zrem", lease_key, member)
             if not answer.called:
                 answer.errback(failure)
 
-        taken.addCallbacks(counted, failed)
+        def broken(failure: Failure) -> None:  # (a bug above: no handshake left waiting)
+            if not answer.called:
+                answer.errback(failure)
+
+        taken.addCallbacks(counted, failed).addErrback(broken)
         return answer
 
     def release(self, kind: str, key: str) -> None:
-        self.counter(kind).release(key)
+        counter = self.counter(kind)
+        counter.release(key)
         held = self._held.get((kind, key))
-        if held:
+        # A connection may hold no lease (no cap; or, per address, refused
+        # before the consumer step): a lease goes when there are more than
+        # connections left.
+        if held and len(held) > counter.count(key):
             member = held.pop()
             if not held:
                 del self._held[kind, key]

@@ -16,18 +16,26 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-#: KEYS[1] a lease set; ARGV cap (0: none), member, lease (ms). 1 if counted.
+#: KEYS lease sets (a consumer's, and the connection's address's); ARGV
+#: lease (ms), then a cap (0: none) and a member per key. Answers the index
+#: of the first set at its cap (nothing taken), or 0 when a lease was taken
+#: in every set.
 ACQUIRE = (
     _NOW_MS
     + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local cap = tonumber(ARGV[1])
-if cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap then
-  return 0
+local lease = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  local cap = tonumber(ARGV[2 * i])
+  if cap > 0 and redis.call('ZCARD', KEYS[i]) >= cap then
+    return i
+  end
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now + lease, ARGV[2 * i + 1])
+  redis.call('PEXPIRE', KEYS[i], lease)
+end
+return 0
 """
 )
 
