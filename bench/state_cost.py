@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
 API_KEY = "bench-key-0123456789abcdef"
 TARGETS = {"handshake": 1.3, "message": 1.1}
-#: The caps (0: off; set by --caps): each one on asks Redis once per handshake.
+#: The caps (0: off; set by --caps): with either on, a handshake asks Redis once.
 CAPS = {"per_ip": 0, "per_consumer": 0}
 WINDOW = 16
 

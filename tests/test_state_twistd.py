@@ -184,7 +184,9 @@ def test_connections_per_consumer_hold_across_nodes(two_nodes: list[Node]) -> No
         echo(second, "two")
         assert a.status(apikey=KEY) == 429
         assert b.status(apikey=KEY) == 429
-        # The admin list of either node shows both sessions.
+        # The admin list of either node shows both sessions (each node sends
+        # its records within 50 ms).
+        wait_until(lambda: len(a.admin_call("GET", "/sessions")[1]) == 2)
         status, listed = a.admin_call("GET", "/sessions")
         assert status == 200
         assert [s["consumer"] for s in listed] == ["john", "john"]
@@ -241,6 +243,14 @@ def test_a_revocation_on_one_node_closes_the_session_on_the_other(
     with a.websocket(apikey=KEY) as ws:
         echo(ws, "kick me")
         assert b.admin_call("DELETE", "/sessions?consumer=john") == (200, {"closed": 0})
+        assert closed_code(ws, 1.0) == 3003
+    # And by id, listed by the other node.
+    with b.websocket(apikey=KEY) as ws:
+        echo(ws, "and me")
+        wait_until(lambda: len(a.admin_call("GET", "/sessions")[1]) == 1)
+        status, listed = a.admin_call("GET", "/sessions")
+        assert status == 200 and len(listed) == 1
+        assert a.admin_call("DELETE", f"/sessions?id={listed[0]['id']}") == (200, {"closed": 0})
         assert closed_code(ws, 1.0) == 3003
 
 
