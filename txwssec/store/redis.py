@@ -23,7 +23,7 @@ on. The client (txredisapi) connects again by itself; once it has, this
 node's leases and sessions are written again, the replica reloaded, and the
 store is ready. Each change is logged once (L{RedisLink}).
 
-About 520 lines (over the usual 400): every operation of the interface,
+About 550 lines (over the usual 400): every operation of the interface,
 its batching and its replicas, read together with the scripts they run.
 
 Chosen client: txredisapi (Twisted-native, used by Synapse in production,
