@@ -9,12 +9,15 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
 from txwssec.errors import ServiceUnavailable, TooManyRequests
 from txwssec.limits import FailureWindow, TokenBucket, address_key
 from txwssec.logs import bounded
 from txwssec.policy import ProxyNetwork, RoutePolicy, ServerPolicy
 from txwssec.store import CountView, MemoryStore, StateStore
-from txwssec.store.interface import ADDRESS, CONSUMER
+from txwssec.store.interface import ADDRESS, CONSUMER, AlongRefused
 
 ConsumerBuckets = tuple[TokenBucket | None, TokenBucket | None]
 
@@ -110,28 +113,46 @@ class Admission:
     def auth_failures(self, window: FailureWindow) -> None:
         setattr(self.store, "failures", window)  # noqa: B010
 
-    def admit(self, host: str, now: float) -> None:
+    def admit(self, host: str, now: float) -> Deferred[None] | None:
         """
-        Count a connection from C{host}, or refuse it.
+        Count a connection from C{host}, or refuse it. With a store that
+        asks another process (Redis), a L{Deferred} that fires when it is
+        counted (cancelled: not counted); else L{None} once it is.
 
-        @raise ServiceUnavailable: the server is at C{max_connections}.
+        @raise ServiceUnavailable: the server is at C{max_connections} (or
+            the state store cannot answer).
         @raise TooManyRequests: C{host} is at C{max_connections_per_ip}, or
             has failed authentication too often (with C{Retry-After}).
         """
-        policy = self.policy
-        store = self.store
         host = address_key(host)
-        if policy.auth_failures_per_minute:
-            wait = store.blocked_for(host, now)
-            if wait:
-                raise TooManyRequests(
-                    f"auth_failures_per_minute reached for {bounded(host)}",
-                    (("Retry-After", str(max(1, round(wait)))),),
-                    counter="limit.auth_failures",
-                )
+        if self.policy.auth_failures_per_minute:
+            wait = self.store.blocked_for(host, now)
+            if isinstance(wait, Deferred):
+                return wait.addCallback(self._blocked, host).addCallback(self._count, host)
+            self._blocked(wait, host)
+        return self._count(None, host)
+
+    def _blocked(self, wait: float, host: str) -> None:
+        if wait:
+            raise TooManyRequests(
+                f"auth_failures_per_minute reached for {bounded(host)}",
+                (("Retry-After", str(max(1, round(wait)))),),
+                counter="limit.auth_failures",
+            )
+
+    def _count(self, _: None, host: str) -> Deferred[None] | None:
+        policy, store = self.policy, self.store
         if policy.max_connections and store.total(ADDRESS) >= policy.max_connections:
             raise ServiceUnavailable("max_connections reached", counter="limit.max_connections")
-        if not store.acquire(ADDRESS, host, policy.max_connections_per_ip):
+        counted = store.acquire(ADDRESS, host, policy.max_connections_per_ip)
+        if isinstance(counted, Deferred):
+            return counted.addCallback(self._counted, host)
+        if not counted:
+            self._counted(counted, host)
+        return None
+
+    def _counted(self, counted: bool, host: str) -> None:
+        if not counted:
             raise TooManyRequests(
                 f"max_connections_per_ip reached for {bounded(host)}",
                 counter="limit.max_connections_per_ip",
@@ -146,21 +167,50 @@ class Admission:
         if self.policy.auth_failures_per_minute:
             self.store.record_failure(address_key(host), now)
 
-    def admit_consumer(self, route: RoutePolicy, consumer: str, now: float) -> ConsumerBuckets:
+    def admit_consumer(
+        self, route: RoutePolicy, consumer: str, now: float, host: str | None = None
+    ) -> ConsumerBuckets | Deferred[ConsumerBuckets]:
         """
-        Count a connection of C{consumer} on C{route}, or refuse it.
+        Count a connection of C{consumer} on C{route}, or refuse it (a
+        L{Deferred} when the store asks another process, as L{admit}).
 
+        @param host: the address L{admit} counted the connection under: a
+            store shared by several processes checks its per-address cap
+            across them here, in the same step (one round trip).
         @return: the message and byte buckets shared by the consumer's
             connections on the route (L{None} where off).
-        @raise TooManyRequests: at C{connections_per_consumer}.
+        @raise TooManyRequests: at C{connections_per_consumer} (or
+            C{max_connections_per_ip}, across processes).
         """
-        limits = route.limits
         key = _consumer_key(route, consumer)
-        if not self.store.acquire(CONSUMER, key, limits.connections_per_consumer):
+        cap = route.limits.connections_per_consumer
+        per_ip = self.policy.max_connections_per_ip
+        if host is None or not per_ip:
+            counted = self.store.acquire(CONSUMER, key, cap)
+        else:
+            host = address_key(host)
+            counted = self.store.acquire(CONSUMER, key, cap, along=(ADDRESS, host, per_ip))
+        if isinstance(counted, Deferred):
+            counting = counted.addCallback(self._consumerCounted, route, consumer, now)
+            return counting.addErrback(self._addressFull, host or "")
+        return self._consumerCounted(counted, route, consumer, now)
+
+    def _addressFull(self, failure: Failure, host: str) -> ConsumerBuckets:
+        failure.trap(AlongRefused)
+        raise TooManyRequests(
+            f"max_connections_per_ip reached for {bounded(host)}",
+            counter="limit.max_connections_per_ip",
+        )
+
+    def _consumerCounted(
+        self, counted: bool, route: RoutePolicy, consumer: str, now: float
+    ) -> ConsumerBuckets:
+        if not counted:
             raise TooManyRequests(
                 f"connections_per_consumer reached for {bounded(consumer)}",
                 counter="limit.connections_per_consumer",
             )
+        limits = route.limits
 
         def make() -> ConsumerBuckets:
             messages = bytes_ = None
@@ -172,7 +222,7 @@ class Admission:
                 bytes_ = TokenBucket(rate, limits.byte_burst(rate, route.max_message_size), now)
             return messages, bytes_
 
-        return self.store.shared(key, make)
+        return self.store.shared(_consumer_key(route, consumer), make)
 
     def release_consumer(self, route: RoutePolicy, consumer: str) -> None:
         """Forget a connection counted by L{admit_consumer}."""

@@ -60,6 +60,7 @@ from txwssec.policy import (
 from txwssec.proxy import Upstream
 from txwssec.reuseport import unshareable
 from txwssec.server import SecureServerProtocol
+from txwssec.store.settings import DEFAULT_STATE, StateSettings, state_settings
 from txwssec.tickets import MAX_TICKET_TTL
 from txwssec.tls import (
     ReloadingContextFactory,
@@ -98,6 +99,8 @@ class Config:
     #: C{[server] workers}: processes sharing the listeners (see
     #: L{txwssec.workers}); C{"auto"} is resolved to the CPU count.
     workers: int = 1
+    #: C{[state]}: where the state store lives (see L{txwssec.store.settings}).
+    state: StateSettings = DEFAULT_STATE
 
     def endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
         """One server endpoint per listen description."""
@@ -174,6 +177,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
             root.table("admin"), lambda text: server_endpoint(_NoReactor(), text, tls)
         )
     log = log_settings(root.table("log"))
+    state = state_settings(root.table("state"))
 
     consumers = _consumers(root.tables("consumer"))
     context = BuildContext(consumers=consumers, base_dir=base_dir)
@@ -213,6 +217,7 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
         log=log,
         shutdown_timeout=shutdown_timeout,
         workers=workers,
+        state=state,
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from txwssec.errors import Unauthorized
@@ -47,13 +48,19 @@ class Revocations:
         self.store = store
         self.clock = clock
 
-    def revoke_token(self, jti: str, expires_at: float) -> None:
-        """Revoke the token with id C{jti} until C{expires_at} (its C{exp})."""
-        self.store.revoke(f"jti:{jti}", expires_at, self.clock.seconds())
+    def revoke_token(self, jti: str, expires_at: float) -> Deferred[None] | None:
+        """
+        Revoke the token with id C{jti} until C{expires_at} (its C{exp}): a
+        L{Deferred} that fires once stored, when the store is another
+        process's.
+        """
+        return self.store.revoke(f"jti:{jti}", expires_at, self.clock.seconds())
 
-    def revoke_consumer(self, consumer: str, issued_before: float) -> None:
-        """Revoke every token of C{consumer} issued before C{issued_before}."""
-        self.store.revoke(f"consumer:{consumer}", issued_before + HORIZON, self.clock.seconds())
+    def revoke_consumer(self, consumer: str, issued_before: float) -> Deferred[None] | None:
+        """Revoke every token of C{consumer} issued before C{issued_before} (as above)."""
+        return self.store.revoke(
+            f"consumer:{consumer}", issued_before + HORIZON, self.clock.seconds()
+        )
 
     def is_revoked(self, principal: Principal) -> bool:
         """Whether C{principal}'s token (its claims) is revoked now."""

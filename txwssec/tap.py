@@ -21,6 +21,7 @@ from txwssec.errors import ConfigError
 from txwssec.lifecycle import ConfigReloader, GracefulStop
 from txwssec.listen import server_endpoint
 from txwssec.ops import JSONEventObserver, admin_for, log_observer, use_json_log
+from txwssec.ops.cluster import StateService, follow, state_store
 from txwssec.ops.settings import LogSettings
 from txwssec.server import SecureServerFactory
 from txwssec.workers import Supervisor, WorkerRole
@@ -216,7 +217,15 @@ def makeService(options: Options) -> IService:
                 admin = ListeningService(endpoint, supervisor.admin, f"admin {description}")
                 admin.setServiceParent(service)
         return service
-    factory = SecureServerFactory(config.policy, reactor=reactor)
+    store = None
+    if config.state.backend == "redis":
+        # First of all, so that it stops after the sessions (their leases go).
+        store = state_store(config.state, config.policy.auth_failures_per_minute, reactor)
+        StateService(store, config.shutdown_timeout + 1, reactor).setServiceParent(service)
+    factory = SecureServerFactory(config.policy, reactor=reactor, store=store)
+    if store is not None:
+        factory.readiness.add("state", store.not_ready)
+        follow(factory)
     # First, so that it stops last: the listeners stop accepting before the
     # sessions are closed (see txwssec.lifecycle).
     GracefulStop([factory], config.shutdown_timeout, reactor).setServiceParent(service)

@@ -31,6 +31,8 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.internet.defer import Deferred
+
 from txwssec.consumers import key_digest
 from txwssec.errors import MalformedHandshake, Unauthorized
 from txwssec.policy import RoutePolicy
@@ -58,9 +60,12 @@ def ticket_key(ticket: str) -> str:
     return "ticket:" + hashlib.sha256(ticket.encode("utf-8", "replace")).hexdigest()
 
 
-def issue(store: StateStore, route: RoutePolicy, accept: Accept, now: float) -> tuple[str, float]:
+def issue(
+    store: StateStore, route: RoutePolicy, accept: Accept, now: float
+) -> tuple[str, float] | Deferred[tuple[str, float]]:
     """
-    A new ticket for C{accept}'s consumer on C{route}.
+    A new ticket for C{accept}'s consumer on C{route} (a L{Deferred} of it
+    when the store answers later: the ticket is handed out once stored).
 
     @return: the ticket and its lifetime in seconds (the route's
         C{ticket_ttl}, or less when the credential expires sooner).
@@ -81,15 +86,18 @@ def issue(store: StateStore, route: RoutePolicy, accept: Accept, now: float) -> 
         "claims": {name: principal.claims[name] for name in _CLAIMS if name in principal.claims},
         "key": None if principal.key is None else principal.key.hex(),
     }
-    store.put_ticket(ticket_key(ticket), value, now + ttl, now)
+    stored = store.put_ticket(ticket_key(ticket), value, now + ttl, now)
+    if isinstance(stored, Deferred):
+        return stored.addCallback(lambda _: (ticket, ttl))
     return ticket, ttl
 
 
 def redeem(
     store: StateStore, route: RoutePolicy, request: HandshakeRequest, now: float
-) -> Accept | None:
+) -> Accept | Deferred[Accept] | None:
     """
-    The session a ticket in C{request}'s query opens, if it carries one.
+    The session a ticket in C{request}'s query opens, if it carries one (a
+    L{Deferred} of it when the store answers later).
 
     @raise Unauthorized: an unknown, used or expired ticket, or one of
         another route (401).
@@ -104,6 +112,13 @@ def redeem(
     if not 0 < len(ticket) <= _MAX_TICKET_LENGTH:
         raise Unauthorized("malformed ticket")
     value = store.take_ticket(ticket_key(ticket), now)
+    if isinstance(value, Deferred):
+        return value.addCallback(_opens, route)
+    return _opens(value, route)
+
+
+def _opens(value: Mapping[str, Any] | None, route: RoutePolicy) -> Accept:
+    """The session a taken ticket's C{value} opens on C{route}."""
     if value is None or value.get("route") != route.path:
         raise Unauthorized("unknown, used or expired ticket")
     expires_at = value.get("expires_at")

@@ -26,10 +26,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from txwssec.revocations import matches
+from txwssec.errors import ServiceUnavailable
+from txwssec.ops.cluster import close_matching, kick, revoked
+
+_log = Logger(namespace="txwssec.admin")
 
 #: The largest request body read (a revocation is a few dozen bytes).
 MAX_BODY = 4096
@@ -40,6 +46,7 @@ _FIXED = {
     403: b"admin token not configured\n",
     404: b"not found\n",
     405: b"method not allowed\n",
+    503: b"state store unavailable\n",
 }
 
 #: Authorization scheme the token comes with.
@@ -50,7 +57,8 @@ class BadRequest(Exception):
     """The request's query or body is not what the endpoint takes (400)."""
 
 
-Handler = Callable[[Request], bytes]
+#: An endpoint: the body, or (with a shared state store) a Deferred of it.
+Handler = Callable[[Request], "bytes | Deferred[bytes]"]
 
 
 class AdminResource(Resource):
@@ -83,7 +91,7 @@ class AdminResource(Resource):
             b"/revocations": {b"POST": (True, self._revoke)},
         }
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         request.setHeader(b"cache-control", b"no-store")
         methods = self._routes.get(request.path)
         if methods is None or (request.path == b"/metrics" and self.metrics is None):
@@ -103,9 +111,15 @@ class AdminResource(Resource):
                 request.setHeader(b"www-authenticate", b'Bearer realm="wssec-admin"')
                 return _error(request, 401)
         try:
-            return handler(request)
+            body = handler(request)
         except BadRequest:
             return _error(request, 400)
+        except ServiceUnavailable:  # a shared state store that cannot answer
+            return _error(request, 503)
+        if isinstance(body, Deferred):
+            _deliver(request, body)
+            return NOT_DONE_YET
+        return body
 
     def _authorized(self, request: Request) -> bool:
         header = request.getHeader(b"authorization")
@@ -134,19 +148,27 @@ class AdminResource(Resource):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self.metrics)
 
-    def _sessions(self, request: Request) -> bytes:
-        records = self.factory.admission.store.sessions()
-        return _json(request, sorted((dict(r) for r in records), key=lambda r: r["opened_at"]))
+    def _sessions(self, request: Request) -> bytes | Deferred[bytes]:
+        def listed(records: list[Mapping[str, Any]]) -> bytes:
+            # Without the node a shared store records (an implementation detail).
+            listing = [{k: v for k, v in r.items() if k != "node"} for r in records]
+            return _json(request, sorted(listing, key=lambda r: r["opened_at"]))
 
-    def _close(self, request: Request) -> bytes:
+        records = self.factory.admission.store.sessions()
+        if isinstance(records, Deferred):
+            return records.addCallback(listed)
+        return listed(records)
+
+    def _close(self, request: Request) -> bytes | Deferred[bytes]:
         args = request.args or {}
         consumer, session_id = _one(args, b"consumer"), _one(args, b"id")
         if (consumer is None) == (session_id is None) or set(args) - {b"consumer", b"id"}:
             raise BadRequest()
         closed = self.factory.registry.revoke(consumer=consumer, session_id=session_id)
-        return _json(request, {"closed": closed})
+        # The other nodes' sessions too (a shared store); "closed" counts this node's.
+        return _then(kick(self.factory.admission.store, consumer, session_id), request, closed)
 
-    def _revoke(self, request: Request) -> bytes:
+    def _revoke(self, request: Request) -> bytes | Deferred[bytes]:
         body = _body(request)
         revocations = self.factory.revocations
         keys = set(body)
@@ -154,27 +176,57 @@ class AdminResource(Resource):
             jti, expires_at = body["jti"], _time(body["expires_at"])
             if not isinstance(jti, str) or not jti:
                 raise BadRequest()
-            revocations.revoke_token(jti, expires_at)
-            closed = self._closeMatching(jti=jti)
+            stored = revocations.revoke_token(jti, expires_at)
+            revocation: dict[str, Any] = {"jti": jti}
         elif keys == {"consumer", "issued_before"}:
             consumer, issued_before = body["consumer"], _time(body["issued_before"])
             if not isinstance(consumer, str) or not consumer:
                 raise BadRequest()
-            revocations.revoke_consumer(consumer, issued_before)
-            closed = self._closeMatching(consumer=consumer, issued_before=issued_before)
+            stored = revocations.revoke_consumer(consumer, issued_before)
+            revocation = {"consumer": consumer, "issued_before": issued_before}
         else:
             raise BadRequest()
-        return _json(request, {"closed": closed})
+        store = self.factory.admission.store
 
-    def _closeMatching(self, **revocation: Any) -> int:
-        """Close (3003) the live sessions whose token the revocation matches."""
-        closed = 0
-        for protocol in self.factory.registry:
-            session = protocol.session
-            if session is not None and matches(session.principal, **revocation):
-                protocol.revoke()
-                closed += 1
-        return closed
+        def close(_: object = None) -> bytes | Deferred[bytes]:
+            closed = close_matching(self.factory.registry, **revocation)
+            return _then(revoked(store, **revocation), request, closed)
+
+        if isinstance(stored, Deferred):
+            closing: Deferred[bytes] = stored.addCallback(close)
+            return closing
+        return close()
+
+
+def _then(published: object, request: Request, closed: int) -> bytes | Deferred[bytes]:
+    """C{{"closed": N}}, once C{published} (told to the other nodes) if it is a L{Deferred}."""
+    if isinstance(published, Deferred):
+        answered: Deferred[bytes] = published.addCallback(
+            lambda _: _json(request, {"closed": closed})
+        )
+        return answered
+    return _json(request, {"closed": closed})
+
+
+def _deliver(request: Request, body: Deferred[bytes]) -> None:
+    """Answer C{request} with C{body} once it is there: 503 if the shared store failed it."""
+    gone: list[object] = []
+    request.notifyFinish().addBoth(gone.append)
+
+    def failed(failure: Failure) -> bytes:
+        if not failure.check(ServiceUnavailable):
+            _log.failure("admin API endpoint failed", failure)
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"internal error\n"
+        return _error(request, 503)
+
+    def answer(data: bytes) -> None:
+        if not gone:
+            request.write(data)
+            request.finish()
+
+    body.addErrback(failed).addCallback(answer)
 
 
 def _error(request: Request, status: int) -> bytes:

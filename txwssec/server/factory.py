@@ -25,7 +25,7 @@ from txwssec.revocations import Revocations
 from txwssec.server.context import ServerContext
 from txwssec.server.protocol import SecureServerProtocol
 from txwssec.sessions import SessionRegistry
-from txwssec.store import CountView
+from txwssec.store import CountView, StateStore
 
 
 class SecureServerFactory(WebSocketServerFactory):
@@ -35,7 +35,8 @@ class SecureServerFactory(WebSocketServerFactory):
     @ivar policy: the policy.
     @ivar clock: the reactor used for timers.
     @ivar deadlines: the connections' timers (L{Deadlines} on C{clock}).
-    @ivar admission: connection counters and caps (L{Admission}).
+    @ivar admission: connection counters and caps (L{Admission}), in the state
+        store given (C{store}: shared with other processes), or in memory.
     @ivar registry: the open sessions by id, consumer and route
         (L{SessionRegistry}); C{sessions} is its index by consumer.
     @ivar revocations: revoked tokens, in the state store (L{Revocations}):
@@ -63,6 +64,7 @@ class SecureServerFactory(WebSocketServerFactory):
         *,
         reactor: IReactorTime | None = None,
         server: str = "txwssec",
+        store: StateStore | None = None,
     ) -> None:
         if reactor is None:
             reactor = default_reactor()
@@ -79,7 +81,7 @@ class SecureServerFactory(WebSocketServerFactory):
         # Autobahn's own per-connection timers (handshake timeouts,
         # auto-ping) go to the same heap: exact, and no DelayedCall each.
         self._batched_timer = self.deadlines
-        self.admission = Admission(policy)
+        self.admission = Admission(policy, store)
         self.registry = SessionRegistry(self.admission.store)
         self.revocations = Revocations(self.admission.store, reactor)
         self.readiness = Readiness()

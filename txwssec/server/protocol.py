@@ -201,7 +201,16 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
         # 2. connection admission (503, 429); 503 while the server stops
         if factory.stopping:
             raise ServiceUnavailable("server shutting down")
-        factory.admission.admit(handshake.host, factory.clock.seconds())
+        # (a shared store answers later: the rest waits, cancelled if the
+        # client leaves, and a connection counted meanwhile is given back)
+        admitted = factory.admission.admit(handshake.host, factory.clock.seconds())
+        if admitted is not None:
+            return admitted.addCallback(self._admitted, handshake)
+        return self._admitted(None, handshake)
+
+    def _admitted(self, _: None, handshake: HandshakeRequest) -> str | Deferred[str | None] | None:
+        factory, route, policy = self.factory, self.route, self.handshakePolicy
+        assert route is not None and policy is not None
         self._admitted_host = self._client_host = handshake.host
 
         # 3. Origin (403)
@@ -240,9 +249,19 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             raise refusal
 
         # 5. per-consumer caps (429)
-        consumer_buckets = factory.admission.admit_consumer(
-            route, principal.consumer, factory.clock.seconds()
+        admitted = factory.admission.admit_consumer(
+            route, principal.consumer, factory.clock.seconds(), self._admitted_host
         )
+        if isinstance(admitted, Deferred):
+            return admitted.addCallback(self._consumerAdmitted, handshake, accept)
+        return self._consumerAdmitted(admitted, handshake, accept)
+
+    def _consumerAdmitted(
+        self, consumer_buckets: ConsumerBuckets, handshake: HandshakeRequest, accept: Accept
+    ) -> str | Deferred[str | None] | None:
+        route = self.route
+        assert route is not None
+        principal = accept.principal
         self._consumer_admitted = (route, principal.consumer)
 
         # 6. sealed payloads (400, 403), then the subprotocol: credentials

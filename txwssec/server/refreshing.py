@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 
 from txwssec import events, refresh
-from txwssec.errors import CloseCode
+from txwssec.errors import CloseCode, ServiceUnavailable
 from txwssec.policy import RoutePolicy
 from txwssec.refresh import ConsumerChanged, RefreshRejected
 from txwssec.server.context import ServerContext
@@ -113,7 +113,11 @@ class SessionRefresh(WebSocketServerProtocol):
         )
         try:
             accept = await refresh.verify(route.authenticators, token, base)
-            if self.factory.revocations.is_revoked(accept.principal):
+            try:
+                revoked = self.factory.revocations.is_revoked(accept.principal)
+            except ServiceUnavailable:  # a shared state store that cannot say
+                raise RefreshRejected("unavailable", "state store unavailable") from None
+            if revoked:
                 # A revoked token is an invalid credential, as at the handshake.
                 raise RefreshRejected("invalid", "token revoked")
         except RefreshRejected as rejection:

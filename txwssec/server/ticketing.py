@@ -104,7 +104,19 @@ class TicketIssuer(WebSocketServerProtocol):
         request = self.handshakeRequest(_Request(target))
         route = factory.policy.route_for(request.path)
         self.route = route
-        factory.admission.admit(request.host, factory.clock.seconds())
+        admitted = factory.admission.admit(request.host, factory.clock.seconds())
+        if admitted is not None:  # a shared store: on when it has answered
+            admitted.addCallback(self._ticketAdmitted, method, request)
+            admitted.addErrback(self._ticketDenied)
+            return
+        self._ticketAdmitted(None, method, request)
+
+    def _ticketAdmitted(self, _: None, method: str, request: HandshakeRequest) -> None:
+        factory, route = self.factory, self.route
+        assert route is not None
+        if self.state == self.STATE_CLOSED:  # the client left meanwhile
+            factory.admission.release(request.host)
+            return
         self._admitted_host = self._client_host = request.host
         origin = request.header_values("origin")
         if origin:
@@ -135,12 +147,21 @@ class TicketIssuer(WebSocketServerProtocol):
             return
         try:
             factory.revocations.refuse(accept.principal, route)
-            ticket, ttl = tickets.issue(
-                factory.admission.store, route, accept, factory.clock.seconds()
-            )
+            issued = tickets.issue(factory.admission.store, route, accept, factory.clock.seconds())
         except HandshakeRefused as refusal:
             self._ticketRefused(refusal)
             return
+        if isinstance(issued, Deferred):  # stored in a shared store: answered once it is
+            issued.addCallbacks(self._issued, self._ticketDenied, callbackArgs=(accept,))
+            return
+        self._issued(issued, accept)
+
+    def _issued(self, issued: tuple[str, float], accept: Accept) -> None:
+        route, factory = self.route, self.factory
+        assert route is not None
+        if self.state == self.STATE_CLOSED:
+            return
+        ticket, ttl = issued
         principal = accept.principal
         factory.events.emit(
             events.TICKET_ISSUED,

@@ -4,9 +4,10 @@ The state store: what must become shareable across processes and machines
 consumer's connections share, the failure lockout, tickets, revocations,
 the session list), behind one interface (L{IStateStore}, L{StateStore}).
 
-L{MemoryStore} keeps it all in this process, as txwssec always did; a
-second backend (Redis) implements the same interface and passes the same
-contract tests (tests/test_store.py).
+L{MemoryStore} keeps it all in this process, as txwssec always did;
+L{txwssec.store.redis.RedisStore} shares it through Redis (C{[state]
+backend = "redis"}, L{txwssec.store.settings}). That module is not imported
+here: txredisapi is optional, and importing it installs the global reactor.
 """
 
 from txwssec.store.interface import CountView, IStateStore, StateStore

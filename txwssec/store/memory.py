@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from zope.interface import implementer
 
 from txwssec.limits import ConnectionCounter, FailureWindow
-from txwssec.store.interface import IStateStore
+from txwssec.store.interface import IStateStore, Lease
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ class MemoryStore:
             counter = self._counts[kind] = ConnectionCounter()
         return counter
 
-    def acquire(self, kind: str, key: str, cap: int) -> bool:
+    def acquire(self, kind: str, key: str, cap: int, *, along: Lease | None = None) -> bool:
         counter = self.counter(kind)
         if cap and counter.count(key) >= cap:
             return False
@@ -106,6 +106,12 @@ class MemoryStore:
 
     def sessions(self) -> list[Mapping[str, Any]]:
         return list(self._sessions.values())
+
+    def publish(self, message: Mapping[str, Any]) -> None:
+        """Nobody else to tell: this process is the only one."""
+
+    def listen(self, listener: Callable[[Mapping[str, Any]], None]) -> None:
+        """Nobody else publishes."""
 
 
 def _expire(entries: dict[str, Any], expiry: Callable[[Any], float], now: float) -> None:

@@ -197,8 +197,7 @@ class Supervisor(Service):
             WorkerProcess(self, index, os.path.join(self._directory, f"worker-{index}.sock"))
             for index in range(self.count)
         ]
-        backend = getattr(getattr(self.config, "state", None), "backend", "memory")
-        if backend == "memory":
+        if self.config.state.backend == "memory":
             log.warn(
                 "wssec {count} workers with the memory state backend: connection caps per IP"
                 " and per consumer, rates, the failed-login lockout and one-time tickets are"
