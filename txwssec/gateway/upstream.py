@@ -86,6 +86,28 @@ class UpstreamPool:
         self._next = 0
         self._failed_at: dict[str, float] = {}
         self._endpoints: dict[str, IStreamClientEndpoint] = {}
+        self._templates: dict[tuple[str, tuple[Any, ...]], SecureClientFactory] = {}
+
+    def client_factory(
+        self, url: str, settings: tuple[Any, ...], build: Callable[[], SecureClientFactory]
+    ) -> SecureClientFactory:
+        """
+        A factory of its own for one connection to C{url}: a shallow copy
+        of one built (by C{build}) once per C{url} and route C{settings}
+        (what C{build} reads of the route: a reload that changes them builds
+        another). Autobahn's factory constructor parses the URL, sets some 40
+        protocol options and reseeds Python's C{random} (C{random.seed()},
+        from C{os.urandom}) on every call; the caller then sets the
+        connection's own target, subprotocols, Origin and headers with
+        C{setSessionParameters}.
+        """
+        key = (url, settings)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = build()
+        factory: SecureClientFactory = object.__new__(type(template))
+        factory.__dict__.update(template.__dict__)
+        return factory
 
     def endpoint(self, url: str, factory: SecureClientFactory) -> IStreamClientEndpoint:
         """
