@@ -228,17 +228,30 @@ class UpstreamProtocol(SecureClientProtocol):
             f"Sec-WebSocket-Version: {WebSocketProtocol.SPEC_TO_PROTOCOL_VERSION[self.version]}"
         )
         self.http_request_data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf8")
-        if self.send_queue:
-            self.sendData(self.http_request_data)
-            return
-        transport: Any = self.transport
-        transport.write(self.http_request_data)
-        self.trafficStats.preopenOutgoingOctetsWireLevel += len(self.http_request_data)
-        if self.logOctets:
-            self.logTxOctets(self.http_request_data, False)
+        self.sendData(self.http_request_data)
 
     def _onConnect(self, response: ConnectionResponse) -> None:
         self.onConnect(response)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """
+        Autobahn's C{sendData} (the frames Autobahn writes on this leg: the
+        close, pongs, messages when frames are not relayed) without the
+        arguments of its debug line (C{hltype}, twice C{hlval}), as the
+        server's C{TrafficFlow.sendData} does.
+        """
+        if sync or chopsize or self.send_queue:
+            super().sendData(data, sync, chopsize)
+            return
+        transport: Any = self.transport
+        transport.write(data)
+        state = self.state
+        if state == self.STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        elif state == self.STATE_CONNECTING or state == self.STATE_PROXY_CONNECTING:
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+        if self.logOctets:
+            self.logTxOctets(data, False)
 
     def attach(self, downstream: ClientLeg) -> None:
         """Relay to C{downstream} (called before the client's 101)."""
