@@ -1647,12 +1647,23 @@ def machine() -> dict[str, str]:
         "txwssec": _version("txwssec")
         if _version("txwssec") != "not installed"
         else _txwssec_version(),
-        "pyOpenSSL / OpenSSL": f"{_version('pyOpenSSL')} / {_ssl.OPENSSL_VERSION}",
+        "pyOpenSSL / its OpenSSL (txwssec, Autobahn over TLS)": f"{_version('pyOpenSSL')} / "
+        f"{_pyopenssl_openssl()}",
+        "Python's ssl (websockets, load generator)": _ssl.OPENSSL_VERSION,
         "load generator": f"uvloop {_version('uvloop')}, picows {_version('picows')}",
         "websockets server": f"websockets {_version('websockets')} on uvloop "
         f"{_version('uvloop')} (Python's ssl: {_ssl.OPENSSL_VERSION})",
         "nginx": nginx,
     }
+
+
+def _pyopenssl_openssl() -> str:
+    try:
+        from OpenSSL import SSL
+
+        return SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+    except Exception:
+        return "unknown"
 
 
 def _txwssec_version() -> str:
