@@ -251,10 +251,20 @@ class Environment:
         self._remember("autobahn-tls" if tls else "autobahn", argv)
         return ServerProcess("autobahn", argv, port, self.folder)
 
-    def websockets(self) -> ServerProcess:
+    def websockets(self, tls: bool = False) -> ServerProcess:
+        """websockets on uvloop, with the key, JWT, Origin and size checks."""
         port = free_port()
-        argv = [PYTHON, str(BENCH / "servers" / "websockets_echo.py"), "--port", str(port)]
-        self._remember("websockets", argv)
+        argv = [
+            PYTHON,
+            str(BENCH / "servers" / "websockets_echo.py"),
+            "--port",
+            str(port),
+            "--loop",
+            "uvloop",
+        ]
+        if tls:
+            argv += ["--cert", str(self.cert), "--key", str(self.key)]
+        self._remember("websockets-tls" if tls else "websockets", argv)
         return ServerProcess("websockets", argv, port, self.folder)
 
     def txwssec(
@@ -282,12 +292,12 @@ class Environment:
         self._remember(kind, argv, text)
         return ServerProcess("txwssec", argv, port, self.folder, env)
 
-    def nginx(self, upstream: int) -> ServerProcess:
+    def nginx(self, upstream: int, tls: bool = False) -> ServerProcess:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         port = free_port()
         prefix = self.folder / f"nginx-{port}"
         prefix.mkdir()
-        text = nginx_config(port, upstream, prefix)
+        text = nginx_config(port, upstream, prefix, (self.cert, self.key) if tls else None)
         (prefix / "nginx.conf").write_text(text)
         argv = [
             binary,
@@ -300,7 +310,7 @@ class Environment:
             "-g",
             "daemon off;",
         ]
-        self._remember("nginx", argv, text)
+        self._remember("nginx-tls" if tls else "nginx", argv, text)
         return ServerProcess("nginx", argv, port, self.folder)
 
 
@@ -390,8 +400,24 @@ keys = ["{API_KEY}"]
 {routes}"""
 
 
-def nginx_config(port: int, upstream: int, prefix: Path) -> str:
-    """nginx as a WebSocket reverse proxy with an apikey check (401)."""
+def nginx_config(
+    port: int, upstream: int, prefix: Path, tls: tuple[Path, Path] | None = None
+) -> str:
+    """
+    nginx as a WebSocket reverse proxy with an apikey check (401); with
+    C{tls} (certificate, key) it terminates TLS 1.3 (session tickets on, as
+    nginx's default) in front of the plain upstream.
+    """
+    listen = f"{HOST}:{port} backlog=1024"
+    tls_lines = ""
+    if tls is not None:
+        listen = f"{HOST}:{port} ssl backlog=1024"
+        tls_lines = (
+            f"        ssl_certificate {tls[0]};\n"
+            f"        ssl_certificate_key {tls[1]};\n"
+            "        ssl_protocols TLSv1.3;\n"
+            "        ssl_session_tickets on;\n"
+        )
     return f"""\
 # Written by bench/bench.py.
 worker_processes 1;
@@ -418,8 +444,8 @@ http {{
     }}
 
     server {{
-        listen {HOST}:{port} backlog=1024;
-
+        listen {listen};
+{tls_lines}
         location / {{
             if ($apikey_ok = 0) {{
                 return 401;
@@ -602,15 +628,21 @@ class Subject:
     headers: list[tuple[str, str]]
     pids: list[int]
     ca: Path | None = None
+    #: Through the load generator's TLS client: offer the last session
+    #: (True), or always a full handshake (False); None: picows.
+    resume: bool | None = None
 
     def spec(self) -> dict[str, Any]:
-        return {
+        spec = {
             "label": self.label,
             "url": self.url,
             "headers": self.headers,
             "server_pids": self.pids,
             "ca": str(self.ca) if self.ca else None,
         }
+        if self.resume is not None:
+            spec["resume"] = self.resume
+        return spec
 
 
 def handshake_spec(s: Settings, subjects: list[Subject]) -> dict[str, Any]:
@@ -656,16 +688,75 @@ def measure(
                 row.paired.append(mine / theirs)
 
 
+#: The subjects measured next to txwssec (see bench/README.rst, "Columns").
+WEBSOCKETS = "websockets (uvloop)"
+NGINX = "nginx + Autobahn"
+WEBSOCKETS_TLS = "websockets over TLS (uvloop)"
+NGINX_TLS = "nginx TLS + Autobahn"
+AUTOBAHN_TLS = "Autobahn over TLS (raw)"
+TXWSSEC_TLS = "txwssec over TLS (key)"
+
+
+def _nginx_binary() -> str | None:
+    return shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+
+
+class Stack:
+    """Server processes started in order (an upstream waits until it listens)."""
+
+    def __init__(self) -> None:
+        self.servers: list[ServerProcess] = []
+
+    def add(self, server: ServerProcess, wait: bool = False) -> ServerProcess:
+        self.servers.append(server)
+        if wait:
+            server.wait_listening()
+        return server
+
+    def nginx(self, env: Environment, tls: bool = False) -> tuple[ServerProcess, ServerProcess]:
+        """nginx in front of a raw Autobahn: (nginx, upstream)."""
+        upstream = self.add(env.autobahn(), wait=True)
+        return self.add(env.nginx(upstream.port, tls=tls)), upstream
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+
+
 def run_handshake(session: Session) -> None:
     s, env = session.settings, session.env
     key = _headers(("apikey", API_KEY))
+    has_nginx = _nginx_binary() is not None
+    if not has_nginx:
+        session.skip("handshake", NGINX, "handshake", NO_NGINX)
     for _ in range(s.rounds):
-        autobahn, websockets, txwssec = env.autobahn(), env.websockets(), env.txwssec()
-        with running(autobahn, websockets, txwssec):
+        stack = Stack()
+        try:
+            autobahn = stack.add(env.autobahn())
+            websockets = stack.add(env.websockets())
+            txwssec = stack.add(env.txwssec())
+            proxy = stack.nginx(env) if has_nginx else None
+        except Exception:
+            stack.stop()
+            raise
+        with running(*stack.servers):
             subjects = [
-                Subject("Autobahn (raw)", f"ws://{HOST}:{autobahn.port}/key", key, [autobahn.pid]),
-                Subject("websockets", f"ws://{HOST}:{websockets.port}/key", key, [websockets.pid]),
+                Subject(BASE, f"ws://{HOST}:{autobahn.port}/key", key, [autobahn.pid]),
+                Subject(WEBSOCKETS, f"ws://{HOST}:{websockets.port}/key", key, [websockets.pid]),
+                Subject(
+                    f"{WEBSOCKETS} JWT HS256",
+                    f"ws://{HOST}:{websockets.port}/jwt-hs",
+                    _headers(("Authorization", f"Bearer {env.token('HS256')}")),
+                    [websockets.pid],
+                ),
             ]
+            if proxy is not None:
+                front, upstream = proxy
+                subjects.append(
+                    Subject(NGINX, f"ws://{HOST}:{front.port}/", key, [front.pid, upstream.pid])
+                )
             subjects += [
                 Subject(label, f"ws://{HOST}:{txwssec.port}{path}", headers, [txwssec.pid])
                 for label, path, headers in handshake_variants(env)
@@ -675,17 +766,28 @@ def run_handshake(session: Session) -> None:
 
 #: The baseline subject of most scenarios.
 BASE = "Autobahn (raw)"
+NO_NGINX = "nginx is not installed (apt-get install nginx-light)"
 
 
-def _echo_rounds(session: Session, scenario: str, bulk: bool) -> None:
+def _echo_rounds(session: Session, kinds: list[tuple[str, bool, bool]]) -> None:
+    """Echo scenarios (name, 64 KiB?, binary?), all subjects side by side."""
     s, env = session.settings, session.env
     key = _headers(("apikey", API_KEY))
+    has_nginx = _nginx_binary() is not None
     for _ in range(s.rounds):
-        autobahn, websockets, txwssec = env.autobahn(), env.websockets(), env.txwssec()
-        with running(autobahn, websockets, txwssec):
+        stack = Stack()
+        try:
+            autobahn = stack.add(env.autobahn())
+            websockets = stack.add(env.websockets())
+            txwssec = stack.add(env.txwssec())
+            proxy = stack.nginx(env) if has_nginx else None
+        except Exception:
+            stack.stop()
+            raise
+        with running(*stack.servers):
             subjects = [
                 Subject(BASE, f"ws://{HOST}:{autobahn.port}/key", key, [autobahn.pid]),
-                Subject("websockets", f"ws://{HOST}:{websockets.port}/key", key, [websockets.pid]),
+                Subject(WEBSOCKETS, f"ws://{HOST}:{websockets.port}/key", key, [websockets.pid]),
                 Subject(
                     "txwssec (key, all limits)",
                     f"ws://{HOST}:{txwssec.port}/key",
@@ -693,31 +795,53 @@ def _echo_rounds(session: Session, scenario: str, bulk: bool) -> None:
                     [txwssec.pid],
                 ),
             ]
-            measure(session, scenario, "message", echo_spec(s, subjects, bulk=bulk), BASE)
+            if proxy is not None:
+                front, upstream = proxy
+                subjects.append(
+                    Subject(NGINX, f"ws://{HOST}:{front.port}/", key, [front.pid, upstream.pid])
+                )
+            for scenario, bulk, binary in kinds:
+                if proxy is None:
+                    session.skip(scenario, NGINX, "message", NO_NGINX)
+                spec = echo_spec(s, subjects, bulk=bulk, binary=binary)
+                measure(session, scenario, "message", spec, BASE)
 
 
 def run_echo(session: Session) -> None:
-    _echo_rounds(session, "echo", bulk=False)
+    _echo_rounds(session, [("echo", False, False)])
 
 
 def run_bulk(session: Session) -> None:
-    _echo_rounds(session, "bulk", bulk=True)
+    _echo_rounds(session, [("bulk", True, True), ("bulk text", True, False)])
 
 
 def run_idle(session: Session) -> None:
     s, env = session.settings, session.env
     key = _headers(("apikey", API_KEY))
+    has_nginx = _nginx_binary() is not None
+    if not has_nginx:
+        session.skip("idle", NGINX, "connection", NO_NGINX)
     for _ in range(s.rounds):
-        for subject, make in (
-            ("Autobahn (raw)", env.autobahn),
-            ("websockets", env.websockets),
-            ("txwssec (key, timers armed)", env.txwssec),
-        ):
-            server = make()
-            with running(server) as pids:
+        for subject in ("Autobahn (raw)", WEBSOCKETS, "txwssec (key, timers armed)", NGINX):
+            stack = Stack()
+            if subject == NGINX:
+                if not has_nginx:
+                    continue
+                front, upstream = stack.nginx(env)
+                port, pids = front.port, [front.pid, upstream.pid]
+                url = f"ws://{HOST}:{port}/"
+            else:
+                make = {
+                    "Autobahn (raw)": env.autobahn,
+                    WEBSOCKETS: env.websockets,
+                }.get(subject, env.txwssec)
+                server = stack.add(make())
+                pids = [server.pid]
+                url = f"ws://{HOST}:{server.port}/key"
+            with running(*stack.servers):
                 spec = {
                     "scenario": "idle",
-                    "url": f"ws://{HOST}:{server.port}/key",
+                    "url": url,
                     "headers": key,
                     "server_pids": pids,
                     "connections": s.idle_connections,
@@ -730,51 +854,84 @@ def run_idle(session: Session) -> None:
 def run_tls(session: Session) -> None:
     s, env = session.settings, session.env
     key = _headers(("apikey", API_KEY))
-    base = "Autobahn over TLS (raw)"
+    has_nginx = _nginx_binary() is not None
     for _ in range(s.rounds):
-        autobahn, txwssec = env.autobahn(tls=True), env.txwssec(tls=True, kind="txwssec-tls")
-        with running(autobahn, txwssec):
+        stack = Stack()
+        try:
+            autobahn = stack.add(env.autobahn(tls=True))
+            websockets = stack.add(env.websockets(tls=True))
+            txwssec = stack.add(env.txwssec(tls=True, kind="txwssec-tls"))
+            proxy = stack.nginx(env, tls=True) if has_nginx else None
+        except Exception:
+            stack.stop()
+            raise
+        with running(*stack.servers):
             subjects = [
-                Subject(base, f"wss://{HOST}:{autobahn.port}/key", key, [autobahn.pid], env.ca),
                 Subject(
-                    "txwssec over TLS (key)",
-                    f"wss://{HOST}:{txwssec.port}/key",
+                    AUTOBAHN_TLS, f"wss://{HOST}:{autobahn.port}/key", key, [autobahn.pid], env.ca
+                ),
+                Subject(
+                    WEBSOCKETS_TLS,
+                    f"wss://{HOST}:{websockets.port}/key",
                     key,
-                    [txwssec.pid],
+                    [websockets.pid],
                     env.ca,
                 ),
+                Subject(
+                    TXWSSEC_TLS, f"wss://{HOST}:{txwssec.port}/key", key, [txwssec.pid], env.ca
+                ),
             ]
-            measure(session, "wss hs", "handshake", handshake_spec(s, subjects), base)
-            measure(session, "wss echo", "message", echo_spec(s, subjects), base)
+            if proxy is not None:
+                front, upstream = proxy
+                subjects.append(
+                    Subject(
+                        NGINX_TLS,
+                        f"wss://{HOST}:{front.port}/",
+                        key,
+                        [front.pid, upstream.pid],
+                        env.ca,
+                    )
+                )
+            else:
+                for scenario in ("wss hs", "wss echo", "wss resumed"):
+                    session.skip(scenario, NGINX_TLS, "handshake", NO_NGINX)
+            measure(session, "wss hs", "handshake", handshake_spec(s, subjects), AUTOBAHN_TLS)
+            measure(session, "wss echo", "message", echo_spec(s, subjects), AUTOBAHN_TLS)
+            # Resumed handshakes: every subject again, through the load
+            # generator's own TLS client offering the last session; the
+            # baseline is txwssec's full handshake through the same client.
+            resumed = [Subject(TXWSSEC_FULL, subjects[2].url, key, [txwssec.pid], env.ca, False)]
+            resumed += [
+                Subject(f"{subject.label}, resumed", subject.url, key, subject.pids, env.ca, True)
+                for subject in subjects
+            ]
+            spec = handshake_spec(s, resumed)
+            measure(session, "wss resumed", "handshake", spec, TXWSSEC_FULL)
+
+
+#: The baseline of the resumed handshakes: a full one, same client.
+TXWSSEC_FULL = "txwssec over TLS (key), full (same client)"
 
 
 def run_gateway(session: Session) -> None:
     s, env = session.settings, session.env
     key = _headers(("apikey", API_KEY))
-    nginx = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
-    )
-    base = "nginx + Autobahn"
-    if nginx is None:
-        why = "nginx is not installed (apt-get install nginx-light)"
-        session.skip("gw hs", base, "handshake", why)
-        session.skip("gw echo", base, "message", why)
+    base = NGINX
+    has_nginx = _nginx_binary() is not None
+    if not has_nginx:
+        session.skip("gw hs", base, "handshake", NO_NGINX)
+        session.skip("gw echo", base, "message", NO_NGINX)
     for _ in range(s.rounds):
-        servers: list[ServerProcess] = []
+        stack = Stack()
         subjects: list[Subject] = []
         try:
-            if nginx is not None:
-                upstream = env.autobahn()
-                upstream.wait_listening()
-                proxy = env.nginx(upstream.port)
-                servers += [upstream, proxy]
+            if has_nginx:
+                front, upstream = stack.nginx(env)
                 subjects.append(
-                    Subject(base, f"ws://{HOST}:{proxy.port}/", key, [proxy.pid, upstream.pid])
+                    Subject(base, f"ws://{HOST}:{front.port}/", key, [front.pid, upstream.pid])
                 )
-            upstream = env.autobahn()
-            upstream.wait_listening()
-            proxy = env.txwssec(upstream=upstream.port, kind="txwssec-gateway")
-            servers += [upstream, proxy]
+            upstream = stack.add(env.autobahn(), wait=True)
+            proxy = stack.add(env.txwssec(upstream=upstream.port, kind="txwssec-gateway"))
             subjects.append(
                 Subject(
                     "txwssec gateway + Autobahn",
@@ -783,11 +940,16 @@ def run_gateway(session: Session) -> None:
                     [proxy.pid, upstream.pid],
                 )
             )
+            direct = stack.add(env.autobahn())
+            subjects.append(
+                Subject(
+                    "Autobahn (raw, no proxy)", f"ws://{HOST}:{direct.port}/", key, [direct.pid]
+                )
+            )
         except Exception:
-            for server in servers:
-                server.stop()
+            stack.stop()
             raise
-        with running(*servers):
+        with running(*stack.servers):
             measure(session, "gw hs", "handshake", handshake_spec(s, subjects), base)
             measure(session, "gw echo", "message", echo_spec(s, subjects), base)
 
@@ -1009,9 +1171,11 @@ BASELINES = {
     "handshake": "Autobahn (raw)",
     "echo": "Autobahn (raw)",
     "bulk": "Autobahn (raw)",
+    "bulk text": "Autobahn (raw)",
     "idle": "Autobahn (raw)",
     "wss hs": "Autobahn over TLS (raw)",
     "wss echo": "Autobahn over TLS (raw)",
+    "wss resumed": "txwssec over TLS (key), full (same client)",
     "gw hs": "nginx + Autobahn",
     "gw echo": "nginx + Autobahn",
     "accel 64B": "txwssec, NVX on",
@@ -1026,8 +1190,10 @@ BASELINES = {
 LABELS = {
     "handshake": "handshakes (µs/handshake)",
     "echo": "echo 64 B (µs/message)",
-    "bulk": "echo 64 KiB (µs/message)",
+    "bulk": "echo 64 KiB binary (µs/message)",
+    "bulk text": "echo 64 KiB text (µs/message)",
     "wss hs": "wss handshakes (µs/handshake)",
+    "wss resumed": "wss handshakes, TLS session offered (µs/handshake)",
     "wss echo": "wss echo 64 B (µs/message)",
     "gw hs": "gateway handshakes (µs/handshake)",
     "gw echo": "gateway echo 64 B (µs/message)",
@@ -1037,6 +1203,130 @@ LABELS = {
     "ops hs": "ops: handshakes (µs/handshake)",
     "ops echo": "ops: echo 64 B (µs/message)",
 }
+
+
+NO_WEBSOCKETS_PROXY = "n/a (websockets is not a proxy)"
+NO_NGINX_JWT = "n/a (open-source nginx checks no JWT)"
+
+#: The comparison table: (row, scenario, txwssec, websockets, nginx, raw
+#: Autobahn), each a subject of the scenario or an "n/a (why)" text.
+COMPARISON: list[tuple[str, str, str, str, str, str]] = [
+    ("key-auth handshake", "handshake", "txwssec key header", WEBSOCKETS, NGINX, BASE),
+    (
+        "JWT HS256 handshake",
+        "handshake",
+        "txwssec JWT HS256",
+        f"{WEBSOCKETS} JWT HS256",
+        NO_NGINX_JWT,
+        BASE,
+    ),
+    ("64 B echo", "echo", "txwssec (key, all limits)", WEBSOCKETS, NGINX, BASE),
+    ("64 KiB echo, text", "bulk text", "txwssec (key, all limits)", WEBSOCKETS, NGINX, BASE),
+    ("64 KiB echo, binary", "bulk", "txwssec (key, all limits)", WEBSOCKETS, NGINX, BASE),
+    ("wss handshake (full)", "wss hs", TXWSSEC_TLS, WEBSOCKETS_TLS, NGINX_TLS, AUTOBAHN_TLS),
+    (
+        "wss handshake (resumed)",
+        "wss resumed",
+        f"{TXWSSEC_TLS}, resumed",
+        f"{WEBSOCKETS_TLS}, resumed",
+        f"{NGINX_TLS}, resumed",
+        f"{AUTOBAHN_TLS}, resumed",
+    ),
+    ("wss echo 64 B", "wss echo", TXWSSEC_TLS, WEBSOCKETS_TLS, NGINX_TLS, AUTOBAHN_TLS),
+    ("idle memory per connection", "idle", "txwssec (key, timers armed)", WEBSOCKETS, NGINX, BASE),
+    (
+        "gateway per handshake",
+        "gw hs",
+        "txwssec gateway + Autobahn",
+        NO_WEBSOCKETS_PROXY,
+        NGINX,
+        "Autobahn (raw, no proxy)",
+    ),
+    (
+        "gateway per message",
+        "gw echo",
+        "txwssec gateway + Autobahn",
+        NO_WEBSOCKETS_PROXY,
+        NGINX,
+        "Autobahn (raw, no proxy)",
+    ),
+]
+
+
+def paired_ratio(mine: Row, theirs: Row) -> float | None:
+    """
+    The median over measured windows of mine/theirs, window against the
+    window of the same cycle and round (None when they were not measured
+    side by side).
+    """
+    ratios = []
+    for run_a, run_b in zip(mine.runs, theirs.runs, strict=False):
+        for a, b in zip(run_a.get("windows", []), run_b.get("windows", []), strict=False):
+            if a["server_cpu_us_per_op"] and b["server_cpu_us_per_op"]:
+                ratios.append(a["server_cpu_us_per_op"] / b["server_cpu_us_per_op"])
+    return statistics.median(ratios) if ratios else None
+
+
+def _value(row: Row, scenario: str) -> float | None:
+    return row.kib_per_connection if scenario == "idle" else row.us_per_op
+
+
+def comparison_ratio(session: Session, scenario: str, mine: str, theirs: str) -> float | None:
+    """txwssec over another subject: paired median, else the ratio of totals."""
+    a, b = session.rows.get((scenario, mine)), session.rows.get((scenario, theirs))
+    if a is None or b is None or not a.runs or not b.runs:
+        return None
+    if scenario != "idle":
+        paired = paired_ratio(a, b)
+        if paired is not None:
+            return paired
+    va, vb = _value(a, scenario), _value(b, scenario)
+    return va / vb if va and vb else None
+
+
+def comparison_table(session: Session) -> str:
+    """
+    One row per txwssec scenario: txwssec's server CPU per operation (KiB
+    per connection for idle memory), and websockets, nginx and raw
+    Autobahn next to it with txwssec's ratio to each.
+    """
+    lines = [
+        "| scenario | txwssec | websockets 17 on uvloop | nginx | raw Autobahn |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, scenario, mine, *others in COMPARISON:
+        unit = "KiB/conn" if scenario == "idle" else "µs"
+        row = session.rows.get((scenario, mine))
+        if row is None or not row.runs:
+            why = row.missing if row is not None and row.missing else "not measured"
+            lines.append(f"| {name} | {why} | | | |")
+            continue
+        cells = [f"{_fmt(_value(row, scenario), 1)} {unit}"]
+        for other in others:
+            if other.startswith("n/a"):
+                cells.append(other)
+                continue
+            theirs = session.rows.get((scenario, other))
+            if theirs is None or not theirs.runs:
+                cells.append(theirs.missing if theirs is not None and theirs.missing else "—")
+                continue
+            ratio = comparison_ratio(session, scenario, mine, other)
+            ratio_text = f" (**{ratio:.2f}{TIMES}**)" if ratio is not None else ""
+            cells.append(f"{_fmt(_value(theirs, scenario), 1)} {unit}{ratio_text}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    full = session.rows.get(("wss resumed", TXWSSEC_FULL))
+    resumed = session.rows.get(("wss resumed", f"{TXWSSEC_TLS}, resumed"))
+    if full is not None and resumed is not None and full.runs and resumed.runs:
+        ratio = paired_ratio(resumed, full)
+        lines += [
+            "",
+            f"txwssec's resumed wss handshake: {_fmt(resumed.us_per_op, 1)} µs against "
+            f"{_fmt(full.us_per_op, 1)} µs for a full one through the same client "
+            f"({_fmt(ratio, 2)}{TIMES}, paired median); "
+            f"{resumed.total('resumed') / max(resumed.total('ops'), 1) * 100:.0f}% of the "
+            "offered sessions were resumed.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def results_table(session: Session) -> str:
@@ -1068,6 +1358,9 @@ def results_table(session: Session) -> str:
         lg_text = _fmt(lg, 0) + (" ⚠ saturated" if lg and lg > SATURATED else "")
         failures = row.failures()
         fail_text = ", ".join(f"{k} {TIMES}{v}" for k, v in failures.items()) or "0"
+        if scenario == "wss resumed":
+            ops = row.total("ops")
+            fail_text += f"; resumed {row.total('resumed') / ops * 100 if ops else 0:.0f}%"
         lines.append(
             f"| {LABELS.get(scenario, scenario)} | {subject} | {us_text} | {ratio} "
             f"| {_fmt(row.median('ops_per_s'), 0)} | {_fmt(row.median('p50_ms'), 2)} "
@@ -1180,11 +1473,25 @@ def targets(session: Session) -> list[Target]:
             1.05,
         ),
         (
-            "gateway: server CPU per message (txwssec + upstream) ≤ 1.5x nginx + upstream",
+            "gateway: server CPU per message (txwssec + upstream) ≤ 1.0x nginx + upstream",
             "gw echo",
             "txwssec gateway + Autobahn",
             "nginx + Autobahn",
+            1.0,
+        ),
+        (
+            "gateway: server CPU per handshake (txwssec + upstream) ≤ 1.5x nginx + upstream",
+            "gw hs",
+            "txwssec gateway + Autobahn",
+            "nginx + Autobahn",
             1.5,
+        ),
+        (
+            "wss: a resumed handshake ≤ 0.6x a full one (same client)",
+            "wss resumed",
+            f"{TXWSSEC_TLS}, resumed",
+            TXWSSEC_FULL,
+            0.6,
         ),
     ):
         value = ratio(scenario, subject, base)
@@ -1192,6 +1499,15 @@ def targets(session: Session) -> list[Target]:
             found.append(Target(text, "not measured", None))
         else:
             found.append(Target(text, f"{value:.2f}{TIMES}", value <= limit))
+    for name, scenario, mine, websockets, _nginx, _raw in COMPARISON:
+        if websockets.startswith("n/a"):
+            continue
+        value = comparison_ratio(session, scenario, mine, websockets)
+        text = f"{name} ≤ 1.0x websockets on uvloop"
+        if value is None:
+            found.append(Target(text, "not measured", None))
+        else:
+            found.append(Target(text, f"{value:.2f}{TIMES}", value <= 1.0))
     raw = session.rows.get(("idle", "Autobahn (raw)"))
     ours = session.rows.get(("idle", "txwssec (key, timers armed)"))
     if raw and ours and raw.kib_per_connection is not None and ours.kib_per_connection is not None:
@@ -1331,10 +1647,23 @@ def machine() -> dict[str, str]:
         "txwssec": _version("txwssec")
         if _version("txwssec") != "not installed"
         else _txwssec_version(),
-        "pyOpenSSL / OpenSSL": f"{_version('pyOpenSSL')} / {_ssl.OPENSSL_VERSION}",
+        "pyOpenSSL / its OpenSSL (txwssec, Autobahn over TLS)": f"{_version('pyOpenSSL')} / "
+        f"{_pyopenssl_openssl()}",
+        "Python's ssl (websockets, load generator)": _ssl.OPENSSL_VERSION,
         "load generator": f"uvloop {_version('uvloop')}, picows {_version('picows')}",
+        "websockets server": f"websockets {_version('websockets')} on uvloop "
+        f"{_version('uvloop')} (Python's ssl: {_ssl.OPENSSL_VERSION})",
         "nginx": nginx,
     }
+
+
+def _pyopenssl_openssl() -> str:
+    try:
+        from OpenSSL import SSL
+
+        return SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+    except Exception:
+        return "unknown"
 
 
 def _txwssec_version() -> str:
@@ -1413,8 +1742,18 @@ def report(session: Session, argv: list[str], took: float, load: tuple[str, str]
             else "The cycle collector tuned as `twistd wssec` does by default (young generation "
             "every 50,000 allocations, start-up objects frozen; `--python-gc` turns it off). "
         )
-        + "Raw Autobahn and websockets run with their defaults (see bench/servers/).",
+        + "Raw Autobahn runs with its defaults; websockets on uvloop with the routes' key, "
+        'JWT, Origin and size checks (see bench/servers/ and bench/README.rst, "Columns").',
         "",
+        "## txwssec next to websockets, nginx and raw Autobahn",
+        "",
+        "Server CPU per operation (idle memory: KiB per connection); in brackets, "
+        "txwssec's ratio to that column, the median of the paired per-window ratios "
+        "(measured side by side in the same session). See bench/README.rst, "
+        '"Columns", for what each column runs and why some cells are n/a. '
+        f"Load average before: {load[0]}; after: {load[1]}.",
+        "",
+        comparison_table(session),
         "## Results",
         "",
         results_table(session),

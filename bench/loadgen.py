@@ -47,6 +47,7 @@ in count and time.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import gc
 import json
@@ -381,6 +382,144 @@ else:  # pragma: no cover - the fallback
     CLIENT = f"websockets {websockets.__version__} (fallback: picows not installed)"
 
 
+# -- TLS session resumption: a client of its own --------------------------------
+
+#: A masked close frame, code 1000 (mask key 0: the payload is as written).
+_CLOSE_1000 = b"\x88\x82\x00\x00\x00\x00\x03\xe8"
+
+
+class _ResumingHandshake(asyncio.Protocol):
+    """
+    One handshake op over TLS through C{ssl}'s memory BIO, offering a saved
+    TLS session (asyncio's transports cannot offer one): TLS handshake,
+    upgrade request, 101, close 1000, the server's close, TCP close.
+    """
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        hostname: str,
+        request: bytes,
+        session: ssl.SSLSession | None,
+        done: asyncio.Future[tuple[float, int, ssl.SSLSession | None, bool]],
+    ) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(
+            self.incoming, self.outgoing, server_hostname=hostname, session=session
+        )
+        self.request = request
+        self.done = done
+        self.state = "tls"
+        self.buffer = b""
+        self.opened = 0.0
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.step()
+
+    def data_received(self, data: bytes) -> None:
+        self.incoming.write(data)
+        self.step()
+
+    def eof_received(self) -> bool:
+        self.fail(ConnectionResetError("EOF before the close frame"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(exc or ConnectionResetError("connection lost"))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def step(self) -> None:
+        try:
+            self._step()
+        except Exception as error:
+            self.fail(error)
+
+    def _step(self) -> None:
+        tls = self.tls
+        if self.state == "tls":
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                return
+            tls.write(self.request)
+            self.state = "upgrade"
+        while True:
+            try:
+                chunk = tls.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            if not chunk:
+                break
+            self.buffer += chunk
+        if self.state == "upgrade" and b"\r\n\r\n" in self.buffer:
+            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            if status != 101:
+                raise HandshakeFailed(status)
+            self.opened = time.perf_counter()
+            tls.write(_CLOSE_1000)
+            self.state = "closing"
+        if self.state == "closing" and len(self.buffer) >= 4:
+            if self.buffer[0] != 0x88:
+                raise ValueError(f"expected a close frame, got {self.buffer[:2]!r}")
+            code = int.from_bytes(self.buffer[2:4], "big")
+            self.state = "closed"
+            self._flush()
+            if not self.done.done():
+                self.done.set_result((self.opened, code, tls.session, tls.session_reused))
+            self.transport.close()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.transport.write(data)
+
+
+def _upgrade_request(url: str, headers: list[tuple[str, str]]) -> tuple[str, int, bytes]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 443
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
+    return host, port, ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def resuming_handshake(
+    url: str,
+    headers: list[tuple[str, str]],
+    context: ssl.SSLContext,
+    session: ssl.SSLSession | None,
+) -> tuple[float, int, ssl.SSLSession | None, bool]:
+    """One wss handshake op offering C{session}: (opened at, close code, next session, reused)."""
+    host, port, request = _upgrade_request(url, headers)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[float, int, ssl.SSLSession | None, bool]] = loop.create_future()
+    await loop.create_connection(
+        lambda: _ResumingHandshake(context, "localhost", request, session, done), host, port
+    )
+    return await done
+
+
 def failure_name(error: BaseException) -> str:
     if isinstance(error, HandshakeFailed):
         return f"HTTP {error.status}"
@@ -468,6 +607,8 @@ class Tally:
         self.failures: collections.Counter[str] = collections.Counter()
         self.latencies: list[float] = []
         self.ops = 0
+        #: Handshakes that resumed a TLS session (the resuming client only).
+        self.resumed = 0
 
     def result(self) -> dict[str, Any]:
         ops = sum(w["ops"] for w in self.windows)
@@ -485,6 +626,7 @@ class Tally:
             "loadgen_cpu_pct_max": max((w["loadgen_cpu_pct"] for w in self.windows), default=0.0),
             **percentiles(self.latencies),
             "failures": dict(self.failures),
+            "resumed": self.resumed,
             "windows": [
                 {k: w[k] for k in ("ops", "wall_s", "server_cpu_s", "server_cpu_us_per_op")}
                 for w in self.windows
@@ -534,11 +676,40 @@ async def handshake(spec: dict[str, Any]) -> dict[str, Any]:
     limit = time.monotonic() + HARD_LIMIT
 
     async def worker() -> None:
+        sessions: dict[int, ssl.SSLSession | None] = {}
         while not current["stop"] and time.monotonic() < limit:
             index, epoch = current["index"], current["epoch"]
             tally, url = tallies[index], targets[index]["url"]
             started = time.perf_counter()
             measured = state["measuring"]
+            resume = targets[index].get("resume")
+            if resume is not None:
+                # The memory-BIO client: a full handshake every time
+                # (resume false) or offering the last session (resume true).
+                context = contexts[index]
+                assert context is not None
+                try:
+                    opened, code, session, reused = await asyncio.wait_for(
+                        resuming_handshake(
+                            url, headers[index], context, sessions.get(index) if resume else None
+                        ),
+                        CONNECT_TIMEOUT,
+                    )
+                except Exception as error:
+                    sessions.pop(index, None)
+                    if measured:
+                        tally.failures[failure_name(error)] += 1
+                    continue
+                sessions[index] = session
+                if code != 1000:
+                    if measured:
+                        tally.failures[f"close {code}"] += 1
+                    continue
+                if state["measuring"] and current["epoch"] == epoch:
+                    tally.ops += 1
+                    tally.resumed += reused
+                    tally.latencies.append(opened - started)
+                continue
             try:
                 connection = await asyncio.wait_for(
                     connect(url, headers[index], contexts[index]), CONNECT_TIMEOUT

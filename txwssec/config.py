@@ -315,6 +315,7 @@ def _tls(table: Table, base_dir: Path) -> ReloadingContextFactory:
             min_version=table.string("min_version", "1.2"),
             client_ca=path("client_ca"),
             client_cert=table.string("client_cert", "none"),
+            session_tickets=table.boolean("session_tickets", True),
         )
         table.finish()
         return ReloadingContextFactory(settings)

@@ -92,6 +92,10 @@ class TLSSettings:
     @ivar client_ca: PEM file with the CAs that client certificates must
         chain to (mutual TLS), or L{None}.
     @ivar client_cert: C{"none"}, C{"optional"} or C{"required"}.
+    @ivar session_tickets: TLS session resumption: session tickets (and
+        the server-side session cache), so that a returning client skips
+        the certificate and key exchange work. L{False}: every handshake is
+        a full one. See L{certificate_options}.
     """
 
     cert: Path
@@ -100,6 +104,7 @@ class TLSSettings:
     min_version: str = "1.2"
     client_ca: Path | None = None
     client_cert: str = "none"
+    session_tickets: bool = True
 
     def __post_init__(self) -> None:
         if self.min_version not in TLS_VERSIONS:
@@ -170,10 +175,23 @@ def certificate_options(settings: TLSSettings) -> ssl.CertificateOptions:
     """
     Build hardened server options: TLS 1.2 or 1.3 minimum, ECDHE + AEAD
     suites, the key exchange groups of L{GROUPS}, no compression, server
-    cipher preference (set by Twisted), no renegotiation, a server-side
-    session cache, ALPN C{http/1.1} (see L{select_alpn}), client certificates
-    checked against C{client_ca} when asked for. Every server context
-    txwssec makes comes from here.
+    cipher preference (set by Twisted), no renegotiation, ALPN C{http/1.1}
+    (see L{select_alpn}), client certificates checked against C{client_ca}
+    when asked for. Every server context txwssec makes comes from here.
+
+    Session resumption (C{settings.session_tickets}, on by default): session
+    tickets and a server-side session cache. Twisted's L{CertificateOptions}
+    sets C{OP_NO_TICKET} unless asked for tickets, and OpenSSL 3+ then
+    resumed nothing: every wss handshake was a full one. The ticket keys
+    are OpenSSL's, made at random with the context, so they live in this
+    process only and change whenever the context is rebuilt (a restart, a
+    certificate reload, a configuration reload): a ticket from before
+    resumes nothing, and the client makes one full handshake. Several
+    processes behind one address each have their own keys. The session ID
+    context is random per context too (Twisted), so a session never
+    resumes on another listener or after a reload, and a resumed session
+    carries the client certificate that was verified when it was made:
+    resumption cannot skip the client certificate check.
 
     @raise TLSSettingsError: naming the setting that is unusable.
     """
@@ -203,7 +221,8 @@ def certificate_options(settings: TLSSettings) -> ssl.CertificateOptions:
         extraCertChain=[X509.from_cryptography(c) for c in chain[1:]],
         raiseMinimumTo=TLS_VERSIONS[settings.min_version],
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
-        enableSessions=True,
+        enableSessions=settings.session_tickets,
+        enableSessionTickets=settings.session_tickets,
         **verify_options,
     )
     try:
@@ -437,7 +456,8 @@ class WSSServerEndpointParser:
 
     Arguments: C{PORT}, then C{cert}, C{key} (required), C{chain},
     C{minVersion} (1.2/1.3), C{clientCA}, C{clientCert}
-    (none/optional/required), C{interface}, C{backlog}.
+    (none/optional/required), C{sessionTickets} (yes/no, default yes),
+    C{interface}, C{backlog}.
     """
 
     prefix = "wss"
@@ -455,11 +475,14 @@ class WSSServerEndpointParser:
         minVersion: str = "1.2",
         clientCA: str = "",
         clientCert: str = "none",
+        sessionTickets: str = "yes",
         interface: str = "",
         backlog: str = "50",
     ) -> SSL4ServerEndpoint:
         if not cert or not key:
             raise ValueError("wss endpoint needs cert= and key=")
+        if sessionTickets not in ("yes", "no"):
+            raise ValueError("wss endpoint: sessionTickets must be yes or no")
         settings = TLSSettings(
             cert=Path(cert),
             key=Path(key),
@@ -467,6 +490,7 @@ class WSSServerEndpointParser:
             min_version=minVersion,
             client_ca=Path(clientCA) if clientCA else None,
             client_cert=clientCert,
+            session_tickets=sessionTickets == "yes",
         )
         return SSL4ServerEndpoint(
             reactor,

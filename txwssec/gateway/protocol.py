@@ -102,20 +102,34 @@ class GatewayProtocol(SecureServerProtocol):
         target = forwarded_target(self.http_request_uri, route.authenticators, accept, known)
         clock = self.factory.clock
         refusal: HandshakeRefused = BadGateway("no upstream")
+        settings = (
+            route.upstream.ca_file,
+            route.max_message_size,
+            route.upstream.timeout,
+            policy.max_header_bytes,
+        )
         for url in pool.order():
-            factory = SecureClientFactory(
+            factory = pool.client_factory(
+                url,
+                settings,
+                partial(
+                    SecureClientFactory,
+                    url,
+                    tls=ClientTLS(ca_file=route.upstream.ca_file),
+                    max_message_size=route.max_message_size,
+                    handshake_timeout=route.upstream.timeout,
+                    max_header_bytes=policy.max_header_bytes,
+                    reactor=clock,
+                ),
+            )
+            factory.setSessionParameters(
                 join_target(url, target),
-                subprotocols=offered,
-                tls=ClientTLS(ca_file=route.upstream.ca_file),
                 origin=origin[0] if origin else None,
-                max_message_size=route.max_message_size,
-                handshake_timeout=route.upstream.timeout,
-                max_header_bytes=policy.max_header_bytes,
-                reactor=clock,
+                protocols=offered,
+                useragent=None,
+                headers=headers,
             )
             factory.protocol = UpstreamProtocol
-            factory.headers = headers
-            factory.useragent = None
             # A factory per connection: no "Starting/Stopping factory" lines.
             factory.noisy = False
             endpoint = partial(pool.endpoint, url, factory)

@@ -6,16 +6,22 @@ answers.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from autobahn.websocket.types import ConnectingRequest
+from autobahn.twisted.util import create_transport_details
+from autobahn.wamp.types import TransportDetails
+from autobahn.websocket.protocol import WebSocketClientProtocol, WebSocketProtocol
+from autobahn.websocket.types import ConnectionResponse
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
-from txwssec._autobahn import drop_connection_quietly
+from txwssec._autobahn import copy_options, drop_connection_quietly
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
 from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
@@ -80,6 +86,28 @@ class UpstreamPool:
         self._next = 0
         self._failed_at: dict[str, float] = {}
         self._endpoints: dict[str, IStreamClientEndpoint] = {}
+        self._templates: dict[tuple[str, tuple[Any, ...]], SecureClientFactory] = {}
+
+    def client_factory(
+        self, url: str, settings: tuple[Any, ...], build: Callable[[], SecureClientFactory]
+    ) -> SecureClientFactory:
+        """
+        A factory of its own for one connection to C{url}: a shallow copy
+        of one built (by C{build}) once per C{url} and route C{settings}
+        (what C{build} reads of the route: a reload that changes them builds
+        another). Autobahn's factory constructor parses the URL, sets some 40
+        protocol options and reseeds Python's C{random} (C{random.seed()},
+        from C{os.urandom}) on every call; the caller then sets the
+        connection's own target, subprotocols, Origin and headers with
+        C{setSessionParameters}.
+        """
+        key = (url, settings)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = build()
+        factory: SecureClientFactory = object.__new__(type(template))
+        factory.__dict__.update(template.__dict__)
+        return factory
 
     def endpoint(self, url: str, factory: SecureClientFactory) -> IStreamClientEndpoint:
         """
@@ -125,6 +153,11 @@ class UpstreamProtocol(SecureClientProtocol):
     # Autobahn's size limits (set from the factory's options).
     maxFramePayloadSize: int
     maxMessagePayloadSize: int
+    # Autobahn's, read by the handshake below.
+    tcpNoDelay: bool
+    perMessageCompressionOffers: list[Any]
+    version: int
+    logOctets: bool
     #: The frame relay, once the session is open (see L{txwssec.gateway.relay}).
     _scanner: FrameScanner | None = None
     _scanning: bool = False
@@ -137,24 +170,88 @@ class UpstreamProtocol(SecureClientProtocol):
         self.registerProducer(self, True)
         super()._onOpen()
 
+    # -- the upstream handshake, without Autobahn's debug arguments --------------
+    #
+    # Autobahn's client evaluates the arguments of a debug line (hltype(),
+    # hlval(): a qualified name and click.style() each) in connectionMade,
+    # _connectionMade, startHandshake, _actuallyStartHandshake, sendData
+    # and _onConnect, whatever the log level: about 5% of a gateway
+    # handshake (bench/RESULTS.md, "Gateway and TLS (issue 19)"). These do
+    # the same work without them.
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        details = create_transport_details(transport, False)
+        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+        self._transport_details = details
+        self.peer = details.peer
+        with contextlib.suppress(Exception):  # as Autobahn (a Unix socket has none)
+            transport.setTcpNoDelay(self.tcpNoDelay)
+        self._connectionMade()
+
+    def _connectionMade(self) -> None:
+        copy_options(self, WebSocketClientProtocol.CONFIG_ATTRS)
+        WebSocketProtocol._connectionMade(self)
+        if self.factory.proxy is not None:
+            self.startProxyConnect()
+        else:
+            self.startHandshake()
+
     def startHandshake(self) -> None:
         """
-        Send the upgrade request, as Autobahn does without an C{onConnecting}
-        hook but without its debug line, which pretty-prints the transport's
-        details on every connection whatever the log level.
+        Send the upgrade request: Autobahn's C{_actuallyStartHandshake}
+        (no C{onConnecting} hook, no compression offers: the gateway's
+        upstream leg makes none), written to the transport directly.
         """
         factory = self.factory
-        self._actuallyStartHandshake(
-            ConnectingRequest(
-                host=factory.host,
-                port=factory.port,
-                resource=factory.resource,
-                headers=factory.headers,
-                useragent=factory.useragent,
-                origin=factory.origin,
-                protocols=factory.protocols,
-            )
+        lines = [f"GET {factory.resource} HTTP/1.1"]
+        if factory.useragent:
+            lines.append(f"User-Agent: {factory.useragent}")
+        lines += [
+            f"Host: {factory.host}:{factory.port}",
+            "Upgrade: WebSocket",
+            "Connection: Upgrade",
+            "Pragma: no-cache",
+            "Cache-Control: no-cache",
+        ]
+        lines += [f"{name}: {value}" for name, value in factory.headers.items()]
+        self.websocket_key = base64.b64encode(os.urandom(16))
+        lines.append(f"Sec-WebSocket-Key: {self.websocket_key.decode()}")
+        if factory.origin:
+            lines.append(f"Origin: {factory.origin}")
+        if factory.protocols:
+            lines.append(f"Sec-WebSocket-Protocol: {','.join(factory.protocols)}")
+        offers = [offer.get_extension_string() for offer in self.perMessageCompressionOffers]
+        if offers:
+            lines.append(f"Sec-WebSocket-Extensions: {','.join(offers)}")
+        lines.append(
+            f"Sec-WebSocket-Version: {WebSocketProtocol.SPEC_TO_PROTOCOL_VERSION[self.version]}"
         )
+        self.http_request_data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf8")
+        self.sendData(self.http_request_data)
+
+    def _onConnect(self, response: ConnectionResponse) -> None:
+        self.onConnect(response)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """
+        Autobahn's C{sendData} (the frames Autobahn writes on this leg: the
+        close, pongs, messages when frames are not relayed) without the
+        arguments of its debug line (C{hltype}, twice C{hlval}), as the
+        server's C{TrafficFlow.sendData} does.
+        """
+        if sync or chopsize or self.send_queue:
+            super().sendData(data, sync, chopsize)
+            return
+        transport: Any = self.transport
+        transport.write(data)
+        state = self.state
+        if state == self.STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        elif state == self.STATE_CONNECTING or state == self.STATE_PROXY_CONNECTING:
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+        if self.logOctets:
+            self.logTxOctets(data, False)
 
     def attach(self, downstream: ClientLeg) -> None:
         """Relay to C{downstream} (called before the client's 101)."""
