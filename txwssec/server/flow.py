@@ -18,6 +18,7 @@ from autobahn.twisted.websocket import WebSocketServerProtocol
 from txwssec import events
 from txwssec._autobahn import fail_connection_quietly
 from txwssec._hooks import OpenOnly
+from txwssec._wire import FrameReader
 from txwssec.compression import (
     deflated_bound,
 )
@@ -34,7 +35,7 @@ from txwssec.traffic import TrafficGuard, Violation
 
 
 # (mypy: Autobahn's own bases disagree on two names, seen with a second base.)
-class TrafficFlow(OpenOnly, WebSocketServerProtocol):  # type: ignore[misc]
+class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: ignore[misc]
     """
     Limits, backpressure and idle checks of an open connection: a part of
     L{txwssec.server.SecureServerProtocol} (its base class).
@@ -230,7 +231,7 @@ class TrafficFlow(OpenOnly, WebSocketServerProtocol):  # type: ignore[misc]
             self.trafficStats.outgoingOctetsWireLevel += len(data)
         elif state == self.STATE_CONNECTING:
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
-        if self.logOctets:  # type: ignore[attr-defined]
+        if self.logOctets:
             self.logTxOctets(data, False)
 
     def _slowConsumer(self) -> None:

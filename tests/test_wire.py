@@ -1,0 +1,208 @@
+"""
+The server's own frame reading (txwssec._wire): unmasking and UTF-8
+validation agree with Autobahn's on every split, and a real server reads
+messages cut at every kind of boundary (header split, payload split, many
+frames in one write, all three length encodings) exactly as sent, with
+Autobahn's own masker never created for a data frame.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import autobahn.websocket.protocol as autobahn_protocol
+import pytest
+import pytest_twisted
+import wsframes
+from autobahn.nvx._utf8validator import Utf8Validator as AutobahnUtf8Validator
+from autobahn.nvx._xormasker import create_xor_masker
+from conftest import aio
+
+from txwssec import AnonymousAuthenticator, RoutePolicy, SecureServerFactory, ServerPolicy
+from txwssec._wire import Masker, Utf8Validator, unmask
+from txwssec.apps.echo import EchoProtocol
+
+
+def echo_factory() -> SecureServerFactory:
+    route = RoutePolicy(
+        "/echo", [AnonymousAuthenticator()], protocol=EchoProtocol, max_message_size=1 << 20
+    )
+    return SecureServerFactory(ServerPolicy.single(route))
+
+
+# -- unmasking ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 64, 255, 256, 257, 4096, 65536, 70001])
+def test_unmask_matches_autobahn(size: int) -> None:
+    data, mask = os.urandom(size), os.urandom(4)
+    expected = create_xor_masker(mask, size).process(data) if size else b""
+    assert unmask(data, mask) == expected
+    assert unmask(memoryview(data), mask) == expected
+
+
+def test_masker_continues_the_mask_across_chunks() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        size = rng.randrange(1, 3000)
+        data, mask = os.urandom(size), os.urandom(4)
+        masker = Masker(mask)
+        cuts = sorted(rng.sample(range(size + 1), min(size + 1, rng.randrange(1, 6))))
+        out, start = [], 0
+        for cut in [*cuts, size]:
+            out.append(masker.process(memoryview(data)[start:cut]))
+            start = cut
+        assert b"".join(out) == create_xor_masker(mask, size).process(data)
+        assert masker.pointer() == size
+
+
+# -- UTF-8 validation --------------------------------------------------------
+
+SAMPLES = [
+    "κόσμε".encode(),
+    b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited",  # surrogate
+    b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xf4\x90\x80\x80edited",  # > U+10FFFF
+    b"\xed\x9f\xbf\xee\x80\x80\xef\xbf\xbd\xf4\x8f\xbf\xbf",  # boundaries, valid
+    b"\xc0\xaf",  # overlong
+    b"\xe0\x80\xaf",
+    b"\xf0\x80\x80\xaf",
+    b"\xf8\x88\x80\x80\x80",
+    b"\xed\xbf\xbf",
+    b"\xf0\x9f\x98\x80 emoji",
+    b"abc\xc3",  # ends inside a code point
+    b"\xff",
+    b"\x80",
+]
+
+
+def verdicts(validator: Any, chunks: list[bytes]) -> list[tuple[bool, bool]]:
+    """(valid, ends on a code point) per chunk, up to the first invalid one."""
+    validator.reset()
+    seen = []
+    for chunk in chunks:
+        valid, ends, _, _ = validator.validate(chunk)
+        seen.append((valid, ends))
+        if not valid:
+            break
+    return seen
+
+
+def test_utf8_validator_agrees_with_autobahn_on_every_split() -> None:
+    ours, theirs = Utf8Validator(), AutobahnUtf8Validator()
+    for sample in SAMPLES:
+        for cut in range(len(sample) + 1):
+            for cut2 in range(cut, len(sample) + 1):
+                chunks = [sample[:cut], sample[cut:cut2], sample[cut2:]]
+                assert verdicts(ours, chunks) == verdicts(theirs, chunks), (sample, cut, cut2)
+
+
+def test_utf8_validator_agrees_with_autobahn_on_random_input() -> None:
+    rng = random.Random(19)
+    alphabet = [b"a", b"\x80", b"\xbf", b"\xc2", b"\xe0", b"\xed", b"\xa0", b"\xf0", b"\xf4"]
+    alphabet += [b"\x90", b"\x8f", b"\xc0", b"\xff", "é".encode(), "€".encode(), "😀".encode()]
+    ours, theirs = Utf8Validator(), AutobahnUtf8Validator()
+    for _ in range(3000):
+        sample = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12)))
+        cuts = sorted(rng.sample(range(len(sample) + 1), 2))
+        chunks = [sample[: cuts[0]], sample[cuts[0] : cuts[1]], sample[cuts[1] :]]
+        assert verdicts(ours, chunks) == verdicts(theirs, chunks), (sample, cuts)
+
+
+# -- the server reads frames cut anywhere -----------------------------------
+
+
+def text_of(size: int) -> bytes:
+    """C{size} bytes of valid UTF-8 with one- to four-byte characters."""
+    text = ("aé€😀" * (size // 10 + 1)).encode()[:size]
+    while True:
+        try:
+            text.decode()
+        except UnicodeDecodeError:
+            text = text[:-1]
+        else:
+            return text + b"a" * (size - len(text))
+
+
+async def send_in_pieces(port: int, wire: bytes, cuts: list[int]) -> wsframes.RawClient:
+    client = await wsframes.connect(port, "/echo")
+    start = 0
+    for cut in [*cuts, len(wire)]:
+        await client.send(wire[start:cut])
+        start = cut
+    return client
+
+
+@pytest.mark.parametrize("size", [0, 5, 125, 126, 300, 65535, 65536, 70000])
+@pytest.mark.parametrize("opcode", [wsframes.TEXT, wsframes.BINARY], ids=["text", "binary"])
+@pytest_twisted.ensureDeferred
+async def test_messages_split_anywhere_echo_exactly(serve: Any, size: int, opcode: int) -> None:
+    port = serve(echo_factory())
+    payload = text_of(size) if opcode == wsframes.TEXT else os.urandom(size)
+    # Three messages in one stream: one frame, three fragments, one frame,
+    # written in pieces that cut headers and payloads at odd places.
+    wire = (
+        wsframes.frame(opcode, payload)
+        + wsframes.fragments(opcode, payload, 3)
+        + wsframes.frame(opcode, payload[::-1] if opcode == wsframes.BINARY else payload)
+    )
+    rng = random.Random(size * 7 + opcode)
+    cuts = sorted({1, 3, 7, *(rng.randrange(len(wire)) for _ in range(6))})
+    client = await aio(send_in_pieces(port, wire, [cut for cut in cuts if cut < len(wire)]))
+    try:
+        for expected in (payload, payload, payload[::-1] if opcode == 2 else payload):
+            frame = await aio(wsframes.read_message(client.reader))
+            assert (frame.opcode, frame.payload) == (opcode, expected)
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_small_frames_in_one_write(serve: Any) -> None:
+    port = serve(echo_factory())
+    messages = [os.urandom(n) for n in range(0, 300, 7)]
+    wire = b"".join(wsframes.frame(wsframes.BINARY, message) for message in messages)
+    client = await aio(send_in_pieces(port, wire, []))
+    try:
+        for expected in messages:
+            frame = await aio(wsframes.read_message(client.reader))
+            assert frame.payload == expected
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_surrogate_split_between_fragments_fails_fast_1007(serve: Any) -> None:
+    """The first two bytes of a surrogate end one fragment: 1007 before the message ends."""
+    port = serve(echo_factory())
+    first = wsframes.frame(wsframes.TEXT, b"abc\xed\xa0", fin=False)
+    client = await aio(send_in_pieces(port, first, []))
+    try:
+        frame = await aio(wsframes.read_frame(client.reader))
+        assert (frame.opcode, frame.close_code) == (wsframes.CLOSE, 1007)
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_frames_do_not_create_autobahns_masker(serve: Any, monkeypatch: Any) -> None:
+    created: list[int] = []
+
+    def counting(mask: bytes, length: int) -> Any:
+        created.append(length)
+        return create_xor_masker(mask, length)
+
+    monkeypatch.setattr(autobahn_protocol, "create_xor_masker", counting)
+    port = serve(echo_factory())
+    wire = wsframes.frame(wsframes.TEXT, b"hello") + wsframes.frame(wsframes.BINARY, b"x" * 70000)
+    client = await aio(send_in_pieces(port, wire, [3]))
+    try:
+        assert (await aio(wsframes.read_message(client.reader))).payload == b"hello"
+        assert (await aio(wsframes.read_message(client.reader))).payload == b"x" * 70000
+        # A ping is a control frame: Autobahn's own path, its own masker.
+        await client.send(wsframes.frame(wsframes.PING, b"p"))
+        assert (await aio(wsframes.read_frame(client.reader))).payload == b"p"
+    finally:
+        client.close()
+    assert created == [1]

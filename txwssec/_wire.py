@@ -1,0 +1,266 @@
+"""
+Cheaper frame reading for Autobahn protocols: the server's receive path
+(issue 19, "Server hot paths" in bench/RESULTS.md).
+
+Autobahn's own path costs, per received frame: a new NVX masker (several
+CFFI allocations, about 3 us even for a 64-byte payload), a copy of the
+whole buffered payload after each header (C{self.data = self.data[i:]}),
+two more copies in the masker, and for text a UTF-8 validator that walks
+the payload byte by byte through CFFI (about 230 us per 64 KiB).
+L{FrameReader} parses the common data frame header itself and reads the
+payload from an offset into the buffer; L{Masker} unmasks with one integer
+XOR (small payloads) or NVX in place (large ones);
+L{Utf8Validator} validates with CPython's incremental UTF-8 decoder.
+
+Whatever is not a plain masked data frame (control frames, RSV bits, a
+fragmentation error, a non-minimal length, an unmasked frame) goes to
+Autobahn's own C{processData}, which keeps its checks and its protocol
+violations exactly as they are.
+"""
+
+from __future__ import annotations
+
+import codecs
+from typing import Any
+
+from autobahn.websocket.protocol import FrameHeader, WebSocketProtocol
+from autobahn.websocket.xormasker import XorMaskerNull
+
+try:  # Autobahn's NVX masker, when it was built (CFFI); in place, no copies
+    from autobahn.websocket import USES_NVX
+
+    if not USES_NVX:
+        raise ImportError("NVX off")
+    from _nvx_xormasker import ffi as _ffi  # type: ignore[import-not-found]
+    from _nvx_xormasker import lib as _lib
+except ImportError:  # pragma: no cover - depends on the Autobahn build
+    _ffi = _lib = None
+
+#: From this payload size on, NVX (SSE2, in place) beats the integer XOR.
+NVX_FROM = 256
+_STATE_OPEN = WebSocketProtocol.STATE_OPEN
+_STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+_STATE_PROXY_CONNECTING = WebSocketProtocol.STATE_PROXY_CONNECTING
+_MAX_LENGTH = 0x7FFFFFFFFFFFFFFF
+
+
+def unmask(data: Any, mask: bytes) -> bytes:
+    """
+    C{data} (bytes-like) XOR the 4-byte C{mask} repeated, from its first byte.
+    """
+    size = len(data)
+    if size >= NVX_FROM and _lib is not None:
+        buffer = bytearray(data)
+        masker = _lib.nvx_xormask_new(_ffi.from_buffer(mask))
+        try:
+            _lib.nvx_xormask_set_impl(masker, 2)  # SSE2
+            _lib.nvx_xormask_process(masker, _ffi.from_buffer(buffer), size)
+        finally:
+            _lib.nvx_xormask_free(masker)
+        return bytes(buffer)
+    key = mask * (size // 4 + 1)
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key[:size], "little")).to_bytes(
+        size, "little"
+    )
+
+
+class Masker:
+    """
+    Autobahn's masker interface (C{process}, C{pointer}, C{reset}) over
+    L{unmask}: the mask continues where the previous chunk of the same
+    frame stopped.
+    """
+
+    __slots__ = ("_mask", "_ptr")
+
+    def __init__(self, mask: bytes) -> None:
+        self._mask = mask
+        self._ptr = 0
+
+    def pointer(self) -> int:
+        """How many payload bytes were unmasked so far."""
+        return self._ptr
+
+    def reset(self) -> None:
+        """Start again from the mask's first byte."""
+        self._ptr = 0
+
+    def process(self, data: Any) -> bytes:
+        """Unmask the next chunk of the frame's payload."""
+        shift = self._ptr & 3
+        self._ptr += len(data)
+        mask = self._mask
+        if shift:
+            mask = mask[shift:] + mask[:shift]
+        return unmask(data, mask)
+
+
+class Utf8Validator:
+    """
+    Autobahn's incremental UTF-8 validator interface (C{reset},
+    C{validate}) over CPython's incremental UTF-8 decoder (strict: no
+    surrogates, no overlong forms, nothing above U+10FFFF).
+
+    It fails as early as Autobahn's: on the first chunk that cannot begin
+    valid UTF-8, including a surrogate's first two bytes at a chunk's end
+    (C{ED A0} to C{ED BF}), which CPython's decoder would hold back.
+    """
+
+    __slots__ = ("_decoder", "_total")
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._total = 0
+
+    def reset(self) -> None:
+        """A new message."""
+        self._decoder.reset()
+        self._total = 0
+
+    def validate(self, data: Any) -> tuple[bool, bool, int, int]:
+        """
+        Validate the next chunk of a message.
+
+        @return: (valid so far, ends on a code point boundary, octets of
+            this chunk, octets of the message so far), as Autobahn's.
+        """
+        decoder = self._decoder
+        try:
+            decoder.decode(data, False)
+        except UnicodeDecodeError as error:
+            return False, False, error.start, self._total + error.start
+        self._total += len(data)
+        pending = decoder.getstate()[0]
+        if not pending:
+            return True, True, len(data), self._total
+        if len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0:
+            return False, False, len(data), self._total
+        return True, False, len(data), self._total
+
+
+class FrameReader:
+    """
+    A mixin for an Autobahn server protocol (before it in the bases):
+    L{processData} reads plain masked data frames itself and leaves every
+    other frame to Autobahn.
+
+    The receive buffer is C{self.data} from C{self._frameStart} on: after a
+    header, the payload is read from that offset (and unmasked from a
+    memoryview) instead of being copied out of the buffer first.
+    """
+
+    #: Where the unread part of C{self.data} starts (0 outside a frame).
+    _frameStart: int = 0
+    data: bytes
+    state: int
+    current_frame: Any
+    current_frame_masker: Any
+    inside_message: bool
+    applyMask: bool
+    trafficStats: Any
+    logOctets: bool
+
+    def _connectionMade(self) -> None:
+        super()._connectionMade()  # type: ignore[misc]
+        self.utf8validator = Utf8Validator()
+
+    def _dataReceived(self, data: bytes) -> None:
+        # Autobahn's _dataReceived, with the buffer's read offset.
+        state = self.state
+        if state == _STATE_OPEN:
+            self.trafficStats.incomingOctetsWireLevel += len(data)
+        elif state == _STATE_CONNECTING or state == _STATE_PROXY_CONNECTING:
+            self.trafficStats.preopenIncomingOctetsWireLevel += len(data)
+        if self.logOctets:
+            self.logRxOctets(data)  # type: ignore[attr-defined]
+        start = self._frameStart
+        if start:
+            self.data = self.data[start:] + data
+            self._frameStart = 0
+        elif self.data:
+            self.data += data
+        else:
+            self.data = data
+        self.consumeData()  # type: ignore[attr-defined]
+
+    def _autobahnProcessData(self) -> bool:
+        start = self._frameStart
+        if start:
+            self.data = self.data[start:]
+            self._frameStart = 0
+        return WebSocketProtocol.processData(self)  # type: ignore[arg-type]
+
+    def processData(self) -> bool:
+        """
+        Read what is buffered: a frame header, or payload of the current
+        frame. L{True} to be called again (more buffered), as Autobahn's.
+        """
+        frame = self.current_frame
+        data = self.data
+        start = self._frameStart
+        if frame is None:
+            # -- a frame header: a plain masked data frame, else Autobahn
+            available = len(data) - start
+            if available < 2:
+                return self._autobahnProcessData()
+            b0 = data[start]
+            b1 = data[start + 1]
+            opcode = b0 & 0x0F
+            if (
+                b0 & 0x70
+                or not b1 & 0x80
+                or opcode > 2
+                or (opcode == 0) is not bool(self.inside_message)
+                or not self.applyMask
+            ):
+                return self._autobahnProcessData()
+            length = b1 & 0x7F
+            if length < 126:
+                end = start + 6
+            elif length == 126:
+                end = start + 8
+                if available < 8:
+                    return self._autobahnProcessData()
+                length = (data[start + 2] << 8) | data[start + 3]
+                if length < 126:
+                    return self._autobahnProcessData()  # not minimal: a violation
+            else:
+                end = start + 14
+                if available < 14:
+                    return self._autobahnProcessData()
+                length = int.from_bytes(data[start + 2 : start + 10], "big")
+                if length < 65536 or length > _MAX_LENGTH:
+                    return self._autobahnProcessData()
+            if end > len(data):
+                return self._autobahnProcessData()  # need more data
+            mask = data[end - 4 : end]
+            self.current_frame_masker = Masker(mask) if length else XorMaskerNull()
+            self.current_frame = FrameHeader(opcode, b0 & 0x80 != 0, 0, length, mask)  # type: ignore[arg-type]
+            self._frameStart = end
+            self.onFrameBegin()  # type: ignore[attr-defined]
+            return length == 0 or len(self.data) > end
+
+        # -- payload of the current frame, from the buffer's offset
+        masker = self.current_frame_masker
+        rest = frame.length - masker.pointer()
+        size = len(data)
+        end = start + rest
+        if end >= size:
+            end = size
+            self.data = b""
+            self._frameStart = 0
+        else:
+            self._frameStart = end
+        if end == start:
+            payload = b""
+        elif start == 0 and end == size:
+            payload = masker.process(data)
+        elif type(masker) is Masker:
+            payload = masker.process(memoryview(data)[start:end])
+        else:
+            payload = masker.process(data[start:end])
+        if self.onFrameData(payload) is False:  # type: ignore[attr-defined]
+            return False
+        if masker.pointer() == frame.length and self.onFrameEnd() is False:  # type: ignore[attr-defined]
+            return False
+        return len(self.data) > self._frameStart
