@@ -21,6 +21,7 @@ violations exactly as they are.
 from __future__ import annotations
 
 import codecs
+import struct
 from typing import Any
 
 from autobahn.websocket.protocol import FrameHeader, WebSocketProtocol
@@ -42,6 +43,8 @@ _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 _STATE_PROXY_CONNECTING = WebSocketProtocol.STATE_PROXY_CONNECTING
 _MAX_LENGTH = 0x7FFFFFFFFFFFFFFF
+_HEADER_16 = struct.Struct("!BBH").pack
+_HEADER_64 = struct.Struct("!BBQ").pack
 
 
 def unmask(data: Any, mask: bytes) -> bytes:
@@ -159,6 +162,13 @@ class FrameReader:
     applyMask: bool
     trafficStats: Any
     logOctets: bool
+    logFrames: bool
+    maskServerFrames: bool
+    failedByMe: bool
+    message_data: Any
+    message_is_binary: bool
+    _listeners: Any
+    trackedTimings: Any
 
     def _connectionMade(self) -> None:
         super()._connectionMade()  # type: ignore[misc]
@@ -264,3 +274,52 @@ class FrameReader:
         if masker.pointer() == frame.length and self.onFrameEnd() is False:  # type: ignore[attr-defined]
             return False
         return len(self.data) > self._frameStart
+
+    def onMessageEnd(self) -> None:
+        """
+        Autobahn's C{onMessageEnd}, without its C{fire("message")} when
+        nothing listens (C{protocol.on("message", ...)} was never called):
+        Autobahn then still builds a Deferred and its callbacks per message.
+        """
+        if self._listeners is not None:
+            WebSocketProtocol.onMessageEnd(self)  # type: ignore[arg-type]
+            return
+        if not self.failedByMe:
+            if self.trackedTimings:
+                self.trackedTimings.track("onMessage")
+            self._onMessage(b"".join(self.message_data), self.message_is_binary)  # type: ignore[attr-defined]
+        self.message_data = None
+
+    def sendFrame(
+        self,
+        opcode: int,
+        payload: bytes = b"",
+        fin: bool = True,
+        rsv: int = 0,
+        mask: bytes | None = None,
+        payload_len: int | None = None,
+        chopsize: int | None = None,
+        sync: bool = False,
+    ) -> None:
+        """
+        Autobahn's C{sendFrame} for a server's unmasked frame: the header
+        packed at once and written with the payload (Autobahn's when a mask,
+        a repeated payload or frame logging is asked for).
+        """
+        if mask is not None or payload_len is not None or self.maskServerFrames or self.logFrames:
+            protocol: Any = self
+            WebSocketProtocol.sendFrame(
+                protocol, opcode, payload, fin, rsv, mask, payload_len, chopsize, sync
+            )
+            return
+        size = len(payload)
+        first = (0x80 if fin else 0) | (rsv % 8) << 4 | opcode % 128
+        if size <= 125:
+            header = bytes((first, size))
+        elif size <= 0xFFFF:
+            header = _HEADER_16(first, 126, size)
+        else:
+            header = _HEADER_64(first, 127, size)
+        if opcode <= 2:
+            self.trafficStats.outgoingWebSocketFrames += 1
+        self.sendData(header + payload, sync, chopsize)  # type: ignore[attr-defined]
