@@ -206,3 +206,40 @@ async def test_data_frames_do_not_create_autobahns_masker(serve: Any, monkeypatc
     finally:
         client.close()
     assert created == [1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_to_one_read_leave_in_one_direct_send(serve: Any, monkeypatch: Any) -> None:
+    """
+    The echoes of 20 messages read at once are written together, straight
+    to the socket: no write-when-writable registration (startWriting), one
+    send.
+    """
+    from twisted.internet.tcp import Server
+
+    registrations: list[object] = []
+    sends: list[int] = []
+    start_writing, write_some = Server.startWriting, Server.writeSomeData
+
+    def counting_start(transport: Any) -> None:
+        registrations.append(transport)
+        start_writing(transport)
+
+    def counting_send(transport: Any, data: bytes) -> Any:
+        sends.append(len(data))
+        return write_some(transport, data)
+
+    monkeypatch.setattr(Server, "startWriting", counting_start)
+    monkeypatch.setattr(Server, "writeSomeData", counting_send)
+    port = serve(echo_factory())
+    messages = [os.urandom(10) for _ in range(20)]
+    client = await aio(send_in_pieces(port, b"", []))
+    sends.clear()
+    try:
+        await client.send(b"".join(wsframes.frame(wsframes.BINARY, m) for m in messages))
+        for expected in messages:
+            assert (await aio(wsframes.read_message(client.reader))).payload == expected
+    finally:
+        client.close()
+    assert registrations == []
+    assert sends == [20 * 12]

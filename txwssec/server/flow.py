@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
+from twisted.internet.tcp import Server as TCPServer
 
 from txwssec import events
 from txwssec._autobahn import fail_connection_quietly
@@ -59,6 +60,8 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
     _dropLogged: bool = False
     #: An event already said why the connection fails (see L{_fail_connection}).
     _failLogged: bool = False
+    #: Writes held while a read is processed, written at once (L{_uncork}).
+    _cork: list[bytes] | None = None
 
     def endSession(self, code: int, reason: str, event: str) -> None:
         """Close the session (see L{SecureServerProtocol.endSession})."""
@@ -222,10 +225,15 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
             self._slowConsumer()
             return
         if sync or chopsize or self.send_queue:
+            self._uncork()
             WebSocketServerProtocol.sendData(self, data, sync, chopsize)
             return
-        transport: Any = self.transport
-        transport.write(data)
+        cork = self._cork
+        if cork is not None:
+            cork.append(data)
+        else:
+            transport: Any = self.transport
+            transport.write(data)
         state = self.state
         if state == self.STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
@@ -233,6 +241,47 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
         if self.logOctets:
             self.logTxOctets(data, False)
+
+    def _cork_writes(self) -> None:
+        """Hold the writes until L{_uncork} (while one read is processed)."""
+        self._cork = []
+
+    def _uncork(self) -> None:
+        """
+        Write what was held, at once: one C{send} for all the frames that
+        answer one read (echoes, pongs, a close), instead of Twisted's
+        write-when-writable, which costs an epoll registration, a loop
+        turn and its removal per read. On a TCP connection whose buffer is
+        empty the bytes go straight to the socket, as asyncio's transports
+        do; what the socket does not take, or any other transport (TLS),
+        gets the ordinary C{transport.write}.
+        """
+        cork = self._cork
+        self._cork = None
+        if not cork:
+            return
+        data = cork[0] if len(cork) == 1 else b"".join(cork)
+        transport: Any = self.transport
+        if (
+            type(transport) is TCPServer
+            and not transport.dataBuffer
+            and not transport._tempDataLen
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnected
+        ):
+            sent = transport.writeSomeData(data)
+            if isinstance(sent, int) and sent > 0:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        transport.write(data)
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # What was written before the close goes first: a TLS transport
+        # drops writes that come after its loseConnection.
+        self._uncork()
+        WebSocketServerProtocol._closeConnection(self, abort)
 
     def _slowConsumer(self) -> None:
         # The close frame is the last thing written; what the application

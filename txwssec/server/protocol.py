@@ -528,13 +528,16 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
 
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's dataReceived formats its debug line's arguments (hltype,
-        # hlval) on every read, whatever the log level, then does this.
+        # hlval) on every read, whatever the log level, then does this. The
+        # frames written in answer to one read leave in one write.
+        self._cork_writes()
         try:
             self._dataReceived(data)
         except Exception:
             # A bug in txwssec or Autobahn while parsing (application hooks
             # have their own guard): 1011 rather than the reactor's reset.
             self._applicationFailed("dataReceived", Failure())
+        self._uncork()
 
 
 def _own_options(protocol: type[SecureServerProtocol]) -> tuple[str, ...]:
