@@ -8,6 +8,7 @@ Autobahn's own masker never created for a data frame.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 from typing import Any
@@ -243,3 +244,33 @@ async def test_answers_to_one_read_leave_in_one_direct_send(serve: Any, monkeypa
         client.close()
     assert registrations == []
     assert sends == [20 * 12]
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_tcp_reads_256_kib_at_a_time(serve: Any) -> None:
+    """
+    A plain TCP server connection reads up to READ_SIZE per recv (its own
+    doRead) while open; the override is gone once the connection is, so
+    that it holds no reference cycle.
+    """
+    from txwssec._wire import READ_SIZE
+
+    factory = echo_factory()
+    port = serve(factory)
+    payload = os.urandom(3 * 65536)
+    client = await aio(send_in_pieces(port, wsframes.frame(wsframes.BINARY, payload), []))
+    try:
+        assert (await aio(wsframes.read_message(client.reader))).payload == payload
+        (protocol,) = factory.sessions["anonymous"]
+        transport = protocol.transport
+        assert "doRead" in transport.__dict__
+        assert READ_SIZE == 262144
+        await client.send(wsframes.close_frame(1000))
+        await aio(wsframes.read_frame(client.reader))
+    finally:
+        client.close()
+    for _ in range(100):
+        if not transport.connected:
+            break
+        await aio(asyncio.sleep(0.01))
+    assert "doRead" not in transport.__dict__

@@ -35,6 +35,7 @@ from txwssec._autobahn import (
 from txwssec._cycles import FiredWithProtocol
 from txwssec._ends import end_fields
 from txwssec._hooks import run_hook, transport_details
+from txwssec._wire import stop_read_ahead
 from txwssec.admission import ConsumerBuckets
 from txwssec.auth.chain import authenticate
 from txwssec.compression import (
@@ -477,6 +478,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
     def connectionLost(self, reason: Failure | None = None) -> None:
         """Release everything this connection held, however it ended."""
         cancel_close_timer(self)
+        stop_read_ahead(self.transport)
         pending = self._pending
         if pending is not None:
             # The client left while a step waited: a queued password check
