@@ -201,12 +201,12 @@ async def test_data_frames_do_not_create_autobahns_masker(serve: Any, monkeypatc
     try:
         assert (await aio(wsframes.read_message(client.reader))).payload == b"hello"
         assert (await aio(wsframes.read_message(client.reader))).payload == b"x" * 70000
-        # A ping is a control frame: Autobahn's own path, its own masker.
+        # A ping: read by txwssec too (a well-formed control frame).
         await client.send(wsframes.frame(wsframes.PING, b"p"))
         assert (await aio(wsframes.read_frame(client.reader))).payload == b"p"
     finally:
         client.close()
-    assert created == [1]
+    assert created == []
 
 
 @pytest_twisted.ensureDeferred
@@ -274,3 +274,30 @@ async def test_plain_tcp_reads_256_kib_at_a_time(serve: Any) -> None:
             break
         await aio(asyncio.sleep(0.01))
     assert "doRead" not in transport.__dict__
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_made_formats_no_debug_line(serve: Any, monkeypatch: Any) -> None:
+    """
+    Autobahn formats a debug line's arguments (hltype: qualified names and
+    colour codes) in connectionMade and _connectionMade on every
+    connection, whatever the log level; the server's own do not.
+    """
+    import autobahn.twisted.websocket as autobahn_twisted
+
+    formatted: list[str] = []
+
+    def recording(obj: Any) -> str:
+        formatted.append(getattr(obj, "__name__", repr(obj)))
+        return ""
+
+    monkeypatch.setattr(autobahn_twisted, "hltype", recording)
+    monkeypatch.setattr(autobahn_protocol, "hltype", recording)
+    port = serve(echo_factory())
+    client = await aio(send_in_pieces(port, wsframes.frame(wsframes.TEXT, b"hi"), []))
+    try:
+        assert (await aio(wsframes.read_message(client.reader))).payload == b"hi"
+    finally:
+        client.close()
+    assert "connectionMade" not in formatted
+    assert "_connectionMade" not in formatted

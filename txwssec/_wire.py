@@ -12,10 +12,11 @@ payload from an offset into the buffer; L{Masker} unmasks with one integer
 XOR (small payloads) or NVX in place (large ones);
 L{Utf8Validator} validates with CPython's incremental UTF-8 decoder.
 
-Whatever is not a plain masked data frame (control frames, RSV bits, a
-fragmentation error, a non-minimal length, an unmasked frame) goes to
-Autobahn's own C{processData}, which keeps its checks and its protocol
-violations exactly as they are.
+Whatever is not a plain masked data frame or a well-formed control frame
+(RSV bits, a fragmentation error, a reserved opcode, a long or fragmented
+control frame, a non-minimal length, an unmasked frame) goes to Autobahn's
+own C{processData}, which keeps its checks and its protocol violations
+exactly as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import struct
 from errno import EWOULDBLOCK
 from typing import Any
 
+from autobahn.twisted.util import create_transport_details
+from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import FrameHeader, WebSocketProtocol
 from autobahn.websocket.xormasker import XorMaskerNull
 from twisted.internet.main import CONNECTION_LOST
@@ -185,8 +188,8 @@ class Utf8Validator:
 class FrameReader:
     """
     A mixin for an Autobahn server protocol (before it in the bases):
-    L{processData} reads plain masked data frames itself and leaves every
-    other frame to Autobahn.
+    L{processData} reads plain masked data frames, and well-formed close,
+    ping and pong frames, itself and leaves every other frame to Autobahn.
 
     The receive buffer is C{self.data} from C{self._frameStart} on: after a
     header, the payload is read from that offset (and unmasked from a
@@ -211,9 +214,31 @@ class FrameReader:
     _listeners: Any
     trackedTimings: Any
     transport: Any
+    factory: Any
+    peer: Any
+    tcpNoDelay: bool
+    _transport_details: Any
+
+    def connectionMade(self) -> None:
+        """
+        Autobahn's Twisted C{connectionMade} for a server, without its debug
+        line: Autobahn formats its arguments (C{hltype}, C{hlval}, colour
+        codes) on every connection, whatever the log level.
+        """
+        details = create_transport_details(self.transport, True)
+        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+        self._transport_details = details
+        self.peer = details.peer
+        try:
+            self.transport.setTcpNoDelay(self.tcpNoDelay)
+        except Exception:  # noqa: S110 - as Autobahn: not every transport has it (Unix sockets)
+            pass
+        self._connectionMade()
 
     def _connectionMade(self) -> None:
-        super()._connectionMade()  # type: ignore[misc]
+        # Autobahn's server _connectionMade without its debug line (hltype).
+        WebSocketProtocol._connectionMade(self)  # type: ignore[arg-type]
+        self.factory.countConnections += 1
         self.utf8validator = Utf8Validator()
         read_ahead(self.transport)
 
@@ -259,15 +284,22 @@ class FrameReader:
             b0 = data[start]
             b1 = data[start + 1]
             opcode = b0 & 0x0F
-            if (
-                b0 & 0x70
-                or not b1 & 0x80
-                or opcode > 2
-                or (opcode == 0) is not bool(self.inside_message)
-                or not self.applyMask
-            ):
-                return self._autobahnProcessData()
             length = b1 & 0x7F
+            if b0 & 0x70 or not b1 & 0x80 or not self.applyMask:
+                return self._autobahnProcessData()
+            if opcode > 2:
+                # a control frame: whole (FIN), short, close/ping/pong, and
+                # a close's body is empty or holds at least a code
+                if (
+                    not b0 & 0x80
+                    or length > 125
+                    or opcode > 10
+                    or opcode < 8
+                    or (opcode == 8 and length == 1)
+                ):
+                    return self._autobahnProcessData()
+            elif (opcode == 0) is not bool(self.inside_message):
+                return self._autobahnProcessData()
             if length < 126:
                 end = start + 6
             elif length == 126:
