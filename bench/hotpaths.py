@@ -56,6 +56,15 @@ from bench.bench import (
 )
 
 WS = "websockets (uvloop)"
+#: twistd on Twisted's asyncio reactor running a uvloop event loop.
+UVLOOP_TWISTD = (
+    "import sys, asyncio, uvloop\n"
+    "from twisted.internet import asyncioreactor\n"
+    "asyncioreactor.install(uvloop.new_event_loop())\n"
+    "from twisted.scripts.twistd import run\n"
+    "sys.argv[0] = 'twistd'\n"
+    "run()\n"
+)
 SCENARIOS = ("hs", "echo", "bulk", "bulkt", "wss")
 
 
@@ -68,16 +77,21 @@ def websockets_uvloop(env: Environment, tls: bool = False) -> ServerProcess:
 
 
 def txwssec_variants(
-    env: Environment, tls: bool, base: str | None, reactors: list[str]
+    env: Environment, tls: bool, bases: list[str], reactors: list[str]
 ) -> list[tuple[str, ServerProcess]]:
     """(label, process) for this tree's txwssec and the optional others."""
     found = [("txwssec", env.txwssec(tls=tls))]
-    if base:
-        found.append(("txwssec before", env.txwssec(tls=tls, env={"PYTHONPATH": base})))
+    for base in bases:
+        label = f"txwssec {Path(base).name}"
+        found.append((label, env.txwssec(tls=tls, env={"PYTHONPATH": base})))
     for reactor in reactors:
         process = env.txwssec(tls=tls)
-        process.stop()  # started only for its configuration: restart with -r
-        argv = [process.argv[0], f"--reactor={reactor}", *process.argv[1:]]
+        process.stop()  # started only for its configuration: restart on another reactor
+        if reactor == "uvloop":
+            # twistd has no uvloop reactor: Twisted's asyncio reactor on a uvloop loop.
+            argv = [PYTHON, "-c", UVLOOP_TWISTD, *process.argv[1:]]
+        else:
+            argv = [process.argv[0], f"--reactor={reactor}", *process.argv[1:]]
         found.append(
             (f"txwssec -r {reactor}", ServerProcess("txwssec", argv, process.port, env.folder))
         )
@@ -103,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--duration", type=float, default=1.5)
-    parser.add_argument("--base", help="another checkout's root: its txwssec measured too")
+    parser.add_argument(
+        "--base",
+        action="append",
+        default=[],
+        help="another checkout's root: its txwssec measured too (repeatable)",
+    )
     parser.add_argument(
         "--reactor",
         action="append",
