@@ -212,38 +212,73 @@ async def test_data_frames_do_not_create_autobahns_masker(serve: Any, monkeypatc
 @pytest_twisted.ensureDeferred
 async def test_answers_to_one_read_leave_in_one_direct_send(serve: Any, monkeypatch: Any) -> None:
     """
-    The echoes of 20 messages read at once are written together, straight
-    to the socket: no write-when-writable registration (startWriting), one
-    send.
+    The echoes of 20 messages read at once, and of two 64 KiB messages
+    (more than Twisted's 128 KiB per send), are written straight to the
+    socket: no write-when-writable registration (startWriting), and
+    nothing for Twisted's doWrite.
     """
     from twisted.internet.tcp import Server
 
     registrations: list[object] = []
-    sends: list[int] = []
-    start_writing, write_some = Server.startWriting, Server.writeSomeData
+    start_writing = Server.startWriting
 
     def counting_start(transport: Any) -> None:
         registrations.append(transport)
         start_writing(transport)
 
-    def counting_send(transport: Any, data: bytes) -> Any:
-        sends.append(len(data))
-        return write_some(transport, data)
-
     monkeypatch.setattr(Server, "startWriting", counting_start)
-    monkeypatch.setattr(Server, "writeSomeData", counting_send)
     port = serve(echo_factory())
-    messages = [os.urandom(10) for _ in range(20)]
     client = await aio(send_in_pieces(port, b"", []))
-    sends.clear()
     try:
-        await client.send(b"".join(wsframes.frame(wsframes.BINARY, m) for m in messages))
-        for expected in messages:
-            assert (await aio(wsframes.read_message(client.reader))).payload == expected
+        for messages in ([os.urandom(10) for _ in range(20)], [os.urandom(65536)] * 2):
+            await client.send(b"".join(wsframes.frame(wsframes.BINARY, m) for m in messages))
+            for expected in messages:
+                assert (await aio(wsframes.read_message(client.reader))).payload == expected
     finally:
         client.close()
     assert registrations == []
-    assert sends == [20 * 12]
+
+
+class FakeSocket:
+    """Takes at most C{room} bytes per call; or raises C{error}."""
+
+    def __init__(self, room: int, error: int | None = None) -> None:
+        self.room, self.error = room, error
+        self.calls: list[int] = []
+        self.taken = b""
+
+    def _take(self, data: bytes) -> int:
+        if self.error is not None:
+            raise OSError(self.error, "fake")
+        taken = data[: self.room]
+        self.taken += taken
+        self.calls.append(len(data))
+        return len(taken)
+
+    def send(self, data: bytes) -> int:
+        return self._take(bytes(data))
+
+    def sendmsg(self, buffers: list[bytes]) -> int:
+        return self._take(b"".join(buffers))
+
+
+@pytest.mark.parametrize("room", [0, 1, 5, 6, 7, 15, 100])
+def test_send_now_returns_what_the_socket_did_not_take(room: int) -> None:
+    import errno
+
+    from txwssec._wire import send_now
+
+    chunks = [b"abcde", b"f", b"ghijklmn"]
+    sock = FakeSocket(room)
+    rest = send_now(sock, list(chunks))
+    assert sock.taken + b"".join(rest) == b"abcdefghijklmn"
+    assert sock.calls == [14]
+    assert send_now(FakeSocket(0, errno.EAGAIN), list(chunks)) == chunks
+    assert send_now(FakeSocket(0, errno.ECONNRESET), list(chunks)) == chunks
+    many = [b"x"] * 2000
+    sock = FakeSocket(1500)
+    assert b"".join(send_now(sock, many)) == b"x" * 500
+    assert sock.calls == [2000]
 
 
 @pytest_twisted.ensureDeferred

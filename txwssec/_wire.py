@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import codecs
 import struct
-from errno import EWOULDBLOCK
+from errno import ENOBUFS, EWOULDBLOCK
 from typing import Any
 
 from autobahn.twisted.util import create_transport_details
@@ -103,6 +103,37 @@ def read_ahead(transport: Any) -> None:
         return received(data)
 
     transport.doRead = doRead  # type: ignore[method-assign]
+
+
+#: At most this many buffers per sendmsg (Linux's IOV_MAX is 1024).
+_IOV_MAX = 512
+
+
+def send_now(sock: Any, chunks: list[bytes]) -> list[bytes]:
+    """
+    Send C{chunks} on the non-blocking socket C{sock} in one C{sendmsg}
+    (gathered: not joined first).
+
+    @return: what the socket did not take (all of it after an error other
+        than a full buffer: the transport's own write then meets the error
+        and closes the connection as usual).
+    """
+    if len(chunks) > _IOV_MAX or not hasattr(sock, "sendmsg"):
+        chunks = [b"".join(chunks)]
+    try:
+        sent = sock.sendmsg(chunks) if len(chunks) > 1 else sock.send(chunks[0])
+    except OSError as error:
+        if error.errno not in (EWOULDBLOCK, ENOBUFS):
+            return chunks
+        sent = 0
+    for index, chunk in enumerate(chunks):
+        if sent < len(chunk):
+            rest = chunks[index:]
+            if sent:
+                rest[0] = chunk[sent:]
+            return rest
+        sent -= len(chunk)
+    return []
 
 
 def stop_read_ahead(transport: Any) -> None:

@@ -19,7 +19,7 @@ from twisted.internet.tcp import Server as TCPServer
 from txwssec import events
 from txwssec._autobahn import fail_connection_quietly
 from txwssec._hooks import OpenOnly
-from txwssec._wire import FrameReader
+from txwssec._wire import FrameReader, send_now
 from txwssec.compression import (
     deflated_bound,
 )
@@ -252,15 +252,16 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
         answer one read (echoes, pongs, a close), instead of Twisted's
         write-when-writable, which costs an epoll registration, a loop
         turn and its removal per read. On a TCP connection whose buffer is
-        empty the bytes go straight to the socket, as asyncio's transports
-        do; what the socket does not take, or any other transport (TLS),
-        gets the ordinary C{transport.write}.
+        empty the bytes go straight to the socket in one C{sendmsg}, as
+        asyncio's transports do (L{send_now}: no joined copy, and no
+        128 KiB cap per call, which left a tail of two 64 KiB echoes to
+        Twisted's write); what the socket does not take, or any other
+        transport (TLS), gets the ordinary C{transport.writeSequence}.
         """
         cork = self._cork
         self._cork = None
         if not cork:
             return
-        data = cork[0] if len(cork) == 1 else b"".join(cork)
         transport: Any = self.transport
         if (
             type(transport) is TCPServer
@@ -270,12 +271,10 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
             and not transport.disconnecting
             and not transport._writeDisconnected
         ):
-            sent = transport.writeSomeData(data)
-            if isinstance(sent, int) and sent > 0:
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        transport.write(data)
+            cork = send_now(transport.socket, cork)
+            if not cork:
+                return
+        transport.writeSequence(cork)
 
     def _closeConnection(self, abort: bool = False) -> None:
         # What was written before the close goes first: a TLS transport
