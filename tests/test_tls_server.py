@@ -330,6 +330,27 @@ async def test_wss_endpoint_serves_echo(tmp_path: Path, listen: Listen) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_wss_close_frames_leave_before_the_tls_close(tmp_path: Path, listen: Listen) -> None:
+    """
+    The server's close frame, written while it reads the client's close,
+    reaches the client before the TLS connection closes (txwssec holds the
+    writes that answer one read and writes them at once: before the close).
+    """
+    files = make_server_files(tmp_path)
+    port = await listen(wss_endpoint(files), echo_factory())
+    context = verifying_context(files.ca_file)
+
+    async def client() -> tuple[int | None, int | None]:
+        async with websockets.connect(f"wss://127.0.0.1:{port}/echo", ssl=context) as ws:
+            await echo(ws, "hello")
+            await ws.close(1000, "bye")
+            received = ws.protocol.close_rcvd
+        return (received.code if received else None), ws.close_code
+
+    assert await aio(client()) == (1000, 1000)
+
+
+@pytest_twisted.ensureDeferred
 async def test_same_origin_over_tls_is_https(tmp_path: Path, listen: Listen, serve: Any) -> None:
     """
     The default Origin policy (no allowed_origins) compares with https://

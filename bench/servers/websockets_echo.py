@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument(
+        "--uvloop", dest="loop", action="store_const", const="uvloop", help="the default"
+    )
     parser.add_argument("--cert")
     parser.add_argument("--key")
     args = parser.parse_args()

@@ -14,10 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
+from twisted.internet.tcp import Server as TCPServer
 
 from txwssec import events
 from txwssec._autobahn import fail_connection_quietly
 from txwssec._hooks import OpenOnly
+from txwssec._wire import FrameReader, send_now
 from txwssec.compression import (
     deflated_bound,
 )
@@ -34,7 +36,7 @@ from txwssec.traffic import TrafficGuard, Violation
 
 
 # (mypy: Autobahn's own bases disagree on two names, seen with a second base.)
-class TrafficFlow(OpenOnly, WebSocketServerProtocol):  # type: ignore[misc]
+class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: ignore[misc]
     """
     Limits, backpressure and idle checks of an open connection: a part of
     L{txwssec.server.SecureServerProtocol} (its base class).
@@ -58,6 +60,8 @@ class TrafficFlow(OpenOnly, WebSocketServerProtocol):  # type: ignore[misc]
     _dropLogged: bool = False
     #: An event already said why the connection fails (see L{_fail_connection}).
     _failLogged: bool = False
+    #: Writes held while a read is processed, written at once (L{_uncork}).
+    _cork: list[bytes] | None = None
 
     def endSession(self, code: int, reason: str, event: str) -> None:
         """Close the session (see L{SecureServerProtocol.endSession})."""
@@ -221,17 +225,62 @@ class TrafficFlow(OpenOnly, WebSocketServerProtocol):  # type: ignore[misc]
             self._slowConsumer()
             return
         if sync or chopsize or self.send_queue:
+            self._uncork()
             WebSocketServerProtocol.sendData(self, data, sync, chopsize)
             return
-        transport: Any = self.transport
-        transport.write(data)
+        cork = self._cork
+        if cork is not None:
+            cork.append(data)
+        else:
+            transport: Any = self.transport
+            transport.write(data)
         state = self.state
         if state == self.STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
         elif state == self.STATE_CONNECTING:
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
-        if self.logOctets:  # type: ignore[attr-defined]
+        if self.logOctets:
             self.logTxOctets(data, False)
+
+    def _cork_writes(self) -> None:
+        """Hold the writes until L{_uncork} (while one read is processed)."""
+        self._cork = []
+
+    def _uncork(self) -> None:
+        """
+        Write what was held, at once: one C{send} for all the frames that
+        answer one read (echoes, pongs, a close), instead of Twisted's
+        write-when-writable, which costs an epoll registration, a loop
+        turn and its removal per read. On a TCP connection whose buffer is
+        empty the bytes go straight to the socket in one C{sendmsg}, as
+        asyncio's transports do (L{send_now}: no joined copy, and no
+        128 KiB cap per call, which left a tail of two 64 KiB echoes to
+        Twisted's write); what the socket does not take, or any other
+        transport (TLS), gets the ordinary C{transport.writeSequence}.
+        """
+        cork = self._cork
+        self._cork = None
+        if not cork:
+            return
+        transport: Any = self.transport
+        if (
+            type(transport) is TCPServer
+            and not transport.dataBuffer
+            and not transport._tempDataLen
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnected
+        ):
+            cork = send_now(transport.socket, cork)
+            if not cork:
+                return
+        transport.writeSequence(cork)
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # What was written before the close goes first: a TLS transport
+        # drops writes that come after its loseConnection.
+        self._uncork()
+        WebSocketServerProtocol._closeConnection(self, abort)
 
     def _slowConsumer(self) -> None:
         # The close frame is the last thing written; what the application

@@ -35,6 +35,7 @@ from txwssec._autobahn import (
 from txwssec._cycles import FiredWithProtocol
 from txwssec._ends import end_fields
 from txwssec._hooks import run_hook, transport_details
+from txwssec._wire import stop_read_ahead
 from txwssec.admission import ConsumerBuckets
 from txwssec.auth.chain import authenticate
 from txwssec.compression import (
@@ -496,6 +497,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
     def connectionLost(self, reason: Failure | None = None) -> None:
         """Release everything this connection held, however it ended."""
         cancel_close_timer(self)
+        stop_read_ahead(self.transport)
         pending = self._pending
         if pending is not None:
             # The client left while a step waited: a queued password check
@@ -547,13 +549,16 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
 
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's dataReceived formats its debug line's arguments (hltype,
-        # hlval) on every read, whatever the log level, then does this.
+        # hlval) on every read, whatever the log level, then does this. The
+        # frames written in answer to one read leave in one write.
+        self._cork_writes()
         try:
             self._dataReceived(data)
         except Exception:
             # A bug in txwssec or Autobahn while parsing (application hooks
             # have their own guard): 1011 rather than the reactor's reset.
             self._applicationFailed("dataReceived", Failure())
+        self._uncork()
 
 
 def _own_options(protocol: type[SecureServerProtocol]) -> tuple[str, ...]:

@@ -1,0 +1,431 @@
+"""
+Cheaper frame reading for Autobahn protocols: the server's receive path
+(issue 19, "Server hot paths" in bench/RESULTS.md).
+
+Autobahn's own path costs, per received frame: a new NVX masker (several
+CFFI allocations, about 3 us even for a 64-byte payload), a copy of the
+whole buffered payload after each header (C{self.data = self.data[i:]}),
+two more copies in the masker, and for text a UTF-8 validator that walks
+the payload byte by byte through CFFI (about 230 us per 64 KiB).
+L{FrameReader} parses the common data frame header itself and reads the
+payload from an offset into the buffer; L{Masker} unmasks with one integer
+XOR (small payloads) or NVX in place (large ones);
+L{Utf8Validator} validates with CPython's incremental UTF-8 decoder.
+
+Whatever is not a plain masked data frame or a well-formed control frame
+(RSV bits, a fragmentation error, a reserved opcode, a long or fragmented
+control frame, a non-minimal length, an unmasked frame) goes to Autobahn's
+own C{processData}, which keeps its checks and its protocol violations
+exactly as they are.
+"""
+
+from __future__ import annotations
+
+import codecs
+import struct
+from errno import ENOBUFS, EWOULDBLOCK
+from typing import Any
+
+from autobahn.twisted.util import create_transport_details
+from autobahn.wamp.types import TransportDetails
+from autobahn.websocket.protocol import FrameHeader, WebSocketProtocol
+from autobahn.websocket.xormasker import XorMaskerNull
+from twisted.internet.main import CONNECTION_LOST
+from twisted.internet.tcp import Server as TCPServer
+
+try:  # Autobahn's NVX masker, when it was built (CFFI); in place, no copies
+    from autobahn.websocket import USES_NVX
+
+    if not USES_NVX:
+        raise ImportError("NVX off")
+    from _nvx_xormasker import ffi as _ffi  # type: ignore[import-not-found]
+    from _nvx_xormasker import lib as _lib
+except ImportError:  # pragma: no cover - depends on the Autobahn build
+    _ffi = _lib = None
+
+#: From this payload size on, NVX (SSE2, in place) beats the integer XOR.
+NVX_FROM = 256
+_STATE_OPEN = WebSocketProtocol.STATE_OPEN
+_STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+_STATE_PROXY_CONNECTING = WebSocketProtocol.STATE_PROXY_CONNECTING
+_MAX_LENGTH = 0x7FFFFFFFFFFFFFFF
+#: Bytes asked of the socket per read (Twisted's C{bufferSize} is 64 KiB).
+READ_SIZE = 262144
+_HEADER_16 = struct.Struct("!BBH").pack
+_HEADER_64 = struct.Struct("!BBQ").pack
+
+
+def unmask(data: Any, mask: bytes) -> bytes:
+    """
+    C{data} (bytes-like) XOR the 4-byte C{mask} repeated, from its first byte.
+    """
+    size = len(data)
+    if size >= NVX_FROM and _lib is not None:
+        buffer = bytearray(data)
+        masker = _lib.nvx_xormask_new(_ffi.from_buffer(mask))
+        try:
+            _lib.nvx_xormask_set_impl(masker, 2)  # SSE2
+            _lib.nvx_xormask_process(masker, _ffi.from_buffer(buffer), size)
+        finally:
+            _lib.nvx_xormask_free(masker)
+        return bytes(buffer)
+    key = mask * (size // 4 + 1)
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key[:size], "little")).to_bytes(
+        size, "little"
+    )
+
+
+def read_ahead(transport: Any) -> None:
+    """
+    Have a plain TCP C{transport} read up to L{READ_SIZE} bytes per
+    C{recv} instead of Twisted's 64 KiB, as asyncio's and uvloop's
+    transports do (256 KiB): a 64 KiB message and its neighbours arrive in
+    one read, one C{dataReceived}, one write of the answers.
+
+    Twisted reads C{bufferSize}, which is also the size of unsent data
+    from which it pauses a streaming producer (the server's backpressure):
+    the read size is changed alone, by the transport's own C{doRead}
+    (Twisted replaces it the same way in C{abortConnection}). Undone by
+    L{stop_read_ahead}, which breaks the reference cycle.
+    """
+    if type(transport) is not TCPServer:
+        return
+    recv = transport.socket.recv
+    received = transport._dataReceived
+
+    def doRead() -> Any:
+        try:
+            data = recv(READ_SIZE)
+        except OSError as error:
+            if error.args[0] == EWOULDBLOCK:
+                return None
+            return CONNECTION_LOST
+        return received(data)
+
+    transport.doRead = doRead  # type: ignore[method-assign]
+
+
+#: At most this many buffers per sendmsg (Linux's IOV_MAX is 1024).
+_IOV_MAX = 512
+
+
+def send_now(sock: Any, chunks: list[bytes]) -> list[bytes]:
+    """
+    Send C{chunks} on the non-blocking socket C{sock} in one C{sendmsg}
+    (gathered: not joined first).
+
+    @return: what the socket did not take (all of it after an error other
+        than a full buffer: the transport's own write then meets the error
+        and closes the connection as usual).
+    """
+    if len(chunks) > _IOV_MAX or not hasattr(sock, "sendmsg"):
+        chunks = [b"".join(chunks)]
+    try:
+        sent = sock.sendmsg(chunks) if len(chunks) > 1 else sock.send(chunks[0])
+    except OSError as error:
+        if error.errno not in (EWOULDBLOCK, ENOBUFS):
+            return chunks
+        sent = 0
+    for index, chunk in enumerate(chunks):
+        if sent < len(chunk):
+            rest = chunks[index:]
+            if sent:
+                rest[0] = chunk[sent:]
+            return rest
+        sent -= len(chunk)
+    return []
+
+
+def stop_read_ahead(transport: Any) -> None:
+    """Forget L{read_ahead}'s C{doRead} (the connection is gone)."""
+    if transport is not None and getattr(transport.doRead, "__name__", "") == "doRead":
+        transport.__dict__.pop("doRead", None)
+
+
+class Masker:
+    """
+    Autobahn's masker interface (C{process}, C{pointer}, C{reset}) over
+    L{unmask}: the mask continues where the previous chunk of the same
+    frame stopped.
+    """
+
+    __slots__ = ("_mask", "_ptr")
+
+    def __init__(self, mask: bytes) -> None:
+        self._mask = mask
+        self._ptr = 0
+
+    def pointer(self) -> int:
+        """How many payload bytes were unmasked so far."""
+        return self._ptr
+
+    def reset(self) -> None:
+        """Start again from the mask's first byte."""
+        self._ptr = 0
+
+    def process(self, data: Any) -> bytes:
+        """Unmask the next chunk of the frame's payload."""
+        shift = self._ptr & 3
+        self._ptr += len(data)
+        mask = self._mask
+        if shift:
+            mask = mask[shift:] + mask[:shift]
+        return unmask(data, mask)
+
+
+class Utf8Validator:
+    """
+    Autobahn's incremental UTF-8 validator interface (C{reset},
+    C{validate}) over CPython's incremental UTF-8 decoder (strict: no
+    surrogates, no overlong forms, nothing above U+10FFFF).
+
+    It fails as early as Autobahn's: on the first chunk that cannot begin
+    valid UTF-8, including a surrogate's first two bytes at a chunk's end
+    (C{ED A0} to C{ED BF}), which CPython's decoder would hold back.
+    """
+
+    __slots__ = ("_decoder", "_total")
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._total = 0
+
+    def reset(self) -> None:
+        """A new message."""
+        self._decoder.reset()
+        self._total = 0
+
+    def validate(self, data: Any) -> tuple[bool, bool, int, int]:
+        """
+        Validate the next chunk of a message.
+
+        @return: (valid so far, ends on a code point boundary, octets of
+            this chunk, octets of the message so far), as Autobahn's.
+        """
+        decoder = self._decoder
+        try:
+            decoder.decode(data, False)
+        except UnicodeDecodeError as error:
+            return False, False, error.start, self._total + error.start
+        self._total += len(data)
+        pending = decoder.getstate()[0]
+        if not pending:
+            return True, True, len(data), self._total
+        if len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0:
+            return False, False, len(data), self._total
+        return True, False, len(data), self._total
+
+
+class FrameReader:
+    """
+    A mixin for an Autobahn server protocol (before it in the bases):
+    L{processData} reads plain masked data frames, and well-formed close,
+    ping and pong frames, itself and leaves every other frame to Autobahn.
+
+    The receive buffer is C{self.data} from C{self._frameStart} on: after a
+    header, the payload is read from that offset (and unmasked from a
+    memoryview) instead of being copied out of the buffer first.
+    """
+
+    #: Where the unread part of C{self.data} starts (0 outside a frame).
+    _frameStart: int = 0
+    data: bytes
+    state: int
+    current_frame: Any
+    current_frame_masker: Any
+    inside_message: bool
+    applyMask: bool
+    trafficStats: Any
+    logOctets: bool
+    logFrames: bool
+    maskServerFrames: bool
+    failedByMe: bool
+    message_data: Any
+    message_is_binary: bool
+    _listeners: Any
+    trackedTimings: Any
+    transport: Any
+    factory: Any
+    peer: Any
+    tcpNoDelay: bool
+    _transport_details: Any
+
+    def connectionMade(self) -> None:
+        """
+        Autobahn's Twisted C{connectionMade} for a server, without its debug
+        line: Autobahn formats its arguments (C{hltype}, C{hlval}, colour
+        codes) on every connection, whatever the log level.
+        """
+        details = create_transport_details(self.transport, True)
+        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+        self._transport_details = details
+        self.peer = details.peer
+        try:
+            self.transport.setTcpNoDelay(self.tcpNoDelay)
+        except Exception:  # noqa: S110 - as Autobahn: not every transport has it (Unix sockets)
+            pass
+        self._connectionMade()
+
+    def _connectionMade(self) -> None:
+        # Autobahn's server _connectionMade without its debug line (hltype).
+        WebSocketProtocol._connectionMade(self)  # type: ignore[arg-type]
+        self.factory.countConnections += 1
+        self.utf8validator = Utf8Validator()
+        read_ahead(self.transport)
+
+    def _dataReceived(self, data: bytes) -> None:
+        # Autobahn's _dataReceived, with the buffer's read offset.
+        state = self.state
+        if state == _STATE_OPEN:
+            self.trafficStats.incomingOctetsWireLevel += len(data)
+        elif state == _STATE_CONNECTING or state == _STATE_PROXY_CONNECTING:
+            self.trafficStats.preopenIncomingOctetsWireLevel += len(data)
+        if self.logOctets:
+            self.logRxOctets(data)  # type: ignore[attr-defined]
+        start = self._frameStart
+        if start:
+            self.data = self.data[start:] + data
+            self._frameStart = 0
+        elif self.data:
+            self.data += data
+        else:
+            self.data = data
+        self.consumeData()  # type: ignore[attr-defined]
+
+    def _autobahnProcessData(self) -> bool:
+        start = self._frameStart
+        if start:
+            self.data = self.data[start:]
+            self._frameStart = 0
+        return WebSocketProtocol.processData(self)  # type: ignore[arg-type]
+
+    def processData(self) -> bool:
+        """
+        Read what is buffered: a frame header, or payload of the current
+        frame. L{True} to be called again (more buffered), as Autobahn's.
+        """
+        frame = self.current_frame
+        data = self.data
+        start = self._frameStart
+        if frame is None:
+            # -- a frame header: a plain masked data frame, else Autobahn
+            available = len(data) - start
+            if available < 2:
+                return self._autobahnProcessData()
+            b0 = data[start]
+            b1 = data[start + 1]
+            opcode = b0 & 0x0F
+            length = b1 & 0x7F
+            if b0 & 0x70 or not b1 & 0x80 or not self.applyMask:
+                return self._autobahnProcessData()
+            if opcode > 2:
+                # a control frame: whole (FIN), short, close/ping/pong, and
+                # a close's body is empty or holds at least a code
+                if (
+                    not b0 & 0x80
+                    or length > 125
+                    or opcode > 10
+                    or opcode < 8
+                    or (opcode == 8 and length == 1)
+                ):
+                    return self._autobahnProcessData()
+            elif (opcode == 0) is not bool(self.inside_message):
+                return self._autobahnProcessData()
+            if length < 126:
+                end = start + 6
+            elif length == 126:
+                end = start + 8
+                if available < 8:
+                    return self._autobahnProcessData()
+                length = (data[start + 2] << 8) | data[start + 3]
+                if length < 126:
+                    return self._autobahnProcessData()  # not minimal: a violation
+            else:
+                end = start + 14
+                if available < 14:
+                    return self._autobahnProcessData()
+                length = int.from_bytes(data[start + 2 : start + 10], "big")
+                if length < 65536 or length > _MAX_LENGTH:
+                    return self._autobahnProcessData()
+            if end > len(data):
+                return self._autobahnProcessData()  # need more data
+            mask = data[end - 4 : end]
+            self.current_frame_masker = Masker(mask) if length else XorMaskerNull()
+            self.current_frame = FrameHeader(opcode, b0 & 0x80 != 0, 0, length, mask)  # type: ignore[arg-type]
+            self._frameStart = end
+            self.onFrameBegin()  # type: ignore[attr-defined]
+            return length == 0 or len(self.data) > end
+
+        # -- payload of the current frame, from the buffer's offset
+        masker = self.current_frame_masker
+        rest = frame.length - masker.pointer()
+        size = len(data)
+        end = start + rest
+        if end >= size:
+            end = size
+            self.data = b""
+            self._frameStart = 0
+        else:
+            self._frameStart = end
+        if end == start:
+            payload = b""
+        elif start == 0 and end == size:
+            payload = masker.process(data)
+        elif type(masker) is Masker:
+            payload = masker.process(memoryview(data)[start:end])
+        else:
+            payload = masker.process(data[start:end])
+        if self.onFrameData(payload) is False:  # type: ignore[attr-defined]
+            return False
+        if masker.pointer() == frame.length and self.onFrameEnd() is False:  # type: ignore[attr-defined]
+            return False
+        return len(self.data) > self._frameStart
+
+    def onMessageEnd(self) -> None:
+        """
+        Autobahn's C{onMessageEnd}, without its C{fire("message")} when
+        nothing listens (C{protocol.on("message", ...)} was never called):
+        Autobahn then still builds a Deferred and its callbacks per message.
+        """
+        if self._listeners is not None:
+            WebSocketProtocol.onMessageEnd(self)  # type: ignore[arg-type]
+            return
+        if not self.failedByMe:
+            if self.trackedTimings:
+                self.trackedTimings.track("onMessage")
+            self._onMessage(b"".join(self.message_data), self.message_is_binary)  # type: ignore[attr-defined]
+        self.message_data = None
+
+    def sendFrame(
+        self,
+        opcode: int,
+        payload: bytes = b"",
+        fin: bool = True,
+        rsv: int = 0,
+        mask: bytes | None = None,
+        payload_len: int | None = None,
+        chopsize: int | None = None,
+        sync: bool = False,
+    ) -> None:
+        """
+        Autobahn's C{sendFrame} for a server's unmasked frame: the header
+        packed at once and written with the payload (Autobahn's when a mask,
+        a repeated payload or frame logging is asked for).
+        """
+        if mask is not None or payload_len is not None or self.maskServerFrames or self.logFrames:
+            protocol: Any = self
+            WebSocketProtocol.sendFrame(
+                protocol, opcode, payload, fin, rsv, mask, payload_len, chopsize, sync
+            )
+            return
+        size = len(payload)
+        first = (0x80 if fin else 0) | (rsv % 8) << 4 | opcode % 128
+        if size <= 125:
+            header = bytes((first, size))
+        elif size <= 0xFFFF:
+            header = _HEADER_16(first, 126, size)
+        else:
+            header = _HEADER_64(first, 127, size)
+        if opcode <= 2:
+            self.trafficStats.outgoingWebSocketFrames += 1
+        self.sendData(header + payload, sync, chopsize)  # type: ignore[attr-defined]
