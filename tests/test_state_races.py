@@ -1,9 +1,11 @@
 """
-Races of the Redis state store's leases against real C{twistd wssec} nodes
-and a real redis-server (as tests/test_state_twistd.py): a connection that
-ends while another connection's lease is being asked of Redis must not
-leave a lease behind for ever (renewed by the node's heartbeat, it would
-hold a place of the consumer's cap on every node until the node stops).
+Attacks on the Redis state store against real C{twistd wssec} nodes and a
+real redis-server (as tests/test_state_twistd.py): a connection that ends
+while another connection's lease is being asked of Redis must not leave a
+lease behind for ever (renewed by the node's heartbeat, it would hold a
+place of the consumer's cap on every node until the node stops); a
+revocation must outlive a restart of a Redis that persists nothing, as the
+documentation allows.
 """
 
 from __future__ import annotations
@@ -14,10 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from processes import twistd
 from redisserver import RedisServer, redis_server  # noqa: F401
-from test_state_twistd import KEY, REDIS_PASSWORD, Node, echo, write_config
+from test_state_twistd import (  # noqa: F401
+    JWT_SECRET,
+    KEY,
+    REDIS_PASSWORD,
+    Node,
+    echo,
+    two_nodes,
+    wait_until,
+    write_config,
+)
 
 #: How long Redis is kept busy (DEBUG SLEEP) while a handshake waits for it;
 #: under the nodes' [state] timeout below, so the handshake gets Redis's answer.
@@ -70,3 +82,38 @@ def test_a_release_during_a_pending_acquire_leaks_no_lease(
     with node.websocket(apikey=KEY) as one, node.websocket(apikey=KEY) as two:
         echo(one, "three")
         echo(two, "four")
+
+
+def test_a_revocation_outlives_a_restart_of_redis_without_persistence(
+    two_nodes: list[Node],  # noqa: F811
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # The documented setup ("nothing in it needs to survive a restart of
+    # Redis: run it without persistence"): Redis restarts empty while the
+    # nodes that know the revocation run; a node that starts afterwards
+    # must refuse the revoked token too.
+    a, b = two_nodes
+    now = int(time.time())
+    token = jwt.encode(
+        {"sub": "john", "exp": now + 600, "iat": now - 5, "jti": "kept-1"}, JWT_SECRET, "HS256"
+    )
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert a.admin_call("POST", "/revocations", {"jti": "kept-1", "expires_at": now + 600}) == (
+        200,
+        {"closed": 0},
+    )
+    assert b.status("/jwt", **bearer) == 401
+    redis_server.stop()
+    wait_until(lambda: a.ready() == 503 and b.ready() == 503)
+    redis_server.start()
+    wait_until(lambda: a.ready() == 200 and b.ready() == 200)
+    config, port, admin = write_config(tmp_path, "c", redis_server, 10)
+    process = twistd(config, tmp_path)
+    try:
+        process.wait_for("wssec state store ready")
+        process.wait_for(f"wssec listening on admin tcp:{admin}")
+        c = Node(process, port, admin)
+        assert c.status("/jwt", **bearer) == 401
+    finally:
+        process.kill()

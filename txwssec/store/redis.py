@@ -539,13 +539,22 @@ class RedisStore:
             for name in self._replicas
         ]
 
-        def replicas(results: list[list[Any]]) -> Deferred[None]:
-            for replica, items in zip(self._replicas.values(), results, strict=True):
+        def replicas(results: list[list[Any]]) -> Deferred[Any]:
+            writes = []
+            for (name, replica), items in zip(self._replicas.items(), results, strict=True):
                 for key, until in zip(items[::2], items[1::2], strict=True):
                     self._replicate(replica, str(key), float(until))
-            return self._renew()
+                # And written back: a Redis that restarted empty (it need
+                # not persist anything) has them again, for the nodes that
+                # start later.
+                live = [v for key, until in replica.items() if until > now for v in (until, key)]
+                for i in range(0, len(live), 1000):
+                    writes.append(
+                        connection.execute_command("ZADD", name, "GT", *live[i : i + 1000])
+                    )
+            return gatherResults([*writes, self._renew()], consumeErrors=True)
 
-        def kept(_: None) -> None:
+        def kept(_: Any) -> None:
             # The removals kept while Redis was away, once the link is ready.
             self.clock.callLater(0, self.flush)
 
