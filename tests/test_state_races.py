@@ -10,6 +10,9 @@ documentation allows.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +21,7 @@ from typing import Any
 
 import jwt
 import pytest
-from processes import twistd
+from processes import free_port, twistd
 from redisserver import RedisServer, redis_server  # noqa: F401
 from test_state_twistd import (  # noqa: F401
     JWT_SECRET,
@@ -30,6 +33,8 @@ from test_state_twistd import (  # noqa: F401
     wait_until,
     write_config,
 )
+
+from txwssec.devcert import write_dev_certificates
 
 #: How long Redis is kept busy (DEBUG SLEEP) while a handshake waits for it;
 #: under the nodes' [state] timeout below, so the handshake gets Redis's answer.
@@ -115,5 +120,36 @@ def test_a_revocation_outlives_a_restart_of_redis_without_persistence(
         process.wait_for(f"wssec listening on admin tcp:{admin}")
         c = Node(process, port, admin)
         assert c.status("/jwt", **bearer) == 401
+    finally:
+        process.kill()
+
+
+def test_a_worker_started_again_applies_the_kept_revocations_quietly(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # workers = 2 with Redis: the supervisor keeps the revocations for the
+    # workers it starts later, which apply them before their store is
+    # connected: no "Unhandled error in Deferred" (a critical log line).
+    from test_workers import Server, config_text
+
+    write_dev_certificates(tmp_path / "dev-certs")
+    admin = free_port()
+    config = tmp_path / "wssec.toml"
+    config.write_text(
+        config_text(admin)
+        + f'\n[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:{redis_server.port}/0"\n'
+    )
+    process = twistd(config, tmp_path)
+    try:
+        process.wait_for("wssec 2 workers serving")
+        server = Server(process, admin)
+        revoked = {"jti": "t-1", "expires_at": time.time() + 600}
+        assert server.call("POST", "/revocations", revoked) == (200, b'{"closed":0}\n')
+        seen = len(process.lines)
+        os.kill(server.pids()[0], signal.SIGKILL)
+        process.wait_for(re.compile(r"wssec worker 0 \(pid \d+\) serving"), seen)
+        assert process.stop() == 0
+        assert "Unhandled error" not in process.output()
     finally:
         process.kill()
