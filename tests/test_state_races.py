@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -153,3 +154,32 @@ def test_a_worker_started_again_applies_the_kept_revocations_quietly(
         assert "Unhandled error" not in process.output()
     finally:
         process.kill()
+
+
+def test_a_handshake_dropped_while_its_lease_is_asked_leaks_no_lease(
+    slow_node: Node,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    node = slow_node
+    request = (
+        "GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\napikey: {KEY}\r\n\r\n"
+    ).encode()
+    sleeper = threading.Thread(
+        target=redis_server.command, args=(b"DEBUG", b"SLEEP", str(SLOW).encode())
+    )
+    sleeper.start()
+    time.sleep(0.2)
+    # Two handshakes wait for their leases; their clients go away meanwhile.
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", node.port)) as dropped:
+            dropped.sendall(request)
+            time.sleep(0.1)
+    sleeper.join()
+    # Their leases are given back as soon as Redis answers (a handshake
+    # sent at that very moment may still find them: hence the wait).
+    wait_until(lambda: node.status(apikey=KEY) == 101)
+    with node.websocket(apikey=KEY) as one, node.websocket(apikey=KEY) as two:
+        echo(one, "one")
+        echo(two, "two")
