@@ -17,12 +17,13 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from processes import free_port, twistd
+from processes import TIMEOUT, free_port, twistd
 from redisserver import RedisServer, redis_server  # noqa: F401
 from test_state_twistd import (  # noqa: F401
     JWT_SECRET,
@@ -183,3 +184,108 @@ def test_a_handshake_dropped_while_its_lease_is_asked_leaks_no_lease(
     with node.websocket(apikey=KEY) as one, node.websocket(apikey=KEY) as two:
         echo(one, "one")
         echo(two, "two")
+
+
+class HoldingProxy:
+    """
+    A TCP proxy in front of Redis that can hold Redis's answers to the
+    connection that subscribes (the node's PUB/SUB connection) while set.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.hold = threading.Event()
+        self.released = threading.Event()
+        self.subscribing = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            state = {"subscriber": False}
+            threading.Thread(target=self._up, args=(client, server, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, state), daemon=True).start()
+
+    def _up(self, source: socket.socket, sink: socket.socket, state: dict[str, bool]) -> None:
+        with source, sink:
+            while data := _recv(source):
+                if b"SUBSCRIBE" in data.upper():
+                    state["subscriber"] = True
+                    if self.hold.is_set():
+                        self.subscribing.set()
+                sink.sendall(data)
+            _shut(source, sink)
+
+    def _down(self, source: socket.socket, sink: socket.socket, state: dict[str, bool]) -> None:
+        with source, sink:
+            while data := _recv(source):
+                if state["subscriber"] and self.hold.is_set():
+                    self.released.wait()
+                sink.sendall(data)
+            _shut(source, sink)
+
+    def close(self) -> None:
+        self.released.set()
+        self.listener.close()
+
+
+def client_ids(redis: RedisServer) -> list[bytes]:
+    """The ids of the connections to C{redis} that are not subscribed, but this one."""
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"CLIENT LIST TYPE normal\r\n")
+        reader = sock.makefile("rb")
+        size = int(reader.readline()[1:])
+        listed = reader.read(size + 2).decode()
+    lines = [line for line in listed.splitlines() if line and "cmd=client|list" not in line]
+    return [line.split()[0].removeprefix("id=").encode() for line in lines]
+
+
+def _shut(*socks: socket.socket) -> None:
+    # (close() alone sends no FIN while the other thread waits in recv.)
+    for sock in socks:
+        with suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+def test_the_commands_lost_while_subscribing_again_do_not_leave_the_node_unready(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # The PUB/SUB connection is made again; while its SUBSCRIBE waits for
+    # Redis, the command connection is lost too (a timeout, a network
+    # blip). Once both are back the node must be ready again, not 503
+    # for ever.
+    proxy = HoldingProxy(redis_server.port)
+    config, port, admin = write_config(tmp_path, "a", redis_server, 10)
+    config.write_text(config.read_text().replace(f":{redis_server.port}/", f":{proxy.port}/"))
+    config.write_text(config.read_text().replace(f"redis://:{REDIS_PASSWORD}@", "redis://"))
+    process = twistd(config, tmp_path)
+    try:
+        process.wait_for("wssec state store ready")
+        process.wait_for(f"wssec listening on admin tcp:{admin}")
+        node = Node(process, port, admin)
+        assert node.ready() == 200
+        commands = client_ids(redis_server)
+        proxy.hold.set()
+        assert redis_server.command(b"CLIENT", b"KILL", b"TYPE", b"pubsub") == b":1"
+        assert proxy.subscribing.wait(TIMEOUT), process.output()
+        assert redis_server.command(b"CLIENT", b"KILL", b"ID", commands[0]) == b":1"
+        time.sleep(1)  # the command connection is made again meanwhile
+        proxy.released.set()
+        wait_until(lambda: node.ready() == 200)
+    finally:
+        proxy.close()
+        process.kill()
