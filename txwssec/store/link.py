@@ -192,10 +192,12 @@ class RedisLink:
         if not self._factories:
             return
         self._subscriber = connection
-        generation = self._generation
 
         def subscribed(_: Any) -> None:
-            if generation == self._generation and self._subscriber is connection:
+            # This connection's subscription, whatever happened to the
+            # command connection meanwhile (a loss there must not leave the
+            # link waiting for a subscription that was made).
+            if self._subscriber is connection:
                 self._subscribed = True
                 self._maybeSync()
 

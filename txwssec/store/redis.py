@@ -261,9 +261,11 @@ class RedisStore:
             if full == 0 and not answer.called:
                 for (lease_kind, lease_of, _), member in zip(leases, members, strict=True):
                     self._held.setdefault((lease_kind, lease_of), []).append(member)
+                    self._trim(lease_kind, lease_of)
                 answer.callback(True)
                 return
             counter.release(key)
+            self._trim(kind, key)
             if full == 0:  # cancelled meanwhile: give them back
                 for lease_key, member in zip(keys, members, strict=True):
                     self._write("zrem", lease_key, member)
@@ -275,6 +277,7 @@ class RedisStore:
 
         def failed(failure: Failure) -> None:
             counter.release(key)
+            self._trim(kind, key)
             # A call that timed out may still run in Redis: its leases go too.
             for lease_key, member in zip(keys, members, strict=True):
                 self._write("zrem", lease_key, member)
@@ -289,17 +292,24 @@ class RedisStore:
         return answer
 
     def release(self, kind: str, key: str) -> None:
-        counter = self.counter(kind)
-        counter.release(key)
+        self.counter(kind).release(key)
+        self._trim(kind, key)
+
+    def _trim(self, kind: str, key: str) -> None:
+        """
+        Give back the leases of C{kind} under C{key} beyond this node's
+        connections. A connection may hold no lease (no cap; or, per
+        address, refused before the consumer step): a lease goes when
+        there are more than connections left. Also when a lease is taken,
+        or refused, after a connection ended while it was asked of Redis
+        (that connection's release found no lease to give back yet).
+        """
         held = self._held.get((kind, key))
-        # A connection may hold no lease (no cap; or, per address, refused
-        # before the consumer step): a lease goes when there are more than
-        # connections left.
-        if held and len(held) > counter.count(key):
-            member = held.pop()
-            if not held:
-                del self._held[kind, key]
-            self._write("zrem", self._lease_key(kind, key), member)
+        count = self.counter(kind).count(key)
+        while held and len(held) > count:
+            self._write("zrem", self._lease_key(kind, key), held.pop())
+        if not held:
+            self._held.pop((kind, key), None)
 
     def count(self, kind: str, key: str) -> int:
         """This node's connections of C{kind} under C{key}."""
@@ -529,13 +539,22 @@ class RedisStore:
             for name in self._replicas
         ]
 
-        def replicas(results: list[list[Any]]) -> Deferred[None]:
-            for replica, items in zip(self._replicas.values(), results, strict=True):
+        def replicas(results: list[list[Any]]) -> Deferred[Any]:
+            writes = []
+            for (name, replica), items in zip(self._replicas.items(), results, strict=True):
                 for key, until in zip(items[::2], items[1::2], strict=True):
                     self._replicate(replica, str(key), float(until))
-            return self._renew()
+                # And written back: a Redis that restarted empty (it need
+                # not persist anything) has them again, for the nodes that
+                # start later.
+                live = [v for key, until in replica.items() if until > now for v in (until, key)]
+                for i in range(0, len(live), 1000):
+                    writes.append(
+                        connection.execute_command("ZADD", name, "GT", *live[i : i + 1000])
+                    )
+            return gatherResults([*writes, self._renew()], consumeErrors=True)
 
-        def kept(_: None) -> None:
+        def kept(_: Any) -> None:
             # The removals kept while Redis was away, once the link is ready.
             self.clock.callLater(0, self.flush)
 

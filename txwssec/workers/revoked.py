@@ -18,6 +18,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.internet.defer import Deferred
+
 from txwssec.revocations import HORIZON
 
 #: At most this many revocations are kept (the oldest ending go first).
@@ -74,7 +76,13 @@ def apply_kept(path: str, revocations: Any) -> int:
         return 0
     for record in records:
         if "jti" in record:
-            revocations.revoke_token(record["jti"], float(record["expires_at"]))
+            stored = revocations.revoke_token(record["jti"], float(record["expires_at"]))
         else:
-            revocations.revoke_consumer(record["consumer"], float(record["issued_before"]))
+            before = float(record["issued_before"])
+            stored = revocations.revoke_consumer(record["consumer"], before)
+        if isinstance(stored, Deferred):
+            # A shared store (Redis) is not connected yet when a worker
+            # starts: it holds the revocations itself and refuses (503)
+            # until this worker has loaded them; no unhandled error here.
+            stored.addErrback(lambda failure: None)
     return len(records)
