@@ -563,3 +563,30 @@ def test_twistd_json_events_go_straight_to_the_log_file(tmp_path: Path) -> None:
     events._lines._flushNow()
     (line,) = (tmp_path / "wssec.json").read_text().splitlines()
     assert json.loads(line)["event"] == "session.opened"
+
+
+@pytest.mark.parametrize(
+    "event, fields",
+    [
+        ("config.reload_failed", {"path": "/etc/wssec.toml", "error": "consumer[1].keys: bad"}),
+        (
+            "upstream.wssec_dropped",
+            {"peer": "tcp4:1.2.3.4:5", "route": "/gw", "consumer": "john", "kind": "x"},
+        ),
+        ("upstream.failed", {"url": "ws://up/", "kind": "refused", "reason": "refused"}),
+    ],
+)
+def test_json_level_is_the_text_logs_level(event: str, fields: Mapping[str, Any]) -> None:
+    """An event has the same level in the JSON log as in the text log."""
+    from txwssec.observers import TextLogObserver
+
+    captured: list[Mapping[str, Any]] = []
+    globalLogPublisher.addObserver(captured.append)
+    try:
+        TextLogObserver.lines[event](fields)
+        JSONEventObserver()(event, fields)
+    finally:
+        globalLogPublisher.removeObserver(captured.append)
+    text = [entry for entry in captured if EVENT_KEY not in entry]
+    (json_event,) = [entry for entry in captured if EVENT_KEY in entry]
+    assert json.loads(JSONFormatter()(json_event))["level"] == text[0]["log_level"].name

@@ -628,3 +628,29 @@ def test_a_taken_port_fails_the_start(tmp_path: Path, running: list[Process]) ->
         assert process.process.wait(TIMEOUT) == 1
     assert f"wssec cannot listen on tcp:{port}:interface=127.0.0.1" in process.output()
     assert "worker 0 started" not in process.output()
+
+
+def test_reserve_a_port_with_connections_in_time_wait() -> None:
+    """
+    A port whose earlier server closed connections itself (they wait in
+    TIME_WAIT) can be reserved at once, as a single process can listen on
+    it: moving from one process to workers needs no pause.
+    """
+    from txwssec.reuseport import SharedPortEndpoint, reserve
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server closes first: its side waits in TIME_WAIT
+    assert client.recv(1) == b""
+    client.close()
+    listener.close()
+    reserved = reserve(SharedPortEndpoint(None, port, "127.0.0.1", 50))
+    try:
+        assert reserved.getsockname()[1] == port
+    finally:
+        reserved.close()

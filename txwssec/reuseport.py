@@ -133,6 +133,9 @@ def reserve(endpoint: SharedPortEndpoint) -> socket.socket:
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        # SO_REUSEADDR as Twisted's own ports: connections an earlier server
+        # on this port closed (TIME_WAIT) do not keep the port taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((interface, endpoint.port))
     except OSError:

@@ -57,6 +57,8 @@ _LEVELS: Mapping[str, LogLevel] = {
     events.APPLICATION_ERROR: LogLevel.error,
     events.UPSTREAM_FAILED: LogLevel.warn,
     events.UPSTREAM_LOST: LogLevel.warn,
+    events.UPSTREAM_WSSEC_DROPPED: LogLevel.warn,
+    events.CONFIG_RELOAD_FAILED: LogLevel.error,
 }
 
 
