@@ -32,15 +32,18 @@ from typing import IO, Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import ILogObserver, InvalidLogLevelError, LogEvent, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from txwssec.config import Config
-from txwssec.ops import Metrics, admin_site, token_digest
+from txwssec.ops import Metrics, token_digest
+from txwssec.ops.admin import AdminResource, AdminSite, _json
 from txwssec.ops.jsonlog import EVENT_KEY, FIELDS_KEY
 from txwssec.reuseport import shared
 from txwssec.workers.revoked import apply_kept
@@ -123,7 +126,8 @@ class WorkerRole:
         apply_kept(os.path.join(os.path.dirname(self.socket), REVOKED_FILE), factory.revocations)
         # Metrics cost per event: only when the supervisor serves /metrics.
         registry = Metrics(factory).registry if self.metrics else None
-        site = admin_site(factory, registry, token_digest(self.token))
+        site = AdminSite(WorkerAdmin(factory, registry, token_digest(self.token)))
+        site.displayTracebacks = False
         endpoint = UNIXServerEndpoint(reactor, self.socket, mode=0o600)
         StreamServerEndpointService(endpoint, site).setServiceParent(service)
         if hasattr(signal, "SIGUSR1"):
@@ -133,6 +137,42 @@ class WorkerRole:
     def log_observer(self) -> ILogObserver:
         """Log events as JSON lines on standard output, for the supervisor."""
         return LogLines(sys.__stdout__)
+
+
+#: The private request header that asks a worker to close its own sessions
+#: only, without telling the other nodes (L{WorkerAdmin}).
+LOCAL_HEADER = b"x-txwssec-local"
+
+
+class WorkerAdmin(AdminResource):
+    """
+    A worker's private admin API (behind the private token): one process's,
+    with two differences for the supervisor (L{txwssec.workers.admin}).
+
+    - C{DELETE /sessions}, C{POST /revocations} with L{LOCAL_HEADER}: close
+      this worker's sessions only, without publishing the close to the
+      other nodes of a shared store (the supervisor asks every worker so,
+      then one worker without the header, so that each session closed is
+      counted once, by the worker that held it).
+    - C{GET /sessions}: C{{"node": ID, "sessions": [...]}}, the records
+      with the node that holds each (C{null} with the memory store) and this
+      worker's node id, so that the supervisor lists each session once.
+    """
+
+    def _tells_others(self, request: Request) -> bool:
+        return request.getHeader(LOCAL_HEADER) is None
+
+    def _sessions(self, request: Request) -> bytes | Deferred[bytes]:
+        store = self.factory.admission.store
+        node = getattr(store, "node", None)
+
+        def listed(records: list[Mapping[str, Any]]) -> bytes:
+            return _json(request, {"node": node, "sessions": records})
+
+        records = store.sessions()
+        if isinstance(records, Deferred):
+            return records.addCallback(listed)
+        return listed(records)
 
 
 @implementer(ILogObserver)
