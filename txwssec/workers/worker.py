@@ -13,10 +13,12 @@ and its TLS files itself, and then:
   (L{txwssec.reuseport}), on the reserved ports;
 - serves the admin API on a UNIX socket in the supervisor's private
   directory (mode 0600), behind the private token, in place of C{[admin]};
-- writes its log events as JSON lines on standard output, which the
-  supervisor reads and logs as its own (one log, in the configured format);
-- ignores SIGUSR1 (the supervisor owns the log files) and stops gracefully
-  if the supervisor dies (Linux's C{PR_SET_PDEATHSIG}).
+- writes its log lines itself where the supervisor's log goes
+  (L{txwssec.workers.logs}: one log, in the configured format, each line
+  naming its worker) and reopens the file on SIGUSR1; with C{--syslog} or
+  C{--logger}, writes its log events as JSON lines on standard output,
+  which the supervisor reads and logs as its own;
+- stops gracefully if the supervisor dies (Linux's C{PR_SET_PDEATHSIG}).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from txwssec.ops import Metrics, token_digest
 from txwssec.ops.admin import AdminResource, AdminSite, _json
 from txwssec.ops.jsonlog import EVENT_KEY, FIELDS_KEY
 from txwssec.reuseport import shared
+from txwssec.workers.logs import line_file, observer, on_usr1
 from txwssec.workers.revoked import apply_kept
 
 #: The environment variable that makes C{twistd wssec} a worker.
@@ -77,6 +80,9 @@ class WorkerRole:
     supervisor: int
     token: str
     metrics: bool = True
+    #: Where the log goes (L{txwssec.workers.logs.destination}); L{None}:
+    #: log events as JSON lines to the supervisor (L{LogLines}).
+    log: str | None = None
 
     @classmethod
     def from_environment(
@@ -94,6 +100,7 @@ class WorkerRole:
             ports=tuple(int(port) for port in role["ports"]),
             supervisor=int(role["supervisor"]),
             metrics=bool(role.get("metrics", True)),
+            log=role.get("log"),
             token=environ.pop(TOKEN_ENV, ""),
         )
 
@@ -105,6 +112,7 @@ class WorkerRole:
             "ports": list(self.ports),
             "supervisor": self.supervisor,
             "metrics": self.metrics,
+            "log": self.log,
         }
         return {ROLE_ENV: json.dumps(role), TOKEN_ENV: self.token}
 
@@ -134,9 +142,22 @@ class WorkerRole:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         _die_with(self.supervisor)
 
-    def log_observer(self) -> ILogObserver:
-        """Log events as JSON lines on standard output, for the supervisor."""
-        return LogLines(sys.__stdout__)
+    def log_observer(self, format: str = "text", events: Any = None) -> ILogObserver:
+        """
+        The worker's log: written by the worker itself where the
+        supervisor's goes (L{txwssec.workers.logs}), its file reopened on
+        SIGUSR1; else (C{log} is L{None}) JSON lines on standard output,
+        for the supervisor.
+        """
+        if self.log is None:
+            return LogLines(sys.__stdout__)
+        out = line_file(self.log)
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, on_usr1(out, rotate=False))
+        pid = os.getpid()
+        return observer(
+            format, out, events, f" worker={self.index} pid={pid}", {"worker_pid": pid}
+        )
 
 
 #: The private request header that asks a worker to close its own sessions
