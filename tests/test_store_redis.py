@@ -303,3 +303,36 @@ async def test_a_slow_redis_gives_503_after_the_timeout(nodes: Nodes) -> None:
     await busy
     await until(lambda: a.ready)
     assert await a.acquire("consumer", "slow", 1) is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_capped_acquire_carries_the_node_s_writes_in_one_script(nodes: Nodes) -> None:
+    """
+    One script per capped handshake: this node's batched writes (a release,
+    a session listed) go with its next acquire, applied first (its own
+    release counts at once), not in a script of their own.
+    """
+    from txwssec.store import scripts
+
+    a = await nodes.node()
+    assert await a.acquire("consumer", "john", 1) is True
+    a.add_session("s-1", {"id": "s-1", "opened_at": 1.0})
+    a.release("consumer", "john")
+    connection = a.link.connection
+    sent: list[str] = []
+    real = connection.eval
+
+    def eval(script: str, keys: list[str], args: list[Any]) -> Any:
+        sent.append(script)
+        return real(script, keys, args)
+
+    connection.eval = eval
+    assert await a.acquire("consumer", "john", 1) is True
+    assert sent == [scripts.ACQUIRE]
+    assert nodes.server.command(b"ZCARD", b"test:conn:consumer:john") == b":1"
+    assert nodes.server.command(b"HEXISTS", b"test:sessions:records", b"s-1") == b":1"
+    # Refused at the cap, its writes applied all the same.
+    a.remove_session("s-1")
+    assert await a.acquire("consumer", "john", 1) is False
+    assert sent == [scripts.ACQUIRE] * 2
+    assert nodes.server.command(b"HEXISTS", b"test:sessions:records", b"s-1") == b":0"

@@ -22,6 +22,7 @@ marker, control characters escaped so that no value can split a log line.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -36,6 +37,7 @@ from twisted.logger import (
     formatTime,
 )
 from twisted.python.logfile import LogFile
+from twisted.python.threadable import isInIOThread
 
 #: The most characters of one client-supplied value that reach a log event.
 MAX_LOGGED_VALUE = 256
@@ -75,13 +77,20 @@ class ClassicLogFormatter:
     a tab), faster for plain events.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, system: str = "") -> None:
         self._second: int | None = None
         self._stamp = ""
+        #: Added to each line's system (C{" worker=0 pid=123"}).
+        self._system = system
 
     def __call__(self, event: LogEvent) -> str | None:
         text = self._plain(event)
         if text is None:
+            if self._system and "log_system" not in event:
+                level = event.get("log_level")
+                namespace = event.get("log_namespace", "-")
+                system = f"{namespace}#{getattr(level, 'name', '-')}{self._system}"
+                event = {**event, "log_system": system}
             return formatEventAsClassicLogText(event)
         return text
 
@@ -110,13 +119,132 @@ class ClassicLogFormatter:
         if second != self._second:
             # The default time format has whole seconds: one string per second.
             self._second, self._stamp = second, formatTime(when)
-        line = f"{self._stamp} [{event.get('log_namespace', '-')}#{level.name}] {text}"
+        namespace = event.get("log_namespace", "-")
+        line = f"{self._stamp} [{namespace}#{level.name}{self._system}] {text}"
         return line.replace("\n", "\n\t") + "\n"
 
 
-def textLogObserver(outFile: IO[Any]) -> ILogObserver:
-    """A L{FileLogObserver} writing to C{outFile} with L{ClassicLogFormatter}."""
-    return FileLogObserver(outFile, ClassicLogFormatter())
+def textLogObserver(outFile: IO[Any], system: str = "") -> ILogObserver:
+    """
+    A L{FileLogObserver} writing to C{outFile} with L{ClassicLogFormatter}
+    (C{system} added to each line's system).
+    """
+    return FileLogObserver(outFile, ClassicLogFormatter(system))
+
+
+#: The most bytes written at once when a write holds several lines: a pipe
+#: writes up to this many bytes whole (POSIX C{PIPE_BUF}).
+WHOLE = 4096
+
+
+class LineFile:
+    """
+    A log destination that several processes write at once (the workers of
+    C{[server] workers} and their supervisor) without mixing their lines:
+    a file opened with C{O_APPEND} (every write goes to its end, whole), or
+    a descriptor the process inherited (standard output: a pipe writes up
+    to L{WHOLE} bytes whole). Lines are gathered and written with
+    C{os.write} once per turn of the reactor (at once while the reactor
+    does not run, or from another thread), in writes of whole lines of at
+    most L{WHOLE} bytes (a longer line alone).
+
+    @param path: the file, or L{None} with C{fd}.
+    @param fd: an inherited descriptor (not closed here).
+    """
+
+    def __init__(
+        self, path: str | None = None, fd: int | None = None, reactor: Any = None
+    ) -> None:
+        assert (path is None) != (fd is None)
+        self.path = path
+        self._reactor = reactor
+        self._lines: list[bytes] = []
+        self._pending = False
+        self._fd = fd if fd is not None else self._open()
+
+    def _open(self) -> int:
+        assert self.path is not None
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def write(self, text: str) -> None:
+        """Add C{text} (whole lines) to what the next L{flush} writes."""
+        self._lines.append(text.encode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        """Write the lines at the end of this turn of the reactor (or now)."""
+        if self._pending or not self._lines:
+            return
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        if reactor.running and isInIOThread():
+            self._pending = True
+            reactor.callLater(0, self.flushNow)
+            if not hasattr(self, "_trigger"):
+                # The last lines of a stopping reactor.
+                self._trigger = reactor.addSystemEventTrigger("after", "shutdown", self.flushNow)
+        else:
+            self.flushNow()
+
+    def flushNow(self) -> None:
+        """Write the lines now."""
+        self._pending = False
+        lines, self._lines = self._lines, []
+        chunk = b""
+        for line in lines:
+            if chunk and len(chunk) + len(line) > WHOLE:
+                self._out(chunk)
+                chunk = b""
+            chunk += line
+        if chunk:
+            self._out(chunk)
+
+    def _out(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._fd, view) :]
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # (a full disk, a closed pipe: nowhere to say it)
+
+    def reopen(self) -> None:
+        """Open the file again at its path (after it was moved: logrotate)."""
+        if self.path is None:
+            return
+        self.flushNow()
+        os.close(self._fd)
+        self._fd = self._open()
+
+    def rotate(self) -> None:
+        """As twistd's log file on SIGUSR1: the file becomes C{.1} (C{.1} C{.2}...)."""
+        if self.path is None:
+            return
+        self.flushNow()
+        numbers = sorted(_numbered(self.path), reverse=True)
+        for number in numbers:
+            os.rename(f"{self.path}.{number}", f"{self.path}.{number + 1}")
+        if os.path.exists(self.path):
+            os.rename(self.path, f"{self.path}.1")
+        self.reopen()
+
+    def close(self) -> None:
+        """Write what is left; close the file (not an inherited descriptor)."""
+        self.flushNow()
+        if self.path is not None:
+            os.close(self._fd)
+
+
+def _numbered(path: str) -> list[int]:
+    """The numbers of C{path}'s rotated files (C{path.1}, C{path.2}...)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    found = []
+    for entry in os.listdir(folder):
+        suffix = entry[len(name) + 1 :]
+        if entry.startswith(name + ".") and suffix.isdigit():
+            found.append(int(suffix))
+    return found
 
 
 def twistdLogObserver(

@@ -25,6 +25,7 @@ from txwssec.ops.cluster import StateService, follow, state_store
 from txwssec.ops.settings import LogSettings
 from txwssec.server import SecureServerFactory
 from txwssec.workers import Supervisor, WorkerRole
+from txwssec.workers.logs import destination
 
 
 class Options(usage.Options):
@@ -209,8 +210,10 @@ def makeService(options: Options) -> IService:
     service = WssecService(getattr(options, "parent", None), config.gc_young_threshold, config.log)
     worker = WorkerRole.from_environment()
     if worker is None and config.workers > 1:
-        supervisor = Supervisor(options["config"], config, reactor)
+        where = destination(config.log, getattr(options, "parent", None))
+        supervisor = Supervisor(options["config"], config, reactor, where)
         supervisor.setServiceParent(service)
+        service.logObserver = supervisor.log_observer()
         if config.admin is not None and supervisor.admin is not None:
             for description in config.admin.listen:
                 endpoint = server_endpoint(reactor, description, config.tls)
@@ -244,7 +247,7 @@ def makeService(options: Options) -> IService:
     if worker is not None:
         factory.readiness.add("listeners", lambda: _not_listening(listeners))
         worker.install(service, factory, reactor)
-        service.logObserver = worker.log_observer()
+        service.logObserver = worker.log_observer(config.log.format, service.jsonEvents)
     elif config.admin is not None:
         factory.readiness.add("listeners", lambda: _not_listening(listeners))
         site = admin_for(factory, config.admin)

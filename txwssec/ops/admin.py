@@ -130,6 +130,14 @@ class AdminResource(Resource):
         assert self.token_digest is not None
         return hmac.compare_digest(digest, self.token_digest)
 
+    def _tells_others(self, request: Request) -> bool:
+        """
+        Whether a close or revocation is told to the other nodes (a shared
+        store): always, here; a worker's private API may be asked not to
+        (L{txwssec.workers.worker.WorkerAdmin}).
+        """
+        return True
+
     # -- the endpoints -------------------------------------------------------
 
     def _healthz(self, request: Request) -> bytes:
@@ -165,6 +173,8 @@ class AdminResource(Resource):
         if (consumer is None) == (session_id is None) or set(args) - {b"consumer", b"id"}:
             raise BadRequest()
         closed = self.factory.registry.revoke(consumer=consumer, session_id=session_id)
+        if not self._tells_others(request):
+            return _json(request, {"closed": closed})
         # The other nodes' sessions too (a shared store); "closed" counts this node's.
         return _then(kick(self.factory.admission.store, consumer, session_id), request, closed)
 
@@ -190,6 +200,8 @@ class AdminResource(Resource):
 
         def close(_: object = None) -> bytes | Deferred[bytes]:
             closed = close_matching(self.factory.registry, **revocation)
+            if not self._tells_others(request):
+                return _json(request, {"closed": closed})
             return _then(revoked(store, **revocation), request, closed)
 
         if isinstance(stored, Deferred):

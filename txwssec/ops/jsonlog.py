@@ -80,9 +80,14 @@ class JSONEventObserver:
     def __init__(self) -> None:
         self._lines: JSONLines | None = None
 
-    def writeTo(self, out: IO[Any] | Any, reactor: Any = None) -> None:
-        """Write the lines to C{out} (a file, or a L{LogFile}) from now on."""
-        self._lines = JSONLines(out, reactor)
+    def writeTo(
+        self, out: IO[Any] | Any, reactor: Any = None, extra: Mapping[str, Any] | None = None
+    ) -> None:
+        """
+        Write the lines to C{out} (a file, or a L{LogFile}) from now on, with
+        the fields of C{extra} last (a worker's C{worker_pid}).
+        """
+        self._lines = JSONLines(out, reactor, extra)
 
     def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
         if event in _UNLOGGED:
@@ -104,9 +109,12 @@ class JSONLines:
     sessions costs one write).
     """
 
-    __slots__ = ("_clock", "_flush", "_pending", "_reactor", "_write")
+    __slots__ = ("_clock", "_extra", "_flush", "_pending", "_reactor", "_write")
 
-    def __init__(self, out: IO[Any] | Any, reactor: Any = None) -> None:
+    def __init__(
+        self, out: IO[Any] | Any, reactor: Any = None, extra: Mapping[str, Any] | None = None
+    ) -> None:
+        self._extra = extra
         self._write = out.write
         self._flush = out.flush
         self._clock = _Clock()
@@ -121,6 +129,8 @@ class JSONLines:
             "namespace": namespace,
         }
         _add_fields(line, fields)
+        if self._extra:
+            line.update(self._extra)
         self._write(_dumps(line) + "\n")
         if not self._pending:
             self._pending = True
@@ -137,8 +147,10 @@ class JSONLines:
 class JSONFormatter:
     """Formats a Twisted log event as one flat JSON object and a newline."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra: Mapping[str, Any] | None = None) -> None:
         self._clock = _Clock()
+        #: Fields added last to every line (a worker's C{worker_pid}).
+        self._extra = extra
 
     def __call__(self, event: LogEvent) -> str:
         when = event.get("log_time")
@@ -160,6 +172,8 @@ class JSONFormatter:
             failure = event.get("log_failure")
             if isinstance(failure, Failure):
                 _failure(line, failure)
+        if self._extra:
+            line.update(self._extra)
         return _dumps(line) + "\n"
 
 
@@ -197,9 +211,9 @@ def _failure(line: dict[str, Any], failure: Failure) -> None:
     line["traceback"] = failure.getTraceback()
 
 
-def jsonFileLogObserver(outFile: IO[Any]) -> ILogObserver:
-    """A L{FileLogObserver} writing JSON lines to C{outFile}."""
-    return FileLogObserver(outFile, JSONFormatter())
+def jsonFileLogObserver(outFile: IO[Any], extra: Mapping[str, Any] | None = None) -> ILogObserver:
+    """A L{FileLogObserver} writing JSON lines to C{outFile} (C{extra}: see L{JSONFormatter})."""
+    return FileLogObserver(outFile, JSONFormatter(extra))
 
 
 def reopening_log_file(path: str) -> Any:

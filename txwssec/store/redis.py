@@ -208,6 +208,21 @@ class RedisStore:
                 self._call(scripts.APPLY, self._session_keys, [ms, *writes[i : i + 3 * 500]])
             )
 
+    def _taken_writes(self) -> list[Any]:
+        """
+        The batched writes, taken to go with this node's next script (not
+        sent apart); sent apart now if there are many, or while Redis is
+        away (L{flush} keeps the removals then).
+        """
+        if len(self._writes) > 3 * 500 or not self.link.ready:
+            self.flush()
+            return []
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None and flushing.active():
+            flushing.cancel()
+        writes, self._writes = self._writes, []
+        return writes
+
     # -- connection counts -------------------------------------------------------
 
     @property
@@ -249,11 +264,13 @@ class RedisStore:
             return True
         members = [f"{self.node}:{next(self._serial):x}" for _ in leases]
         keys = [self._lease_key(lease_kind, lease_of) for lease_kind, lease_of, _ in leases]
-        args: list[Any] = [int(self.lease * 1000)]
+        # This node's batched writes first, in the same script (its own
+        # releases count: its view is never stale; one round trip).
+        writes = self._taken_writes()
+        args: list[Any] = [int(self.lease * 1000), len(writes), *writes]
         for (_, _, lease_cap), member in zip(leases, members, strict=True):
             args += (lease_cap, member)
-        self.flush()  # this node's releases first: its own view is never stale
-        taken = self._call(scripts.ACQUIRE, keys, args)
+        taken = self._call(scripts.ACQUIRE, [*self._session_keys, *keys], args)
         answer: Deferred[bool] = Deferred(lambda _: None)
 
         def counted(full: Any) -> None:
@@ -278,7 +295,12 @@ class RedisStore:
         def failed(failure: Failure) -> None:
             counter.release(key)
             self._trim(kind, key)
-            # A call that timed out may still run in Redis: its leases go too.
+            # A call that timed out may still run in Redis: its leases go too,
+            # and the removals it carried are sent again (additions are
+            # written again from this node's state when Redis is back).
+            for i in range(0, len(writes), 3):
+                if writes[i] != "sadd":
+                    self._write(*writes[i : i + 3])
             for lease_key, member in zip(keys, members, strict=True):
                 self._write("zrem", lease_key, member)
             if not answer.called:

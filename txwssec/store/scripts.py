@@ -16,23 +16,49 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-#: KEYS lease sets (a consumer's, and the connection's address's); ARGV
-#: lease (ms), then a cap (0: none) and a member per key. Answers the index
-#: of the first set at its cap (nothing taken), or 0 when a lease was taken
-#: in every set.
-ACQUIRE = (
-    _NOW_MS
-    + """
-local lease = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-  local cap = tonumber(ARGV[2 * i])
-  if cap > 0 and redis.call('ZCARD', KEYS[i]) >= cap then
-    return i
+#: The writes nobody waits for (see L{APPLY}): from ARGV[first], C{count}
+#: values, three per write; KEYS[1] the session lease set, KEYS[2] the records.
+_WRITES = """
+local function apply(first, count, lease)
+  for i = first, first + count - 1, 3 do
+    local op = ARGV[i]
+    if op == 'zrem' then
+      redis.call('ZREM', ARGV[i + 1], ARGV[i + 2])
+    elseif op == 'sadd' then
+      redis.call('ZADD', KEYS[1], now + lease, ARGV[i + 1])
+      redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+    elseif op == 'srem' then
+      redis.call('ZREM', KEYS[1], ARGV[i + 1])
+      redis.call('HDEL', KEYS[2], ARGV[i + 1])
+    end
   end
 end
-for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], now + lease, ARGV[2 * i + 1])
+"""
+
+#: KEYS[1], KEYS[2] as L{APPLY}'s, then the lease sets (a consumer's, and
+#: the connection's address's); ARGV lease (ms), the number of values of
+#: this node's batched writes, those writes (as L{APPLY}'s: applied first,
+#: so that this node's own releases count), then a cap (0: none) and a
+#: member per lease set. Answers the index (from 1) of the first lease set
+#: at its cap (nothing taken), or 0 when a lease was taken in every set.
+#: One script per capped handshake: its writes travel with it.
+ACQUIRE = (
+    _NOW_MS
+    + _WRITES
+    + """
+local lease = tonumber(ARGV[1])
+local count = tonumber(ARGV[2])
+apply(3, count, lease)
+local base = 2 + count
+for i = 3, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  local cap = tonumber(ARGV[base + 2 * (i - 2) - 1])
+  if cap > 0 and redis.call('ZCARD', KEYS[i]) >= cap then
+    return i - 2
+  end
+end
+for i = 3, #KEYS do
+  redis.call('ZADD', KEYS[i], now + lease, ARGV[base + 2 * (i - 2)])
   redis.call('PEXPIRE', KEYS[i], lease)
 end
 return 0
@@ -59,20 +85,9 @@ return #KEYS
 #: session opened), C{srem} (an id, "": a session ended).
 APPLY = (
     _NOW_MS
+    + _WRITES
     + """
-local lease = tonumber(ARGV[1])
-for i = 2, #ARGV, 3 do
-  local op = ARGV[i]
-  if op == 'zrem' then
-    redis.call('ZREM', ARGV[i + 1], ARGV[i + 2])
-  elseif op == 'sadd' then
-    redis.call('ZADD', KEYS[1], now + lease, ARGV[i + 1])
-    redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
-  elseif op == 'srem' then
-    redis.call('ZREM', KEYS[1], ARGV[i + 1])
-    redis.call('HDEL', KEYS[2], ARGV[i + 1])
-  end
-end
+apply(2, #ARGV - 1, tonumber(ARGV[1]))
 return 1
 """
 )

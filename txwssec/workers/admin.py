@@ -13,11 +13,21 @@ L{txwssec.workers.worker}) and combines the answers.
 - C{GET /metrics}: the workers' metrics added up (L{txwssec.workers.merge}),
   then the supervisor's own (C{wssec_workers_running},
   C{wssec_worker_restarts_total}).
-- C{GET /sessions}: every worker's sessions, each with C{worker} (its pid).
-- C{DELETE /sessions}, C{POST /revocations}: sent to every worker;
-  C{{"closed": N}} is the sum. A worker that does not answer makes it a 503
-  (C{{"closed": N, "error": "not every worker answered"}}): a revocation
-  that some worker may not enforce is not reported as done.
+- C{GET /sessions}: every worker's sessions, each with C{worker} (its pid),
+  each once. With a shared store (C{backend = "redis"}) every worker reads
+  the same list of every node's sessions: a session of this supervisor's
+  workers is taken from the answer of the worker that holds it, a session
+  of another node once, with C{"worker": null}.
+- C{DELETE /sessions}, C{POST /revocations}: sent to every worker but one
+  as "this worker only" (L{txwssec.workers.worker.LOCAL_HEADER}: no
+  PUB/SUB message), then, once they answered, to the last one as to one
+  process (which also tells the other nodes). C{{"closed": N}} is the sum:
+  each session closed counted once, by the worker that held it; as with one
+  process, sessions of other nodes are closed but not counted. (Told to
+  every worker at once, a worker could hear another's PUB/SUB message
+  first and close its sessions uncounted.) A worker that does not answer
+  makes it a 503 (C{{"closed": N, "error": "not every worker answered"}}):
+  a revocation that some worker may not enforce is not reported as done.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from zope.interface import implementer
 from txwssec.ops.admin import MAX_BODY, AdminResource, AdminSite, _error, _json
 from txwssec.workers.merge import merged_text
 from txwssec.workers.revoked import KeptRevocations
+from txwssec.workers.worker import LOCAL_HEADER
 
 #: How long the supervisor waits for a worker's answer (seconds).
 WORKER_TIMEOUT = 5.0
@@ -119,11 +130,22 @@ class WorkerClient:
         return done.addCallback(lambda results: [answer for _, answer in results])
 
     def ask(
-        self, worker: Worker, method: bytes, path: bytes, body: bytes | None = None
+        self,
+        worker: Worker,
+        method: bytes,
+        path: bytes,
+        body: bytes | None = None,
+        *,
+        local: bool = False,
     ) -> Deferred[Answer]:
-        """Send a request to C{worker}: its answer, or None (never fails)."""
+        """
+        Send a request to C{worker}: its answer, or None (never fails).
+        C{local}: a close for this worker's sessions only (L{LOCAL_HEADER}).
+        """
         producer = FileBodyProducer(BytesIO(body)) if body is not None else None
         headers = Headers({b"authorization": [self._auth]})
+        if local:
+            headers.setRawHeaders(LOCAL_HEADER, [b"1"])
         url = b"http://worker-%d%s" % (worker.index, path)
         requested = self._agent.request(method, url, headers, producer)
 
@@ -214,11 +236,29 @@ class SupervisorAdmin(AdminResource):
         workers = list(self._workers())
 
         def answer(answers: list[Answer]) -> bytes:
-            records = []
-            for worker, got in zip(workers, answers, strict=True):
-                if got is not None and got[0] == 200:
-                    for record in json.loads(got[1]):
-                        records.append({**record, "worker": worker.pid})
+            listings = [
+                (worker.pid, _loads(got[1]))
+                for worker, got in zip(workers, answers, strict=True)
+                if got is not None and got[0] == 200
+            ]
+            # The store's node id of each worker (None: the memory store).
+            ours = {listing.get("node"): pid for pid, listing in listings}
+            records, seen = [], set()
+            for pid, listing in listings:
+                node = listing.get("node")
+                for record in listing.get("sessions", []):
+                    holder = record.get("node")
+                    if holder is not None and holder != node:
+                        if holder in ours:
+                            continue  # a sibling's: from the sibling's own answer
+                        pid_of = None  # another node's
+                    else:
+                        pid_of = pid
+                    if record["id"] in seen:
+                        continue
+                    seen.add(record["id"])
+                    shown = {k: v for k, v in record.items() if k != "node"}
+                    records.append({**shown, "worker": pid_of})
             return _json(request, sorted(records, key=lambda r: r["opened_at"]))
 
         return self._later(request, self._ask(b"GET", b"/sessions"), answer)
@@ -246,7 +286,28 @@ class SupervisorAdmin(AdminResource):
                 return _json(request, {"closed": closed, "error": "not every worker answered"})
             return _json(request, {"closed": closed})
 
-        return self._later(request, self._ask(method, path, body), answer)
+        workers = list(self._workers())
+        running = [w for w in workers if w.pid is not None]
+        last = running[-1] if running else None
+        first = [
+            succeed(None) if w.pid is None else self._client.ask(w, method, path, body, local=True)
+            for w in workers
+            if w is not last
+        ]
+
+        def then(answers: list[tuple[bool, Answer]]) -> Deferred[list[Answer]]:
+            told: Deferred[Answer] = (
+                succeed(None) if last is None else self._client.ask(last, method, path, body)
+            )
+
+            def ordered(got: Answer) -> list[Answer]:
+                others = iter(answer for _, answer in answers)
+                return [got if w is last else next(others) for w in workers]
+
+            return told.addCallback(ordered)
+
+        asked: Deferred[Any] = DeferredList(first, consumeErrors=True)
+        return self._later(request, asked.addCallback(then), answer)
 
 
 def supervisor_site(

@@ -10,8 +10,10 @@ that all serve every service listener (docs/deployment.rst).
 - Each worker is C{twistd -n --pidfile= wssec --config FILE} of the same
   Python, told its role through its environment
   (L{txwssec.workers.worker}). It loads the configuration and TLS files
-  itself. Its log events come as JSON lines on its standard output and are
-  logged here, with C{worker=INDEX pid=PID} as their system.
+  itself, and writes its log lines itself where the supervisor's go
+  (L{txwssec.workers.logs}), with C{worker=INDEX pid=PID} in their system
+  (or, with C{--syslog} or C{--logger}, as JSON lines on its standard
+  output, logged here).
 - A worker that ends is logged (pid and exit status) and started again: at
   once if it ran for L{STEADY} seconds, else after a delay that doubles
   from L{FIRST_DELAY} up to L{MAX_DELAY} (a worker that cannot start does
@@ -22,7 +24,8 @@ that all serve every service listener (docs/deployment.rst).
 - SIGTERM, SIGINT: each worker stops gracefully (its sessions close with
   1001, at most C{shutdown_timeout}); a worker still running
   L{STOP_MARGIN} seconds later is killed.
-- SIGUSR1: the supervisor reopens the log file; the workers write no file.
+- SIGUSR1: the supervisor reopens C{[log] file} (or rotates twistd's
+  C{--logfile}), then each worker reopens it.
 - C{[admin]}: served here, from every worker (L{txwssec.workers.admin}).
 """
 
@@ -44,7 +47,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
@@ -56,6 +59,7 @@ from txwssec.observers import TextLogObserver
 from txwssec.ops import JSONEventObserver
 from txwssec.reuseport import SUPPORTED, reserve, shared
 from txwssec.workers.admin import WorkerClient, supervisor_site
+from txwssec.workers.logs import STDOUT, line_file, observer, on_usr1
 from txwssec.workers.revoked import KeptRevocations
 from txwssec.workers.worker import REVOKED_FILE, WorkerRole, relayed
 
@@ -120,8 +124,14 @@ class Supervisor(Service):
     in place of the listeners; L{admin} is the C{[admin]} site, if any.
     """
 
-    def __init__(self, path: str | Path, config: Config, reactor: Any) -> None:
+    def __init__(
+        self, path: str | Path, config: Config, reactor: Any, log: str | None = None
+    ) -> None:
         self.path = str(Path(path).resolve())
+        #: Where the log goes, written by every worker too
+        #: (L{txwssec.workers.logs}); L{None}: the workers' lines are relayed.
+        self.log = log
+        self._log_file = line_file(log) if log is not None else None
         self.config = config
         self.reactor = reactor
         self.count = config.workers
@@ -133,9 +143,8 @@ class Supervisor(Service):
         self._directory = ""
         self._restarts: dict[int, Any] = {}
         self._stopped: Deferred[None] | None = None
-        self.events = Events(
-            [JSONEventObserver() if config.log.format == "json" else TextLogObserver()]
-        )
+        self._json_events = JSONEventObserver() if config.log.format == "json" else None
+        self.events = Events([self._json_events or TextLogObserver()])
         self.registry = CollectorRegistry(auto_describe=True)
         self._running = Gauge(
             "wssec_workers_running", "Worker processes running.", registry=self.registry
@@ -154,6 +163,24 @@ class Supervisor(Service):
             self.admin = supervisor_site(
                 self.client, self.registry, config.admin.token_digest, self.kept
             )
+
+    def log_observer(self) -> ILogObserver | None:
+        """
+        The supervisor's log, when the workers write it too (L{log}); its
+        SIGUSR1 (reopen C{[log] file}, or rotate twistd's C{--logfile}) is
+        passed on to the workers, which reopen it.
+        """
+        if self._log_file is None:
+            return None
+        if hasattr(signal, "SIGUSR1"):
+            rotate = self.config.log.file == "-"
+            handler = on_usr1(self._log_file, rotate, self._reopened)
+            signal.signal(signal.SIGUSR1, handler)
+        return observer(self.config.log.format, self._log_file, self._json_events)
+
+    def _reopened(self) -> None:
+        for worker in self.workers:
+            self._signal(worker, signal.SIGUSR1)
 
     # -- start ---------------------------------------------------------------------
 
@@ -220,6 +247,7 @@ class Supervisor(Service):
             os.getpid(),
             self.token,
             metrics=self.config.admin is not None,
+            log=self.log,
         )
         env = {**os.environ, **role.to_environment()}
         args = [sys.executable, *TWISTD, "-n", "--pidfile=", "wssec", "--config", self.path]
@@ -229,7 +257,8 @@ class Supervisor(Service):
             args,
             env=env,
             path=os.getcwd(),
-            childFDs={0: "w", 1: "r", 2: "r"},
+            # Writing the supervisor's standard output itself, or told on it.
+            childFDs={0: "w", 1: 1 if self.log == STDOUT else "r", 2: "r"},
         )
         worker.pid, worker.ready, worker.started = transport.pid, False, self.reactor.seconds()
         self._running.set(sum(w.pid is not None for w in self.workers))

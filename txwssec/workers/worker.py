@@ -13,10 +13,12 @@ and its TLS files itself, and then:
   (L{txwssec.reuseport}), on the reserved ports;
 - serves the admin API on a UNIX socket in the supervisor's private
   directory (mode 0600), behind the private token, in place of C{[admin]};
-- writes its log events as JSON lines on standard output, which the
-  supervisor reads and logs as its own (one log, in the configured format);
-- ignores SIGUSR1 (the supervisor owns the log files) and stops gracefully
-  if the supervisor dies (Linux's C{PR_SET_PDEATHSIG}).
+- writes its log lines itself where the supervisor's log goes
+  (L{txwssec.workers.logs}: one log, in the configured format, each line
+  naming its worker) and reopens the file on SIGUSR1; with C{--syslog} or
+  C{--logger}, writes its log events as JSON lines on standard output,
+  which the supervisor reads and logs as its own;
+- stops gracefully if the supervisor dies (Linux's C{PR_SET_PDEATHSIG}).
 """
 
 from __future__ import annotations
@@ -32,17 +34,21 @@ from typing import IO, Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import ILogObserver, InvalidLogLevelError, LogEvent, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from txwssec.config import Config
-from txwssec.ops import Metrics, admin_site, token_digest
+from txwssec.ops import Metrics, token_digest
+from txwssec.ops.admin import AdminResource, AdminSite, _json
 from txwssec.ops.jsonlog import EVENT_KEY, FIELDS_KEY
 from txwssec.reuseport import shared
+from txwssec.workers.logs import line_file, observer, on_usr1
 from txwssec.workers.revoked import apply_kept
 
 #: The environment variable that makes C{twistd wssec} a worker.
@@ -74,6 +80,9 @@ class WorkerRole:
     supervisor: int
     token: str
     metrics: bool = True
+    #: Where the log goes (L{txwssec.workers.logs.destination}); L{None}:
+    #: log events as JSON lines to the supervisor (L{LogLines}).
+    log: str | None = None
 
     @classmethod
     def from_environment(
@@ -91,6 +100,7 @@ class WorkerRole:
             ports=tuple(int(port) for port in role["ports"]),
             supervisor=int(role["supervisor"]),
             metrics=bool(role.get("metrics", True)),
+            log=role.get("log"),
             token=environ.pop(TOKEN_ENV, ""),
         )
 
@@ -102,6 +112,7 @@ class WorkerRole:
             "ports": list(self.ports),
             "supervisor": self.supervisor,
             "metrics": self.metrics,
+            "log": self.log,
         }
         return {ROLE_ENV: json.dumps(role), TOKEN_ENV: self.token}
 
@@ -123,16 +134,66 @@ class WorkerRole:
         apply_kept(os.path.join(os.path.dirname(self.socket), REVOKED_FILE), factory.revocations)
         # Metrics cost per event: only when the supervisor serves /metrics.
         registry = Metrics(factory).registry if self.metrics else None
-        site = admin_site(factory, registry, token_digest(self.token))
+        site = AdminSite(WorkerAdmin(factory, registry, token_digest(self.token)))
+        site.displayTracebacks = False
         endpoint = UNIXServerEndpoint(reactor, self.socket, mode=0o600)
         StreamServerEndpointService(endpoint, site).setServiceParent(service)
         if hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         _die_with(self.supervisor)
 
-    def log_observer(self) -> ILogObserver:
-        """Log events as JSON lines on standard output, for the supervisor."""
-        return LogLines(sys.__stdout__)
+    def log_observer(self, format: str = "text", events: Any = None) -> ILogObserver:
+        """
+        The worker's log: written by the worker itself where the
+        supervisor's goes (L{txwssec.workers.logs}), its file reopened on
+        SIGUSR1; else (C{log} is L{None}) JSON lines on standard output,
+        for the supervisor.
+        """
+        if self.log is None:
+            return LogLines(sys.__stdout__)
+        out = line_file(self.log)
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, on_usr1(out, rotate=False))
+        pid = os.getpid()
+        return observer(
+            format, out, events, f" worker={self.index} pid={pid}", {"worker_pid": pid}
+        )
+
+
+#: The private request header that asks a worker to close its own sessions
+#: only, without telling the other nodes (L{WorkerAdmin}).
+LOCAL_HEADER = b"x-txwssec-local"
+
+
+class WorkerAdmin(AdminResource):
+    """
+    A worker's private admin API (behind the private token): one process's,
+    with two differences for the supervisor (L{txwssec.workers.admin}).
+
+    - C{DELETE /sessions}, C{POST /revocations} with L{LOCAL_HEADER}: close
+      this worker's sessions only, without publishing the close to the
+      other nodes of a shared store (the supervisor asks every worker so,
+      then one worker without the header, so that each session closed is
+      counted once, by the worker that held it).
+    - C{GET /sessions}: C{{"node": ID, "sessions": [...]}}, the records
+      with the node that holds each (C{null} with the memory store) and this
+      worker's node id, so that the supervisor lists each session once.
+    """
+
+    def _tells_others(self, request: Request) -> bool:
+        return request.getHeader(LOCAL_HEADER) is None
+
+    def _sessions(self, request: Request) -> bytes | Deferred[bytes]:
+        store = self.factory.admission.store
+        node = getattr(store, "node", None)
+
+        def listed(records: list[Mapping[str, Any]]) -> bytes:
+            return _json(request, {"node": node, "sessions": records})
+
+        records = store.sessions()
+        if isinstance(records, Deferred):
+            return records.addCallback(listed)
+        return listed(records)
 
 
 @implementer(ILogObserver)
