@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -654,3 +655,29 @@ def test_reserve_a_port_with_connections_in_time_wait() -> None:
         assert reserved.getsockname()[1] == port
     finally:
         reserved.close()
+
+
+def test_ports_are_reserved_in_start_service_after_twistd_drops_privileges() -> None:
+    """
+    twistd calls privilegedStartService, then drops privileges (--uid,
+    --gid), then startService; Linux shares a port with SO_REUSEPORT only
+    between sockets of one user, so the supervisor reserves the workers'
+    ports in startService, as the workers' user, not before.
+    """
+    loaded = config(workers=2, listen=["tcp:0:interface=127.0.0.1"])
+    supervisor = Supervisor("wssec.toml", loaded, Clock())
+    supervisor._spawn = lambda worker: None  # type: ignore[method-assign]
+    hangup = signal.getsignal(signal.SIGHUP)
+    try:
+        supervisor.privilegedStartService()
+        assert supervisor.ports == []
+        assert supervisor._reserved == []
+        supervisor.startService()
+        assert len(supervisor.ports) == 1
+        assert supervisor._reserved[0].getsockname()[1] == supervisor.ports[0]
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
+        for sock in supervisor._reserved:
+            sock.close()
+        if supervisor._directory:
+            shutil.rmtree(supervisor._directory, ignore_errors=True)
