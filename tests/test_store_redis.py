@@ -290,6 +290,29 @@ async def test_a_release_while_the_link_is_down_is_sent_when_it_is_back(nodes: N
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_acquire_while_the_link_is_down_queues_nothing(nodes: Nodes) -> None:
+    """
+    A handshake refused with 503 while Redis is away sent no lease: it
+    queues no removal either, so a flood of them cannot push out the real
+    removals kept for when Redis is back (at most MAX_KEPT).
+    """
+    a = await nodes.node()
+    assert await a.acquire("consumer", "blip", 1) is True
+    a.link.connection.transport.loseConnection()  # Redis keeps its data
+    await until(lambda: not a.ready)
+    for i in range(100):
+        with pytest.raises(ServiceUnavailable):
+            await a.acquire("consumer", f"flood{i}", 1, along=("address", "192.0.2.1", 5))
+    assert a.counter("consumer").count("flood0") == 0
+    a.release("consumer", "blip")
+    a.flush()
+    # Kept for when Redis is back: the one real removal, nothing else.
+    assert a._writes[:2] == ["zrem", "test:conn:consumer:blip"] and len(a._writes) == 3
+    await until(lambda: a.ready)
+    await until(lambda: nodes.server.command(b"EXISTS", b"test:conn:consumer:blip") == b":0")
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_slow_redis_gives_503_after_the_timeout(nodes: Nodes) -> None:
     a = await nodes.node(timeout=0.3)
     # Redis busy for 1.5 s (another client's DEBUG SLEEP, from a thread).

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -39,7 +40,7 @@ from websockets.sync.client import ClientConnection, connect
 from txwssec.config import parse
 from txwssec.devcert import write_dev_certificates
 from txwssec.errors import ConfigError
-from txwssec.workers.merge import merged_text
+from txwssec.workers.merge import Scrapes, merged_text
 from txwssec.workers.supervisor import STEADY, Supervisor, WorkerProcess
 
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used:DeprecationWarning")
@@ -296,6 +297,7 @@ def test_killed_worker_loses_only_its_sessions_and_comes_back(
     placed = worker_of(server)
     by_client = [placed[_session_id(server, client)] for client in clients]
     victim = server.pids()[0]
+    before = samples(server.call("GET", "/metrics")[1])
     seen = len(server.process.lines)
     os.kill(victim, signal.SIGKILL)
     server.process.wait_for(f"wssec worker 0 (pid {victim}) ended: killed by signal 9", seen)
@@ -310,6 +312,11 @@ def test_killed_worker_loses_only_its_sessions_and_comes_back(
     )
     server.process.wait_for(f"wssec worker 0 (pid {replacement}) serving", seen)
     assert server.call("GET", "/readyz")[0] == 200
+    # The merged counters keep the killed worker's counts: none goes down.
+    after = samples(server.call("GET", "/metrics")[1])
+    grown = [k for k in before if k[0].endswith(("_total", "_bucket", "_sum", "_count"))]
+    assert any(k[0] == "wssec_handshakes_total" for k in grown)
+    assert [k for k in grown if after.get(k, -1) < before[k]] == []
     fresh = [server.open() for _ in range(SPREAD)]
     assert replacement in {record["worker"] for record in server.sessions()}
     for client in fresh:
@@ -452,6 +459,35 @@ def test_merge_adds_up_samples_with_the_same_name_and_labels() -> None:
         for text in (first, second)
     ]
     assert merged[("wssec_handshakes_created", (("route", "/a"),))] == min(created)
+
+
+def test_merge_keeps_the_counters_of_a_worker_that_ended() -> None:
+    """
+    A worker that ends (not running, then a new pid in its slot) keeps its
+    last counter and histogram samples in every later merge, so that no
+    merged counter goes down; its gauges are not carried over.
+    """
+    scrapes = Scrapes()
+    handshakes = ("wssec_handshakes_total", (("route", "/a"),))
+    bucket = ("wssec_d_bucket", (("le", "1.0"), ("route", "/a")))
+    count = ("wssec_d_count", (("route", "/a"),))
+    gauge = ("wssec_connections_open", (("route", '/a"b'),))
+
+    def scrape(*answers: tuple[int, int | None, str | None]) -> dict[Any, float]:
+        return samples(merged_text(scrapes.texts(answers)))
+
+    first = scrape((0, 10, worker_metrics(3, 2, 0.05)), (1, 11, worker_metrics(4, 5, 0.5)))
+    assert (first[handshakes], first[bucket], first[count], first[gauge]) == (7, 2, 2, 7)
+    dead = scrape((0, None, None), (1, 11, worker_metrics(5, 5, 0.5)))
+    assert (dead[handshakes], dead[bucket], dead[count], dead[gauge]) == (8, 2, 2, 5)
+    again = scrape((0, 12, worker_metrics(1, 1, 0.5)), (1, 11, worker_metrics(6, 5, 0.5)))
+    assert (again[handshakes], again[bucket], again[count], again[gauge]) == (10, 3, 3, 6)
+    # A running worker that does not answer stands in with its last counters.
+    silent = scrape((0, 12, None), (1, 11, worker_metrics(6, 5, 0.5)))
+    assert (silent[handshakes], silent[count], silent[gauge]) == (10, 3, 5)
+    for name, value in first.items():
+        if name[0].endswith(("_total", "_bucket", "_sum", "_count")):
+            assert dead[name] >= value and again[name] >= dead[name]
 
 
 # -- restarts ---------------------------------------------------------------------
@@ -654,3 +690,29 @@ def test_reserve_a_port_with_connections_in_time_wait() -> None:
         assert reserved.getsockname()[1] == port
     finally:
         reserved.close()
+
+
+def test_ports_are_reserved_in_start_service_after_twistd_drops_privileges() -> None:
+    """
+    twistd calls privilegedStartService, then drops privileges (--uid,
+    --gid), then startService; Linux shares a port with SO_REUSEPORT only
+    between sockets of one user, so the supervisor reserves the workers'
+    ports in startService, as the workers' user, not before.
+    """
+    loaded = config(workers=2, listen=["tcp:0:interface=127.0.0.1"])
+    supervisor = Supervisor("wssec.toml", loaded, Clock())
+    supervisor._spawn = lambda worker: None  # type: ignore[method-assign]
+    hangup = signal.getsignal(signal.SIGHUP)
+    try:
+        supervisor.privilegedStartService()
+        assert supervisor.ports == []
+        assert supervisor._reserved == []
+        supervisor.startService()
+        assert len(supervisor.ports) == 1
+        assert supervisor._reserved[0].getsockname()[1] == supervisor.ports[0]
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
+        for sock in supervisor._reserved:
+            sock.close()
+        if supervisor._directory:
+            shutil.rmtree(supervisor._directory, ignore_errors=True)

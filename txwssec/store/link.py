@@ -8,7 +8,9 @@ The link is I{ready} once both are up and the store has synchronised
 (loaded its revocation replica, written its leases again); it stops being
 ready as soon as either is lost. Each change is logged once, in the
 namespace C{txwssec.state}: "lost" with the reason, "ready" when it is
-back; failed attempts in between are not logged again. The URL's password
+back; failed attempts in between are not logged again (nor the
+"Scheduling retry ..." lines of txredisapi's L{ClientService}s, see
+L{_QuietClientService}). The URL's password
 never appears: only L{StateSettings.location}.
 """
 
@@ -18,11 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import txredisapi  # type: ignore[import-untyped]
+from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.logger import Logger
+from twisted.logger import Logger, LogPublisher
 from twisted.python.failure import Failure
 
 from txwssec.logs import bounded
@@ -35,7 +38,31 @@ INITIAL_DELAY = 0.2
 MAX_DELAY = 2.0
 
 
-class _Commands(txredisapi.RedisFactory):  # type: ignore[misc]
+class _QuietClientService(ClientService):
+    """
+    A L{ClientService} that does not log its "Scheduling retry N to connect
+    ..." line (once a second per connection while Redis is down): the link
+    logs each change of state once instead.
+    """
+
+    _log = Logger(namespace="txwssec.state", observer=LogPublisher())
+
+
+class _Quiet:
+    """Makes a txredisapi factory connect through L{_QuietClientService}s."""
+
+    def startConnecting(self, endpoint: IStreamClientEndpoint) -> None:
+        # txredisapi's pool slots make their ClientService by this module
+        # name, each in this call (none is made later).
+        original = txredisapi.ClientService
+        txredisapi.ClientService = _QuietClientService
+        try:
+            super().startConnecting(endpoint)  # type: ignore[misc]
+        finally:
+            txredisapi.ClientService = original
+
+
+class _Commands(_Quiet, txredisapi.RedisFactory):  # type: ignore[misc]
     """txredisapi's factory, telling the link when a connection comes and goes."""
 
     initialDelay = INITIAL_DELAY
@@ -81,7 +108,7 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
         self.factory.link._received(message)
 
 
-class _Subscriber(txredisapi.SubscriberFactory):  # type: ignore[misc]
+class _Subscriber(_Quiet, txredisapi.SubscriberFactory):  # type: ignore[misc]
     protocol = _SubscriberProtocol
     initialDelay = INITIAL_DELAY
     maxDelay = MAX_DELAY

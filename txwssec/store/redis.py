@@ -256,12 +256,18 @@ class RedisStore:
                 return False
             counter.acquire(key)
             return True
-        counter.acquire(key)
         leases = [(kind, key, cap)] if cap else []
         if along is not None and along[2]:
             leases.append(along)
         if not leases:
+            counter.acquire(key)
             return True
+        if not self.link.ready or self.link.connection is None:
+            # 503 at once: no lease is sent, so none is given back either
+            # (a flood of refused handshakes must not crowd out the
+            # removals kept for when Redis is back, at most MAX_KEPT).
+            return fail(unavailable())
+        counter.acquire(key)
         members = [f"{self.node}:{next(self._serial):x}" for _ in leases]
         keys = [self._lease_key(lease_kind, lease_of) for lease_kind, lease_of, _ in leases]
         # This node's batched writes first, in the same script (its own

@@ -53,7 +53,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from txwssec.ops.admin import MAX_BODY, AdminResource, AdminSite, _error, _json
-from txwssec.workers.merge import merged_text
+from txwssec.workers.merge import Scrapes, merged_text
 from txwssec.workers.revoked import KeptRevocations
 from txwssec.workers.worker import LOCAL_HEADER
 
@@ -180,6 +180,8 @@ class SupervisorAdmin(AdminResource):
         self._workers = client.workers
         self._registry = registry
         self._ask = client.ask_all
+        #: The workers' last counters, kept when they end (monotonic sums).
+        self._scrapes = Scrapes()
 
     def _later(
         self,
@@ -223,11 +225,14 @@ class SupervisorAdmin(AdminResource):
     def _metrics(self, request: Request) -> bytes:
         from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+        asked = [(worker.index, worker.pid) for worker in self._workers()]
+
         def answer(answers: list[Answer]) -> bytes:
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-            texts = [
-                got[1].decode("utf-8") for got in answers if got is not None and got[0] == 200
-            ]
+            texts = self._scrapes.texts(
+                (index, pid, got[1].decode("utf-8") if got is not None and got[0] == 200 else None)
+                for (index, pid), got in zip(asked, answers, strict=True)
+            )
             return merged_text(texts, self._registry)
 
         return self._later(request, self._ask(b"GET", b"/metrics"), answer)

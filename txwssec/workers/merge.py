@@ -5,6 +5,13 @@ and labels (counters, gauges such as the open connections, and each bucket,
 sum and count of a histogram). A C{_created} sample (when a series began)
 is the earliest of the workers'.
 
+A worker that ends takes its counts with it, and a sum of the live workers
+only would go down, which Prometheus reads as a counter reset. L{Scrapes}
+keeps the last counter and histogram samples (C{_total}, C{_bucket},
+C{_sum}, C{_count}) scraped from each worker process and, once the process
+has ended, adds them to every later merge: each merged counter only grows.
+Gauges (the open connections) are not carried over.
+
 Why not C{prometheus_client}'s multiprocess mode: it keeps every metric in
 files of a shared directory, written on every update, and cannot read the
 live per-session traffic that L{txwssec.ops.metrics} reads at scrape time.
@@ -69,3 +76,62 @@ def merged_text(texts: Iterable[str], *registries: CollectorRegistry) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Merged(merge(texts)))
     return generate_latest(registry) + b"".join(generate_latest(r) for r in registries)
+
+
+#: The samples of a worker that ended that L{Scrapes} keeps adding.
+CARRIED_SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
+#: The metric types whose samples only grow.
+CARRIED_TYPES = ("counter", "histogram", "summary")
+
+
+def counters(text: str) -> str:
+    """The counter and histogram samples of a Prometheus text (no gauges)."""
+    registry = CollectorRegistry(auto_describe=False)
+    kept = []
+    for family in text_string_to_metric_families(text):
+        if family.type not in CARRIED_TYPES:
+            continue
+        copy = Metric(family.name, family.documentation, family.type, family.unit)
+        for sample in family.samples:
+            if sample.name.endswith(CARRIED_SUFFIXES):
+                copy.add_sample(sample.name, sample.labels, sample.value)
+        kept.append(copy)
+    registry.register(_Merged(kept))
+    return generate_latest(registry).decode("utf-8")
+
+
+class Scrapes:
+    """
+    The workers' texts of each scrape, with the counts of the worker
+    processes that ended (see the module docstring).
+    """
+
+    def __init__(self) -> None:
+        #: Per worker slot: the pid and the counters of its last answer.
+        self._last: dict[int, tuple[int, str]] = {}
+        #: The counters of every worker process that ended, added up.
+        self._ended = ""
+
+    def texts(self, answers: Iterable[tuple[int, int | None, str | None]]) -> list[str]:
+        """
+        The texts to merge for one scrape: C{answers} are each worker's
+        slot, its pid when asked (None: not running) and its text (None:
+        no answer). A slot's earlier process, now ended, has its last
+        counters kept; a running one that did not answer stands in with its
+        last counters.
+        """
+        texts = []
+        for index, pid, text in answers:
+            last = self._last.get(index)
+            if last is not None and last[0] != pid:
+                del self._last[index]
+                self._ended = counters(merged_text([self._ended, last[1]]).decode("utf-8"))
+                last = None
+            if text is not None and pid is not None:
+                self._last[index] = (pid, counters(text))
+                texts.append(text)
+            elif last is not None:
+                texts.append(last[1])
+        if self._ended:
+            texts.append(self._ended)
+        return texts

@@ -4,7 +4,9 @@ process itself, which serves no WebSocket connection but runs N workers
 that all serve every service listener (docs/deployment.rst).
 
 - Before the workers start, it binds each service listener's address with
-  C{SO_REUSEPORT}, without listening (L{txwssec.reuseport.reserve}): a
+  C{SO_REUSEPORT}, without listening (L{txwssec.reuseport.reserve}), in
+  C{startService}: after twistd's C{--uid}/C{--gid}, as the workers'
+  user (Linux shares a port only between sockets of one user). A
   taken address fails the start as with one process, port 0 becomes a
   concrete port, logged as C{wssec reserved ... for N workers}.
 - Each worker is C{twistd -n --pidfile= wssec --config FILE} of the same
@@ -191,32 +193,17 @@ class Supervisor(Service):
                 f"server.workers = {self.count} needs SO_REUSEPORT load balancing, which only"
                 " Linux has: run one process (workers = 1) per port"
             )
-        for description, endpoint in zip(
-            self.config.listen, self.config.endpoints(self.reactor), strict=True
-        ):
-            try:
-                sock = reserve(shared(endpoint, self.reactor))
-            except (OSError, ValueError) as error:
-                log.critical(
-                    "wssec cannot listen on {endpoint}: {reason}",
-                    endpoint=description,
-                    reason=error,
-                )
-                raise SupervisorFailed(f"cannot listen on {description}: {error}") from None
-            self._reserved.append(sock)
-            host, port = sock.getsockname()[:2]
-            self.ports.append(port)
-            log.info(
-                "wssec reserved {endpoint} ({host}:{port}) for {count} workers",
-                endpoint=description,
-                host=host,
-                port=port,
-                count=self.count,
-            )
         signal.signal(signal.SIGHUP, self._onHangup)
 
     def startService(self) -> None:
         super().startService()
+        # Here, not in privilegedStartService: twistd calls this after it
+        # drops privileges (--uid/--gid), so the reservation is the workers'
+        # user's, as Linux wants of sockets sharing a port with SO_REUSEPORT
+        # (a root-owned one is passed over only through SO_REUSEADDR's
+        # exception for sockets that do not listen). A raise here still ends
+        # twistd with status 1.
+        self._reserve()
         # Here, not before: a listener that fails to start leaves nothing behind.
         self._directory = tempfile.mkdtemp(prefix="txwssec-workers-")
         self.kept.path = os.path.join(self._directory, REVOKED_FILE)
@@ -233,6 +220,34 @@ class Supervisor(Service):
             )
         for worker in self.workers:
             self._spawn(worker)
+
+    def _reserve(self) -> None:
+        """Bind each service listener's address for the workers (or fail the start)."""
+        for description, endpoint in zip(
+            self.config.listen, self.config.endpoints(self.reactor), strict=True
+        ):
+            try:
+                sock = reserve(shared(endpoint, self.reactor))
+            except (OSError, ValueError) as error:
+                log.critical(
+                    "wssec cannot listen on {endpoint}: {reason}",
+                    endpoint=description,
+                    reason=error,
+                )
+                for taken in self._reserved:
+                    taken.close()
+                self._reserved.clear()
+                raise SupervisorFailed(f"cannot listen on {description}: {error}") from None
+            self._reserved.append(sock)
+            host, port = sock.getsockname()[:2]
+            self.ports.append(port)
+            log.info(
+                "wssec reserved {endpoint} ({host}:{port}) for {count} workers",
+                endpoint=description,
+                host=host,
+                port=port,
+                count=self.count,
+            )
 
     def _spawn(self, worker: WorkerProcess) -> None:
         self._restarts.pop(worker.index, None)
