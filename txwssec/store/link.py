@@ -49,7 +49,14 @@ class _QuietClientService(ClientService):
 
 
 class _Quiet:
-    """Makes a txredisapi factory connect through L{_QuietClientService}s."""
+    """
+    Makes a txredisapi factory connect through L{_QuietClientService}s, tell
+    its link when it cannot connect, and never give up.
+    """
+
+    link: RedisLink
+    initialDelay = INITIAL_DELAY
+    maxDelay = MAX_DELAY
 
     def startConnecting(self, endpoint: IStreamClientEndpoint) -> None:
         # txredisapi's pool slots make their ClientService by this module
@@ -61,12 +68,21 @@ class _Quiet:
         finally:
             txredisapi.ClientService = original
 
+    def retryDelay(self, attempt: int) -> float:
+        self.link._down(None, "cannot connect")
+        delay: float = super().retryDelay(attempt)  # type: ignore[misc]
+        return delay
+
+    def stopTrying(self) -> Any:
+        # txredisapi stops for good when AUTH or SELECT fails; a Redis that
+        # restarts (or whose ACL is being changed) must not stop the node
+        # for good: it keeps trying, backing off (the link says why).
+        self.link._down(None, "AUTH or SELECT refused")
+        return None
+
 
 class _Commands(_Quiet, txredisapi.RedisFactory):  # type: ignore[misc]
     """txredisapi's factory, telling the link when a connection comes and goes."""
-
-    initialDelay = INITIAL_DELAY
-    maxDelay = MAX_DELAY
 
     def __init__(self, link: RedisLink, settings: StateSettings) -> None:
         super().__init__(
@@ -90,18 +106,6 @@ class _Commands(_Quiet, txredisapi.RedisFactory):  # type: ignore[misc]
         super().delConnection(connection)
         self.link._down(connection, "connection lost")
 
-    def retryDelay(self, attempt: int) -> float:
-        self.link._down(None, "cannot connect")
-        delay: float = super().retryDelay(attempt)
-        return delay
-
-    def stopTrying(self) -> Any:
-        # txredisapi stops for good when AUTH or SELECT fails; a Redis that
-        # restarts (or whose ACL is being changed) must not stop the node
-        # for good: it keeps trying, backing off (the link says why).
-        self.link._down(None, "AUTH or SELECT refused")
-        return None
-
 
 class _SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
@@ -110,8 +114,6 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
 
 class _Subscriber(_Quiet, txredisapi.SubscriberFactory):  # type: ignore[misc]
     protocol = _SubscriberProtocol
-    initialDelay = INITIAL_DELAY
-    maxDelay = MAX_DELAY
 
     def __init__(self, link: RedisLink, settings: StateSettings) -> None:
         super().__init__(isLazy=True)
@@ -128,18 +130,6 @@ class _Subscriber(_Quiet, txredisapi.SubscriberFactory):  # type: ignore[misc]
     def delConnection(self, connection: Any) -> None:
         super().delConnection(connection)
         self.link._down(connection, "subscription lost")
-
-    def retryDelay(self, attempt: int) -> float:
-        self.link._down(None, "cannot connect")
-        delay: float = super().retryDelay(attempt)
-        return delay
-
-    def stopTrying(self) -> Any:
-        # txredisapi stops for good when AUTH or SELECT fails; a Redis that
-        # restarts (or whose ACL is being changed) must not stop the node
-        # for good: it keeps trying, backing off (the link says why).
-        self.link._down(None, "AUTH or SELECT refused")
-        return None
 
 
 class RedisLink:
