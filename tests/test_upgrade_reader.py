@@ -271,3 +271,45 @@ async def test_unusual_request_goes_to_autobahns_reader(
     answer = await aio(exchange(port, request(version="Sec-WebSocket-Version: +13")))
     assert answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert used == [True]
+
+
+@pytest_twisted.ensureDeferred
+async def test_listener_read_only_for_the_default_origin_rule(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A route with an Origin list decides without the listener (its address
+    and certificate); the default rule (no list) still reads it.
+    """
+    import txwssec.server.protocol as protocol
+
+    calls: list[Any] = []
+    original = protocol.listener_for
+
+    def counting(transport: Any, public_origins: Any = ()) -> Any:
+        calls.append(transport)
+        return original(transport, public_origins)
+
+    monkeypatch.setattr(protocol, "listener_for", counting)
+    port = serve(factory())
+    listed = request("Origin: https://app.example", line="GET /web HTTP/1.1")
+    assert (await aio(exchange(port, listed))).startswith(b"HTTP/1.1 101 ")
+    assert calls == []
+    default = request("Origin: http://127.0.0.1:1", line="GET /echo HTTP/1.1")
+    assert (await aio(exchange(port, default))).startswith(b"HTTP/1.1 403 ")
+    assert len(calls) == 1
+
+
+def test_origins_remembered_are_bounded() -> None:
+    from txwssec.server import upgrade
+
+    upgrade._origins.clear()
+    for n in range(upgrade._ORIGINS_KEPT * 2 + 1):
+        assert upgrade._origin_of(f"https://h{n}.example") == (
+            "https",
+            f"h{n}.example",
+            443,
+        )
+    assert len(upgrade._origins) <= upgrade._ORIGINS_KEPT
+    assert upgrade._origin_of("https://") is None  # no host: Autobahn's 400
+    assert upgrade._origin_of("null") == "null"

@@ -41,6 +41,10 @@ _log = Logger()
 #: and CR or LF anywhere but together, ending a line.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85]|\r(?!\n)|(?<!\r)\n")
 
+#: The same characters in a block whose CRLF pairs were removed: any CR or
+#: LF left was not part of a pair (one character class: a faster search).
+_CONTROL_OUTSIDE_CRLF = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85]")
+
 #: An HTTP field name (RFC 9110 section 5.1: a token).
 _FIELD_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 
@@ -61,6 +65,30 @@ _REQUEST_LINE = re.compile(
 
 #: A Sec-WebSocket-Key as Autobahn checks it: 22 base64 characters and "==".
 _KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
+
+
+def _origin_of(origin: str) -> Any:
+    """
+    Autobahn's C{_url_to_origin}, remembered for the last L{_ORIGINS_KEPT}
+    origins (a browser application's clients send the same few): L{None}
+    for one it refuses.
+    """
+    found = _origins.get(origin, _UNKNOWN)
+    if found is _UNKNOWN:
+        try:
+            found = _url_to_origin(origin)
+        except ValueError:
+            found = None
+        if len(_origins) >= _ORIGINS_KEPT:
+            _origins.clear()
+        _origins[origin] = found
+    return found
+
+
+_UNKNOWN = object()
+#: At most this many origins remembered (then forgotten all at once).
+_ORIGINS_KEPT = 256
+_origins: dict[str, Any] = {}
 
 
 class UpgradeReader:
@@ -101,7 +129,7 @@ class UpgradeReader:
         if line is None:
             return False
         block = head[first + 2 :] + "\r\n"
-        if CONTROL_CHARACTERS.search(block) or not HEADER_BLOCK.fullmatch(block):
+        if _CONTROL_OUTSIDE_CRLF.search(block.replace("\r\n", "")):
             return False
 
         # Autobahn's header dictionary (repeated names joined, counted) and
@@ -109,7 +137,11 @@ class UpgradeReader:
         headers: dict[str, str] = {}
         counts: dict[str, int] = {}
         lines = []
+        # The lines found must cover the whole block (HEADER_BLOCK): each
+        # match is "name:value\r\n", and findall skips what does not match.
+        covered = 0
         for name, raw in HEADER_LINE.findall(block):
+            covered += len(name) + len(raw) + 3
             key = name.lower()
             lines.append((key, raw.strip()))
             value = raw.strip(" \t")
@@ -119,6 +151,8 @@ class UpgradeReader:
             else:
                 headers[key] = value
                 counts[key] = 1
+        if covered != len(block):
+            return False  # a line that is not "name: value"
 
         # Host: once, with a valid port if it has one.
         if counts.get("host") != 1:
@@ -164,9 +198,8 @@ class UpgradeReader:
             if counts["origin"] > 1:
                 return False
             origin = headers["origin"].strip()
-            try:
-                origin_tuple = _url_to_origin(origin)
-            except ValueError:
+            origin_tuple = _origin_of(origin)
+            if origin_tuple is None:
                 return False
             factory = self.factory
             if not (origin_tuple == "null" and factory.allowNullOrigin) and not _is_same_origin(
