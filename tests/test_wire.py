@@ -239,6 +239,41 @@ async def test_answers_to_one_read_leave_in_one_direct_send(serve: Any, monkeypa
     assert registrations == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_large_frames_sent_as_header_and_payload(serve: Any, monkeypatch: Any) -> None:
+    """
+    The echo of a 64 KiB message leaves as two buffers, its header and the
+    payload the application gave (not a joined copy), gathered in one
+    sendmsg with the other answers to the same read; small frames are
+    joined with their headers.
+    """
+    import txwssec._wire as wire
+    import txwssec.server.flow as flow
+
+    sent: list[list[bytes]] = []
+
+    def recording(sock: Any, chunks: list[bytes]) -> list[bytes]:
+        sent.append(list(chunks))
+        return wire.send_now(sock, chunks)
+
+    monkeypatch.setattr(flow, "send_now", recording)
+    port = serve(echo_factory())
+    client = await aio(send_in_pieces(port, b"", []))
+    try:
+        big, small = os.urandom(65536), b"small"
+        await client.send(
+            wsframes.frame(wsframes.BINARY, big) + wsframes.frame(wsframes.BINARY, small)
+        )
+        for expected in (big, small):
+            assert (await aio(wsframes.read_message(client.reader))).payload == expected
+    finally:
+        client.close()
+    # (the first send is the 101)
+    assert [[len(chunk) for chunk in chunks] for chunks in sent[1:]] == [[10, 65536, 7]]
+    assert sent[1][0] == b"\x82\x7f" + (65536).to_bytes(8, "big")
+    assert sent[1][1] == big
+
+
 class FakeSocket:
     """Takes at most C{room} bytes per call; or raises C{error}."""
 

@@ -26,6 +26,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.algorithms import HMACAlgorithm
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
@@ -172,6 +173,9 @@ class JWTAuthenticator:
                 raise KeyMismatch("a static key and an identity provider's keys are exclusive")
             self._key = None
             check_jwks_algorithms(self.algorithms)
+        #: What verifies tokens: PyJWT's module functions, or for a static
+        #: HMAC secret a decoder that checks that secret once (see _decoder).
+        self._decode: Any = _decoder(self._key, self.algorithms).decode
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
@@ -242,7 +246,7 @@ class JWTAuthenticator:
     def _verify(self, token: str, key: Any, algorithms: list[str], found: Found) -> Verdict:
         """Check the signature with C{key} and the claims."""
         try:
-            claims = jwt.decode(
+            claims = self._decode(
                 token,
                 key,
                 algorithms=algorithms,
@@ -273,6 +277,54 @@ class JWTAuthenticator:
             expires_at=float(exp) + self.leeway,
             credential=found.credential,
         )
+
+
+class _CheckedHMAC(HMACAlgorithm):
+    """
+    PyJWT's HMAC algorithm, which checks its key (not a PEM, SSH, DER or
+    JWK text) on every token: the authenticator's secret, checked once by
+    PyJWT's own C{prepare_key} when the decoder was made, is used as it is.
+    Any other key is checked as PyJWT does.
+    """
+
+    def __init__(self, hash_alg: Any, secret: bytes) -> None:
+        super().__init__(hash_alg)
+        self._secret = HMACAlgorithm(hash_alg).prepare_key(secret)
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        if key is self._secret:
+            return key
+        return super().prepare_key(key)
+
+
+def _decoder(key: Any, algorithms: Sequence[str]) -> Any:
+    """
+    What decodes tokens for a static C{key}: for an HMAC secret, a
+    L{jwt.PyJWT} whose HMAC algorithms take the secret as checked once
+    (L{_CheckedHMAC}); else (or if PyJWT would refuse the secret: every
+    token is then refused by PyJWT, as before) PyJWT's module.
+    """
+    if not isinstance(key, bytes) or not all(a in _HMAC for a in algorithms):
+        return jwt
+    decoder = jwt.PyJWT()
+    signatures = getattr(decoder, "_jws", None)
+    if signatures is None:  # pragma: no cover - another PyJWT
+        return jwt
+    try:
+        for name, hash_alg in _HMAC_HASHES.items():
+            checked = _CheckedHMAC(hash_alg, key)
+            signatures.unregister_algorithm(name)
+            signatures.register_algorithm(name, checked)
+    except (jwt.InvalidKeyError, KeyError):
+        return jwt
+    return decoder
+
+
+_HMAC_HASHES = {
+    "HS256": HMACAlgorithm.SHA256,
+    "HS384": HMACAlgorithm.SHA384,
+    "HS512": HMACAlgorithm.SHA512,
+}
 
 
 def check_jwks_algorithms(algorithms: Sequence[str]) -> None:

@@ -242,6 +242,32 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
         if self.logOctets:
             self.logTxOctets(data, False)
 
+    def _sendParts(self, header: bytes, payload: bytes, sync: bool, chopsize: int | None) -> None:
+        """
+        A large frame's header and payload, held as two buffers while the
+        writes are held (L{_uncork} gathers them in one C{sendmsg}: no
+        joined copy of the payload); else written joined by L{sendData}.
+        The limits see the frame as one write, as before.
+        """
+        cork = self._cork
+        if cork is None or sync or chopsize or self.send_queue or self._discard_writes:
+            self.sendData(header + payload, sync, chopsize)
+            return
+        size = len(header) + len(payload)
+        guard = self._guard
+        if guard is not None and guard.writes_blocked and guard.wrote(size):
+            self._slowConsumer()
+            return
+        cork.append(header)
+        cork.append(payload)
+        state = self.state
+        if state == self.STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += size
+        elif state == self.STATE_CONNECTING:
+            self.trafficStats.preopenOutgoingOctetsWireLevel += size
+        if self.logOctets:
+            self.logTxOctets(header + payload, False)
+
     def _cork_writes(self) -> None:
         """Hold the writes until L{_uncork} (while one read is processed)."""
         self._cork = []

@@ -34,11 +34,13 @@ from txwssec.logs import bounded
 from txwssec.policy import RoutePolicy
 from txwssec.server.context import ServerContext
 from txwssec.server.ticketing import TICKET_METHODS
+from txwssec.server.upgrade import CONTROL_CHARACTERS, HEADER_BLOCK, HEADER_LINE, UpgradeReader
 from txwssec.tls import peer_certificate
 from txwssec.types import HandshakeRequest
 
 
-class HandshakeIO(WebSocketServerProtocol):
+# (mypy: a second base makes Autobahn's own bases' disagreement visible.)
+class HandshakeIO(UpgradeReader, WebSocketServerProtocol):  # type: ignore[misc]
     """
     Reading the opening handshake and answering a refusal: a part of
     L{txwssec.server.SecureServerProtocol} (its base class), kept apart so
@@ -69,22 +71,26 @@ class HandshakeIO(WebSocketServerProtocol):
         @raise MalformedHandshake: a header line that is not C{name: value},
             or holds a control character (400).
         """
-        head = self.http_request_data.decode("iso-8859-1")
-        # The header lines, each with its CRLF: from after the request line
-        # up to the blank line that ends the block.
-        block = head[head.find("\r\n") + 2 : -2]
-        if _CONTROL_CHARACTERS.search(block):
-            # A bare CR, LF, NEL or other control character: other parsers
-            # (Autobahn's own, an upstream's) would split the line there.
-            raise MalformedHandshake("control character in a header line")
-        if not _HEADER_BLOCK.fullmatch(block):
-            # RFC 9112 section 5: a line that is not "name: value" (no
-            # colon, no name, space before the colon, a folded line).
-            raise MalformedHandshake("malformed header line")
+        headers = self._headerLines
+        if headers is None:
+            # Autobahn read this request (not the lean reader): check it.
+            head = self.http_request_data.decode("iso-8859-1")
+            # The header lines, each with its CRLF: from after the request
+            # line up to the blank line that ends the block.
+            block = head[head.find("\r\n") + 2 : -2]
+            if CONTROL_CHARACTERS.search(block):
+                # A bare CR, LF, NEL or other control character: other
+                # parsers (Autobahn's own, an upstream's) would split the
+                # line there.
+                raise MalformedHandshake("control character in a header line")
+            if not HEADER_BLOCK.fullmatch(block):
+                # RFC 9112 section 5: a line that is not "name: value" (no
+                # colon, no name, space before the colon, a folded line).
+                raise MalformedHandshake("malformed header line")
+            headers = tuple(
+                (name.lower(), value.strip()) for name, value in HEADER_LINE.findall(block)
+            )
         peer = str(self.peer)
-        headers = tuple(
-            (name.lower(), value.strip()) for name, value in _HEADER_LINE.findall(block)
-        )
         policy = self.factory.policy
         host = client_address(
             _peer_host(peer),
@@ -146,7 +152,9 @@ class HandshakeIO(WebSocketServerProtocol):
                 self.data.find(b"\r\n\r\n")
             ):
                 return  # one-time tickets: POST (and its preflight) on a route
-            super().processHandshake()
+            if not self.readUpgrade(self.data.find(b"\r\n\r\n")):
+                # Anything unusual: Autobahn's reader, its checks and answers.
+                super().processHandshake()
 
     def _parseExtensionsHeader(
         self, header: str, removeQuotes: bool = True
@@ -273,21 +281,6 @@ HEALTH_OK = (
 #: The most characters of a refusal's reason that reach the log (the values
 #: in it are bounded each, see L{bounded}; this bounds the rest).
 _MAX_LOGGED_REASON = 1024
-
-#: Characters no header line may hold (tab is allowed in values), including
-#: the ones str.splitlines() breaks lines on (\x0b, \x0c, \x1c-\x1e, \x85),
-#: and CR or LF anywhere but together, ending a line.
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85]|\r(?!\n)|(?<!\r)\n")
-
-#: An HTTP field name (RFC 9110 section 5.1: a token).
-_FIELD_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-
-#: A block of header lines, each C{name: value} and its CRLF (control
-#: characters are refused before this is tried).
-_HEADER_BLOCK = re.compile(rf"(?:{_FIELD_NAME}:[^\r]*\r\n)*")
-
-#: One header line's name and value.
-_HEADER_LINE = re.compile(rf"({_FIELD_NAME}):([^\r]*)\r\n")
 
 
 def _redact(reason: str) -> str:

@@ -216,10 +216,16 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
 
         # 3. Origin (403)
         origin = handshake.header_values("origin")
-        if origin and not route.origins.allows(
-            origin[0], listener_for(self.transport, policy.public_origins)
-        ):
-            raise Forbidden(f"origin {bounded(origin[0])!r} not allowed")
+        if origin:
+            origins = route.origins
+            # The listener only matters to the default rule (no list).
+            listener = (
+                listener_for(self.transport, policy.public_origins)
+                if origins.same_origin_only
+                else None
+            )
+            if not origins.allows(origin[0], listener):
+                raise Forbidden(f"origin {bounded(origin[0])!r} not allowed")
 
         # 4. authentication (401, 403): a one-time ticket, or the methods
         accept: Accept | Deferred[Accept] | None = None
