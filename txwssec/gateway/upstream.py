@@ -310,6 +310,9 @@ class UpstreamProtocol(SecureClientProtocol):
     def relayAccount(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
         return None
 
+    def relayAccountMessages(self, count: int, octets: int) -> bool:
+        return True
+
     def relayLimit(self, violation: Violation) -> None:
         pass
 
