@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=1.5)
     parser.add_argument("--base", action="append", default=[], help="another checkout's root")
     parser.add_argument(
+        "--bases-only", action="store_true", help="only the --base trees, not this one"
+    )
+    parser.add_argument(
         "--split", action="store_true", help="also each gateway process alone (no upstream)"
     )
     args = parser.parse_args(argv)
@@ -94,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                             NGINX, f"ws://{HOST}:{front.port}/", key, [front.pid, upstream.pid]
                         )
                     )
-                    trees = [("gateway", None), *((Path(b).name, b) for b in args.base)]
+                    trees = [] if args.bases_only else [("gateway", None)]
+                    trees += [(Path(b).name, b) for b in args.base]
+                    tree: str | None
                     for name, tree in trees:
                         upstream = stack.add(env.autobahn(), wait=True)
                         extra = {"PYTHONPATH": tree} if tree else None
