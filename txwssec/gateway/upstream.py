@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import operator
 import os
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -158,6 +159,12 @@ class UpstreamPool:
         self._failed_at.pop(url, None)
 
 
+#: Per upstream protocol class: the Autobahn options its instances take
+#: from their factory, and a getter of the factory's values of them (see
+#: L{UpstreamProtocol._connectionMade}).
+_OPTIONS: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}
+
+
 @implementer(IStreamClientEndpoint)
 class DirectTCP:
     """
@@ -273,7 +280,22 @@ class UpstreamProtocol(SecureClientProtocol):
         self._connectionMade()
 
     def _connectionMade(self) -> None:
-        copy_options(self, WebSocketClientProtocol.CONFIG_ATTRS)
+        # copy_options, with the names to copy found once per class: the
+        # factory's values of all of them in one attrgetter call.
+        # (A new instance has none of them set by __init__, so that which
+        # ones it lacks depends on its class only.)
+        cls = type(self)
+        options = _OPTIONS.get(cls)
+        if options is None:
+            names = tuple(
+                name for name in WebSocketClientProtocol.CONFIG_ATTRS if not hasattr(self, name)
+            )
+            options = _OPTIONS[cls] = (names, operator.attrgetter(*names))
+        names, values = options
+        if len(names) > 1:  # (attrgetter of one name returns the value alone)
+            self.__dict__.update(zip(names, values(self.factory), strict=True))
+        else:
+            copy_options(self, names)
         WebSocketProtocol._connectionMade(self)
         if self.factory.proxy is not None:
             self.startProxyConnect()
