@@ -23,14 +23,10 @@ from autobahn.websocket.protocol import (
     parseHttpHeader,
 )
 from autobahn.websocket.types import ConnectionResponse
-from twisted.internet.abstract import isIPAddress
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.error import ConnectingCancelledError, NoProtocol
-from twisted.internet.interfaces import IAddress, IConnector, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from txwssec._autobahn import copy_options, drop_connection_quietly
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
@@ -124,16 +120,11 @@ class UpstreamPool:
         """
         The endpoint for C{url} (TCP, in verified TLS for C{wss://}), made
         with the first connection's C{factory} and kept: the TLS options
-        (CA file read, context made) are built once per upstream URL. A
-        C{ws://} URL with an IPv4 address gets a L{DirectTCP}.
+        (CA file read, context made) are built once per upstream URL.
         """
         endpoint = self._endpoints.get(url)
         if endpoint is None:
-            if not factory.isSecure and isIPAddress(factory.host):
-                endpoint = DirectTCP(factory.reactor, factory.host, factory.port)
-            else:
-                endpoint = factory.endpoint()
-            self._endpoints[url] = endpoint
+            endpoint = self._endpoints[url] = factory.endpoint()
         return endpoint
 
     def order(self) -> list[str]:
@@ -163,73 +154,6 @@ class UpstreamPool:
 #: from their factory, and a getter of the factory's values of them (see
 #: L{UpstreamProtocol._connectionMade}).
 _OPTIONS: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}
-
-
-@implementer(IStreamClientEndpoint)
-class DirectTCP:
-    """
-    A TCP client endpoint (IPv4) whose connections speak to the factory's
-    protocol directly: Twisted's C{TCP4ClientEndpoint} puts a
-    C{_WrappingProtocol} between the transport and the protocol, one more
-    call on every read (every relayed message) and on the connection's
-    end. L{connect}'s L{Deferred} fires with the protocol once built (its
-    connection is made right after, in the same call), fails as the
-    endpoint's does, and cancelling it stops the attempt.
-    """
-
-    def __init__(self, reactor: Any, host: str, port: int, timeout: float = 30) -> None:
-        self._reactor = reactor
-        self._host = host
-        self._port = port
-        self._timeout = timeout
-
-    def connect(self, protocolFactory: Any) -> Deferred[Any]:
-        """Connect; fires with the protocol C{protocolFactory} builds."""
-        factory = protocolFactory
-        attempt = _Attempt(factory)
-        self._reactor.connectTCP(self._host, self._port, attempt, timeout=self._timeout)
-        return attempt.connected
-
-
-class _Attempt(ClientFactory):
-    """One L{DirectTCP} connection attempt (as Twisted's C{_WrappingFactory})."""
-
-    noisy = False
-
-    def __init__(self, factory: Any) -> None:
-        self._factory = factory
-        self._connector: IConnector | None = None
-        self.connected: Deferred[Any] = Deferred(canceller=self._cancel)
-
-    def startedConnecting(self, connector: IConnector) -> None:
-        self._connector = connector
-
-    def _cancel(self, connected: Deferred[Any]) -> None:
-        connector = self._connector
-        assert connector is not None  # connectTCP calls startedConnecting first
-        connected.errback(ConnectingCancelledError(connector.getDestination()))
-        connector.stopConnecting()
-
-    def doStart(self) -> None:
-        self._factory.doStart()
-
-    def doStop(self) -> None:
-        self._factory.doStop()
-
-    def buildProtocol(self, addr: IAddress | None) -> Any:
-        try:
-            protocol = self._factory.buildProtocol(addr)
-            if protocol is None:
-                raise NoProtocol()
-        except BaseException:
-            self.connected.errback()
-            return None
-        self.connected.callback(protocol)
-        return protocol
-
-    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        if not self.connected.called:
-            self.connected.errback(reason)
 
 
 class UpstreamProtocol(SecureClientProtocol):
