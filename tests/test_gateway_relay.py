@@ -544,6 +544,27 @@ async def test_message_rate_closes_1008_after_relaying_what_came_before(serve: S
 
 
 @pytest_twisted.ensureDeferred
+async def test_byte_rate_closes_1008_after_relaying_what_came_before(serve: Serve) -> None:
+    """
+    Five messages of 300 bytes in one write with a byte bucket of 1000
+    (max_message_size): three are relayed, the fourth closes 1008.
+    """
+    env = gateway(serve, max_message_size=1000, limits=RouteLimits(bytes_per_second=1))
+
+    async def run() -> tuple[list[wsframes.Frame], int | None, str]:
+        client = await env.raw()
+        frames = [wsframes.frame(wsframes.BINARY, b"%d" % i * 300) for i in range(5)]
+        await client.send(b"".join(frames))
+        return await closed(client)
+
+    _, code, reason = await aio(run())
+    assert (code, reason) == (1008, "byte rate exceeded")
+    await aio(until(lambda: env.upstream.closes == [1001], "the upstream closed 1001"))
+    assert [m.payload for m in env.upstream.messages] == [b"%d" % i * 300 for i in range(3)]
+    assert env.factory.counters["limit.byte_rate"] == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_too_many_fragments_close_1008(serve: Serve) -> None:
     env = gateway(serve, limits=RouteLimits(max_fragments=4))
 
@@ -810,7 +831,12 @@ async def test_upstream_fragments_past_the_limit_close_the_client_1014(serve: Se
 class Leg:
     """A leg that records what the scanner does."""
 
-    def __init__(self, violate_at: int = -1) -> None:
+    def __init__(self, violate_at: int = -1, batches: bool = False) -> None:
+        #: Whether relayAccountMessages accounts (else it refuses, and the
+        #: scanner accounts frame by frame).
+        self.batches = batches
+        #: What relayAccountMessages was asked, and its answer.
+        self.batched: list[tuple[int, int, bool]] = []
         self.out: list[bytes] = []
         self.controls: list[bytes] = []
         #: Forwarded frames and control frames, in the order they went.
@@ -828,6 +854,12 @@ class Leg:
         if len(self.accounted) - 1 == self.violate_at:
             return Violation(1008, "no", "limit.test")
         return None
+
+    def relayAccountMessages(self, count: int, octets: int) -> bool:
+        self.batched.append((count, octets, self.batches))
+        if self.batches:
+            self.accounted.extend([(-1, -1, True)] * count)
+        return self.batches
 
     def relayLimit(self, violation: Violation) -> None:
         self.limited.append(violation)
@@ -908,6 +940,81 @@ def test_scanner_limit_relays_what_came_before_then_stops() -> None:
     # Handed over at the frame that went past the limit, inside a binary
     # message of 2 payload bytes so far.
     assert leg.stopped == (frames[2] + frames[3], True, 2, True)
+
+
+def test_scanner_accounts_a_reads_messages_at_once() -> None:
+    """
+    The message-starting frames of a read are accounted in one
+    relayAccountMessages call, before they are relayed in one write;
+    continuations and control frames close the batch before them.
+    """
+    leg = Leg(batches=True)
+    frames = [wsframes.frame(wsframes.TEXT, b"%d" % i) for i in range(10)]
+    scanner(leg).feed(b"".join(frames))
+    assert leg.batched == [(10, 10, True)]
+    assert leg.out == [b"".join(frames)]
+    leg = Leg(batches=True)
+    scan = scanner(leg)
+    for piece in STREAM:
+        scan.feed(piece)
+    assert leg.batched == [(1, 5, True), (1, 200, True), (1, 125, True)]
+    leg = Leg(batches=True)
+    scanner(leg).feed(b"".join(STREAM))
+    assert leg.batched == [(2, 205, True), (1, 125, True)]
+    assert leg.accounted == [
+        (-1, -1, True),
+        (-1, -1, True),
+        (wsframes.CONTINUATION, 70_000, False),
+        (wsframes.CONTINUATION, 0, False),
+        (-1, -1, True),
+    ]
+
+
+@pytest.mark.parametrize("violate_at", [0, 1, 2, 3])
+def test_scanner_refused_batch_goes_frame_by_frame(violate_at: int) -> None:
+    """
+    A batch that would go past a limit: the frames are accounted one by
+    one, those before the one that went past it are relayed, and the rest
+    of the stream is handed over from that frame, with the message state
+    before it (a binary message of 3 bytes ended, one of 2 still open).
+    """
+    leg = Leg(violate_at=violate_at)
+    frames = [
+        wsframes.frame(wsframes.TEXT, b"a"),
+        wsframes.frame(wsframes.BINARY, b"bcd"),
+        wsframes.frame(wsframes.BINARY, b"ef", fin=False),
+        wsframes.frame(wsframes.CONTINUATION, b"g"),
+    ]
+    scanner(leg).feed(b"".join(frames))
+    assert leg.batched[0] == (3, 6, False)
+    relayed = b"".join(frames[:violate_at])
+    assert leg.out == ([relayed] if relayed else [])
+    assert [v.counter for v in leg.limited] == ["limit.test"]
+    states = [(False, 0, False), (False, 1, False), (False, 3, True), (True, 2, True)]
+    assert leg.stopped == (b"".join(frames[violate_at:]), *states[violate_at])
+    assert len(leg.accounted) == violate_at + 1
+
+
+def test_scanner_batch_includes_a_frame_still_arriving() -> None:
+    """
+    The last frame of a read, whose payload has not all arrived, is
+    accounted with the read's batch (at its header), and not again.
+    """
+    leg = Leg(batches=True)
+    scan = scanner(leg)
+    whole = wsframes.frame(wsframes.TEXT, b"x")
+    big = wsframes.frame(wsframes.BINARY, b"y" * 1000)
+    scan.feed(whole + big[:100])
+    assert leg.batched == [(2, 1001, True)]
+    assert leg.out == [whole]
+    scan.feed(big[100:] + whole)
+    assert leg.batched == [(2, 1001, True), (1, 1, True)]
+    assert leg.out == [whole, big + whole]
+    # Refused: a limit found at the frame still arriving hands it over.
+    leg = Leg(violate_at=1)
+    scanner(leg).feed(whole + big[:100])
+    assert leg.out == [whole]
+    assert leg.stopped == (big[:100], False, 1, False)
 
 
 @pytest.mark.parametrize("bad", BAD_FRAMES.values(), ids=BAD_FRAMES.keys())

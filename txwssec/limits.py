@@ -80,6 +80,11 @@ class TokenBucket:
         self._tokens = burst
         self._last = now
 
+    def available(self, now: float) -> float:
+        """The tokens there are at C{now} (nothing is taken)."""
+        tokens = self._tokens + (now - self._last) * self.rate
+        return self.burst if tokens > self.burst else tokens
+
     def take(self, amount: float, now: float) -> bool:
         """
         Take C{amount} tokens if available.

@@ -118,6 +118,32 @@ class TrafficGuard:
                     return BYTE_RATE
         return None
 
+    def messages(self, count: int, octets: int, now: float) -> bool:
+        """
+        Account C{count} received data frames that each begin a message
+        (C{octets} payload bytes in all), all at C{now}: the same as
+        C{count} calls of L{frame}, in one go. All or nothing: when a limit
+        would be exceeded by any of them, nothing is taken and L{False} is
+        returned; the caller then accounts them one by one with L{frame},
+        which names the frame and the limit.
+        """
+        for bucket in self._buckets_messages:
+            if bucket.available(now) < count:
+                return False
+        if octets:
+            for bucket in self._buckets_bytes:
+                if bucket.available(now) < octets:
+                    return False
+        # Each take below succeeds: it leaves what count takes of one
+        # token (octets of bytes) at the same now would (exactly, in floats).
+        for bucket in self._buckets_messages:
+            bucket.take(count, now)
+        if octets:
+            for bucket in self._buckets_bytes:
+                bucket.take(octets, now)
+        self.fragments = 1
+        return True
+
     def blocked(self) -> None:
         """The transport's buffer is full: start counting what piles up."""
         # Twisted calls pauseProducing on every write while its buffer is

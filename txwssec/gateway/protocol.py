@@ -281,6 +281,20 @@ class GatewayProtocol(SecureServerProtocol):
             self.trafficStats.incomingWebSocketMessages += 1
         return self._accountFrame(opcode, length, starts_message)
 
+    def relayAccountMessages(self, count: int, octets: int) -> bool:
+        # _accountFrame for count message-starting frames at once (one clock
+        # read, one check of each bucket: TrafficGuard.messages).
+        guard = self._guard
+        if guard is not None:
+            active = self._idle_timer is not None
+            now = self.factory.clock.seconds() if guard.rated or active else 0.0
+            if not guard.messages(count, octets, now):
+                return False
+            if active:
+                self._last_message = now
+        self.trafficStats.incomingWebSocketMessages += count
+        return True
+
     def relayLimit(self, violation: Violation) -> None:
         self._limitExceeded(violation)
 

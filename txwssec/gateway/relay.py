@@ -70,6 +70,14 @@ class RelayLeg(Protocol):
     def relayAccount(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
         """Account a data frame header; the limit it exceeds, if any."""
 
+    def relayAccountMessages(self, count: int, octets: int) -> bool:
+        """
+        Account C{count} data frame headers that each begin a message
+        (C{octets} payload bytes in all) at once, if no limit is exceeded
+        by any; else account nothing and return L{False} (the scanner then
+        goes through them with L{relayAccount}, one by one).
+        """
+
     def relayLimit(self, violation: Violation) -> None:
         """Close the connection for C{violation}."""
 
@@ -204,6 +212,14 @@ class FrameScanner:
         # not whole yet) and whether it was accounted (counted).
         need = 0
         unexpected = False
+        # Data frames that begin a message are accounted together, once per
+        # read (and before anything leaves: a write, a control frame, a
+        # continuation, a refresh message, a hand-over): batch frames from
+        # batch_at, batch_octets payload bytes, and the message state
+        # before the first (see _account).
+        batch = batch_octets = 0
+        batch_at = 0
+        batch_state = (inside, so_far, binary)
         while size - pos >= 2:
             first = data[pos]
             second = data[pos + 1]
@@ -239,6 +255,10 @@ class FrameScanner:
                 if end > size:
                     need = end - pos
                     break
+                if batch:
+                    if self._account(data, start, batch_at, batch, batch_octets, batch_state):
+                        return
+                    batch = batch_octets = 0
                 if pos > start:
                     leg.relayForward(data[start:pos])
                 if not leg.relayControl(data[pos:end]):
@@ -262,7 +282,19 @@ class FrameScanner:
                 if 0 < max_frame < length or 0 < max_message < prior + length:
                     unexpected = True  # Autobahn closes 1009
                     break
-                if accounted:
+                if not accounted:
+                    pass
+                elif starts:
+                    if not batch:
+                        batch_at = pos
+                        batch_state = (inside, so_far, binary)
+                    batch += 1
+                    batch_octets += length
+                else:
+                    if batch:
+                        if self._account(data, start, batch_at, batch, batch_octets, batch_state):
+                            return
+                        batch = batch_octets = 0
                     violation = leg.relayAccount(opcode, length, starts)
                     if violation is not None:
                         if pos > start:
@@ -284,11 +316,19 @@ class FrameScanner:
                         # Maybe a refresh message in pieces (an empty or
                         # blank first frame does not yet show): Autobahn
                         # reassembles it (and the rest of the stream).
+                        if batch and self._account(
+                            data, start, batch_at, batch, batch_octets, batch_state
+                        ):
+                            return
                         if pos > start:
                             leg.relayForward(data[start:pos])
                         self._stop(data[pos:], inside, so_far, binary)
                         return
                 elif taken(prefix):
+                    if batch:
+                        if self._account(data, start, batch_at, batch, batch_octets, batch_state):
+                            return
+                        batch = batch_octets = 0
                     if pos > start:
                         leg.relayForward(data[start:pos])
                     leg.relayRefresh(_unmasked(data, payload, length, key))
@@ -299,6 +339,8 @@ class FrameScanner:
             so_far = prior + length
             inside = not first & _FIN
             pos = end
+        if batch and self._account(data, start, batch_at, batch, batch_octets, batch_state):
+            return
         if pos > start:
             leg.relayForward(data if start == 0 and pos == size else data[start:pos])
         if unexpected:
@@ -313,6 +355,55 @@ class FrameScanner:
             self._stashed = len(rest)
             self._need = need or len(rest) + 1
             self._counted = counted
+
+    def _account(
+        self,
+        data: bytes,
+        start: int,
+        at: int,
+        count: int,
+        octets: int,
+        state: tuple[bool, int, bool],
+    ) -> bool:
+        """
+        Account the C{count} frames from C{at} in C{data} (data frames that
+        each begin a message; the last may not have all arrived) at once,
+        or, when that would exceed a limit, one by one as they came: the
+        frames before the one that went past it are relayed from C{start},
+        and the rest of the stream goes to Autobahn from that frame on
+        (C{state}: the message state before the frame at C{at}).
+
+        @return: whether the scanner stopped (a limit was exceeded).
+        """
+        leg = self._leg
+        if leg.relayAccountMessages(count, octets):
+            return False
+        inside, so_far, binary = state
+        mask_length = 4 if self._mask else 0
+        pos = at
+        for _ in range(count):
+            first = data[pos]
+            length = data[pos + 1] & 0x7F
+            head = pos + 2
+            if length == 126:
+                length = (data[head] << 8) | data[head + 1]
+                head += 2
+            elif length == 127:
+                length = int.from_bytes(data[head : head + 8], "big")
+                head += 8
+            opcode = first & 0x0F
+            violation = leg.relayAccount(opcode, length, True)
+            if violation is not None:
+                if pos > start:
+                    leg.relayForward(data[start:pos])
+                leg.relayLimit(violation)
+                self._stop(data[pos:], inside, so_far, binary)
+                return True
+            binary = opcode == 2
+            so_far = length
+            inside = not first & _FIN
+            pos = head + mask_length + length
+        return False
 
     @property
     def inside(self) -> bool:

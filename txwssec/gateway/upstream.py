@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import operator
 import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import txaio
 from autobahn.twisted.util import create_transport_details
 from autobahn.wamp.types import TransportDetails
-from autobahn.websocket.protocol import WebSocketClientProtocol, WebSocketProtocol
+from autobahn.websocket.protocol import (
+    WebSocketClientProtocol,
+    WebSocketProtocol,
+    parseHttpHeader,
+)
 from autobahn.websocket.types import ConnectionResponse
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
@@ -143,6 +150,12 @@ class UpstreamPool:
         self._failed_at.pop(url, None)
 
 
+#: Per upstream protocol class: the Autobahn options its instances take
+#: from their factory, and a getter of the factory's values of them (see
+#: L{UpstreamProtocol._connectionMade}).
+_OPTIONS: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}
+
+
 class UpstreamProtocol(SecureClientProtocol):
     """
     The upstream leg of a gateway session. Messages are held until the
@@ -158,6 +171,7 @@ class UpstreamProtocol(SecureClientProtocol):
     perMessageCompressionOffers: list[Any]
     version: int
     logOctets: bool
+    autoPingInterval: float
     #: The frame relay, once the session is open (see L{txwssec.gateway.relay}).
     _scanner: FrameScanner | None = None
     _scanning: bool = False
@@ -190,7 +204,22 @@ class UpstreamProtocol(SecureClientProtocol):
         self._connectionMade()
 
     def _connectionMade(self) -> None:
-        copy_options(self, WebSocketClientProtocol.CONFIG_ATTRS)
+        # copy_options, with the names to copy found once per class: the
+        # factory's values of all of them in one attrgetter call.
+        # (A new instance has none of them set by __init__, so that which
+        # ones it lacks depends on its class only.)
+        cls = type(self)
+        options = _OPTIONS.get(cls)
+        if options is None:
+            names = tuple(
+                name for name in WebSocketClientProtocol.CONFIG_ATTRS if not hasattr(self, name)
+            )
+            options = _OPTIONS[cls] = (names, operator.attrgetter(*names))
+        names, values = options
+        if len(names) > 1:  # (attrgetter of one name returns the value alone)
+            self.__dict__.update(zip(names, values(self.factory), strict=True))
+        else:
+            copy_options(self, names)
         WebSocketProtocol._connectionMade(self)
         if self.factory.proxy is not None:
             self.startProxyConnect()
@@ -232,6 +261,72 @@ class UpstreamProtocol(SecureClientProtocol):
 
     def _onConnect(self, response: ConnectionResponse) -> None:
         self.onConnect(response)
+
+    def processHandshake(self) -> None:
+        """
+        The upstream's response head: when it is whole, within
+        C{max_header_bytes}, and a plain 101 that passes every check of
+        Autobahn's client (status line, C{Upgrade}, C{Connection}, one
+        C{Sec-WebSocket-Accept} matching the key, at most one
+        C{Sec-WebSocket-Protocol}, one that was offered, no extension), the
+        session opens here at once; anything else goes through
+        L{SecureClientProtocol.processHandshake} and Autobahn's own code,
+        which waits for more, or fails the handshake with its reason.
+
+        Autobahn's version formats its debug lines' arguments (the response
+        decoded, C{hltype}) whatever the log level and goes through a
+        Deferred (C{txaio.as_future}) and two closures to call
+        C{onConnect} and C{_onOpen}.
+        """
+        data = self.data
+        end = data.find(b"\r\n\r\n", max(0, self._headSearched - 3))
+        if end < 0 or end > self.factory.max_header_bytes:
+            super().processHandshake()  # waits for more, or fails
+            return
+        end += 4
+        try:
+            status, headers, counts = parseHttpHeader(data[:end])
+        except ValueError:
+            super().processHandshake()
+            return
+        chosen = _switched(status, headers, counts, self.websocket_key, self.factory.protocols)
+        if chosen is None:
+            super().processHandshake()  # fails, with Autobahn's reason
+            return
+        self.http_response_data = data[:end]
+        self.http_status_line = status
+        self.http_headers = headers
+        self.websocket_extensions_in_use = []
+        self.websocket_protocol_in_use = chosen or None
+        self.data = data[end:]
+        self.state = WebSocketProtocol.STATE_OPEN
+        timer = self.openHandshakeTimeoutCall
+        if timer is not None:
+            timer.cancel()
+            self.openHandshakeTimeoutCall = None
+        self.inside_message = False
+        self.current_frame = None  # type: ignore[assignment]
+        self.websocket_version = self.version
+        if self.autoPingInterval:
+            self.autoPingPendingCall = self.factory._batched_timer.call_later(
+                self.autoPingInterval, self._sendAutoPing
+            )
+        response = ConnectionResponse(
+            self.peer, headers, self.websocket_version, chosen or None, []
+        )
+        try:
+            self._onConnect(response)
+        except Exception:
+            failure = Failure()
+            self.log.error("onConnect failed with {fail}", fail=failure)
+            self._fail_connection(1000, f"{failure}")
+            return
+        if self.trackedTimings:
+            self.trackedTimings.track("onOpen")
+        self._onOpen()
+        txaio.resolve(self.is_open, None)  # type: ignore[attr-defined]
+        if self.data:
+            self.consumeData()
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """
@@ -310,6 +405,9 @@ class UpstreamProtocol(SecureClientProtocol):
     def relayAccount(self, opcode: int, length: int, starts_message: bool) -> Violation | None:
         return None
 
+    def relayAccountMessages(self, count: int, octets: int) -> bool:
+        return True
+
     def relayLimit(self, violation: Violation) -> None:
         pass
 
@@ -376,6 +474,39 @@ class UpstreamProtocol(SecureClientProtocol):
 
     def stopProducing(self) -> None:
         pass
+
+
+def _switched(
+    status: str,
+    headers: dict[str, str],
+    counts: dict[str, int],
+    key: bytes,
+    offered: list[str],
+) -> str | None:
+    """
+    The subprotocol (C{""}: none) of a 101 response that Autobahn's client
+    accepts without an extension; L{None} for any other response.
+    """
+    line = status.split()
+    if len(line) < 2 or line[0] != "HTTP/1.1" or line[1] != "101":
+        return None
+    if headers.get("upgrade", "").strip().lower() != "websocket":
+        return None
+    if not any(c.strip().lower() == "upgrade" for c in headers.get("connection", "").split(",")):
+        return None
+    if counts.get("sec-websocket-accept") != 1 or "sec-websocket-extensions" in headers:
+        return None
+    # RFC 6455's Sec-WebSocket-Accept is a SHA-1 by definition (no secret).
+    digest = hashlib.sha1(key + WebSocketProtocol._WS_MAGIC).digest()  # noqa: S324
+    if headers["sec-websocket-accept"].strip() != base64.b64encode(digest).decode():
+        return None
+    chosen = headers.get("sec-websocket-protocol")
+    if chosen is None:
+        return ""
+    chosen = chosen.strip()
+    if counts["sec-websocket-protocol"] > 1 or (chosen and chosen not in offered):
+        return None
+    return chosen
 
 
 async def open_upstream(
