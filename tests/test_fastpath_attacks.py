@@ -22,13 +22,19 @@ from autobahn.nvx._utf8validator import Utf8Validator as AutobahnUtf8Validator
 from autobahn.websocket.protocol import WebSocketProtocol
 from conftest import aio
 from test_upgrade_reader import BYE, KEY, SEEN, comparable, exchange, factory, request
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from wsframes import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, apply_mask
+from zope.interface import implementer
 
 import txwssec._wire
 from txwssec import AnonymousAuthenticator, RoutePolicy, SecureServerFactory, ServerPolicy
 from txwssec._wire import FrameReader, Utf8Validator
 from txwssec.apps.echo import EchoProtocol
+from txwssec.interfaces import IAuthenticator
 from txwssec.server.upgrade import UpgradeReader
+from txwssec.types import Accept, HandshakeRequest, Principal, Verdict
 
 # -- the upgrade reader --------------------------------------------------------
 
@@ -348,3 +354,47 @@ def test_utf8_validator_names_the_same_octet_as_autobahn() -> None:
             assert ours.validate(chunk) == expected, (message, chunks, chunk)
             if not expected[0]:
                 break
+
+
+# -- authentication that answers later, frames sent before the 101 -----------
+
+
+@implementer(IAuthenticator)
+class LaterAuthenticator:
+    """Accepts C{apikey: yes} and refuses anything else, a moment later."""
+
+    name = "later"
+    challenge = ""
+
+    def authenticate(self, request: HandshakeRequest) -> Deferred[Verdict]:
+        keys = [value for name, value in request.headers if name == "apikey"]
+        verdict: Verdict = Accept(Principal("p", self.name)) if keys == ["yes"] else None
+        return deferLater(reactor, 0.02, lambda: verdict)
+
+
+PIPELINED = raw(TEXT, b"before the 101") + raw(PING, b"p")
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "extra",
+    [("apikey: yes",), ("apikey: no",), (), ("apikey: yes", "apikey: yes"), ("apikey:  yes\t",)],
+    ids=["accepted", "refused", "missing", "twice", "padded"],
+)
+async def test_frames_before_a_late_verdict_same_answer(
+    serve: Any, monkeypatch: pytest.MonkeyPatch, extra: tuple[str, ...]
+) -> None:
+    route = RoutePolicy("/later", [LaterAuthenticator()], protocol=EchoProtocol)
+    made = SecureServerFactory(ServerPolicy(routes=(route,), auth_failures_per_minute=0))
+    port = serve(made)
+    data = request(*extra, line="GET /later HTTP/1.1") + PIPELINED + BYE
+    lean = await aio(send_bytewise(port, data, len(data)))
+    monkeypatch.setattr(UpgradeReader, "readUpgrade", lambda self, end: False)
+    autobahn = await aio(send_bytewise(port, data, len(data)))
+    assert lean == autobahn
+    if extra in (("apikey: yes",), ("apikey:  yes\t",)):
+        assert lean.startswith(b"HTTP/1.1 101 ")
+        assert b"before the 101" in lean
+    else:
+        assert lean.startswith((b"HTTP/1.1 401 ", b"HTTP/1.1 400 ")), lean[:40]
+        assert b"before the 101" not in lean
