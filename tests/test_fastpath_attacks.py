@@ -130,6 +130,10 @@ HOSTILE_REQUESTS = [
     ("content-length twice 0", request("Content-Length: 0", "Content-Length: 0")),
     ("transfer-encoding", request("Transfer-Encoding: chunked")),
     ("te space", request("Transfer-Encoding : chunked")),
+    ("pipelined request", request() + request(f"apikey: {KEY}", line="GET /keyed HTTP/1.1")),
+    ("pipelined after refusal", request(line="GET /keyed HTTP/1.1") + request()),
+    ("pipelined bad frame", request() + b"\x81\x01x"),
+    ("pipelined frames", request() + b"\x81\x81\0\0\0\0x\x89\x81\0\0\0\0y"),
 ]
 
 
