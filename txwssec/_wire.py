@@ -209,13 +209,19 @@ class Utf8Validator:
         try:
             decoder.decode(data, False)
         except UnicodeDecodeError as error:
-            return False, False, error.start, self._total + error.start
+            # The octet Autobahn's DFA stops at (named in the close reason):
+            # a bad first byte itself, else the byte that breaks the
+            # sequence; the decoder counts from the bytes it held back.
+            at = error.start if error.reason == "invalid start byte" else error.end
+            at -= len(decoder.getstate()[0])
+            return False, False, at, self._total + at
         self._total += len(data)
         pending = decoder.getstate()[0]
         if not pending:
             return True, True, len(data), self._total
         if len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0:
-            return False, False, len(data), self._total
+            # A surrogate: Autobahn stops at its second byte (this chunk's last).
+            return False, False, len(data) - 1, self._total - 1
         return True, False, len(data), self._total
 
 
