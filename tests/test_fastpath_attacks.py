@@ -406,3 +406,24 @@ async def test_frames_before_a_late_verdict_same_answer(
     else:
         assert lean.startswith((b"HTTP/1.1 401 ", b"HTTP/1.1 400 ")), lean[:40]
         assert b"before the 101" not in lean
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "padding, status", [(" ", b"101"), ("\t", b"101"), ("\xa0", b"401"), ("\x85", b"400")]
+)
+async def test_only_spaces_and_tabs_pad_a_header_value(
+    serve: Any, monkeypatch: pytest.MonkeyPatch, padding: str, status: bytes
+) -> None:
+    """
+    A header value loses only spaces and tabs around it (RFC 9110 OWS), as
+    in Autobahn and in proxies matching the value exactly: a key padded
+    with a no-break space is another key; with the fast path and without.
+    """
+    port = serve(factory())
+    data = request(f"apikey: {padding}{KEY}{padding}", line="GET /keyed HTTP/1.1")
+    lean = await aio(exchange(port, data))
+    monkeypatch.setattr(UpgradeReader, "readUpgrade", lambda self, end: False)
+    autobahn = await aio(exchange(port, data))
+    assert lean.startswith(b"HTTP/1.1 " + status), lean[:40]
+    assert autobahn.startswith(b"HTTP/1.1 " + status), autobahn[:40]

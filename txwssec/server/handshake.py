@@ -88,7 +88,7 @@ class HandshakeIO(UpgradeReader, WebSocketServerProtocol):  # type: ignore[misc]
                 # colon, no name, space before the colon, a folded line).
                 raise MalformedHandshake("malformed header line")
             headers = tuple(
-                (name.lower(), value.strip()) for name, value in HEADER_LINE.findall(block)
+                (name.lower(), value.strip(" \t")) for name, value in HEADER_LINE.findall(block)
             )
         peer = str(self.peer)
         policy = self.factory.policy

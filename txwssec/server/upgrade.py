@@ -143,7 +143,7 @@ class UpgradeReader:
         for name, raw in HEADER_LINE.findall(block):
             covered += len(name) + len(raw) + 3
             key = name.lower()
-            lines.append((key, raw.strip()))
+            lines.append((key, raw.strip(" \t")))
             value = raw.strip(" \t")
             if key in headers:
                 headers[key] += f", {value}"
