@@ -247,6 +247,28 @@ def _numbered(path: str) -> list[int]:
     return found
 
 
+def twistdLogPath(options: Any) -> str | None:
+    """
+    Where twistd logs for its command line C{options} (its C{ServerOptions}):
+    C{"-"} for the standard output (C{-n} and no log file, or C{--logfile -}),
+    else the log file's path (C{--logfile}, default C{twistd.log}).
+
+    @return: L{None} where twistd's own observer must be used: C{--syslog},
+        C{--logger}, C{--logfile -} without C{-n} (which twistd refuses), or
+        options that are not twistd's.
+    """
+    try:
+        logger, syslog = options.get("logger"), options.get("syslog")
+        path, nodaemon = options.get("logfile"), options.get("nodaemon")
+    except AttributeError:
+        return None
+    if logger or syslog:
+        return None
+    if path == "-" or (nodaemon and not path):
+        return "-" if nodaemon else None
+    return str(path or "twistd.log")
+
+
 def twistdLogObserver(
     options: Any, make: Callable[[IO[Any]], ILogObserver] = textLogObserver
 ) -> ILogObserver | None:
@@ -261,18 +283,12 @@ def twistdLogObserver(
         C{--logger}, C{--logfile -} without C{-n} (which twistd refuses), or
         options that are not twistd's.
     """
-    try:
-        logger, syslog = options.get("logger"), options.get("syslog")
-        path, nodaemon = options.get("logfile"), options.get("nodaemon")
-    except AttributeError:
+    where = twistdLogPath(options)
+    if where is None:
         return None
-    if logger or syslog:
-        return None
-    if path == "-" or (nodaemon and not path):
-        if not nodaemon:
-            return None
+    if where == "-":
         return make(sys.stdout)
-    logFile = LogFile.fromFullPath(path or "twistd.log")
+    logFile = LogFile.fromFullPath(where)
     if hasattr(signal, "SIGUSR1") and not signal.getsignal(signal.SIGUSR1):
 
         def rotate(signum: int, frame: Any) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from twisted.logger import ILogObserver
 
-from txwssec.logs import LineFile, textLogObserver
+from txwssec.logs import LineFile, textLogObserver, twistdLogPath
 from txwssec.ops.jsonlog import JSONEventObserver, jsonFileLogObserver
 from txwssec.ops.settings import LogSettings
 
@@ -44,16 +44,10 @@ def destination(log: LogSettings, twistdOptions: Any) -> str | None:
     """
     if log.file != "-":
         return os.path.abspath(log.file)
-    try:
-        logger, syslog = twistdOptions.get("logger"), twistdOptions.get("syslog")
-        path, nodaemon = twistdOptions.get("logfile"), twistdOptions.get("nodaemon")
-    except AttributeError:
-        return None
-    if logger or syslog:
-        return None
-    if path == "-" or (nodaemon and not path):
-        return STDOUT if nodaemon else None
-    return os.path.abspath(path or "twistd.log")
+    where = twistdLogPath(twistdOptions)
+    if where is None or where == STDOUT:
+        return where
+    return os.path.abspath(where)
 
 
 def line_file(where: str) -> LineFile:
