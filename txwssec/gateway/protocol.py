@@ -20,6 +20,7 @@ from txwssec.auth.credentials import (
 from txwssec.client import ClientTLS, SecureClientFactory
 from txwssec.errors import CloseCode, HandshakeRefused
 from txwssec.gateway.forwarding import forwarded_headers, forwarded_target, join_target
+from txwssec.gateway.held import turn_writes
 from txwssec.gateway.relay import (
     FrameScanner,
     autobahn_control,
@@ -301,8 +302,7 @@ class GatewayProtocol(SecureServerProtocol):
     def relayForward(self, frames: bytes) -> None:
         upstream = self.upstream
         if upstream is not None and upstream.state == upstream.STATE_OPEN:
-            transport: Any = upstream.transport
-            transport.write(frames)
+            upstream.holdWrite(frames)
         if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
             # As Autobahn does on data frames: traffic answers a ping.
             self._cancelAutoPingTimeoutCall()
@@ -366,6 +366,29 @@ class GatewayProtocol(SecureServerProtocol):
         waiting, self._ownMessages = self._ownMessages or [], None
         for payload, binary in waiting:
             super().sendMessage(payload, binary)
+
+    # -- writes, held until the end of the reactor turn (txwssec.gateway.held) --
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """
+        As L{SecureServerProtocol.sendData}, held until the end of the
+        reactor turn (the 101, relayed frames, the gateway's own frames),
+        then sent at once (L{releaseWrites}).
+        """
+        if self._cork is None and not (sync or chopsize or self.send_queue):
+            self._cork = []
+            turn_writes(self.factory.clock).hold(self)
+        super().sendData(data, sync, chopsize)
+
+    def _cork_writes(self) -> None:
+        # A read on this leg: what the leg holds already stays first (its
+        # end, the server's _uncork, writes all of it).
+        if self._cork is None:
+            self._cork = []
+
+    def releaseWrites(self) -> None:
+        """Write what was held (the server's C{_uncork}: one C{send})."""
+        self._uncork()
 
     def relayMessage(self, payload: bytes, isBinary: bool) -> bool:
         """A whole message from the upstream (when frames are not relayed)."""

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from txwssec._autobahn import copy_options, drop_connection_quietly
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
+from txwssec.gateway.held import send_held, turn_writes
 from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
 from txwssec.policy import RoutePolicy, Upstream
 from txwssec.traffic import Violation
@@ -175,10 +176,41 @@ class UpstreamProtocol(SecureClientProtocol):
     #: The frame relay, once the session is open (see L{txwssec.gateway.relay}).
     _scanner: FrameScanner | None = None
     _scanning: bool = False
+    #: Writes held until the next turn's end (L{txwssec.gateway.held}).
+    _cork: list[bytes] | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self._held: list[tuple[bytes, bool]] = []
+
+    # -- writes, held until the next turn's end (txwssec.gateway.held) ------------
+
+    def holdWrite(self, data: bytes) -> None:
+        """
+        Write C{data} after what was held before, at the end of the next
+        reactor turn (L{txwssec.gateway.held.TurnWrites.holdLater}).
+        """
+        cork = self._cork
+        if cork is None:
+            self._cork = [data]
+            turn_writes(self.factory.reactor).holdLater(self)
+        else:
+            cork.append(data)
+
+    def releaseWrites(self) -> None:
+        """Write what was held (see L{txwssec.gateway.held.send_held})."""
+        cork, self._cork = self._cork, None
+        if cork:
+            send_held(self.transport, cork)
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # What was held goes before the close; an abort drops it, as
+        # Twisted's abortConnection drops what its buffer holds.
+        if abort:
+            self._cork = None
+        else:
+            self.releaseWrites()
+        super()._closeConnection(abort)
 
     def _onOpen(self) -> None:
         self.registerProducer(self, True)
@@ -333,13 +365,13 @@ class UpstreamProtocol(SecureClientProtocol):
         Autobahn's C{sendData} (the frames Autobahn writes on this leg: the
         close, pongs, messages when frames are not relayed) without the
         arguments of its debug line (C{hltype}, twice C{hlval}), as the
-        server's C{TrafficFlow.sendData} does.
+        server's C{TrafficFlow.sendData} does; held (L{holdWrite}).
         """
         if sync or chopsize or self.send_queue:
+            self.releaseWrites()
             super().sendData(data, sync, chopsize)
             return
-        transport: Any = self.transport
-        transport.write(data)
+        self.holdWrite(data)
         state = self.state
         if state == self.STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
