@@ -134,9 +134,7 @@ class GatewayProtocol(SecureServerProtocol):
             # A factory per connection: no "Starting/Stopping factory" lines.
             factory.noisy = False
             endpoint = partial(pool.endpoint, url, factory)
-            attempt: Deferred[UpstreamProtocol] = Deferred.fromCoroutine(
-                open_upstream(factory, endpoint, route.upstream.timeout, clock)
-            )
+            attempt = open_upstream(factory, endpoint, route.upstream.timeout, clock)
             self._attempt = attempt
             try:
                 upstream = await attempt

@@ -541,47 +541,123 @@ def _switched(
     return chosen
 
 
-async def open_upstream(
+def open_upstream(
     factory: SecureClientFactory,
     endpoint: Callable[[], IStreamClientEndpoint],
     timeout: float,
     clock: Any,
-) -> UpstreamProtocol:
+) -> Deferred[UpstreamProtocol]:
     """
-    Connect and complete the upstream's WebSocket handshake, or refuse.
-    Cancelling the coroutine's L{Deferred} (the client left, or its own
-    handshake timed out) closes the upstream connection at once, whatever
-    stage it is at, and raises L{CancelledError}.
+    Connect and complete the upstream's WebSocket handshake, or refuse
+    (L{BadGateway}, L{GatewayTimeout} after C{timeout} seconds).
+    Cancelling the L{Deferred} (the client left, or its own handshake
+    timed out) closes the upstream connection at once, whatever stage it
+    is at, and fails it with L{CancelledError}.
     """
-    connecting: Deferred[Any] = Deferred.fromCoroutine(_connect(factory, endpoint))
-    connecting.addTimeout(timeout, clock)
-    try:
-        protocol: UpstreamProtocol = await connecting
-    except (TimeoutError, DeferredTimeout):
-        raise GatewayTimeout(f"{factory.url}: no handshake within {timeout:g} s") from None
-    except CancelledError:
-        raise
-    except ResponseHeadTooLarge as error:
-        refusal = BadGateway(f"{factory.url}: {error}")
-        refusal.kind = "bad_response"
-        raise refusal from None
-    except Exception as error:
-        raise BadGateway(f"{factory.url}: {error}") from None
-    return protocol
+    return _Attempt(factory, endpoint, timeout, clock).result
 
 
-async def _connect(
-    factory: SecureClientFactory, endpoint: Callable[[], IStreamClientEndpoint]
-) -> UpstreamProtocol:
-    protocol: Any = await endpoint().connect(factory)
-    try:
-        await protocol.opened
-    except CancelledError:
+class _Attempt:
+    """
+    One upstream connection attempt (L{open_upstream}): the endpoint's
+    connection, then the protocol's C{opened}, under one timer. Plain
+    callbacks and a C{callLater}: no coroutine, nor C{Deferred.addTimeout}
+    and its own Deferred, per attempt.
+    """
+
+    __slots__ = ("_done", "_factory", "_protocol", "_step", "_timeout", "_timer", "result")
+
+    def __init__(
+        self,
+        factory: SecureClientFactory,
+        endpoint: Callable[[], IStreamClientEndpoint],
+        timeout: float,
+        clock: Any,
+    ) -> None:
+        self._factory = factory
+        self._timeout = timeout
+        self._protocol: Any = None
+        #: The attempt has its outcome (or was cancelled): later results of
+        #: the steps are ignored.
+        self._done = False
+        self.result: Deferred[UpstreamProtocol] = Deferred(self._cancel)
+        self._timer: Any = clock.callLater(timeout, self._expire)
+        self._step: Deferred[Any] | None = None
+        try:
+            step = endpoint().connect(factory)
+        except Exception:
+            self._failed(Failure())
+            return
+        self._step = step
+        step.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, protocol: Any) -> None:
+        if self._done:  # cancelled while the endpoint completed
+            drop_connection_quietly(protocol, abort=True)
+            return
+        self._protocol = protocol
+        opened: Deferred[Any] = protocol.opened
+        self._step = opened
+        opened.addCallbacks(self._opened, self._failed)
+
+    def _opened(self, protocol: UpstreamProtocol) -> UpstreamProtocol:
+        if not self._done:
+            self._done = True
+            self._stopTimer()
+            self.result.callback(protocol)
+        return protocol
+
+    def _failed(self, failure: Failure) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._stopTimer()
+        error = failure.value
+        refusal: Exception
+        if isinstance(error, CancelledError):
+            refusal = error
+        elif isinstance(error, TimeoutError | DeferredTimeout):
+            refusal = self._timedOut()
+        elif isinstance(error, ResponseHeadTooLarge):
+            refusal = BadGateway(f"{self._factory.url}: {error}")
+            refusal.kind = "bad_response"
+        else:
+            refusal = BadGateway(f"{self._factory.url}: {error}")
+        self.result.errback(Failure(refusal))
+
+    def _timedOut(self) -> GatewayTimeout:
+        return GatewayTimeout(f"{self._factory.url}: no handshake within {self._timeout:g} s")
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        self._abandon()
+        self.result.errback(Failure(self._timedOut()))
+
+    def _cancel(self, result: Deferred[UpstreamProtocol]) -> None:
+        # The caller cancelled (result then fails with CancelledError).
+        if not self._done:
+            self._stopTimer()
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Close the connection at whatever stage it is (no outcome yet)."""
+        self._done = True
+        protocol = self._protocol
+        if protocol is None:
+            step = self._step
+            if step is not None:
+                step.cancel()  # stops connecting
+            return
         # Timed out, or the client left: the gateway logs it itself, without
         # Autobahn's "dropping connection ... with abort=True: None" warning.
         drop_connection_quietly(protocol, abort=True)
-        raise
-    return protocol  # type: ignore[no-any-return]
+
+    def _stopTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
 
 def pool_for(factory: Any, route: RoutePolicy) -> UpstreamPool:
