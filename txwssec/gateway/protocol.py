@@ -19,7 +19,7 @@ from txwssec.auth.credentials import (
 )
 from txwssec.client import ClientTLS, SecureClientFactory
 from txwssec.errors import CloseCode, HandshakeRefused
-from txwssec.gateway.forwarding import forwarded_headers, forwarded_target, join_target
+from txwssec.gateway.forwarding import forwarded_headers, forwarded_target
 from txwssec.gateway.held import turn_writes
 from txwssec.gateway.relay import (
     FrameScanner,
@@ -123,13 +123,7 @@ class GatewayProtocol(SecureServerProtocol):
                     reactor=clock,
                 ),
             )
-            factory.setSessionParameters(
-                join_target(url, target),
-                origin=origin[0] if origin else None,
-                protocols=offered,
-                useragent=None,
-                headers=headers,
-            )
+            pool.set_session(factory, url, target, origin[0] if origin else None, offered, headers)
             factory.protocol = UpstreamProtocol
             # A factory per connection: no "Starting/Stopping factory" lines.
             factory.noisy = False

@@ -23,6 +23,7 @@ from autobahn.websocket.protocol import (
     parseHttpHeader,
 )
 from autobahn.websocket.types import ConnectionResponse
+from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -31,6 +32,7 @@ from twisted.python.failure import Failure
 from txwssec._autobahn import copy_options, drop_connection_quietly
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
+from txwssec.gateway.forwarding import join_target
 from txwssec.gateway.held import send_held, turn_writes
 from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
 from txwssec.policy import RoutePolicy, Upstream
@@ -95,6 +97,7 @@ class UpstreamPool:
         self._failed_at: dict[str, float] = {}
         self._endpoints: dict[str, IStreamClientEndpoint] = {}
         self._templates: dict[tuple[str, tuple[Any, ...]], SecureClientFactory] = {}
+        self._targets: dict[tuple[str, str], tuple[str, _ParsedURL]] = {}
 
     def client_factory(
         self, url: str, settings: tuple[Any, ...], build: Callable[[], SecureClientFactory]
@@ -116,6 +119,46 @@ class UpstreamPool:
         factory: SecureClientFactory = object.__new__(type(template))
         factory.__dict__.update(template.__dict__)
         return factory
+
+    def set_session(
+        self,
+        factory: SecureClientFactory,
+        url: str,
+        target: str,
+        origin: str | None,
+        protocols: list[str],
+        headers: dict[str, str],
+    ) -> None:
+        """
+        Autobahn's C{factory.setSessionParameters} for the client's
+        C{target} on C{url} (L{join_target}), with the joined URL and its
+        parsed parts (Autobahn's C{parse_url}, which raises on a URL it
+        refuses, as before) kept for the next connection to the same
+        target: joining and parsing cost about 20 us per connection. At most
+        L{_TARGETS} targets are kept; the query values a method reads
+        credentials from are not in C{target} (L{forwarded_target}).
+        """
+        key = (url, target)
+        entry = self._targets.get(key)
+        if entry is None:
+            joined = join_target(url, target)
+            entry = (joined, parse_url(joined))
+            if len(self._targets) >= _TARGETS:
+                self._targets.clear()
+            self._targets[key] = entry
+        joined, (secure, host, port, resource, path, params) = entry
+        factory.url = joined
+        factory.isSecure = secure
+        factory.host = host
+        factory.port = port
+        factory.resource = resource
+        factory.path = path
+        factory.params = {name: list(values) for name, values in params.items()}
+        factory.origin = origin
+        factory.protocols = protocols or []
+        factory.useragent = None
+        factory.headers = headers or {}
+        factory.proxy = None
 
     def endpoint(self, url: str, factory: SecureClientFactory) -> IStreamClientEndpoint:
         """
@@ -150,6 +193,11 @@ class UpstreamPool:
         """Mark C{url} as healthy."""
         self._failed_at.pop(url, None)
 
+
+#: Autobahn's C{parse_url}: secure, host, port, resource, path, query parameters.
+_ParsedURL = tuple[bool, str, int, str, str, dict[str, list[str]]]
+#: How many upstream targets a pool keeps parsed (see L{UpstreamPool.set_session}).
+_TARGETS = 256
 
 #: Per upstream protocol class: the Autobahn options its instances take
 #: from their factory, and a getter of the factory's values of them (see
