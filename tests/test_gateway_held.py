@@ -8,18 +8,20 @@ loop turn, the send, another C{epoll_ctl}).
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import pytest
 import pytest_twisted
 import websockets
+import wsframes
 from conftest import aio
-from test_gateway_relay import Serve, gateway
+from test_gateway_relay import Serve, gateway, read_frames, the_end, unmasked
 from twisted.internet import abstract
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from txwssec.gateway.held import TurnWrites, turn_writes
+from txwssec.gateway.held import TurnWrites, lose_connection, turn_writes
 from txwssec.gateway.upstream import UpstreamProtocol
 from txwssec.proxy import GatewayProtocol
 
@@ -185,3 +187,49 @@ def test_one_call_per_turn_for_all_the_legs() -> None:
     assert turns.due == []
     clock = Clock()
     assert turn_writes(clock) is turn_writes(clock)
+
+
+# -- the client leg's TCP close --------------------------------------------------------
+
+
+@pytest.fixture
+def close_waits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The client leg's transports that waited for a writable socket."""
+    seen: list[str] = []
+    start_writing = abstract.FileDescriptor.startWriting
+
+    def counted(self: Any) -> None:
+        leg = _leg(self)
+        if leg == "client leg":
+            seen.append(leg)
+        start_writing(self)
+
+    monkeypatch.setattr(abstract.FileDescriptor, "startWriting", counted)
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_leg_closes_without_waiting_for_a_writable_socket(
+    serve: Serve, close_waits: list[str]
+) -> None:
+    """
+    The client closes: it gets the close reply, then the TCP close (EOF),
+    and the gateway closed it without Twisted's loseConnection round
+    (startWriting, a poll, an empty send).
+    """
+    env = gateway(serve)
+    client = await aio(env.raw())
+    await aio(client.send(wsframes.frame(1, b"hello")))
+    frames = await aio(read_frames(client, 1))
+    assert frames[0].payload == b"hello"
+    await aio(client.send(wsframes.close_frame(1000, "bye")))
+    rest = await aio(the_end(client))
+    assert rest == unmasked(8, struct.pack("!H", 1000))  # (the code only, as before)
+    assert close_waits == []
+    assert env.upstream.closes == [1000]
+
+
+def test_lose_connection_leaves_other_transports_to_twisted() -> None:
+    transport = StringTransport()
+    assert not lose_connection(transport)
+    assert not transport.disconnecting
