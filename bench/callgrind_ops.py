@@ -13,7 +13,10 @@ work (copies in ``send``/``recv``, accept, close) is not counted.
     python bench/callgrind_ops.py TREE SCENARIO [N]
 
 SCENARIO: ``hs`` (key-auth handshakes), ``hsjwt`` (JWT HS256 handshakes),
-``bulk`` (64 KiB binary echoes on one connection), ``bulkt`` (64 KiB text).
+``bulk`` (64 KiB binary echoes on one connection), ``bulkt`` (64 KiB text);
+the gateway (bench.py's gateway configuration, in front of a raw Autobahn
+echo server that is not counted): ``gwhs`` (key-auth handshakes through
+it), ``gwecho`` (64 B text echoes on one connection, 4 in flight).
 Needs valgrind (``callgrind_control``); a run takes a minute or two.
 """
 
@@ -57,6 +60,15 @@ async def echoes(url: str, headers: dict[str, str], count: int, text: bool) -> N
             await ws.recv()
 
 
+async def small_echoes(url: str, headers: dict[str, str], count: int) -> None:
+    async with websockets.connect(url, additional_headers=headers, compression=None) as ws:
+        for _ in range(count // 4):
+            for _ in range(4):
+                await ws.send("x" * 64)
+            for _ in range(4):
+                await ws.recv()
+
+
 async def handshakes(url: str, headers: dict[str, str], count: int) -> None:
     for _ in range(count):
         async with websockets.connect(url, additional_headers=headers, compression=None):
@@ -70,8 +82,10 @@ def main() -> int:
         folder = Path(name)
         env = Environment(folder)
         port = free_port()
+        gateway = scenario.startswith("gw")
+        upstream = env.autobahn() if gateway else None
         config = folder / "server.toml"
-        config.write_text(txwssec_config(port, False, None, env))
+        config.write_text(txwssec_config(port, False, upstream.port if upstream else None, env))
         out = folder / "callgrind.out"
         argv = [
             "valgrind",
@@ -91,15 +105,19 @@ def main() -> int:
         )
         jwt = scenario == "hsjwt"
         headers = {"Authorization": f"Bearer {env.token('HS256')}"} if jwt else {"apikey": API_KEY}
-        url = f"ws://{HOST}:{port}{'/jwt-hs' if jwt else '/key'}"
+        url = f"ws://{HOST}:{port}{'/gw' if gateway else '/jwt-hs' if jwt else '/key'}"
 
         def run(n: int) -> None:
-            if scenario.startswith("bulk"):
+            if scenario == "gwecho":
+                asyncio.run(small_echoes(url, headers, n))
+            elif scenario.startswith("bulk"):
                 asyncio.run(echoes(url, headers, n, scenario == "bulkt"))
             else:
                 asyncio.run(handshakes(url, headers, n))
 
         try:
+            if upstream is not None:
+                upstream.wait_listening()
             wait_port(port)
             run(20)
             control = ["callgrind_control"]
@@ -110,6 +128,8 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(60)
+            if upstream is not None:
+                upstream.stop()
         dump = out.with_name(out.name + ".1")
         total = 0
         for line in dump.read_text(errors="replace").splitlines():

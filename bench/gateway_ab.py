@@ -5,7 +5,7 @@ checkouts' gateways (``--base DIR``, repeatable: the "before" of a change),
 each with its own upstream, measured in alternation by one load generator
 session per scenario (bench.py's processes, configuration and load
 generator). Prints the server CPU per operation (the proxy and its
-upstream; with ``--split``, also the proxy process alone) and the median of
+upstream; with ``--split``, also each proxy process alone) and the median of
 the per-window ratios to nginx + Autobahn.
 
     python bench/gateway_ab.py                           # hs and echo, 3 rounds
@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         "--bases-only", action="store_true", help="only the --base trees, not this one"
     )
     parser.add_argument(
-        "--split", action="store_true", help="also each gateway process alone (no upstream)"
+        "--split",
+        action="store_true",
+        help="also nginx and each gateway process alone (no upstream)",
     )
     args = parser.parse_args(argv)
     scenarios = [name for name in args.scenarios.split(",") if name]
@@ -97,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                             NGINX, f"ws://{HOST}:{front.port}/", key, [front.pid, upstream.pid]
                         )
                     )
+                    if args.split:
+                        # nginx's master and its worker (a descendant)
+                        subjects.append(
+                            Subject("nginx alone", f"ws://{HOST}:{front.port}/", key, [front.pid])
+                        )
                     trees = [] if args.bases_only else [("gateway", None)]
                     trees += [(Path(b).name, b) for b in args.base]
                     tree: str | None

@@ -19,7 +19,8 @@ from txwssec.auth.credentials import (
 )
 from txwssec.client import ClientTLS, SecureClientFactory
 from txwssec.errors import CloseCode, HandshakeRefused
-from txwssec.gateway.forwarding import forwarded_headers, forwarded_target, join_target
+from txwssec.gateway.forwarding import forwarded_headers, forwarded_target
+from txwssec.gateway.held import lose_connection, turn_writes
 from txwssec.gateway.relay import (
     FrameScanner,
     autobahn_control,
@@ -122,20 +123,12 @@ class GatewayProtocol(SecureServerProtocol):
                     reactor=clock,
                 ),
             )
-            factory.setSessionParameters(
-                join_target(url, target),
-                origin=origin[0] if origin else None,
-                protocols=offered,
-                useragent=None,
-                headers=headers,
-            )
+            pool.set_session(factory, url, target, origin[0] if origin else None, offered, headers)
             factory.protocol = UpstreamProtocol
             # A factory per connection: no "Starting/Stopping factory" lines.
             factory.noisy = False
             endpoint = partial(pool.endpoint, url, factory)
-            attempt: Deferred[UpstreamProtocol] = Deferred.fromCoroutine(
-                open_upstream(factory, endpoint, route.upstream.timeout, clock)
-            )
+            attempt = open_upstream(factory, endpoint, route.upstream.timeout, clock)
             self._attempt = attempt
             try:
                 upstream = await attempt
@@ -301,8 +294,7 @@ class GatewayProtocol(SecureServerProtocol):
     def relayForward(self, frames: bytes) -> None:
         upstream = self.upstream
         if upstream is not None and upstream.state == upstream.STATE_OPEN:
-            transport: Any = upstream.transport
-            transport.write(frames)
+            upstream.holdWrite(frames)
         if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
             # As Autobahn does on data frames: traffic answers a ping.
             self._cancelAutoPingTimeoutCall()
@@ -366,6 +358,38 @@ class GatewayProtocol(SecureServerProtocol):
         waiting, self._ownMessages = self._ownMessages or [], None
         for payload, binary in waiting:
             super().sendMessage(payload, binary)
+
+    # -- writes, held until the end of the reactor turn (txwssec.gateway.held) --
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """
+        As L{SecureServerProtocol.sendData}, held until the end of the
+        reactor turn (the 101, relayed frames, the gateway's own frames),
+        then sent at once (L{releaseWrites}).
+        """
+        if self._cork is None and not (sync or chopsize or self.send_queue):
+            self._cork = []
+            turn_writes(self.factory.clock).hold(self)
+        super().sendData(data, sync, chopsize)
+
+    def _cork_writes(self) -> None:
+        # A read on this leg: what the leg holds already stays first (its
+        # end, the server's _uncork, writes all of it).
+        if self._cork is None:
+            self._cork = []
+
+    def releaseWrites(self) -> None:
+        """Write what was held (the server's C{_uncork}: one C{send})."""
+        self._uncork()
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # What was held goes first; then, when it all went to the socket,
+        # the TCP close without Twisted's wait for a writable socket.
+        if not abort:
+            self._uncork()
+            if lose_connection(self.transport):
+                return
+        super()._closeConnection(abort)
 
     def relayMessage(self, payload: bytes, isBinary: bool) -> bool:
         """A whole message from the upstream (when frames are not relayed)."""

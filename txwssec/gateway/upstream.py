@@ -23,6 +23,7 @@ from autobahn.websocket.protocol import (
     parseHttpHeader,
 )
 from autobahn.websocket.types import ConnectionResponse
+from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -31,6 +32,8 @@ from twisted.python.failure import Failure
 from txwssec._autobahn import copy_options, drop_connection_quietly
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
+from txwssec.gateway.forwarding import join_target
+from txwssec.gateway.held import send_held, turn_writes
 from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
 from txwssec.policy import RoutePolicy, Upstream
 from txwssec.traffic import Violation
@@ -94,6 +97,7 @@ class UpstreamPool:
         self._failed_at: dict[str, float] = {}
         self._endpoints: dict[str, IStreamClientEndpoint] = {}
         self._templates: dict[tuple[str, tuple[Any, ...]], SecureClientFactory] = {}
+        self._targets: dict[tuple[str, str], tuple[str, _ParsedURL]] = {}
 
     def client_factory(
         self, url: str, settings: tuple[Any, ...], build: Callable[[], SecureClientFactory]
@@ -115,6 +119,46 @@ class UpstreamPool:
         factory: SecureClientFactory = object.__new__(type(template))
         factory.__dict__.update(template.__dict__)
         return factory
+
+    def set_session(
+        self,
+        factory: SecureClientFactory,
+        url: str,
+        target: str,
+        origin: str | None,
+        protocols: list[str],
+        headers: dict[str, str],
+    ) -> None:
+        """
+        Autobahn's C{factory.setSessionParameters} for the client's
+        C{target} on C{url} (L{join_target}), with the joined URL and its
+        parsed parts (Autobahn's C{parse_url}, which raises on a URL it
+        refuses, as before) kept for the next connection to the same
+        target: joining and parsing cost about 20 us per connection. At most
+        L{_TARGETS} targets are kept; the query values a method reads
+        credentials from are not in C{target} (L{forwarded_target}).
+        """
+        key = (url, target)
+        entry = self._targets.get(key)
+        if entry is None:
+            joined = join_target(url, target)
+            entry = (joined, parse_url(joined))
+            if len(self._targets) >= _TARGETS:
+                self._targets.clear()
+            self._targets[key] = entry
+        joined, (secure, host, port, resource, path, params) = entry
+        factory.url = joined
+        factory.isSecure = secure
+        factory.host = host
+        factory.port = port
+        factory.resource = resource
+        factory.path = path
+        factory.params = {name: list(values) for name, values in params.items()}
+        factory.origin = origin
+        factory.protocols = protocols or []
+        factory.useragent = None
+        factory.headers = headers or {}
+        factory.proxy = None
 
     def endpoint(self, url: str, factory: SecureClientFactory) -> IStreamClientEndpoint:
         """
@@ -150,6 +194,11 @@ class UpstreamPool:
         self._failed_at.pop(url, None)
 
 
+#: Autobahn's C{parse_url}: secure, host, port, resource, path, query parameters.
+_ParsedURL = tuple[bool, str, int, str, str, dict[str, list[str]]]
+#: How many upstream targets a pool keeps parsed (see L{UpstreamPool.set_session}).
+_TARGETS = 256
+
 #: Per upstream protocol class: the Autobahn options its instances take
 #: from their factory, and a getter of the factory's values of them (see
 #: L{UpstreamProtocol._connectionMade}).
@@ -175,10 +224,41 @@ class UpstreamProtocol(SecureClientProtocol):
     #: The frame relay, once the session is open (see L{txwssec.gateway.relay}).
     _scanner: FrameScanner | None = None
     _scanning: bool = False
+    #: Writes held until the next turn's end (L{txwssec.gateway.held}).
+    _cork: list[bytes] | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self._held: list[tuple[bytes, bool]] = []
+
+    # -- writes, held until the next turn's end (txwssec.gateway.held) ------------
+
+    def holdWrite(self, data: bytes) -> None:
+        """
+        Write C{data} after what was held before, at the end of the next
+        reactor turn (L{txwssec.gateway.held.TurnWrites.holdLater}).
+        """
+        cork = self._cork
+        if cork is None:
+            self._cork = [data]
+            turn_writes(self.factory.reactor).holdLater(self)
+        else:
+            cork.append(data)
+
+    def releaseWrites(self) -> None:
+        """Write what was held (see L{txwssec.gateway.held.send_held})."""
+        cork, self._cork = self._cork, None
+        if cork:
+            send_held(self.transport, cork)
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # What was held goes before the close; an abort drops it, as
+        # Twisted's abortConnection drops what its buffer holds.
+        if abort:
+            self._cork = None
+        else:
+            self.releaseWrites()
+        super()._closeConnection(abort)
 
     def _onOpen(self) -> None:
         self.registerProducer(self, True)
@@ -333,13 +413,13 @@ class UpstreamProtocol(SecureClientProtocol):
         Autobahn's C{sendData} (the frames Autobahn writes on this leg: the
         close, pongs, messages when frames are not relayed) without the
         arguments of its debug line (C{hltype}, twice C{hlval}), as the
-        server's C{TrafficFlow.sendData} does.
+        server's C{TrafficFlow.sendData} does; held (L{holdWrite}).
         """
         if sync or chopsize or self.send_queue:
+            self.releaseWrites()
             super().sendData(data, sync, chopsize)
             return
-        transport: Any = self.transport
-        transport.write(data)
+        self.holdWrite(data)
         state = self.state
         if state == self.STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
@@ -509,47 +589,123 @@ def _switched(
     return chosen
 
 
-async def open_upstream(
+def open_upstream(
     factory: SecureClientFactory,
     endpoint: Callable[[], IStreamClientEndpoint],
     timeout: float,
     clock: Any,
-) -> UpstreamProtocol:
+) -> Deferred[UpstreamProtocol]:
     """
-    Connect and complete the upstream's WebSocket handshake, or refuse.
-    Cancelling the coroutine's L{Deferred} (the client left, or its own
-    handshake timed out) closes the upstream connection at once, whatever
-    stage it is at, and raises L{CancelledError}.
+    Connect and complete the upstream's WebSocket handshake, or refuse
+    (L{BadGateway}, L{GatewayTimeout} after C{timeout} seconds).
+    Cancelling the L{Deferred} (the client left, or its own handshake
+    timed out) closes the upstream connection at once, whatever stage it
+    is at, and fails it with L{CancelledError}.
     """
-    connecting: Deferred[Any] = Deferred.fromCoroutine(_connect(factory, endpoint))
-    connecting.addTimeout(timeout, clock)
-    try:
-        protocol: UpstreamProtocol = await connecting
-    except (TimeoutError, DeferredTimeout):
-        raise GatewayTimeout(f"{factory.url}: no handshake within {timeout:g} s") from None
-    except CancelledError:
-        raise
-    except ResponseHeadTooLarge as error:
-        refusal = BadGateway(f"{factory.url}: {error}")
-        refusal.kind = "bad_response"
-        raise refusal from None
-    except Exception as error:
-        raise BadGateway(f"{factory.url}: {error}") from None
-    return protocol
+    return _Attempt(factory, endpoint, timeout, clock).result
 
 
-async def _connect(
-    factory: SecureClientFactory, endpoint: Callable[[], IStreamClientEndpoint]
-) -> UpstreamProtocol:
-    protocol: Any = await endpoint().connect(factory)
-    try:
-        await protocol.opened
-    except CancelledError:
+class _Attempt:
+    """
+    One upstream connection attempt (L{open_upstream}): the endpoint's
+    connection, then the protocol's C{opened}, under one timer. Plain
+    callbacks and a C{callLater}: no coroutine, nor C{Deferred.addTimeout}
+    and its own Deferred, per attempt.
+    """
+
+    __slots__ = ("_done", "_factory", "_protocol", "_step", "_timeout", "_timer", "result")
+
+    def __init__(
+        self,
+        factory: SecureClientFactory,
+        endpoint: Callable[[], IStreamClientEndpoint],
+        timeout: float,
+        clock: Any,
+    ) -> None:
+        self._factory = factory
+        self._timeout = timeout
+        self._protocol: Any = None
+        #: The attempt has its outcome (or was cancelled): later results of
+        #: the steps are ignored.
+        self._done = False
+        self.result: Deferred[UpstreamProtocol] = Deferred(self._cancel)
+        self._timer: Any = clock.callLater(timeout, self._expire)
+        self._step: Deferred[Any] | None = None
+        try:
+            step = endpoint().connect(factory)
+        except Exception:
+            self._failed(Failure())
+            return
+        self._step = step
+        step.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, protocol: Any) -> None:
+        if self._done:  # cancelled while the endpoint completed
+            drop_connection_quietly(protocol, abort=True)
+            return
+        self._protocol = protocol
+        opened: Deferred[Any] = protocol.opened
+        self._step = opened
+        opened.addCallbacks(self._opened, self._failed)
+
+    def _opened(self, protocol: UpstreamProtocol) -> UpstreamProtocol:
+        if not self._done:
+            self._done = True
+            self._stopTimer()
+            self.result.callback(protocol)
+        return protocol
+
+    def _failed(self, failure: Failure) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._stopTimer()
+        error = failure.value
+        refusal: Exception
+        if isinstance(error, CancelledError):
+            refusal = error
+        elif isinstance(error, TimeoutError | DeferredTimeout):
+            refusal = self._timedOut()
+        elif isinstance(error, ResponseHeadTooLarge):
+            refusal = BadGateway(f"{self._factory.url}: {error}")
+            refusal.kind = "bad_response"
+        else:
+            refusal = BadGateway(f"{self._factory.url}: {error}")
+        self.result.errback(Failure(refusal))
+
+    def _timedOut(self) -> GatewayTimeout:
+        return GatewayTimeout(f"{self._factory.url}: no handshake within {self._timeout:g} s")
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        self._abandon()
+        self.result.errback(Failure(self._timedOut()))
+
+    def _cancel(self, result: Deferred[UpstreamProtocol]) -> None:
+        # The caller cancelled (result then fails with CancelledError).
+        if not self._done:
+            self._stopTimer()
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Close the connection at whatever stage it is (no outcome yet)."""
+        self._done = True
+        protocol = self._protocol
+        if protocol is None:
+            step = self._step
+            if step is not None:
+                step.cancel()  # stops connecting
+            return
         # Timed out, or the client left: the gateway logs it itself, without
         # Autobahn's "dropping connection ... with abort=True: None" warning.
         drop_connection_quietly(protocol, abort=True)
-        raise
-    return protocol  # type: ignore[no-any-return]
+
+    def _stopTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
 
 def pool_for(factory: Any, route: RoutePolicy) -> UpstreamPool:
