@@ -29,7 +29,7 @@ from txwssec import events
 from txwssec._autobahn import (
     cancel_close_timer,
     connection_lost_quietly,
-    copy_options,
+    copy_options_at_once,
     drop_connection_quietly,
 )
 from txwssec._cycles import FiredWithProtocol
@@ -136,7 +136,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
     is_closed = FiredWithProtocol()
 
     def _connectionMade(self) -> None:
-        copy_options(self, WebSocketServerProtocol.CONFIG_ATTRS)
+        copy_options_at_once(self, WebSocketServerProtocol.CONFIG_ATTRS)
         super()._connectionMade()
 
     # -- the handshake pipeline -------------------------------------------
