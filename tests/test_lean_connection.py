@@ -204,3 +204,35 @@ async def test_peer_and_details_as_autobahns(lean_off: Any, family: str) -> None
     lean_seen, autobahn_seen = OPENED
     assert lean_seen["options"] == autobahn_seen["options"]
     assert lean_seen["details"].keys() == autobahn_seen["details"].keys()
+
+
+ADDRESSES = [
+    "127.0.0.1",
+    "10.0.0.1",
+    "::1",
+    "2001:db8::1",
+    "2001:db8::2",
+    "2001:DB8:0:0:1::1",
+    "::ffff:10.0.0.7",
+    "fe80::1%eth0",
+    "not an address",
+    "x" * 100,
+    "",
+    "010.0.0.1",
+]
+
+
+def test_addresses_remembered_as_parsed() -> None:
+    """address_key and client_address remember what the parse gave."""
+    from txwssec.admission import _address_text, _parse_address, client_address
+    from txwssec.limits import ADDRESSES_REMEMBERED, address_key
+
+    for host in ADDRESSES * 2:
+        assert address_key(host) == address_key.__wrapped__(host)
+        parsed = _parse_address(host)
+        assert client_address(host, (), (), 0) == (host if parsed is None else str(parsed))
+        assert client_address(host, ["1.2.3.4"], (), 3) == client_address(host, (), (), 0)
+    assert address_key("2001:db8::1") == address_key("2001:db8::2") == "2001:db8::/64"
+    assert address_key("::ffff:10.0.0.7") == "10.0.0.7"
+    assert address_key.cache_info().maxsize == ADDRESSES_REMEMBERED
+    assert _address_text.cache_info().maxsize == ADDRESSES_REMEMBERED
