@@ -279,6 +279,14 @@ def open_state() -> dict[str, Any]:
     return state
 
 
+def details_pending(protocol: Any) -> bool:
+    """
+    Whether C{protocol}'s transport details are still to be made (plain
+    TCP: there is no TLS channel binding or certificate to note at open).
+    """
+    return protocol.__dict__.get(_DETAILS, _DETAILS) is None
+
+
 class LazyTransportDetails:
     """
     A protocol's C{_transport_details} (Autobahn's C{TransportDetails}),
