@@ -236,3 +236,44 @@ def test_addresses_remembered_as_parsed() -> None:
     assert address_key("::ffff:10.0.0.7") == "10.0.0.7"
     assert address_key.cache_info().maxsize == ADDRESSES_REMEMBERED
     assert _address_text.cache_info().maxsize == ADDRESSES_REMEMBERED
+
+
+def test_level_checked_logger_emits_as_twisteds() -> None:
+    """The session log's logger: the same events as Twisted's Logger."""
+    from twisted.logger import Logger, LogLevel
+
+    from txwssec.logs import LevelCheckedLogger
+    from txwssec.observers import gatewayLog, securityLog
+
+    assert isinstance(securityLog, LevelCheckedLogger)
+    assert isinstance(gatewayLog, LevelCheckedLogger)
+
+    def emitted(cls: type[Logger], level: Any, trace: bool = False) -> list[dict[str, Any]]:
+        seen: list[dict[str, Any]] = []
+        logger = cls(namespace="txwssec.server", source="src", observer=seen.append)
+        fields: dict[str, Any] = {"peer": "tcp4:1.2.3.4:5", "route": "/r"}
+        if trace:
+            fields["log_trace"] = []
+        logger.emit(level, "accepted {peer} on {route}", **fields)
+        out = []
+        for event in seen:
+            event = dict(event)
+            assert type(event.pop("log_logger")) is cls
+            event.pop("log_time")
+            if "log_trace" in event:
+                event["log_trace"] = [type(who) for who, _ in event["log_trace"]]
+            if "log_failure" in event:
+                event["log_failure"] = event["log_failure"].type
+            if "invalidLevel" in event:
+                event.pop("logger")
+            out.append(event)
+        return out
+
+    for level in LogLevel.iterconstants():
+        assert emitted(LevelCheckedLogger, level) == emitted(Logger, level)
+    assert emitted(LevelCheckedLogger, LogLevel.info, trace=True) == [
+        {**emitted(Logger, LogLevel.info)[0], "log_trace": [LevelCheckedLogger]}
+    ]
+    # A level that is not one: Twisted's own complaint, the same.
+    assert emitted(LevelCheckedLogger, "info") == emitted(Logger, "info")
+    assert emitted(Logger, "info")[0]["log_level"] == LogLevel.critical
