@@ -277,3 +277,85 @@ def test_level_checked_logger_emits_as_twisteds() -> None:
     # A level that is not one: Twisted's own complaint, the same.
     assert emitted(LevelCheckedLogger, "info") == emitted(Logger, "info")
     assert emitted(Logger, "info")[0]["log_level"] == LogLevel.critical
+
+
+#: What the futures did, per connection.
+FUTURES: list[dict[str, Any]] = []
+
+
+class Futures(EchoProtocol):
+    """Reads is_open early or late, and is_closed during the session or never."""
+
+    early = False
+
+    def onConnect(self, request: Any) -> Any:
+        subprotocol = super().onConnect(request)  # (the route's class from here)
+        if self.early:
+            self.is_open.addCallback(lambda result: self.record("opened", result))
+        return subprotocol
+
+    def record(self, name: str, value: Any) -> None:
+        FUTURES[-1][name] = value
+
+    def onOpen(self) -> None:
+        FUTURES.append({"open_called": self.is_open.called})
+        self.is_open.addCallback(lambda result: self.record("opened_late", result))
+        if self.early:
+            self.is_closed.addCallback(lambda protocol: self.record("closed", protocol is self))
+        super().onOpen()
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        FUTURES[-1]["slot"] = self.__dict__.get("_is_closed_deferred", "absent")
+        super().onClose(wasClean, code, reason)
+
+
+class EarlyFutures(Futures):
+    early = True
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("lean", [True, False])
+async def test_is_open_and_is_closed_made_when_read(
+    monkeypatch: pytest.MonkeyPatch, serve: Any, lean: bool
+) -> None:
+    """Autobahn's futures fire as before, made only if something reads them."""
+    import txwssec.server.handshake
+
+    monkeypatch.setattr(txwssec.server.handshake, "LEAN_OPEN", lean)
+    made = SecureServerFactory(
+        ServerPolicy(
+            routes=(
+                RoutePolicy("/late", [AnonymousAuthenticator()], protocol=Futures),
+                RoutePolicy("/early", [AnonymousAuthenticator()], protocol=EarlyFutures),
+            )
+        )
+    )
+    made.protocol = Futures  # (its onConnect runs; the route's class after it)
+    port = serve(made)
+    FUTURES.clear()
+    from conftest import raw_exchange
+
+    for path in ("/late", "/early"):
+        answer = await aio(raw_exchange(port, request(line=f"GET {path} HTTP/1.1") + BYE))
+        assert answer.startswith(b"HTTP/1.1 101 ")
+    late, early = FUTURES
+    # As Autobahn: onOpen runs before is_open fires, right after it.
+    assert late == {"open_called": False, "opened_late": None, "slot": None}
+    # is_closed never read during the session: never made, left as released.
+    slot = early.pop("slot")
+    assert early == {"opened": None, "open_called": False, "opened_late": None, "closed": True}
+    # Read: made, and fired with the protocol before onClose.
+    assert slot.called
+
+
+def test_new_protocol_state_as_autobahns_init() -> None:
+    from autobahn.twisted.websocket import WebSocketServerProtocol as Plain
+
+    plain = Plain()
+    ours = EchoProtocol()
+    assert ours._valid_events == plain._valid_events == ["message"]
+    assert ours._results == plain._results
+    # Read before any connection: what Autobahn's __init__ set.
+    assert ours.transport_details.marshal() == plain.transport_details.marshal()
+    assert not ours.is_open.called and not ours.is_closed.called
+    assert ours.is_open is ours.is_open and ours.is_closed is ours.is_closed

@@ -16,11 +16,12 @@ from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any
 
-import txaio
 from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 from OpenSSL import SSL
 from twisted.python.failure import Failure
+
+from txwssec._cycles import fire
 
 BAD_GATEWAY = 1014
 
@@ -120,7 +121,7 @@ def drop_connection_quietly(protocol: Any, abort: bool) -> None:
     if protocol.state != WebSocketProtocol.STATE_CLOSED:
         protocol.droppedByMe = True
         protocol.state = WebSocketProtocol.STATE_CLOSED
-        txaio.resolve(protocol.is_closed, protocol)  # type: ignore[attr-defined]
+        fire(protocol, "is_closed", protocol)  # (txaio.resolve, made only if read)
         protocol._closeConnection(abort)
 
 

@@ -305,7 +305,8 @@ class LazyTransportDetails:
             details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
             found[_DETAILS] = details
         elif details is self:
-            raise AttributeError("_transport_details")
+            # Before the connection (Autobahn's __init__ would have set it).
+            details = found[_DETAILS] = TransportDetails()
         return details
 
     def __set__(self, protocol: Any, details: Any) -> None:

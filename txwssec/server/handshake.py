@@ -13,12 +13,12 @@ from collections.abc import Callable
 from hashlib import sha1
 from typing import Any
 
-import txaio
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.interfaces import ISSLTransport
 
 from txwssec import events
+from txwssec._cycles import fire
 from txwssec._request import check_request_head
 from txwssec.admission import client_address
 from txwssec.compression import (
@@ -220,7 +220,7 @@ class HandshakeIO(UpgradeReader, WebSocketServerProtocol):  # type: ignore[misc]
                 interval, protocol._sendAutoPing
             )
         protocol._onOpen()
-        txaio.resolve(protocol.is_open, None)  # type: ignore[attr-defined]
+        fire(protocol, "is_open", None)  # (txaio.resolve, made only if read)
         if len(self.data) > 0:
             protocol.consumeData()
         return True

@@ -32,7 +32,7 @@ from txwssec._autobahn import (
     copy_options_at_once,
     drop_connection_quietly,
 )
-from txwssec._cycles import FiredWithProtocol
+from txwssec._cycles import FiredWhenOpen, FiredWithProtocol
 from txwssec._ends import end_fields
 from txwssec._hooks import run_hook, transport_details
 from txwssec._wire import details_pending, stop_read_ahead
@@ -132,8 +132,16 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
     maxMessagePayloadSize: int
     _discard_writes: bool = False
     #: Autobahn's Deferred that fires with this protocol when the connection
-    #: ends, forgotten once fired (see L{txwssec._cycles}).
-    is_closed = FiredWithProtocol()
+    #: ends, forgotten once fired (see L{txwssec._cycles}); made when first
+    #: read, as C{is_open}.
+    is_closed = FiredWithProtocol(madeWhenRead=True)
+    is_open = FiredWhenOpen()
+
+    def __init__(self) -> None:
+        # Autobahn's WebSocketProtocol.__init__, but for what is made when
+        # first read: is_open and is_closed (above), the transport details
+        # (txwssec._wire.LazyTransportDetails).
+        self.set_valid_events(["message"])
 
     def _connectionMade(self) -> None:
         copy_options_at_once(self, WebSocketServerProtocol.CONFIG_ATTRS)
@@ -490,7 +498,9 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             self._loseTimer = self.factory.deadlines.call_later(
                 close_timeout, self._abortLingering
             )
-        if self._dropLogged:
+        if self._dropLogged or self.wasClean:
+            # (For a clean close Autobahn's line is at debug level, which
+            # this protocol's logger never writes.)
             drop_connection_quietly(self, abort)
         else:
             super().dropConnection(abort)
