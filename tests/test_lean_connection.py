@@ -254,7 +254,10 @@ def test_level_checked_logger_emits_as_twisteds() -> None:
         fields: dict[str, Any] = {"peer": "tcp4:1.2.3.4:5", "route": "/r"}
         if trace:
             fields["log_trace"] = []
-        logger.emit(level, "accepted {peer} on {route}", **fields)
+        if level == "info()":
+            logger.info("accepted {peer} on {route}", **fields)
+        else:
+            logger.emit(level, "accepted {peer} on {route}", **fields)
         out = []
         for event in seen:
             event = dict(event)
@@ -274,6 +277,10 @@ def test_level_checked_logger_emits_as_twisteds() -> None:
     assert emitted(LevelCheckedLogger, LogLevel.info, trace=True) == [
         {**emitted(Logger, LogLevel.info)[0], "log_trace": [LevelCheckedLogger]}
     ]
+    assert emitted(LevelCheckedLogger, "info()") == emitted(Logger, "info()")
+    assert emitted(LevelCheckedLogger, "info()", trace=True) == emitted(
+        LevelCheckedLogger, LogLevel.info, trace=True
+    )
     # A level that is not one: Twisted's own complaint, the same.
     assert emitted(LevelCheckedLogger, "info") == emitted(Logger, "info")
     assert emitted(Logger, "info")[0]["log_level"] == LogLevel.critical

@@ -152,6 +152,20 @@ class LevelCheckedLogger(Logger):
             kwargs["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
         self.observer(kwargs)
 
+    def info(self, format: str | None = None, **kwargs: object) -> None:
+        """Emit at "info" (see L{Logger.info}): the event made here at once."""
+        kwargs.update(
+            log_logger=self,
+            log_level=LogLevel.info,
+            log_namespace=self.namespace,
+            log_source=self.source,
+            log_format=format,
+            log_time=time.time(),
+        )
+        if "log_trace" in kwargs:
+            kwargs["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
+        self.observer(kwargs)
+
 
 _LEVELS = frozenset(LogLevel.iterconstants())
 
