@@ -33,6 +33,11 @@ class FiredWithProtocol:
 
     _slot: str
 
+    def __init__(self, madeWhenRead: bool = False) -> None:
+        #: Whether one never assigned is made when first read (else reading
+        #: it is an AttributeError, as for any unset attribute).
+        self._madeWhenRead = madeWhenRead
+
     def __set_name__(self, owner: type, name: str) -> None:
         self._slot = f"_{name}_deferred"
 
@@ -45,16 +50,31 @@ class FiredWithProtocol:
     def __get__(self, protocol: object, owner: type | None = None) -> Any:
         if protocol is None:
             return self
-        try:
-            deferred = protocol.__dict__[self._slot]
-        except KeyError:
-            raise AttributeError(self._slot[1:].removesuffix("_deferred")) from None
-        if deferred is None:
+        found = protocol.__dict__
+        deferred = found.get(self._slot, _UNMADE)
+        if deferred is _UNMADE:
+            if not self._madeWhenRead:
+                raise AttributeError(self._slot[1:].removesuffix("_deferred"))
+            # Never assigned (a protocol whose __init__ leaves it to be made
+            # when first read): a new Deferred, not fired yet.
+            deferred = found[self._slot] = Deferred()
+        elif deferred is None:
             return succeed(protocol)
         return deferred
 
     def __set__(self, protocol: object, deferred: Deferred[Any]) -> None:
         protocol.__dict__[self._slot] = deferred
+
+    def fire(self, protocol: object) -> None:
+        """
+        Fire it with C{protocol} (C{txaio.resolve(protocol.is_closed,
+        protocol)}); one never made is not made: it is left as released.
+        """
+        deferred = protocol.__dict__.get(self._slot, _UNMADE)
+        if deferred is _UNMADE and self._madeWhenRead:
+            protocol.__dict__[self._slot] = None
+        else:
+            self.__get__(protocol).callback(protocol)
 
     def release(self, protocol: object) -> None:
         """
@@ -69,3 +89,61 @@ class FiredWithProtocol:
             and deferred.result is protocol
         ):
             protocol.__dict__[self._slot] = None
+
+
+_UNMADE: Any = object()
+
+
+class FiredWhenOpen:
+    """
+    A protocol attribute holding Autobahn's C{is_open}: a Deferred made
+    when first read, fired with L{None} when the connection opens (see
+    L{FiredWhenOpen.fire}); one fired before it was ever read is made
+    already fired when read.
+
+    Use it as a class attribute; assign a Deferred as usual.
+    """
+
+    _slot: str
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = f"_{name}_deferred"
+
+    def __get__(self, protocol: object, owner: type | None = None) -> Any:
+        if protocol is None:
+            return self
+        found = protocol.__dict__
+        deferred = found.get(self._slot, _UNMADE)
+        if deferred is _UNMADE:
+            deferred = found[self._slot] = Deferred()
+        elif deferred is _OPENED:
+            deferred = found[self._slot] = succeed(None)
+        return deferred
+
+    def __set__(self, protocol: object, deferred: Deferred[Any]) -> None:
+        protocol.__dict__[self._slot] = deferred
+
+    def fire(self, protocol: object) -> None:
+        """Fire it with L{None} (C{txaio.resolve(protocol.is_open, None)})."""
+        found = protocol.__dict__
+        deferred = found.get(self._slot, _UNMADE)
+        if deferred is _UNMADE:
+            found[self._slot] = _OPENED
+        else:
+            self.__get__(protocol).callback(None)
+
+
+_OPENED: Any = object()
+
+
+def fire(protocol: Any, name: str, result: Any) -> None:
+    """
+    C{txaio.resolve(getattr(protocol, name), result)}, without making the
+    Deferred of a L{FiredWithProtocol} or L{FiredWhenOpen} attribute that
+    nothing read.
+    """
+    attribute = getattr(type(protocol), name, None)
+    if isinstance(attribute, FiredWithProtocol | FiredWhenOpen):
+        attribute.fire(protocol)
+    else:
+        getattr(protocol, name).callback(result)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import codecs
 import struct
+from collections import deque
 from errno import ENOBUFS, EWOULDBLOCK
 from typing import Any
 
 from autobahn.twisted.util import create_transport_details
 from autobahn.wamp.types import TransportDetails
-from autobahn.websocket.protocol import FrameHeader, WebSocketProtocol
+from autobahn.websocket.protocol import FrameHeader, TrafficStats, WebSocketProtocol
 from autobahn.websocket.xormasker import XorMaskerNull
 from twisted.internet.main import CONNECTION_LOST
 from twisted.internet.tcp import Server as TCPServer
@@ -225,6 +226,93 @@ class Utf8Validator:
         return True, False, len(data), self._total
 
 
+#: Where L{LazyTransportDetails} keeps a protocol's transport details.
+_DETAILS = "_transport_details_made"
+
+#: The state Autobahn's C{WebSocketProtocol._connectionMade} gives a server
+#: connection, but for its timer and the per-connection objects of
+#: L{open_state}.
+_OPEN_STATE: dict[str, Any] = {
+    "_perMessageCompress": None,
+    "trackedTimings": None,
+    "state": WebSocketProtocol.STATE_CONNECTING,
+    "send_state": WebSocketProtocol.SEND_STATE_GROUND,
+    "data": b"",
+    "triggered": False,
+    "wasMaxFramePayloadSizeExceeded": False,
+    "wasMaxMessagePayloadSizeExceeded": False,
+    "closedByMe": False,
+    "failedByMe": False,
+    "droppedByMe": False,
+    "wasClean": False,
+    "wasNotCleanReason": None,
+    "wasServerConnectionDropTimeout": False,
+    "wasOpenHandshakeTimeout": False,
+    "wasCloseHandshakeTimeout": False,
+    "wasServingFlashSocketPolicyFile": False,
+    "localCloseCode": None,
+    "localCloseReason": None,
+    "remoteCloseCode": None,
+    "remoteCloseReason": None,
+    "openHandshakeTimeoutCall": None,
+    "closeHandshakeTimeoutCall": None,
+    "autoPingTimeoutCall": None,
+    "autoPingPending": None,
+    "autoPingPendingCall": None,
+    "autoPingPendingSeq": 0,
+    "autoPingPendingSent": None,
+}
+
+
+def open_state() -> dict[str, Any]:
+    """
+    The attributes Autobahn's C{WebSocketProtocol._connectionMade} sets on
+    a new server connection (tests/test_lean_connection.py compares them
+    with Autobahn's), but for C{openHandshakeTimeoutCall}'s timer and
+    C{utf8validator} (the caller's). (C{trackedTimings} is L{None} there
+    whatever C{trackTimings} says: C{setTrackTimings} changes nothing when
+    given the current value.)
+    """
+    state = _OPEN_STATE.copy()
+    state["trafficStats"] = TrafficStats()
+    state["send_queue"] = deque()
+    return state
+
+
+def details_pending(protocol: Any) -> bool:
+    """
+    Whether C{protocol}'s transport details are still to be made (plain
+    TCP: there is no TLS channel binding or certificate to note at open).
+    """
+    return protocol.__dict__.get(_DETAILS, _DETAILS) is None
+
+
+class LazyTransportDetails:
+    """
+    A protocol's C{_transport_details} (Autobahn's C{TransportDetails}),
+    made from the transport when first read on a connection whose
+    C{connectionMade} left it to be made (L{None} in L{_DETAILS}); else
+    what was assigned, as a plain attribute.
+    """
+
+    def __get__(self, protocol: Any, owner: type | None = None) -> Any:
+        if protocol is None:
+            return self
+        found = protocol.__dict__
+        details = found.get(_DETAILS, self)
+        if details is None:
+            details = create_transport_details(protocol.transport, True)
+            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+            found[_DETAILS] = details
+        elif details is self:
+            # Before the connection (Autobahn's __init__ would have set it).
+            details = found[_DETAILS] = TransportDetails()
+        return details
+
+    def __set__(self, protocol: Any, details: Any) -> None:
+        protocol.__dict__[_DETAILS] = details
+
+
 class FrameReader:
     """
     A mixin for an Autobahn server protocol (before it in the bases):
@@ -257,27 +345,51 @@ class FrameReader:
     factory: Any
     peer: Any
     tcpNoDelay: bool
-    _transport_details: Any
+    _transport_details: Any = LazyTransportDetails()
 
     def connectionMade(self) -> None:
         """
         Autobahn's Twisted C{connectionMade} for a server, without its debug
         line: Autobahn formats its arguments (C{hltype}, C{hlval}, colour
         codes) on every connection, whatever the log level.
+
+        On plain TCP the peer string is written from the transport's client
+        address as Autobahn's C{peer2str} writes it, and the transport
+        details (which only C{transport_details} and the TLS channel binding
+        read) are made when first read (L{LazyTransportDetails}).
         """
-        details = create_transport_details(self.transport, True)
-        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-        self._transport_details = details
-        self.peer = details.peer
+        transport = self.transport
+        if type(transport) is TCPServer:
+            client = transport.client
+            family = "tcp4" if len(client) == 2 else "tcp6"
+            self.peer = f"{family}:{client[0]}:{client[1]}"
+            self.__dict__[_DETAILS] = None  # made when first read
+        else:
+            details = create_transport_details(transport, True)
+            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+            self._transport_details = details
+            self.peer = details.peer
         try:
-            self.transport.setTcpNoDelay(self.tcpNoDelay)
+            transport.setTcpNoDelay(self.tcpNoDelay)
         except Exception:  # noqa: S110 - as Autobahn: not every transport has it (Unix sockets)
             pass
         self._connectionMade()
 
     def _connectionMade(self) -> None:
-        # Autobahn's server _connectionMade without its debug line (hltype).
-        WebSocketProtocol._connectionMade(self)  # type: ignore[arg-type]
+        # Autobahn's server _connectionMade without its debug line (hltype)
+        # and, when it has no options of its own to copy, without the rest
+        # of its fixed costs (a pformat of the empty option list, an NVX
+        # validator replaced at once): the same state (see open_state).
+        protocol: Any = self
+        if protocol.CONFIG_ATTRS:
+            WebSocketProtocol._connectionMade(protocol)
+        else:
+            self.__dict__.update(open_state())
+            timeout = protocol.openHandshakeTimeout
+            if timeout > 0:
+                protocol.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                    timeout, protocol.onOpenHandshakeTimeout
+                )
         self.factory.countConnections += 1
         self.utf8validator = Utf8Validator()
         read_ahead(self.transport)

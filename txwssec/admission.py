@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from txwssec.errors import ServiceUnavailable, TooManyRequests
-from txwssec.limits import FailureWindow, TokenBucket, address_key
+from txwssec.limits import ADDRESSES_REMEMBERED, FailureWindow, TokenBucket, address_key
 from txwssec.logs import bounded
 from txwssec.policy import ProxyNetwork, RoutePolicy, ServerPolicy
 from txwssec.store import CountView, MemoryStore, StateStore
@@ -45,19 +46,20 @@ def client_address(
     @return: an IP address in its normal text form (an IPv4-mapped IPv6
         address as IPv4), or C{peer_host} if it is not an IP address.
     """
+    if not (hops and trusted_proxies):
+        return _address_text(peer_host)
     current = _parse_address(peer_host)
     if current is None:
         return peer_host
-    if hops and trusted_proxies:
-        entries = [entry for value in forwarded_for for entry in value.split(",")]
-        entries = entries[-min(hops, MAX_FORWARDED_ENTRIES) :]
-        for entry in reversed(entries):
-            if not any(current in network for network in trusted_proxies):
-                break
-            forwarded = _parse_address(entry.strip())
-            if forwarded is None:
-                break
-            current = forwarded
+    entries = [entry for value in forwarded_for for entry in value.split(",")]
+    entries = entries[-min(hops, MAX_FORWARDED_ENTRIES) :]
+    for entry in reversed(entries):
+        if not any(current in network for network in trusted_proxies):
+            break
+        forwarded = _parse_address(entry.strip())
+        if forwarded is None:
+            break
+        current = forwarded
     return str(current)
 
 
@@ -65,6 +67,13 @@ def is_trusted_proxy(host: str, trusted_proxies: Sequence[ProxyNetwork]) -> bool
     """Whether the address C{host} is in one of C{trusted_proxies}."""
     address = _parse_address(host)
     return address is not None and any(address in network for network in trusted_proxies)
+
+
+@lru_cache(maxsize=ADDRESSES_REMEMBERED)
+def _address_text(peer_host: str) -> str:
+    """C{peer_host} in its normal text form, if it is an IP address."""
+    current = _parse_address(peer_host)
+    return peer_host if current is None else str(current)
 
 
 def _parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

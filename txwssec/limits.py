@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
+from functools import lru_cache
 
 #: IPv6 clients are counted per /64: one host usually has a whole /64, and
 #: would otherwise escape per-address limits by rotating its interface ID.
 IPV6_KEY_PREFIX = 64
 
 
+#: How many addresses L{address_key} and the client address remember (a
+#: pure function of a string: remembered, it is not parsed again for every
+#: connection of the same client; a flood of new addresses only evicts).
+ADDRESSES_REMEMBERED = 4096
+
+
+@lru_cache(maxsize=ADDRESSES_REMEMBERED)
 def address_key(host: str) -> str:
     """
     The key an address is counted under for per-address caps and the

@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -33,6 +34,8 @@ from twisted.logger import (
     FileLogObserver,
     ILogObserver,
     LogEvent,
+    Logger,
+    LogLevel,
     formatEventAsClassicLogText,
     formatTime,
 )
@@ -122,6 +125,49 @@ class ClassicLogFormatter:
         namespace = event.get("log_namespace", "-")
         line = f"{self._stamp} [{namespace}#{level.name}{self._system}] {text}"
         return line.replace("\n", "\n\t") + "\n"
+
+
+class LevelCheckedLogger(Logger):
+    """
+    A L{Logger} whose C{emit} checks the level against a set made once,
+    instead of C{LogLevel.iterconstants()} (which sorts the levels again on
+    every event): the same events, for a logger that writes a line per
+    session.
+    """
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        """Emit a log event at C{level} (see L{Logger.emit})."""
+        if level not in _LEVELS:
+            super().emit(level, format, **kwargs)  # Twisted's own complaint
+            return
+        kwargs.update(
+            log_logger=self,
+            log_level=level,
+            log_namespace=self.namespace,
+            log_source=self.source,
+            log_format=format,
+            log_time=time.time(),
+        )
+        if "log_trace" in kwargs:
+            kwargs["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
+        self.observer(kwargs)
+
+    def info(self, format: str | None = None, **kwargs: object) -> None:
+        """Emit at "info" (see L{Logger.info}): the event made here at once."""
+        kwargs.update(
+            log_logger=self,
+            log_level=LogLevel.info,
+            log_namespace=self.namespace,
+            log_source=self.source,
+            log_format=format,
+            log_time=time.time(),
+        )
+        if "log_trace" in kwargs:
+            kwargs["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
+        self.observer(kwargs)
+
+
+_LEVELS = frozenset(LogLevel.iterconstants())
 
 
 def textLogObserver(outFile: IO[Any], system: str = "") -> ILogObserver:

@@ -11,17 +11,16 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.logger import Logger
-
 from txwssec import events
+from txwssec.logs import LevelCheckedLogger
 
 #: txwssec's own server events (refusals, sessions, limits), with named
 #: fields. Module-level so that the namespace stays "txwssec.server"
 #: whatever class emits.
-securityLog = Logger(namespace="txwssec.server")
+securityLog = LevelCheckedLogger(namespace="txwssec.server")
 
 #: The gateway's own events (the namespace stays "txwssec.proxy").
-gatewayLog = Logger(namespace="txwssec.proxy")
+gatewayLog = LevelCheckedLogger(namespace="txwssec.proxy")
 
 #: The events the counters count once each under their own name.
 _COUNTED = frozenset(

@@ -8,7 +8,9 @@ The pipeline that decides is L{SecureServerProtocol.secureHandshake}.
 from __future__ import annotations
 
 import re
+from base64 import b64encode
 from collections.abc import Callable
+from hashlib import sha1
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
@@ -16,6 +18,7 @@ from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.interfaces import ISSLTransport
 
 from txwssec import events
+from txwssec._cycles import fire
 from txwssec._request import check_request_head
 from txwssec.admission import client_address
 from txwssec.compression import (
@@ -167,9 +170,60 @@ class HandshakeIO(UpgradeReader, WebSocketServerProtocol):  # type: ignore[misc]
 
     def succeedHandshake(self, res: Any) -> None:
         """Send the 101, then read again (frames that came early are kept)."""
-        super().succeedHandshake(res)
+        if not (LEAN_OPEN and self._openLean(res)):
+            super().succeedHandshake(res)
         if self.state == self.STATE_OPEN:
             self._transport().resumeProducing()
+
+    def _openLean(self, res: Any) -> bool:
+        """
+        Autobahn's C{succeedHandshake} for the common answer (no extension
+        offered, no response headers of the factory's, the subprotocol as a
+        string the client offered, or none): the same 101, the same state,
+        the same calls, in one function.
+
+        @return: L{False} (nothing done) for any other: Autobahn's answers.
+        """
+        protocol: Any = self
+        if res is not None and (type(res) is not str or res not in protocol.websocket_protocols):
+            return False
+        factory: Any = self.factory
+        if protocol.websocket_extensions or factory.headers or protocol.trackedTimings:
+            return False
+        protocol.websocket_protocol_in_use = res
+        protocol.websocket_extensions_in_use = []
+        # RFC 6455's Sec-WebSocket-Accept is SHA-1 by definition (no secret).
+        digest = sha1(protocol._wskey.encode("utf8") + _WS_MAGIC).digest()  # noqa: S324
+        accept = b64encode(digest).decode()
+        server = factory.server
+        response = "".join(
+            (
+                "HTTP/1.1 101 Switching Protocols\r\n",
+                f"Server: {server}\r\n" if server else "",
+                "Upgrade: WebSocket\r\nConnection: Upgrade\r\n",
+                "" if res is None else f"Sec-WebSocket-Protocol: {res}\r\n",
+                f"Sec-WebSocket-Accept: {accept}\r\n\r\n",
+            )
+        )
+        self.sendData(response.encode("utf8"))
+        protocol.http_response_data = response
+        self.state = self.STATE_OPEN
+        call = protocol.openHandshakeTimeoutCall
+        if call is not None:
+            call.cancel()
+            protocol.openHandshakeTimeoutCall = None
+        protocol.inside_message = False
+        protocol.current_frame = None
+        interval = protocol.autoPingInterval
+        if interval:
+            protocol.autoPingPendingCall = factory._batched_timer.call_later(
+                interval, protocol._sendAutoPing
+            )
+        protocol._onOpen()
+        fire(protocol, "is_open", None)  # (txaio.resolve, made only if read)
+        if len(self.data) > 0:
+            protocol.consumeData()
+        return True
 
     def _transport(self) -> Any:
         return self.transport
@@ -262,6 +316,12 @@ class HandshakeIO(UpgradeReader, WebSocketServerProtocol):  # type: ignore[misc]
             return self.factory.policy.route_for(path).path
         except RouteNotFound:
             return "-"
+
+
+#: Whether the common 101 is written by L{HandshakeIO._openLean} (tests
+#: compare it with Autobahn's by turning this off).
+LEAN_OPEN = True
+_WS_MAGIC = WebSocketServerProtocol._WS_MAGIC
 
 
 def _peer_host(peer: str) -> str:

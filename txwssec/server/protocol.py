@@ -29,13 +29,13 @@ from txwssec import events
 from txwssec._autobahn import (
     cancel_close_timer,
     connection_lost_quietly,
-    copy_options,
+    copy_options_at_once,
     drop_connection_quietly,
 )
-from txwssec._cycles import FiredWithProtocol
+from txwssec._cycles import FiredWhenOpen, FiredWithProtocol
 from txwssec._ends import end_fields
 from txwssec._hooks import run_hook, transport_details
-from txwssec._wire import stop_read_ahead
+from txwssec._wire import details_pending, stop_read_ahead
 from txwssec.admission import ConsumerBuckets
 from txwssec.auth.chain import authenticate
 from txwssec.compression import (
@@ -132,11 +132,19 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
     maxMessagePayloadSize: int
     _discard_writes: bool = False
     #: Autobahn's Deferred that fires with this protocol when the connection
-    #: ends, forgotten once fired (see L{txwssec._cycles}).
-    is_closed = FiredWithProtocol()
+    #: ends, forgotten once fired (see L{txwssec._cycles}); made when first
+    #: read, as C{is_open}.
+    is_closed = FiredWithProtocol(madeWhenRead=True)
+    is_open = FiredWhenOpen()
+
+    def __init__(self) -> None:
+        # Autobahn's WebSocketProtocol.__init__, but for what is made when
+        # first read: is_open and is_closed (above), the transport details
+        # (txwssec._wire.LazyTransportDetails).
+        self.set_valid_events(["message"])
 
     def _connectionMade(self) -> None:
-        copy_options(self, WebSocketServerProtocol.CONFIG_ATTRS)
+        copy_options_at_once(self, WebSocketServerProtocol.CONFIG_ATTRS)
         super()._connectionMade()
 
     # -- the handshake pipeline -------------------------------------------
@@ -370,7 +378,8 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             if route.idle_timeout:
                 self._last_message = now = factory.clock.seconds()
                 self._idle_timer = deadlines.call_at(now + route.idle_timeout, self._checkIdle)
-        transport_details(self)
+        if not details_pending(self):
+            transport_details(self)
         run_hook(self, "onOpen", self.onOpen)
 
     # -- application hooks and errors ---------------------------------------
@@ -489,7 +498,9 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             self._loseTimer = self.factory.deadlines.call_later(
                 close_timeout, self._abortLingering
             )
-        if self._dropLogged:
+        if self._dropLogged or self.wasClean:
+            # (For a clean close Autobahn's line is at debug level, which
+            # this protocol's logger never writes.)
             drop_connection_quietly(self, abort)
         else:
             super().dropConnection(abort)

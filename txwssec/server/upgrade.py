@@ -135,7 +135,8 @@ class UpgradeReader:
         # Autobahn's header dictionary (repeated names joined, counted) and
         # txwssec's lines (every one kept, in order), in one pass.
         headers: dict[str, str] = {}
-        counts: dict[str, int] = {}
+        #: Names seen on more than one line.
+        repeated: set[str] = set()
         lines = []
         # The lines found must cover the whole block (HEADER_BLOCK): each
         # match is "name:value\r\n", and findall skips what does not match.
@@ -143,19 +144,18 @@ class UpgradeReader:
         for name, raw in HEADER_LINE.findall(block):
             covered += len(name) + len(raw) + 3
             key = name.lower()
-            lines.append((key, raw.strip(" \t")))
             value = raw.strip(" \t")
+            lines.append((key, value))
             if key in headers:
                 headers[key] += f", {value}"
-                counts[key] += 1
+                repeated.add(key)
             else:
                 headers[key] = value
-                counts[key] = 1
         if covered != len(block):
             return False  # a line that is not "name: value"
 
         # Host: once, with a valid port if it has one.
-        if counts.get("host") != 1:
+        if "host" not in headers or "host" in repeated:
             return False
         host = headers["host"].strip()
         if host.find(":") >= 0 and not host.endswith("]"):
@@ -169,16 +169,18 @@ class UpgradeReader:
 
         # Upgrade: websocket; Connection: upgrade; version 13, once.
         upgrade = headers.get("upgrade")
-        if upgrade is None or not any(
-            token.strip().lower() == "websocket" for token in upgrade.split(",")
+        if upgrade is None or (
+            upgrade.lower() != "websocket"
+            and not any(token.strip().lower() == "websocket" for token in upgrade.split(","))
         ):
             return False
         connection = headers.get("connection")
-        if connection is None or not any(
-            token.strip().lower() == "upgrade" for token in connection.split(",")
+        if connection is None or (
+            connection.lower() != "upgrade"
+            and not any(token.strip().lower() == "upgrade" for token in connection.split(","))
         ):
             return False
-        if counts.get("sec-websocket-version") != 1 or headers["sec-websocket-version"] != "13":
+        if headers.get("sec-websocket-version") != "13" or "sec-websocket-version" in repeated:
             return False
         if 13 not in self.versions:
             return False
@@ -195,7 +197,7 @@ class UpgradeReader:
         # patterns (txwssec's Origin policy decides in the pipeline).
         origin = ""
         if "origin" in headers:
-            if counts["origin"] > 1:
+            if "origin" in repeated:
                 return False
             origin = headers["origin"].strip()
             origin_tuple = _origin_of(origin)
@@ -211,7 +213,7 @@ class UpgradeReader:
                 return False
 
         # Sec-WebSocket-Key: once, 16 bytes in base64.
-        if counts.get("sec-websocket-key") != 1:
+        if "sec-websocket-key" not in headers or "sec-websocket-key" in repeated:
             return False
         key = headers["sec-websocket-key"].strip()
         if not _KEY.fullmatch(key):
@@ -219,7 +221,7 @@ class UpgradeReader:
 
         extensions: list[Any] = []
         if "sec-websocket-extensions" in headers:
-            if counts["sec-websocket-extensions"] > 1:
+            if "sec-websocket-extensions" in repeated:
                 return False
             extensions = protocol._parseExtensionsHeader(headers["sec-websocket-extensions"])
 
