@@ -417,3 +417,26 @@ async def test_every_listener_uses_it(folder: Path, tmp_path: Path) -> None:
             )
         finally:
             await port.stopListening()
+
+
+def test_pieces_are_twisteds_records() -> None:
+    """
+    Aggregated writes go to OpenSSL in the pieces Twisted cuts from the
+    joined data (16 KiB each: one record), without joining the chunks first.
+    """
+    import random
+
+    rng = random.Random(5)
+    sizes = [0, 1, 10, 16383, 16384, 16385, 32768, 65536, 65546, 100000]
+    for _ in range(300):
+        count = rng.randrange(1, 6)
+        chunks = [bytes([rng.randrange(256)]) * rng.choice(sizes) for _ in range(count)]
+        joined = b"".join(chunks)
+        expected = [joined[at : at + 2**14] for at in range(0, len(joined), 2**14)]
+        pieces = list(_tlswire._pieces(chunks))
+        assert [bytes(piece) for piece in pieces] == expected
+        # a piece inside one chunk is a view of that chunk, not a copy
+        for piece in pieces:
+            if type(piece) is memoryview:
+                assert any(piece.obj is chunk for chunk in chunks)
+        assert sum(type(piece) is bytes for piece in pieces) <= count

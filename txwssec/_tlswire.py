@@ -32,6 +32,7 @@ it calls into OpenSSL and the kernel:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
@@ -107,14 +108,42 @@ class _Writes:
     def flush(self) -> None:
         if self._buffer:
             self._left = _AGGREGATE
-            data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
-            del self._buffer[:]
-            self._write(data)
+            chunks, self._buffer = self._buffer, []
+            self._write(chunks)  # as one stream, not joined first (ServerTLSProtocol._write)
 
     def close(self) -> None:
         if self._scheduled is not None:
             self._scheduled.cancel()
         self._scheduledFlush()
+
+
+def _pieces(chunks: list[bytes]) -> Iterator[Any]:
+    """
+    The concatenation of C{chunks} in pieces of L{_RECORD} bytes (the last
+    one shorter), as Twisted slices the joined data: a piece within one
+    chunk is a memoryview of it (no copy), one across chunks is joined.
+    """
+    pending: list[Any] = []
+    pending_size = 0
+    for chunk in chunks:
+        view = memoryview(chunk)
+        size = len(view)
+        at = 0
+        if pending:
+            at = min(_RECORD - pending_size, size)
+            pending.append(view[:at])
+            pending_size += at
+            if pending_size < _RECORD:
+                continue
+            yield b"".join(pending)
+            pending, pending_size = [], 0
+        while size - at >= _RECORD:
+            yield view[at : at + _RECORD]
+            at += _RECORD
+        if at < size:
+            pending, pending_size = [view[at:]], size - at
+    if pending:
+        yield pending[0] if len(pending) == 1 else b"".join(pending)
 
 
 class _NoWrites:
@@ -145,8 +174,26 @@ class ServerTLSProtocol(BufferingTLSTransport):
 
     def __init__(self, factory: Any, wrappedProtocol: Any, _connectWrapped: bool = True) -> None:
         TLSMemoryBIOProtocol.__init__(self, factory, wrappedProtocol, _connectWrapped)
-        self._aggregator = _Writes(TLSMemoryBIOProtocol.write.__get__(self), factory._clock)
+        self._aggregator = _Writes(self._writeHeld, factory._clock)
         self.write = self._aggregator.write  # type: ignore[method-assign]
+
+    def _writeHeld(self, chunks: list[bytes]) -> None:
+        # TLSMemoryBIOProtocol.write, for the aggregated writes as one stream.
+        if self.disconnecting and self._producer is None:
+            return
+        self._write(chunks)
+
+    def writeSequence(self, iovec: Any) -> None:
+        """
+        Twisted's (the pieces aggregated as one write), without joining
+        them first when they are all bytes.
+        """
+        chunks = list(iovec)
+        if all(type(chunk) is bytes for chunk in chunks):
+            for chunk in chunks:
+                self._aggregator.write(chunk)
+        else:
+            self._aggregator.write(b"".join(chunks))
 
     def makeConnection(self, transport: Any) -> None:
         """
@@ -300,28 +347,29 @@ class ServerTLSProtocol(BufferingTLSTransport):
         transport: Any = self.transport
         transport.loseConnection()
 
-    def _write(self, bytes: bytes) -> None:
+    def _write(self, bytes: Any) -> None:
         """
-        Twisted's C{_write} (16 KiB records, the rest buffered while
-        OpenSSL wants to read), the send BIO read once at the end instead
-        of after every record.
+        Twisted's C{_write}: the data (bytes, or a list of bytes written as
+        one stream) given to OpenSSL in pieces of 16 KiB (a record each), the
+        rest buffered while OpenSSL wants to read; the pieces are slices of
+        the data (no copy, but where a piece spans two chunks), and the send
+        BIO is read once at the end instead of after every record.
         """
         if self._lostTLSConnection:
             return
-        alreadySent = 0
         connection = self._tlsConnection
-        while alreadySent < len(bytes):
-            toSend = bytes[alreadySent : alreadySent + _RECORD]
+        pieces = _pieces(bytes if type(bytes) is list else [bytes])
+        for piece in pieces:
             try:
-                sent = connection.send(toSend)
+                while piece:
+                    sent = connection.send(piece)
+                    piece = piece[sent:]
             except WantReadError:
-                self._bufferedWrite(bytes[alreadySent:])
+                self._bufferedWrite(b"".join([piece, *pieces]))
                 break
             except Error:
                 self._tlsShutdownFinished(Failure())
                 return
-            else:
-                alreadySent += sent
         self._flushSendBIO()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
