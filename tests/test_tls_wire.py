@@ -440,3 +440,40 @@ def test_pieces_are_twisteds_records() -> None:
             if type(piece) is memoryview:
                 assert any(piece.obj is chunk for chunk in chunks)
         assert sum(type(piece) is bytes for piece in pieces) <= count
+
+
+def close_first(port: int, folder: Path, lines: list[bytes]) -> tuple[bytes, bytes]:
+    """
+    In a thread: TLS, C{lines}, then the client's close_notify (unwrap, which
+    waits for the server's); returns what TLS read before, and the raw bytes
+    the server sent after its close_notify (none expected).
+    """
+    client = ssl.create_default_context(cafile=str(folder / "ca.pem"))
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        tls = client.wrap_socket(raw, server_hostname="localhost")
+        for line in lines:
+            tls.sendall(line)
+        received = b""
+        if lines[0].startswith(b"echo"):
+            while len(received) < len(b"echo:x"):
+                received += tls.recv(100)
+        plain = tls.unwrap()
+        after = b""
+        while chunk := plain.recv(65536):
+            after += chunk
+        return received, after
+
+
+@pytest.mark.parametrize("lines", [[b"quiet\n"], [b"echo\nx"]], ids=["quiet", "echo"])
+@pytest_twisted.ensureDeferred
+async def test_client_close_notify_answered_once(
+    folder: Path, listen: Any, lines: list[bytes]
+) -> None:
+    """The client closes TLS first: one close_notify back, then the TCP close, as Twisted."""
+    tls = context(folder)
+    twisted_port = await listen(TLSMemoryBIOFactory(tls, False, ScriptedFactory()))
+    lean_port = await listen(ServerTLSFactory(tls, False, ScriptedFactory()))
+    theirs = await aio(asyncio.to_thread(close_first, twisted_port, folder, lines))
+    ours = await aio(asyncio.to_thread(close_first, lean_port, folder, lines))
+    assert ours == theirs
+    assert ours[1] == b""

@@ -287,11 +287,16 @@ class ServerTLSProtocol(BufferingTLSTransport):
             transport.writeSequence(chunks)
 
     def _release(self) -> None:
-        """Send what is held now (the transport is about to be closed)."""
+        """
+        Send what is held now (the transport is about to be closed); the
+        held list is emptied in place: L{dataReceived} sends what is added
+        to it later, and nothing twice.
+        """
         out = self._out
         if out:
-            self._out = []
-            self._send(out)
+            chunks = out[:]
+            del out[:]
+            self._send(chunks)
 
     def _flushReceiveBIO(self) -> None:
         """
