@@ -126,9 +126,11 @@ class Scripted(Protocol):
             reactor.callLater(0.02, t.write, b"two;")
             reactor.callLater(0.05, t.loseConnection)
         elif command == b"abortlater":
+            # Twisted's transport sends "sent;" a reactor turn or two later:
+            # the abort comes long after, even on a loaded machine.
             t.write(b"sent;")
-            reactor.callLater(0.05, t.write, b"dropped")
-            reactor.callLater(0.05, t.abortConnection)
+            reactor.callLater(0.3, t.write, b"dropped")
+            reactor.callLater(0.3, t.abortConnection)
         elif command == b"produce":
             producer = Chunks(t)
             t.registerProducer(producer, True)
