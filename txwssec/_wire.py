@@ -32,8 +32,10 @@ from autobahn.twisted.util import create_transport_details
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import FrameHeader, TrafficStats, WebSocketProtocol
 from autobahn.websocket.xormasker import XorMaskerNull
-from twisted.internet.main import CONNECTION_LOST
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.tcp import Client as TCPClient
 from twisted.internet.tcp import Server as TCPServer
+from twisted.python import log
 
 try:  # Autobahn's NVX masker, when it was built (CFFI); in place, no copies
     from autobahn.websocket import USES_NVX
@@ -176,6 +178,53 @@ def send_now(sock: Any, chunks: list[bytes]) -> list[bytes]:
             return rest
         sent -= len(chunk)
     return []
+
+
+def lose_connection(transport: Any) -> bool:
+    """
+    Twisted's C{loseConnection} for a plain TCP transport that has nothing
+    left to send (what the protocol held was just sent, L{send_now}):
+    closed at the end of this turn, as Twisted's would be after its next
+    poll, without asking epoll to report the socket writable first (two
+    C{epoll_ctl}, an event and its dispatch, and an empty C{send}). The
+    socket is closed as Twisted closes it (C{shutdown}, then C{close}: a
+    FIN), and the protocol's C{connectionLost} gets the same
+    C{ConnectionDone}, in the same log context. Used by the server
+    (L{txwssec.server.flow.TrafficFlow}) and the gateway's legs.
+
+    @return: whether it did; L{False}: call C{loseConnection} (a TLS
+        transport, bytes still buffered, a producer that is to be resumed
+        first, a half-close, a close under way).
+    """
+    kind = type(transport)
+    if (
+        (kind is not TCPServer and kind is not TCPClient)
+        or transport.dataBuffer
+        or transport._tempDataLen
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnected
+        or transport._writeDisconnecting
+    ):
+        return False
+    if transport.producer is not None and (
+        not transport.streamingProducer or transport.producerPaused
+    ):
+        return False
+    transport.stopReading()
+    transport.stopWriting()
+    transport.disconnecting = 1
+    transport.reactor.callLater(0, _closed, transport)
+    return True
+
+
+def _closed(transport: Any) -> None:
+    if transport.disconnected or transport._aborting or not hasattr(transport, "socket"):
+        return  # aborted, or lost, meanwhile
+    if transport.dataBuffer or transport._tempDataLen:
+        return  # written since: Twisted's write sends it, then closes
+    reactor = transport.reactor
+    log.callWithLogger(transport, reactor._disconnectSelectable, transport, CONNECTION_DONE, False)
 
 
 def stop_read_ahead(transport: Any) -> None:

@@ -26,11 +26,10 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.tcp import Client as TCPClient
 from twisted.internet.tcp import Server as TCPServer
-from twisted.python import log
 
+from txwssec._wire import lose_connection as lose_connection  # (re-exported)
 from txwssec._wire import send_now
 
 
@@ -112,48 +111,3 @@ def send_held(transport: Any, chunks: list[bytes]) -> None:
         if not chunks:
             return
     transport.writeSequence(chunks)
-
-
-def lose_connection(transport: Any) -> bool:
-    """
-    Twisted's C{loseConnection} for a plain TCP transport that has nothing
-    left to send (what the leg held was just sent): closed at the end of
-    this turn, as Twisted's would be after its next poll, without asking
-    epoll to report the socket writable first (two C{epoll_ctl}, an event
-    and its dispatch, and an empty C{send}). The protocol's
-    C{connectionLost} gets the same C{ConnectionDone}, in the same log
-    context.
-
-    @return: whether it did; L{False}: call C{loseConnection} (a TLS
-        transport, bytes still buffered, a producer that is to be resumed
-        first, a half-close, a close under way).
-    """
-    kind = type(transport)
-    if (
-        (kind is not TCPServer and kind is not TCPClient)
-        or transport.dataBuffer
-        or transport._tempDataLen
-        or not transport.connected
-        or transport.disconnecting
-        or transport._writeDisconnected
-        or transport._writeDisconnecting
-    ):
-        return False
-    if transport.producer is not None and (
-        not transport.streamingProducer or transport.producerPaused
-    ):
-        return False
-    transport.stopReading()
-    transport.stopWriting()
-    transport.disconnecting = 1
-    transport.reactor.callLater(0, _closed, transport)
-    return True
-
-
-def _closed(transport: Any) -> None:
-    if transport.disconnected or transport._aborting or not hasattr(transport, "socket"):
-        return  # aborted, or lost, meanwhile
-    if transport.dataBuffer or transport._tempDataLen:
-        return  # written since: Twisted's write sends it, then closes
-    reactor = transport.reactor
-    log.callWithLogger(transport, reactor._disconnectSelectable, transport, CONNECTION_DONE, False)

@@ -20,7 +20,7 @@ from txwssec.auth.credentials import (
 from txwssec.client import ClientTLS, SecureClientFactory
 from txwssec.errors import CloseCode, HandshakeRefused
 from txwssec.gateway.forwarding import forwarded_headers, forwarded_target
-from txwssec.gateway.held import lose_connection, turn_writes
+from txwssec.gateway.held import turn_writes
 from txwssec.gateway.relay import (
     FrameScanner,
     autobahn_control,
@@ -381,15 +381,6 @@ class GatewayProtocol(SecureServerProtocol):
     def releaseWrites(self) -> None:
         """Write what was held (the server's C{_uncork}: one C{send})."""
         self._uncork()
-
-    def _closeConnection(self, abort: bool = False) -> None:
-        # What was held goes first; then, when it all went to the socket,
-        # the TCP close without Twisted's wait for a writable socket.
-        if not abort:
-            self._uncork()
-            if lose_connection(self.transport):
-                return
-        super()._closeConnection(abort)
 
     def relayMessage(self, payload: bytes, isBinary: bool) -> bool:
         """A whole message from the upstream (when frames are not relayed)."""

@@ -19,7 +19,7 @@ from twisted.internet.tcp import Server as TCPServer
 from txwssec import events
 from txwssec._autobahn import fail_connection_quietly
 from txwssec._hooks import OpenOnly
-from txwssec._wire import FrameReader, send_now
+from txwssec._wire import FrameReader, lose_connection, send_now
 from txwssec.compression import (
     deflated_bound,
 )
@@ -304,8 +304,13 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
 
     def _closeConnection(self, abort: bool = False) -> None:
         # What was written before the close goes first: a TLS transport
-        # drops writes that come after its loseConnection.
+        # drops writes that come after its loseConnection. Then, when it
+        # all went to a plain TCP socket, the orderly close without
+        # Twisted's wait for a writable socket (lose_connection); an
+        # abort, or anything else, as Autobahn closes.
         self._uncork()
+        if not abort and lose_connection(self.transport):
+            return
         WebSocketServerProtocol._closeConnection(self, abort)
 
     def _slowConsumer(self) -> None:
