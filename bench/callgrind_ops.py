@@ -13,10 +13,18 @@ work (copies in ``send``/``recv``, accept, close) is not counted.
     python bench/callgrind_ops.py TREE SCENARIO [N]
 
 SCENARIO: ``hs`` (key-auth handshakes), ``hsjwt`` (JWT HS256 handshakes),
-``bulk`` (64 KiB binary echoes on one connection), ``bulkt`` (64 KiB text);
+``bulk`` (64 KiB binary echoes on one connection), ``bulkt`` (64 KiB text),
 the gateway (bench.py's gateway configuration, in front of a raw Autobahn
 echo server that is not counted): ``gwhs`` (key-auth handshakes through
-it), ``gwecho`` (64 B text echoes on one connection, 4 in flight).
+it), ``gwecho`` (64 B text echoes on one connection, 4 in flight),
+``wss`` (key-auth handshakes over TLS 1.3, each a full TLS handshake),
+``wssr`` (the same, each offering the TLS session of the one before: all
+resumed but the first warm-up), ``wss12`` and ``wssr12`` (the same with a
+TLS 1.2 client; the listener then takes ``min_version = "1.2"``),
+``wssbulk`` (64 KiB binary echoes over TLS 1.3).
+The wss handshakes are bench/loadgen.py's resuming client's, with a
+blocking socket: TLS handshake, upgrade request, 101, a masked close 1000,
+the server's close frame, TCP close (no close_notify from the client).
 Needs valgrind (``callgrind_control``); a run takes a minute or two.
 """
 
@@ -26,17 +34,28 @@ import asyncio
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import websockets
 
-from bench.bench import API_KEY, HOST, TWISTD, Environment, free_port, txwssec_config
+from bench.bench import (
+    API_KEY,
+    HOST,
+    ORIGIN,
+    TWISTD,
+    Environment,
+    free_port,
+    txwssec_config,
+)
+from bench.loadgen import _CLOSE_1000, _upgrade_request
 
 
 def wait_port(port: int, timeout: float = 500) -> None:
@@ -75,6 +94,77 @@ async def handshakes(url: str, headers: dict[str, str], count: int) -> None:
             pass
 
 
+def tls_client(ca: Path, version: str) -> ssl.SSLContext:
+    """The wss client's context: TLS 1.3 (or 1.2 only), the bench CA."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if version == "1.2":
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    else:
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+def _read_until(tls: ssl.SSLSocket, buffer: bytes, done: Any) -> bytes:
+    while not done(buffer):
+        chunk = tls.recv(262144)
+        if not chunk:
+            raise ConnectionError("the server closed the connection early")
+        buffer += chunk
+    return buffer
+
+
+def wss_handshakes(
+    url: str, headers: dict[str, str], count: int, context: ssl.SSLContext, state: dict[str, Any]
+) -> None:
+    """
+    C{count} wss handshakes; with C{state["resume"]}, each offers the last
+    session (kept in C{state["session"]}); C{state["reused"]} counts the
+    resumed ones.
+    """
+    host, port, request = _upgrade_request(url, [("Origin", ORIGIN), *headers.items()])
+    resume = state["resume"]
+    session = state.get("session")
+    reused = 0
+    for _ in range(count):
+        with socket.create_connection((host, port)) as raw:
+            tls = context.wrap_socket(raw, server_hostname="localhost", session=session)
+            tls.sendall(request)
+            buffer = _read_until(tls, b"", lambda b: b"\r\n\r\n" in b)
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            if head.split(b" ", 2)[1] != b"101":
+                raise SystemExit(f"no 101: {head!r}")
+            tls.sendall(_CLOSE_1000)
+            buffer = _read_until(tls, buffer, lambda b: len(b) >= 4)
+            if buffer[:4] != b"\x88\x02\x03\xe8":
+                raise SystemExit(f"expected a close 1000, got {buffer[:4]!r}")
+            reused += tls.session_reused
+            if resume:
+                session = tls.session
+    state["session"], state["reused"] = session, reused
+
+
+def wss_echoes(url: str, headers: dict[str, str], count: int, context: ssl.SSLContext) -> None:
+    """C{count} 64 KiB binary echoes over TLS on one connection."""
+    payload = os.urandom(65536)
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    frame = b"\x82\xff" + (65536).to_bytes(8, "big") + mask + masked
+    host, port, request = _upgrade_request(url, [("Origin", ORIGIN), *headers.items()])
+    with socket.create_connection((host, port)) as raw:
+        tls = context.wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(request)
+        buffer = _read_until(tls, b"", lambda b: b"\r\n\r\n" in b)
+        buffer = buffer.partition(b"\r\n\r\n")[2]
+        for _ in range(count):
+            tls.sendall(frame)
+            buffer = _read_until(tls, buffer, lambda b: len(b) >= 10 + 65536)
+            if buffer[10 : 10 + 65536] != payload:
+                raise SystemExit("wrong echo")
+            buffer = buffer[10 + 65536 :]
+        tls.sendall(_CLOSE_1000)
+        _read_until(tls, buffer, lambda b: len(b) >= 4)
+
+
 def main() -> int:
     tree, scenario = sys.argv[1], sys.argv[2]
     count = int(sys.argv[3]) if len(sys.argv) > 3 else 200
@@ -85,12 +175,19 @@ def main() -> int:
         gateway = scenario.startswith("gw")
         upstream = env.autobahn() if gateway else None
         config = folder / "server.toml"
-        config.write_text(txwssec_config(port, False, upstream.port if upstream else None, env))
+        wss = scenario.startswith("wss")
+        text = txwssec_config(port, wss, upstream.port if upstream else None, env)
+        if scenario.endswith("12"):
+            text = text.replace('min_version = "1.3"', 'min_version = "1.2"')
+        config.write_text(text)
         out = folder / "callgrind.out"
         argv = [
             "valgrind",
             "--tool=callgrind",
             f"--callgrind-out-file={out}",
+            # full names in every dump, for callgrind_annotate of the copy
+            "--compress-strings=no",
+            "--compress-pos=no",
             TWISTD,
             "-n",
             "--pidfile=",
@@ -105,11 +202,18 @@ def main() -> int:
         )
         jwt = scenario == "hsjwt"
         headers = {"Authorization": f"Bearer {env.token('HS256')}"} if jwt else {"apikey": API_KEY}
-        url = f"ws://{HOST}:{port}{'/gw' if gateway else '/jwt-hs' if jwt else '/key'}"
+        path = "/gw" if gateway else "/jwt-hs" if jwt else "/key"
+        url = f"{'wss' if wss else 'ws'}://{HOST}:{port}{path}"
+        context = tls_client(env.ca, "1.2" if scenario.endswith("12") else "1.3")
+        state: dict[str, Any] = {"resume": scenario.startswith("wssr"), "reused": 0}
 
         def run(n: int) -> None:
             if scenario == "gwecho":
                 asyncio.run(small_echoes(url, headers, n))
+            elif scenario == "wssbulk":
+                wss_echoes(url, headers, n, context)
+            elif wss:
+                wss_handshakes(url, headers, n, context, state)
             elif scenario.startswith("bulk"):
                 asyncio.run(echoes(url, headers, n, scenario == "bulkt"))
             else:
@@ -137,7 +241,8 @@ def main() -> int:
                 total = int(line.split()[1])
         if len(sys.argv) > 4:
             shutil.copy(dump, sys.argv[4])
-    print(f"{tree} {scenario} {count}: {total} Ir, {total / count:.0f} Ir/op")
+    resumed = f" ({state['reused']} of {count} resumed)" if wss and scenario != "wssbulk" else ""
+    print(f"{tree} {scenario} {count}: {total} Ir, {total / count:.0f} Ir/op{resumed}")
     return 0
 
 

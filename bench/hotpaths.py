@@ -11,7 +11,11 @@ CPU 0) and measures, in alternating windows, these scenarios:
 - ``hs``: handshakes with key auth (``apikey`` header) and JWT HS256;
 - ``echo``: 64 B text echo (50 connections x 8 in flight);
 - ``bulk``: 64 KiB binary echo (10 x 2); ``bulkt``: the same, text;
-- ``wss``: 64 B text echo over TLS 1.3.
+- ``wss``: 64 B text echo over TLS 1.3;
+- ``wsshs``: key-auth handshakes over TLS 1.3 (full TLS handshakes, as
+  bench.py's "wss hs"); ``wssr``: the same through the load generator's
+  resuming client, each offering its last TLS session (bench.py's
+  "wss resumed").
 
 Ratios are to ``websockets`` 17 on uvloop (``websockets_echo.py --uvloop``),
 as the median of the per-window ratios (each window against the websockets
@@ -65,7 +69,7 @@ UVLOOP_TWISTD = (
     "sys.argv[0] = 'twistd'\n"
     "run()\n"
 )
-SCENARIOS = ("hs", "echo", "bulk", "bulkt", "wss")
+SCENARIOS = ("hs", "echo", "bulk", "bulkt", "wss", "wsshs", "wssr")
 
 
 def websockets_uvloop(env: Environment, tls: bool = False) -> ServerProcess:
@@ -151,13 +155,16 @@ def main(argv: list[str] | None = None) -> int:
         jwt = _headers(("Authorization", f"Bearer {env.token('HS256')}"))
         for round_no in range(args.rounds):
             for scenario in scenarios:
-                tls = scenario == "wss"
+                tls = scenario.startswith("wss")
+                resume = True if scenario == "wssr" else None
                 scheme = "wss" if tls else "ws"
                 ws = websockets_uvloop(env, tls)
                 others = txwssec_variants(env, tls, args.base, args.reactor)
                 with running(ws, *(process for _, process in others)):
                     ca = env.ca if tls else None
-                    subjects = [Subject(WS, f"{scheme}://{HOST}:{ws.port}/key", key, [ws.pid], ca)]
+                    subjects = [
+                        Subject(WS, f"{scheme}://{HOST}:{ws.port}/key", key, [ws.pid], ca, resume)
+                    ]
                     for label, process in others:
                         url = f"{scheme}://{HOST}:{process.port}"
                         if scenario == "hs":
@@ -168,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                                 Subject(f"{label} JWT", f"{url}/jwt-hs", jwt, [process.pid])
                             )
                         else:
-                            subjects.append(Subject(label, f"{url}/key", key, [process.pid], ca))
-                    if scenario == "hs":
+                            subjects.append(
+                                Subject(label, f"{url}/key", key, [process.pid], ca, resume)
+                            )
+                    if scenario in ("hs", "wsshs", "wssr"):
                         spec = handshake_spec(settings, subjects)
                     else:
                         spec = echo_spec(

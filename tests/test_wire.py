@@ -44,6 +44,42 @@ def test_unmask_matches_autobahn(size: int) -> None:
     assert unmask(memoryview(data), mask) == expected
 
 
+def test_large_payloads_unmasked_into_one_new_bytes_object() -> None:
+    """
+    From NVX_FROM bytes on, the unmasked payload is one new bytes object
+    made by NVX in place (one copy of the payload instead of two); the
+    input, whole bytes or a slice of a larger buffer, is never changed.
+    """
+    import txwssec._wire as wire
+
+    assert wire.FRESH_BYTES  # CPython with Autobahn's NVX: the one-copy path is the one tested
+    rng = random.Random(19)
+    for size in (256, 257, 1000, 4099, 65536, 70001):
+        buffer = os.urandom(size + 20)
+        frozen = bytes(memoryview(buffer))
+        mask = os.urandom(4)
+        expected = create_xor_masker(mask, size).process(buffer[10 : 10 + size])
+        offset = rng.randrange(0, 21)
+        whole = buffer[offset:] if offset else buffer
+        for data in (memoryview(buffer)[10 : 10 + size], buffer[10 : 10 + size], whole):
+            out = unmask(data, mask)
+            assert type(out) is bytes and out is not data
+            if data is whole:
+                assert out == create_xor_masker(mask, len(whole)).process(whole)
+            else:
+                assert out == expected
+        assert buffer == frozen  # the received bytes are untouched
+        assert whole == frozen[offset:]
+
+
+def test_unmask_without_the_one_copy_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import txwssec._wire as wire
+
+    monkeypatch.setattr(wire, "FRESH_BYTES", False)
+    data, mask = os.urandom(70001), os.urandom(4)
+    assert unmask(data, mask) == create_xor_masker(mask, 70001).process(data)
+
+
 def test_masker_continues_the_mask_across_chunks() -> None:
     rng = random.Random(7)
     for _ in range(200):

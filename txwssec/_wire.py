@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import codecs
 import struct
+import sys
 from collections import deque
 from errno import ENOBUFS, EWOULDBLOCK
 from typing import Any
@@ -59,19 +60,56 @@ _HEADER_64 = struct.Struct("!BBQ").pack
 GATHER_FROM = 4096
 
 
+def _nvx(buffer: Any, mask: bytes, size: int) -> None:
+    """XOR the first C{size} bytes of C{buffer} with C{mask} repeated, in place (NVX, SSE2)."""
+    masker = _lib.nvx_xormask_new(_ffi.from_buffer(mask))
+    try:
+        _lib.nvx_xormask_set_impl(masker, 2)  # SSE2
+        _lib.nvx_xormask_process(masker, _ffi.from_buffer(buffer), size)
+    finally:
+        _lib.nvx_xormask_free(masker)
+
+
+def _fresh_bytes_writable() -> bool:
+    """
+    Whether NVX can unmask a new C{bytes} object in place: on CPython,
+    C{ffi.from_buffer} of a bytes object points at its own storage. Checked
+    once on a probe (elsewhere the object might be a copy: then never).
+    """
+    if _lib is None or sys.implementation.name != "cpython":
+        return False
+    source = bytes(range(256)) * 2
+    probe = bytes(memoryview(source))
+    try:
+        _nvx(probe, b"\x01\x02\x04\x08", len(probe))
+    except Exception:  # pragma: no cover - a cffi that refuses read-only buffers
+        return False
+    expected = bytes(b ^ (1, 2, 4, 8)[i % 4] for i, b in enumerate(source))
+    return probe == expected and source == bytes(range(256)) * 2
+
+
+#: Unmask large payloads into one new bytes object (one copy, not two).
+FRESH_BYTES = _fresh_bytes_writable()
+
+
 def unmask(data: Any, mask: bytes) -> bytes:
     """
-    C{data} (bytes-like) XOR the 4-byte C{mask} repeated, from its first byte.
+    C{data} (bytes-like) XOR the 4-byte C{mask} repeated, from its first
+    byte, as a new bytes object (C{data} is never changed).
+
+    From L{NVX_FROM} bytes on, NVX unmasks in place: into a copy of the
+    payload made as a new C{bytes} object (C{bytes()} of a memoryview
+    always copies), which nothing else has seen before it is returned
+    (L{FRESH_BYTES}); else into a bytearray, copied again to bytes.
     """
     size = len(data)
     if size >= NVX_FROM and _lib is not None:
+        if FRESH_BYTES:
+            out = bytes(memoryview(data))
+            _nvx(out, mask, size)
+            return out
         buffer = bytearray(data)
-        masker = _lib.nvx_xormask_new(_ffi.from_buffer(mask))
-        try:
-            _lib.nvx_xormask_set_impl(masker, 2)  # SSE2
-            _lib.nvx_xormask_process(masker, _ffi.from_buffer(buffer), size)
-        finally:
-            _lib.nvx_xormask_free(masker)
+        _nvx(buffer, mask, size)
         return bytes(buffer)
     key = mask * (size // 4 + 1)
     return (int.from_bytes(data, "little") ^ int.from_bytes(key[:size], "little")).to_bytes(

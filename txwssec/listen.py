@@ -23,13 +23,12 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint,
-    SSL4ServerEndpoint,
     serverFromString,
 )
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from txwssec._tlswire import ServerTLSFactory, TLSPortEndpoint
 from txwssec.tls import ReloadingContextFactory
 
 #: Endpoint kinds that carry plain text over a network.
@@ -127,7 +126,7 @@ def server_endpoint(
         raise ValueError(
             f"tls listeners take only interface and backlog, not {sorted(unknown)[0]}"
         )
-    return SSL4ServerEndpoint(
+    return TLSPortEndpoint(
         reactor,
         int(parsed.args[0]),
         tls,
@@ -246,7 +245,8 @@ class SystemdServerEndpoint:
 class TLSServerEndpoint:
     """
     TLS over another server endpoint, as C{reactor.listenSSL} does over
-    TCP: each connection is wrapped in Twisted's memory-BIO TLS protocol.
+    TCP: each connection is wrapped in Twisted's memory-BIO TLS protocol
+    (txwssec's leaner subclass, L{txwssec._tlswire.ServerTLSProtocol}).
     """
 
     def __init__(self, wrapped: IStreamServerEndpoint, context: ReloadingContextFactory) -> None:
@@ -255,7 +255,7 @@ class TLSServerEndpoint:
 
     def listen(self, factory: Any) -> Deferred[IListeningPort]:
         """Listen with C{factory} behind TLS."""
-        listening = self._wrapped.listen(TLSMemoryBIOFactory(self._context, False, factory))
+        listening = self._wrapped.listen(ServerTLSFactory(self._context, False, factory))
 
         def named(port: IListeningPort) -> IListeningPort:
             port._type = "TLS"  # type: ignore[attr-defined]  # "(TLS Port N Closed)"

@@ -32,9 +32,9 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred, execute
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from txwssec._tlswire import ServerTLSFactory
 from txwssec.listen import Description
 
 #: Whether this platform balances connections over C{SO_REUSEPORT} sockets.
@@ -88,7 +88,7 @@ class SharedPortEndpoint:
 
     def _listen(self, factory: Any) -> IListeningPort:
         if self.context is not None:
-            factory = TLSMemoryBIOFactory(self.context, False, factory)
+            factory = ServerTLSFactory(self.context, False, factory)
         port = ReusePort(self.port, factory, self.backlog, self.interface, self._reactor)
         if self.context is not None:
             port._type = "TLS"

@@ -46,6 +46,8 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txwssec._tlswire import TLSPortEndpoint
+
 #: TLS 1.2 suites: ephemeral ECDH key exchange and AEAD ciphers only. (TLS
 #: 1.3 suites are all AEAD with ephemeral key exchange.)
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -452,7 +454,8 @@ class VerifyingClientTLS:
 @implementer(IPlugin, IStreamServerEndpointStringParser)
 class WSSServerEndpointParser:
     """
-    The C{wss:} server endpoint: TCP plus txwssec's hardened TLS context.
+    The C{wss:} server endpoint: TCP plus txwssec's hardened TLS context
+    (and its TLS transport, L{txwssec._tlswire.ServerTLSProtocol}).
 
     Arguments: C{PORT}, then C{cert}, C{key} (required), C{chain},
     C{minVersion} (1.2/1.3), C{clientCA}, C{clientCert}
@@ -492,7 +495,7 @@ class WSSServerEndpointParser:
             client_cert=clientCert,
             session_tickets=sessionTickets == "yes",
         )
-        return SSL4ServerEndpoint(
+        return TLSPortEndpoint(
             reactor,
             int(port),
             ReloadingContextFactory(settings),
