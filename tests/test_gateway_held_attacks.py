@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 import wsframes
 from conftest import aio
-from test_gateway_relay import FrameEchoFactory, Serve, gateway, until
+from test_gateway_relay import FrameEchoFactory, Serve, gateway, the_end, unmasked, until
 from wsframes import BINARY, TEXT, close_frame, frame
 
 MESSAGES = 20
@@ -65,3 +65,30 @@ async def test_client_leaves_with_messages_held_for_the_upstream(
         _, close = await aio(wsframes.read_until_close(client.reader, 10))
         assert close.close_code == 1000
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_closes_while_the_upstream_is_mid_message(serve: Serve) -> None:
+    """
+    The upstream sends a 4 MiB message in 64 fragments; the client closes
+    once the first fragment is in: it gets fragments of that message, in
+    order, then the close, then nothing (no frame after the close).
+    """
+    upstream = FrameEchoFactory(echo=False)
+    env = gateway(serve, upstream)
+    client = await aio(env.raw())
+    piece = bytes(range(256)) * 256  # 64 KiB
+    fragments = [
+        unmasked(BINARY if index == 0 else 0, piece, fin=index == 63) for index in range(64)
+    ]
+    upstream.only.write(b"".join(fragments))
+    first = await aio(wsframes.read_frame(client.reader, 10))
+    assert (first.opcode, first.payload) == (BINARY, piece)
+    await aio(client.send(close_frame(1000, "enough")))
+    before, close = await aio(wsframes.read_until_close(client.reader, 10))
+    assert all((f.opcode, f.payload) == (0, piece) for f in before)
+    assert close.close_code == 1000
+    rest = await aio(the_end(client))
+    assert rest == b""
+    await aio(until(lambda: upstream.closes, "the upstream leg closed"))
+    assert upstream.closes == [1000]
