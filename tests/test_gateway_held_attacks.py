@@ -7,14 +7,17 @@ message, in order, then the close; nothing is written after the close.
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import ssl
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 import wsframes
-from conftest import aio
+from conftest import aio, upgrade_request
 from test_gateway_relay import FrameEchoFactory, Serve, gateway, the_end, unmasked, until
 from wsframes import BINARY, TEXT, close_frame, frame
 
@@ -92,3 +95,103 @@ async def test_client_closes_while_the_upstream_is_mid_message(serve: Serve) -> 
     assert rest == b""
     await aio(until(lambda: upstream.closes, "the upstream leg closed"))
     assert upstream.closes == [1000]
+
+
+# -- a wss client of the gateway that stops reading -------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_wss_client_pauses_the_upstream(serve: Serve, tmp_path: Path) -> None:
+    """
+    test_gateway_lifecycle's slow client, over txwssec's TLS transport: the
+    client (TLS, small receive buffer) stops reading while the upstream
+    floods 300 x 64 KiB; the gateway stops reading from the upstream, its
+    memory does not hold the flood, nothing is closed; once the client
+    reads again it gets every message, in order.
+    """
+    import test_gateway_lifecycle as life
+    from test_tls_wire import context
+
+    from txwssec import SecureServerFactory
+    from txwssec._tlswire import ServerTLSFactory
+    from txwssec.devcert import issue, make_ca
+
+    ca = make_ca("held CA")
+    server = issue(ca, "localhost", ip_addresses=("127.0.0.1",))
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem())
+    (tmp_path / "server.pem").write_bytes(server.cert_pem())
+    (tmp_path / "server.key").write_bytes(server.key_pem())
+    upstream_server = life.UpstreamServer(echo=False)
+    factory = SecureServerFactory(life.gateway_route(serve(upstream_server)))
+    port = serve(ServerTLSFactory(context(tmp_path), False, factory))
+
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024)
+    raw.settimeout(life.SANITY_TIMEOUT)
+
+    def open_session() -> Any:
+        raw.connect(("127.0.0.1", port))
+        client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        tls = client.wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(upgrade_request("/ws", f"apikey: {life.KEY}"))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += tls.recv(1)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        return tls
+
+    tls = await aio(asyncio.to_thread(open_session))
+    try:
+        upstream = await upstream_server.next_open()
+        (leg,) = factory.sessions["jack"]
+        upstream_transport = leg.upstream.transport
+        memory = life.Memory()
+        upstream.flood(life.FLOOD_COUNT)
+        await life.stalled(
+            lambda: upstream.sent,
+            lambda: upstream.paused and not life.reading(upstream_transport),
+            "the upstream paused, the gateway not reading from it",
+        )
+        assert upstream.sent < life.FLOOD_COUNT
+        assert memory.growth_kib() < life.MEMORY_BOUND_KIB, memory.growth_kib()
+        assert leg.state == leg.STATE_OPEN
+
+        def read_all() -> list[int]:
+            buffer = b""
+            indexes = []
+            while len(indexes) < life.FLOOD_COUNT:
+                while True:
+                    parsed = _server_frame(buffer)
+                    if parsed is None:
+                        break
+                    (opcode, payload), buffer = parsed
+                    assert opcode == BINARY
+                    assert payload == life.numbered(len(indexes))
+                    indexes.append(len(indexes))
+                if len(indexes) < life.FLOOD_COUNT:
+                    buffer += tls.recv(1 << 20)
+            return indexes
+
+        indexes = await aio(asyncio.to_thread(read_all))
+        assert indexes == list(range(life.FLOOD_COUNT))
+        assert factory.counters["limit.max_buffered_bytes"] == 0
+    finally:
+        tls.close()
+
+
+def _server_frame(buffer: bytes) -> tuple[tuple[int, bytes], bytes] | None:
+    """One whole unmasked frame from C{buffer}, and the rest (or None)."""
+    if len(buffer) < 2:
+        return None
+    opcode, size, at = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
+    if size == 126:
+        if len(buffer) < 4:
+            return None
+        (size,), at = struct.unpack("!H", buffer[2:4]), 4
+    elif size == 127:
+        if len(buffer) < 10:
+            return None
+        (size,), at = struct.unpack("!Q", buffer[2:10]), 10
+    if len(buffer) < at + size:
+        return None
+    return (opcode, buffer[at : at + size]), buffer[at + size :]
