@@ -51,7 +51,7 @@ from twisted.protocols.tls import (
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
-from txwssec._wire import read_ahead, send_now, stop_read_ahead
+from txwssec._wire import READ_SIZE, read_ahead, send_now, stop_read_ahead
 
 try:  # the binding pyOpenSSL itself uses (cryptography's)
     from OpenSSL._util import ffi as _ffi
@@ -65,6 +65,9 @@ except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
 #: Twisted's per-call sizes: a TLS record's payload, a read of the receive BIO.
 _RECORD = 2**14
 _RECV = 2**15
+#: The most the encrypted bytes held while one read is handled may hold
+#: (twice a read: the answers to one read still leave in one send).
+_OUT_LIMIT = 2 * READ_SIZE
 #: Twisted's aggregation threshold (L{twisted.protocols.tls._AggregateSmallWrites}).
 _AGGREGATE = 64_000
 
@@ -170,6 +173,8 @@ class ServerTLSProtocol(BufferingTLSTransport):
 
     #: Encrypted bytes held while a read is handled (sent at its end).
     _out: list[bytes] | None = None
+    #: The bytes L{_out} holds (from L{_OUT_LIMIT} on, they are sent).
+    _out_size = 0
     _aggregator: Any
 
     def __init__(self, factory: Any, wrappedProtocol: Any, _connectWrapped: bool = True) -> None:
@@ -237,6 +242,7 @@ class ServerTLSProtocol(BufferingTLSTransport):
         finally:
             self._aggregator.held = False
             self._out = None
+            self._out_size = 0
             if out:
                 self._send(out)
 
@@ -259,6 +265,13 @@ class ServerTLSProtocol(BufferingTLSTransport):
         out = self._out
         if out is not None:
             out.append(data)
+            self._out_size += len(data)
+            if self._out_size > _OUT_LIMIT:
+                # An application writing a lot while it handles one read:
+                # the TCP transport's buffer, not this list, holds what the
+                # peer does not read, and pauses the application's producer
+                # when full (the route's max_buffered_bytes).
+                self._release()
         else:
             self._send([data])
 
@@ -293,6 +306,7 @@ class ServerTLSProtocol(BufferingTLSTransport):
         to it later, and nothing twice.
         """
         out = self._out
+        self._out_size = 0
         if out:
             chunks = out[:]
             del out[:]

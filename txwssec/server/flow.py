@@ -19,7 +19,7 @@ from twisted.internet.tcp import Server as TCPServer
 from txwssec import events
 from txwssec._autobahn import fail_connection_quietly
 from txwssec._hooks import OpenOnly
-from txwssec._wire import FrameReader, lose_connection, send_now
+from txwssec._wire import READ_SIZE, FrameReader, lose_connection, send_now
 from txwssec.compression import (
     deflated_bound,
 )
@@ -33,6 +33,13 @@ from txwssec.policy import RoutePolicy
 from txwssec.server.context import ServerContext
 from txwssec.session import Session
 from txwssec.traffic import TrafficGuard, Violation
+
+#: The most the writes held while one read is handled may hold (see
+#: L{TrafficFlow._corked}): twice a read (the answers to a read of echoes,
+#: with their frame headers, still leave in one write); beyond, they go to
+#: the transport, whose buffer pauses the session when the peer does not
+#: read (max_buffered_bytes).
+CORK_LIMIT = 2 * READ_SIZE
 
 
 # (mypy: Autobahn's own bases disagree on two names, seen with a second base.)
@@ -62,6 +69,9 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
     _failLogged: bool = False
     #: Writes held while a read is processed, written at once (L{_uncork}).
     _cork: list[bytes] | None = None
+    #: The bytes L{_cork} holds (from L{CORK_LIMIT} on, they are written:
+    #: see L{_corked}).
+    _cork_size: int = 0
 
     def endSession(self, code: int, reason: str, event: str) -> None:
         """Close the session (see L{SecureServerProtocol.endSession})."""
@@ -231,6 +241,9 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
         cork = self._cork
         if cork is not None:
             cork.append(data)
+            self._cork_size += len(data)
+            if self._cork_size > CORK_LIMIT:
+                self._corked()
         else:
             transport: Any = self.transport
             transport.write(data)
@@ -260,6 +273,9 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
             return
         cork.append(header)
         cork.append(payload)
+        self._cork_size += size
+        if self._cork_size > CORK_LIMIT:
+            self._corked()
         state = self.state
         if state == self.STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += size
@@ -270,6 +286,18 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
 
     def _cork_writes(self) -> None:
         """Hold the writes until L{_uncork} (while one read is processed)."""
+        self._cork = []
+
+    def _corked(self) -> None:
+        """
+        The held writes passed L{CORK_LIMIT}: write them now, and hold the
+        next ones. The transport's buffer, not the cork, then holds what the
+        peer does not read, and pauses this producer when full: an
+        application that writes a lot while handling one read (a flood in
+        C{onMessage}) meets C{max_buffered_bytes}, as its writes did before
+        they were held.
+        """
+        self._uncork()
         self._cork = []
 
     def _uncork(self) -> None:
@@ -286,6 +314,7 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
         """
         cork = self._cork
         self._cork = None
+        self._cork_size = 0
         if not cork:
             return
         transport: Any = self.transport
