@@ -103,6 +103,12 @@ class Process:
                 )
         return found[0]
 
+    def wait(self) -> int:
+        """The exit status, once the process has ended and all its output is read."""
+        status = self.process.wait(TIMEOUT)
+        self._reader.join(TIMEOUT)
+        return status
+
     def stop(self) -> int:
         """SIGTERM, then the exit status (all output read)."""
         if self.process.poll() is None:

@@ -270,7 +270,7 @@ def test_sigterm_closes_ws_wss_and_gateway_with_1001(
 
     server.process.send_signal(signal.SIGTERM)
     assert [client.close_code() for client in (ws, wss, gateway)] == [1001, 1001, 1001]
-    assert server.process.wait(TIMEOUT) == 0
+    assert server.wait() == 0
     upstream.join(TIMEOUT)
     assert upstream.close_code == 1001
     output = server.output()
@@ -291,7 +291,7 @@ def test_stop_signal_closes_1001_and_exits_0(
     assert status(client) == 101
     server.process.send_signal(signum)
     assert client.close_code() == 1001
-    assert server.process.wait(TIMEOUT) == 0
+    assert server.wait() == 0
 
 
 def test_client_that_never_answers_is_cut_at_shutdown_timeout(
@@ -309,7 +309,7 @@ def test_client_that_never_answers_is_cut_at_shutdown_timeout(
     assert status(silent) == 101
     server.process.send_signal(signal.SIGTERM)
     assert silent.close_code(answer=False) == 1001
-    assert server.process.wait(TIMEOUT) == 0
+    assert server.wait() == 0
     output = server.output()
     assert "shutdown_timeout (0.5s) reached: 1 connections cut" in output
     assert "Traceback" not in output
@@ -338,7 +338,7 @@ def test_handshake_in_flight_during_drain_gets_503(tmp_path: Path, running: list
     late.sock.sendall(request[20:])
     head = late.head()
     assert head.startswith(b"HTTP/1.1 503 "), head
-    assert server.process.wait(TIMEOUT) == 0
+    assert server.wait() == 0
     assert "Traceback" not in server.output()
 
 
