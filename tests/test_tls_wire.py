@@ -231,9 +231,34 @@ SCRIPTS = [
 ]
 
 
+@pytest.fixture(params=["bindings", "fallback"])
+def bindings(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """
+    The lean transport as it runs here (it reads the BIOs' sizes through
+    cryptography's binding), and as it runs where that binding is not found
+    (it asks OpenSSL until a WantReadError, as Twisted does).
+    """
+    import txwssec._tlswire
+
+    if request.param == "fallback":
+        for name in ("_ffi", "_pending_out", "_pending_in"):
+            monkeypatch.setattr(txwssec._tlswire, name, None)
+    return str(request.param)
+
+
+def test_bindings_found() -> None:
+    """This pyOpenSSL's binding is found and used (the fallback is for others)."""
+    import txwssec._tlswire
+
+    assert txwssec._tlswire._pending_out is not None
+    assert txwssec._tlswire._pending_in is not None
+
+
 @pytest.mark.parametrize("lines", SCRIPTS, ids=[s[0].split(b"\n")[0].decode() for s in SCRIPTS])
 @pytest_twisted.ensureDeferred
-async def test_same_as_twisted(folder: Path, listen: Any, lines: list[bytes]) -> None:
+async def test_same_as_twisted(
+    folder: Path, listen: Any, lines: list[bytes], bindings: str
+) -> None:
     """The client reads the same bytes and the same ending as with Twisted's transport."""
     tls = context(folder)
     twisted_port = await listen(TLSMemoryBIOFactory(tls, False, ScriptedFactory()))

@@ -53,14 +53,31 @@ from zope.interface import directlyProvides, providedBy
 
 from txwssec._wire import READ_SIZE, read_ahead, send_now, stop_read_ahead
 
-try:  # the binding pyOpenSSL itself uses (cryptography's)
-    from OpenSSL._util import ffi as _ffi
-    from OpenSSL._util import lib as _lib
 
-    _pending_out = _lib.BIO_get_mem_data  # bytes in a memory BIO
-    _pending_in = _lib.SSL_pending  # decrypted bytes not read yet
-except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
-    _ffi = _lib = _pending_out = _pending_in = None
+def _bindings() -> tuple[Any, Any, Any]:
+    """
+    The binding pyOpenSSL itself uses (cryptography's): C{ffi}, and the
+    functions that tell how many bytes a memory BIO holds and how many
+    decrypted bytes OpenSSL has not handed out yet; L{None}s when this
+    pyOpenSSL does not have them, or keeps its BIOs and C{SSL} under other
+    names (checked on a connection made here), so that the transport falls
+    back to Twisted's way of asking (a C{WantReadError}).
+    """
+    try:
+        from OpenSSL._util import ffi, lib
+        from OpenSSL.SSL import TLS_METHOD, Connection, Context
+
+        probe = Connection(Context(TLS_METHOD), None)
+        if lib.BIO_get_mem_data(probe._from_ssl, ffi.NULL) != 0 or lib.SSL_pending(probe._ssl):
+            return None, None, None
+        lib.BIO_get_mem_data(probe._into_ssl, ffi.NULL)
+        return ffi, lib.BIO_get_mem_data, lib.SSL_pending
+    except Exception:  # pragma: no cover - another pyOpenSSL
+        return None, None, None
+
+
+#: C{ffi}, bytes in a memory BIO, decrypted bytes not read yet (or L{None}s).
+_ffi, _pending_out, _pending_in = _bindings()
 
 #: Twisted's per-call sizes: a TLS record's payload, a read of the receive BIO.
 _RECORD = 2**14
@@ -257,11 +274,16 @@ class ServerTLSProtocol(BufferingTLSTransport):
             if size <= 0:
                 return
             data = connection.bio_read(size)
-        else:  # pragma: no cover - another pyOpenSSL
-            try:
-                data = connection.bio_read(_RECV)
-            except WantReadError:
+        else:  # another pyOpenSSL: asked as Twisted does, until it has no more
+            pieces: list[bytes] = []
+            while True:
+                try:
+                    pieces.append(connection.bio_read(_RECV))
+                except WantReadError:
+                    break
+            if not pieces:
                 return
+            data = b"".join(pieces)
         out = self._out
         if out is not None:
             out.append(data)
