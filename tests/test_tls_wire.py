@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer, providedBy
 
 from txwssec import _tlswire
-from txwssec._tlswire import ServerTLSFactory, ServerTLSProtocol
+from txwssec._tlswire import ServerTLSFactory
 from txwssec.devcert import issue, make_ca
 from txwssec.listen import TLSServerEndpoint, server_endpoint
 from txwssec.reuseport import shared
@@ -231,34 +230,9 @@ SCRIPTS = [
 ]
 
 
-@pytest.fixture(params=["bindings", "fallback"])
-def bindings(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """
-    The lean transport as it runs here (it reads the BIOs' sizes through
-    cryptography's binding), and as it runs where that binding is not found
-    (it asks OpenSSL until a WantReadError, as Twisted does).
-    """
-    import txwssec._tlswire
-
-    if request.param == "fallback":
-        for name in ("_ffi", "_pending_out", "_pending_in"):
-            monkeypatch.setattr(txwssec._tlswire, name, None)
-    return str(request.param)
-
-
-def test_bindings_found() -> None:
-    """This pyOpenSSL's binding is found and used (the fallback is for others)."""
-    import txwssec._tlswire
-
-    assert txwssec._tlswire._pending_out is not None
-    assert txwssec._tlswire._pending_in is not None
-
-
 @pytest.mark.parametrize("lines", SCRIPTS, ids=[s[0].split(b"\n")[0].decode() for s in SCRIPTS])
 @pytest_twisted.ensureDeferred
-async def test_same_as_twisted(
-    folder: Path, listen: Any, lines: list[bytes], bindings: str
-) -> None:
+async def test_same_as_twisted(folder: Path, listen: Any, lines: list[bytes]) -> None:
     """The client reads the same bytes and the same ending as with Twisted's transport."""
     tls = context(folder)
     twisted_port = await listen(TLSMemoryBIOFactory(tls, False, ScriptedFactory()))
@@ -332,93 +306,6 @@ async def test_interfaces_as_twisted(folder: Path, listen: Any) -> None:
     assert calls and len(calls) == len(list(providedBy(ours.protocols[0].transport.transport)))
 
 
-class Spy:
-    """A socket stand-in counting the sends."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self.sends: list[int] = []
-
-    def send(self, data: Any) -> int:
-        sent = self._sock.send(data)
-        self.sends.append(sent)
-        return sent
-
-    def sendmsg(self, chunks: Any) -> int:
-        sent = self._sock.sendmsg(chunks)
-        self.sends.append(sent)
-        return sent
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
-@pytest_twisted.ensureDeferred
-async def test_one_send_per_read(folder: Path, listen: Any) -> None:
-    """
-    What the application writes while handling a read (four writes here)
-    leaves in one send straight to the socket, not through the TCP
-    transport's buffer; a read that produces nothing asks OpenSSL for no
-    output.
-    """
-    factory = ScriptedFactory()
-    port = await listen(ServerTLSFactory(context(folder), False, factory))
-    ready, quiet, got, checked = (threading.Event() for _ in range(4))
-
-    def client() -> bytes:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        client = ssl.create_default_context(cafile=str(folder / "ca.pem"))
-        with client.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"quiet\n")
-            ready.wait(TIMEOUT)
-            tls.sendall(b"quiet\n")
-            quiet.wait(TIMEOUT)
-            tls.sendall(b"three\n")
-            data = b""
-            while len(data) < 4:
-                data += tls.recv(100)
-            got.set()
-            checked.wait(TIMEOUT)
-            return data
-
-    reading = aio(asyncio.to_thread(client))
-
-    async def lines(count: int) -> None:
-        while not factory.protocols or factory.protocols[0].lines < count:
-            await aio(asyncio.sleep(0.01))
-
-    await lines(1)  # the handshake is over, its tickets sent
-    protocol = factory.protocols[0]
-    tls_protocol = protocol.transport
-    assert isinstance(tls_protocol, ServerTLSProtocol)
-    tcp: Any = tls_protocol.transport
-    spy = Spy(tcp.socket)
-    tcp.socket = spy
-    writes: list[Any] = []
-    tcp.write = writes.append
-    tcp.writeSequence = writes.append
-    connection: Any = tls_protocol._tlsConnection
-    bio_reads: list[int] = []
-    original = connection.bio_read
-
-    def counting(size: int) -> bytes:
-        bio_reads.append(size)
-        return original(size)
-
-    connection.bio_read = counting
-    ready.set()
-    await lines(2)
-    assert (spy.sends, writes, bio_reads) == ([], [], [])  # the second quiet line: nothing out
-    quiet.set()
-    while not got.is_set():
-        await aio(asyncio.sleep(0.01))
-    assert writes == []
-    assert len(spy.sends) == 1
-    assert len(bio_reads) == 1
-    checked.set()
-    assert await reading == b"abcd"
-
-
 @pytest_twisted.ensureDeferred
 async def test_every_listener_uses_it(folder: Path, tmp_path: Path) -> None:
     """tls:, wss:, TLS over another endpoint (tls:systemd:) and shared ports."""
@@ -444,29 +331,6 @@ async def test_every_listener_uses_it(folder: Path, tmp_path: Path) -> None:
             )
         finally:
             await port.stopListening()
-
-
-def test_pieces_are_twisteds_records() -> None:
-    """
-    Aggregated writes go to OpenSSL in the pieces Twisted cuts from the
-    joined data (16 KiB each: one record), without joining the chunks first.
-    """
-    import random
-
-    rng = random.Random(5)
-    sizes = [0, 1, 10, 16383, 16384, 16385, 32768, 65536, 65546, 100000]
-    for _ in range(300):
-        count = rng.randrange(1, 6)
-        chunks = [bytes([rng.randrange(256)]) * rng.choice(sizes) for _ in range(count)]
-        joined = b"".join(chunks)
-        expected = [joined[at : at + 2**14] for at in range(0, len(joined), 2**14)]
-        pieces = list(_tlswire._pieces(chunks))
-        assert [bytes(piece) for piece in pieces] == expected
-        # a piece inside one chunk is a view of that chunk, not a copy
-        for piece in pieces:
-            if type(piece) is memoryview:
-                assert any(piece.obj is chunk for chunk in chunks)
-        assert sum(type(piece) is bytes for piece in pieces) <= count
 
 
 def close_first(port: int, folder: Path, lines: list[bytes]) -> tuple[bytes, bytes]:
