@@ -284,15 +284,15 @@ async def test_large_frames_sent_as_header_and_payload(serve: Any, monkeypatch: 
     joined with their headers.
     """
     import txwssec._wire as wire
-    import txwssec.server.flow as flow
 
     sent: list[list[bytes]] = []
+    send_now = wire.send_now
 
     def recording(sock: Any, chunks: list[bytes]) -> list[bytes]:
         sent.append(list(chunks))
-        return wire.send_now(sock, chunks)
+        return send_now(sock, chunks)
 
-    monkeypatch.setattr(flow, "send_now", recording)
+    monkeypatch.setattr(wire, "send_now", recording)
     port = serve(echo_factory())
     client = await aio(send_in_pieces(port, b"", []))
     try:

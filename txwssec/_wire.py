@@ -180,6 +180,28 @@ def send_now(sock: Any, chunks: list[bytes]) -> list[bytes]:
     return []
 
 
+def write_at_once(transport: Any, chunks: list[bytes]) -> None:
+    """
+    Write C{chunks} on C{transport}: straight to a plain TCP socket whose
+    transport holds nothing (L{send_now}: one C{send} or gathered
+    C{sendmsg}), and what the socket does not take, or anything for another
+    transport (TLS), through the transport's C{writeSequence}.
+    """
+    kind = type(transport)
+    if (
+        (kind is TCPServer or kind is TCPClient)
+        and not transport.dataBuffer
+        and not transport._tempDataLen
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+    ):
+        chunks = send_now(transport.socket, chunks)
+        if not chunks:
+            return
+    transport.writeSequence(chunks)
+
+
 def lose_connection(transport: Any) -> bool:
     """
     Twisted's C{loseConnection} for a plain TCP transport that has nothing

@@ -26,11 +26,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.tcp import Client as TCPClient
-from twisted.internet.tcp import Server as TCPServer
 
 from txwssec._wire import lose_connection as lose_connection  # (re-exported)
-from txwssec._wire import send_now
+from txwssec._wire import write_at_once
 
 
 class HoldsWrites(Protocol):
@@ -91,23 +89,6 @@ def turn_writes(clock: IReactorTime) -> TurnWrites:
     return entry[1]
 
 
-def send_held(transport: Any, chunks: list[bytes]) -> None:
-    """
-    Write C{chunks} on C{transport}: straight to a plain TCP socket whose
-    transport holds nothing (L{send_now}: one C{send} or gathered
-    C{sendmsg}), and what the socket does not take, or anything for another
-    transport (TLS), through the transport's C{writeSequence}.
-    """
-    kind = type(transport)
-    if (
-        (kind is TCPClient or kind is TCPServer)
-        and not transport.dataBuffer
-        and not transport._tempDataLen
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-    ):
-        chunks = send_now(transport.socket, chunks)
-        if not chunks:
-            return
-    transport.writeSequence(chunks)
+#: Write held chunks: straight to an idle plain TCP socket, else through
+#: the transport's C{writeSequence} (L{txwssec._wire.write_at_once}).
+send_held = write_at_once

@@ -14,12 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
-from twisted.internet.tcp import Server as TCPServer
 
 from txwssec import events
 from txwssec._autobahn import fail_connection_quietly
 from txwssec._hooks import OpenOnly
-from txwssec._wire import READ_SIZE, FrameReader, lose_connection, send_now
+from txwssec._wire import READ_SIZE, FrameReader, lose_connection, write_at_once
 from txwssec.compression import (
     deflated_bound,
 )
@@ -317,19 +316,7 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
         self._cork_size = 0
         if not cork:
             return
-        transport: Any = self.transport
-        if (
-            type(transport) is TCPServer
-            and not transport.dataBuffer
-            and not transport._tempDataLen
-            and transport.connected
-            and not transport.disconnecting
-            and not transport._writeDisconnected
-        ):
-            cork = send_now(transport.socket, cork)
-            if not cork:
-                return
-        transport.writeSequence(cork)
+        write_at_once(self.transport, cork)
 
     def _closeConnection(self, abort: bool = False) -> None:
         # What was written before the close goes first: a TLS transport
