@@ -68,10 +68,10 @@ def test_an_option_set_on_a_subclass_wins() -> None:
 
 def test_the_names_are_found_once_per_class(monkeypatch: Any) -> None:
     """No per-option loop (copy_options) on the connections of a class."""
-    import txwssec.gateway.upstream as upstream
+    import txwssec._autobahn as autobahn
 
     calls: list[int] = []
-    monkeypatch.setattr(upstream, "copy_options", lambda *args: calls.append(1))
+    monkeypatch.setattr(autobahn, "copy_options", lambda *args: calls.append(1))
 
     class Fresh(UpstreamProtocol):
         pass

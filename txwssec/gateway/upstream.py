@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import operator
 import os
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -29,7 +28,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
-from txwssec._autobahn import copy_options, drop_connection_quietly
+from txwssec._autobahn import copy_options_at_once, drop_connection_quietly
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
 from txwssec.gateway.forwarding import join_target
@@ -199,11 +198,6 @@ _ParsedURL = tuple[bool, str, int, str, str, dict[str, list[str]]]
 #: How many upstream targets a pool keeps parsed (see L{UpstreamPool.set_session}).
 _TARGETS = 256
 
-#: Per upstream protocol class: the Autobahn options its instances take
-#: from their factory, and a getter of the factory's values of them (see
-#: L{UpstreamProtocol._connectionMade}).
-_OPTIONS: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}
-
 
 class UpstreamProtocol(SecureClientProtocol):
     """
@@ -284,22 +278,7 @@ class UpstreamProtocol(SecureClientProtocol):
         self._connectionMade()
 
     def _connectionMade(self) -> None:
-        # copy_options, with the names to copy found once per class: the
-        # factory's values of all of them in one attrgetter call.
-        # (A new instance has none of them set by __init__, so that which
-        # ones it lacks depends on its class only.)
-        cls = type(self)
-        options = _OPTIONS.get(cls)
-        if options is None:
-            names = tuple(
-                name for name in WebSocketClientProtocol.CONFIG_ATTRS if not hasattr(self, name)
-            )
-            options = _OPTIONS[cls] = (names, operator.attrgetter(*names))
-        names, values = options
-        if len(names) > 1:  # (attrgetter of one name returns the value alone)
-            self.__dict__.update(zip(names, values(self.factory), strict=True))
-        else:
-            copy_options(self, names)
+        copy_options_at_once(self, WebSocketClientProtocol.CONFIG_ATTRS)
         WebSocketProtocol._connectionMade(self)
         if self.factory.proxy is not None:
             self.startProxyConnect()
