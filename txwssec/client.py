@@ -48,7 +48,11 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txwssec._autobahn import cancel_close_timer, connection_lost_quietly, copy_options
+from txwssec._autobahn import (
+    cancel_close_timer,
+    connection_lost_quietly,
+    copy_options_at_once,
+)
 from txwssec._cycles import FiredWithProtocol
 from txwssec._hooks import OpenOnly, run_hook, transport_details
 from txwssec._reactor import default_reactor
@@ -177,7 +181,7 @@ class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[m
     #: Autobahn's logger pinned at "info": its debug lines quote the
     #: handshake this client sends, credentials included.
     log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
-    #: Empty: the options are copied by L{_connectionMade} (see copy_options).
+    #: Empty: the options are copied by L{_connectionMade} (see copy_options_at_once).
     CONFIG_ATTRS: list[str] = []
     _closeReceived: bool = False
     #: How much of the response head was searched for its end already.
@@ -201,7 +205,7 @@ class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[m
         self.closed: Deferred[tuple[bool, int | None, str | None]] = Deferred()
 
     def _connectionMade(self) -> None:
-        copy_options(self, WebSocketClientProtocol.CONFIG_ATTRS)
+        copy_options_at_once(self, WebSocketClientProtocol.CONFIG_ATTRS)
         super()._connectionMade()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
