@@ -7,11 +7,16 @@ cancelled), and an orderly close that needs no wait arms no close timer.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest_twisted
+import wsframes
 from conftest import aio
 from test_upgrade_reader import exchange, request
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from txwssec import AnonymousAuthenticator, RoutePolicy, SecureServerFactory, ServerPolicy
 from txwssec.apps.echo import EchoProtocol
@@ -58,3 +63,118 @@ async def test_one_reactor_call_through_the_101(serve: Any) -> None:
     # Everything cancelled once the connection is gone: no reactor call.
     assert made.deadlines._call is None
     assert len(made.deadlines) == 0
+
+
+async def wait_until(condition: Callable[[], bool], asynchronous: bool = False) -> None:
+    """Until C{condition} holds (10 s at most), in Twisted's loop or asyncio's."""
+    for _ in range(1000):
+        if condition():
+            return
+        if asynchronous:
+            await asyncio.sleep(0.01)
+        else:
+            await deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition not met in 10 s")
+
+
+# -- the orderly close's timer ----------------------------------------------------------
+
+#: Per connection: the close timer at connectionLost, and the timers armed
+#: for _abortLingering.
+ENDS: list[dict[str, Any]] = []
+
+
+class Ends(EchoProtocol):
+    #: Bytes written straight to the transport right after the close.
+    after_close = 0
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.lingers = 0
+        original = self.factory.deadlines.call_later
+
+        def counted(delay: float, func: Any, *args: Any) -> Any:
+            if getattr(func, "__name__", "") == "_abortLingering":
+                self.lingers += 1
+            return original(delay, func, *args)
+
+        self._counted = counted
+
+    def _armLinger(self) -> None:
+        deadlines = self.factory.deadlines
+        deadlines.call_later = self._counted  # type: ignore[method-assign]
+        try:
+            super()._armLinger()
+        finally:
+            del deadlines.call_later
+
+    def dropConnection(self, abort: bool = False) -> None:
+        super().dropConnection(abort)
+        if self.after_close:
+            self.transport.write(b"x" * self.after_close)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        ENDS.append({"timer": self._loseTimer, "lingers": self.lingers})
+        super().connectionLost(reason)
+
+
+class WritesAfterClose(Ends):
+    after_close = 8 * 2**20
+
+
+def ends_factory(protocol: type[Ends], close_timeout: float = 1) -> SecureServerFactory:
+    made = SecureServerFactory(
+        ServerPolicy(
+            routes=(RoutePolicy("/echo", [AnonymousAuthenticator()], protocol=protocol),),
+            close_timeout=close_timeout,
+        )
+    )
+    made.protocol = protocol
+    return made
+
+
+@pytest_twisted.ensureDeferred
+async def test_clean_close_arms_no_close_timer(serve: Any) -> None:
+    """The close reply and the FIN leave at once: no timer to bound them."""
+    ENDS.clear()
+    made = ends_factory(Ends)
+    port = serve(made)
+
+    async def run() -> bytes:
+        client = await wsframes.connect(port, "/echo")
+        try:
+            await client.send(wsframes.close_frame(1000))
+            return await asyncio.wait_for(client.reader.read(), 10)
+        finally:
+            client.close()
+
+    assert await aio(run()) == b"\x88\x02\x03\xe8"  # the reply, then a FIN
+    await wait_until(lambda: len(ENDS) == 1)
+    assert ENDS == [{"timer": None, "lingers": 0}]
+    assert made.counters["limit.close_linger"] == 0
+    assert made.deadlines._call is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_written_after_the_close_still_bounded_by_the_close_timeout(serve: Any) -> None:
+    """
+    Bytes written after the close (which then waits for Twisted's write) to
+    a peer that does not read: the close timer is armed, and resets the
+    connection after the close timeout.
+    """
+    ENDS.clear()
+    made = ends_factory(WritesAfterClose, close_timeout=0.2)
+    port = serve(made)
+
+    async def run() -> None:
+        client = await wsframes.connect(port, "/echo", rcvbuf=4096)
+        try:
+            await client.send(wsframes.close_frame(1000))
+            await wait_until(lambda: len(ENDS) == 1, asynchronous=True)
+        finally:
+            client.close()
+
+    await aio(run())
+    assert ENDS[0]["lingers"] == 1
+    assert made.counters["limit.close_linger"] == 1
+    assert made.connections.total == 0

@@ -25,6 +25,7 @@ import codecs
 import struct
 import sys
 from collections import deque
+from collections.abc import Callable
 from errno import ENOBUFS, EWOULDBLOCK
 from typing import Any
 
@@ -202,7 +203,7 @@ def write_at_once(transport: Any, chunks: list[bytes]) -> None:
     transport.writeSequence(chunks)
 
 
-def lose_connection(transport: Any) -> bool:
+def lose_connection(transport: Any, stalled: Callable[[], object] | None = None) -> bool:
     """
     Twisted's C{loseConnection} for a plain TCP transport that has nothing
     left to send (what the protocol held was just sent, L{send_now}):
@@ -214,6 +215,8 @@ def lose_connection(transport: Any) -> bool:
     C{ConnectionDone}, in the same log context. Used by the server
     (L{txwssec.server.flow.TrafficFlow}) and the gateway's legs.
 
+    @param stalled: called if something is written before the close, which
+        then waits for Twisted's write (the caller's close timer, say).
     @return: whether it did; L{False}: call C{loseConnection} (a TLS
         transport, bytes still buffered, a producer that is to be resumed
         first, a half-close, a close under way).
@@ -236,15 +239,18 @@ def lose_connection(transport: Any) -> bool:
     transport.stopReading()
     transport.stopWriting()
     transport.disconnecting = 1
-    transport.reactor.callLater(0, _closed, transport)
+    transport.reactor.callLater(0, _closed, transport, stalled)
     return True
 
 
-def _closed(transport: Any) -> None:
+def _closed(transport: Any, stalled: Callable[[], object] | None = None) -> None:
     if transport.disconnected or transport._aborting or not hasattr(transport, "socket"):
         return  # aborted, or lost, meanwhile
     if transport.dataBuffer or transport._tempDataLen:
-        return  # written since: Twisted's write sends it, then closes
+        # written since: Twisted's write sends it, then closes
+        if stalled is not None:
+            stalled()
+        return
     reactor = transport.reactor
     log.callWithLogger(transport, reactor._disconnectSelectable, transport, CONNECTION_DONE, False)
 
