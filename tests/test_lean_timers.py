@@ -11,13 +11,16 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import pytest_twisted
 import wsframes
 from conftest import aio
 from test_upgrade_reader import exchange, request
 from twisted.internet import reactor
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import deferLater
 
+import txwssec._wire
 from txwssec import AnonymousAuthenticator, RoutePolicy, SecureServerFactory, ServerPolicy
 from txwssec.apps.echo import EchoProtocol
 
@@ -178,3 +181,108 @@ async def test_written_after_the_close_still_bounded_by_the_close_timeout(serve:
     assert ENDS[0]["lingers"] == 1
     assert made.counters["limit.close_linger"] == 1
     assert made.connections.total == 0
+
+
+# -- the close at the end of the read -------------------------------------------------
+
+#: Per connection: how it ended, seen from connectionLost.
+LOST: list[dict[str, Any]] = []
+
+
+class Lost(EchoProtocol):
+    def connectionLost(self, reason: Any = None) -> None:
+        transport = self.transport
+        LOST.append(
+            {
+                "reason": type(reason.value) if reason is not None else None,
+                "same failure": reason is _CONNECTION_DONE_FAILURE(),
+                "reading": transport in reactor.getReaders(),
+                "writing": transport in reactor.getWriters(),
+                "transport": {
+                    name: value
+                    for name, value in vars(transport).items()
+                    if name
+                    in (
+                        "connected",
+                        "disconnected",
+                        "disconnecting",
+                        "dataBuffer",
+                        "_tempDataLen",
+                        "producer",
+                        "_txwssec_closing",
+                    )
+                },
+                "has socket": hasattr(transport, "socket"),
+                "code": self.remoteCloseCode,
+                "clean": self.wasClean,
+            }
+        )
+        super().connectionLost(reason)
+
+
+def _CONNECTION_DONE_FAILURE() -> Any:
+    """The failure Twisted's reactor gives every orderly close."""
+    from twisted.internet import error, posixbase
+
+    default = posixbase._DisconnectSelectableMixin._disconnectSelectable.__defaults__
+    assert default is not None
+    return default[0][error.ConnectionDone]
+
+
+def lost_factory() -> SecureServerFactory:
+    made = SecureServerFactory(
+        ServerPolicy(routes=(RoutePolicy("/echo", [AnonymousAuthenticator()], protocol=Lost),))
+    )
+    made.protocol = Lost
+    return made
+
+
+async def _close_and_read(port: int, *frames: bytes) -> bytes:
+    client = await wsframes.connect(port, "/echo")
+    try:
+        for data in frames:
+            await client.send(data)
+        return await asyncio.wait_for(client.reader.read(), 10)
+    finally:
+        client.close()
+
+
+CLOSES = [
+    ("close", (wsframes.close_frame(1000),)),
+    ("message then close", (wsframes.frame(wsframes.TEXT, b"hi"), wsframes.close_frame(1001))),
+    ("invalid close", (b"\x88\x81abcd" + bytes([0x03 ^ 0x61]),)),
+]
+
+
+@pytest.mark.parametrize("name,frames", CLOSES, ids=[name for name, _ in CLOSES])
+@pytest_twisted.ensureDeferred
+async def test_close_in_the_read_is_the_close_at_the_end_of_the_turn(
+    serve: Any, monkeypatch: pytest.MonkeyPatch, name: str, frames: tuple[bytes, ...]
+) -> None:
+    """
+    The same bytes, FIN, transport state, failure and reactor state with the
+    close done at the end of the read (no reactor call) as at the end of
+    the turn (a callLater(0), as round 3 closed).
+    """
+    seen = []
+    scheduled: list[Any] = []
+    call_later = reactor.callLater
+
+    def counted(delay: float, func: Any, *args: Any) -> Any:
+        if func is txwssec._wire._closed:
+            scheduled.append(func)
+        return call_later(delay, func, *args)
+
+    monkeypatch.setattr(reactor, "callLater", counted)
+    for in_read in (True, False):
+        monkeypatch.setattr(txwssec._wire, "CLOSE_IN_READ", in_read)
+        LOST.clear()
+        scheduled.clear()
+        port = serve(lost_factory())
+        answer = await aio(_close_and_read(port, *frames))
+        await wait_until(lambda: len(LOST) == 1)
+        seen.append((answer, LOST[0]))
+        assert len(scheduled) == (0 if in_read else 1)
+    assert seen[0] == seen[1]
+    assert seen[0][1]["reason"] is ConnectionDone
+    assert seen[0][1]["same failure"]

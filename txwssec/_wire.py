@@ -132,11 +132,15 @@ def read_ahead(transport: Any) -> None:
     the read size is changed alone, by the transport's own C{doRead}
     (Twisted replaces it the same way in C{abortConnection}). Undone by
     L{stop_read_ahead}, which breaks the reference cycle.
+
+    A L{lose_connection} while the read is handled closes the connection
+    when the protocol has done with it, in the read's own event.
     """
     if type(transport) is not TCPServer:
         return
     recv = transport.socket.recv
     received = transport._dataReceived
+    state = transport.__dict__
 
     def doRead() -> Any:
         try:
@@ -145,9 +149,40 @@ def read_ahead(transport: Any) -> None:
             if error.args[0] == EWOULDBLOCK:
                 return None
             return CONNECTION_LOST
-        return received(data)
+        state[_READING] = True
+        try:
+            result = received(data)
+        finally:
+            state[_READING] = False
+        if transport.disconnecting and result is None:
+            stalled = state.pop(_CLOSING, None)
+            if stalled is not None and _may_close(transport, stalled):
+                # (in this read's event: its log context is the transport's)
+                reactor: Any = transport.reactor
+                reactor._disconnectSelectable(transport, CONNECTION_DONE, False)
+        return result
 
     transport.doRead = doRead  # type: ignore[method-assign]
+
+
+#: Set in a transport's C{__dict__} while L{read_ahead}'s C{doRead} hands
+#: it data; then L{lose_connection}'s close waits for the end of the read.
+_READING = "_txwssec_reading"
+#: The close L{lose_connection} left to the end of the read: its
+#: C{stalled} argument, or L{_NO_STALLED}.
+_CLOSING = "_txwssec_closing"
+
+
+#: Whether a L{lose_connection} during a read closes at the end of the
+#: read (tests compare it with the close at the end of the turn).
+CLOSE_IN_READ = True
+
+
+def _no_stalled() -> None:
+    """L{lose_connection}'s caller has nothing to do if the close waits."""
+
+
+_NO_STALLED = _no_stalled
 
 
 #: At most this many buffers per sendmsg (Linux's IOV_MAX is 1024).
@@ -207,9 +242,10 @@ def lose_connection(transport: Any, stalled: Callable[[], object] | None = None)
     """
     Twisted's C{loseConnection} for a plain TCP transport that has nothing
     left to send (what the protocol held was just sent, L{send_now}):
-    closed at the end of this turn, as Twisted's would be after its next
-    poll, without asking epoll to report the socket writable first (two
-    C{epoll_ctl}, an event and its dispatch, and an empty C{send}). The
+    closed once the read being handled is (L{read_ahead}), else at the end
+    of this turn, as Twisted's would be after its next poll, without asking
+    epoll to report the socket writable first (two C{epoll_ctl}, an event
+    and its dispatch, and an empty C{send}). The
     socket is closed as Twisted closes it (C{shutdown}, then C{close}: a
     FIN), and the protocol's C{connectionLost} gets the same
     C{ConnectionDone}, in the same log context. Used by the server
@@ -239,20 +275,34 @@ def lose_connection(transport: Any, stalled: Callable[[], object] | None = None)
     transport.stopReading()
     transport.stopWriting()
     transport.disconnecting = 1
-    transport.reactor.callLater(0, _closed, transport, stalled)
+    state = transport.__dict__
+    if CLOSE_IN_READ and state.get(_READING):
+        state[_CLOSING] = _NO_STALLED if stalled is None else stalled
+    else:
+        transport.reactor.callLater(0, _closed, transport, stalled)
+    return True
+
+
+def _may_close(transport: Any, stalled: Callable[[], object]) -> bool:
+    """
+    Whether L{lose_connection}'s close is still to be done now: not when the
+    transport was aborted or lost meanwhile, nor when something was written
+    since (Twisted's write sends it, then closes: C{stalled} is called).
+    """
+    if transport.disconnected or transport._aborting or not hasattr(transport, "socket"):
+        return False
+    if transport.dataBuffer or transport._tempDataLen:
+        stalled()
+        return False
     return True
 
 
 def _closed(transport: Any, stalled: Callable[[], object] | None = None) -> None:
-    if transport.disconnected or transport._aborting or not hasattr(transport, "socket"):
-        return  # aborted, or lost, meanwhile
-    if transport.dataBuffer or transport._tempDataLen:
-        # written since: Twisted's write sends it, then closes
-        if stalled is not None:
-            stalled()
-        return
-    reactor = transport.reactor
-    log.callWithLogger(transport, reactor._disconnectSelectable, transport, CONNECTION_DONE, False)
+    if _may_close(transport, _NO_STALLED if stalled is None else stalled):
+        reactor = transport.reactor
+        log.callWithLogger(
+            transport, reactor._disconnectSelectable, transport, CONNECTION_DONE, False
+        )
 
 
 def stop_read_ahead(transport: Any) -> None:
