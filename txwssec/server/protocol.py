@@ -535,7 +535,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             session.stop()
             factory = self.factory
             factory.sessionClosed(self)
-            if session.id:
+            if session.id and factory.events.wants(events.SESSION_CLOSED):
                 factory.events.emit(
                     events.SESSION_CLOSED,
                     peer=self.peer,
