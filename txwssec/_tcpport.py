@@ -71,6 +71,10 @@ class LeanPort(tcp.Port):
     L{LeanTCP4ServerEndpoint} and L{LeanTCP6ServerEndpoint}.
     """
 
+    #: The listening socket and the family, type and protocol its accepted
+    #: sockets are made with.
+    _made: tuple[Any, ...] = (None,)
+
     def doRead(self) -> None:
         """Accept what is pending, as Twisted's C{Port.doRead}."""
         if self.transport is not _Server or not _POSIX:
@@ -79,7 +83,12 @@ class LeanPort(tcp.Port):
         try:
             listener: Any = self.socket
             accept = listener._accept
-            family, kind, proto = listener.family, listener.type, listener.proto
+            made = self._made
+            if made[0] is not listener:
+                # socket.accept's arguments, read once per listening socket
+                # (its family and type are properties that make enums).
+                made = self._made = (listener, listener.family, listener.type, listener.proto)
+            _, family, kind, proto = made
             factory = self.factory
             reactor = self.reactor
             limit = self.numberAccepts
