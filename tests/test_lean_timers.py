@@ -8,6 +8,7 @@ cancelled), and an orderly close that needs no wait arms no close timer.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -16,8 +17,9 @@ import pytest_twisted
 import wsframes
 from conftest import aio
 from test_upgrade_reader import exchange, request
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
 import txwssec._wire
@@ -213,6 +215,8 @@ class Lost(EchoProtocol):
                     )
                 },
                 "has socket": hasattr(transport, "socket"),
+                "has protocol": "protocol" in vars(transport),
+                "keys": sorted(vars(transport)),
                 "code": self.remoteCloseCode,
                 "clean": self.wasClean,
             }
@@ -262,7 +266,8 @@ async def test_close_in_the_read_is_the_close_at_the_end_of_the_turn(
     """
     The same bytes, FIN, transport state, failure and reactor state with the
     close done at the end of the read (no reactor call) as at the end of
-    the turn (a callLater(0), as round 3 closed).
+    the turn (a callLater(0), as round 3 closed), each with the lean
+    disconnect (txwssec._wire.disconnect_done) and the reactor's.
     """
     seen = []
     scheduled: list[Any] = []
@@ -274,8 +279,9 @@ async def test_close_in_the_read_is_the_close_at_the_end_of_the_turn(
         return call_later(delay, func, *args)
 
     monkeypatch.setattr(reactor, "callLater", counted)
-    for in_read in (True, False):
+    for in_read, lean in ((True, True), (False, True), (True, False), (False, False)):
         monkeypatch.setattr(txwssec._wire, "CLOSE_IN_READ", in_read)
+        monkeypatch.setattr(txwssec._wire, "LEAN_DISCONNECT", lean)
         LOST.clear()
         scheduled.clear()
         port = serve(lost_factory())
@@ -283,6 +289,66 @@ async def test_close_in_the_read_is_the_close_at_the_end_of_the_turn(
         await wait_until(lambda: len(LOST) == 1)
         seen.append((answer, LOST[0]))
         assert len(scheduled) == (0 if in_read else 1)
-    assert seen[0] == seen[1]
+    for other in seen[1:]:
+        assert other == seen[0]
     assert seen[0][1]["reason"] is ConnectionDone
     assert seen[0][1]["same failure"]
+
+
+class _Producer:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+
+class _Recording(Protocol):
+    def connectionLost(self, reason: Any = None) -> None:
+        self.reason = reason
+
+
+@pytest.mark.parametrize("producer", [False, True])
+@pytest.mark.parametrize("reading", [False, True])
+def test_disconnect_done_is_the_reactors(
+    monkeypatch: pytest.MonkeyPatch, producer: bool, reading: bool
+) -> None:
+    """disconnect_done's own steps: the reactor's, state for state."""
+    results = []
+    for lean in (True, False):
+        monkeypatch.setattr(txwssec._wire, "LEAN_DISCONNECT", lean)
+        left, right = socket.socketpair()
+        protocol = _Recording()
+        transport = tcp.Server(left, protocol, ("127.0.0.1", 1), None, 0, reactor)
+        protocol.makeConnection(transport)
+        if not reading:
+            transport.stopReading()
+        registered = _Producer()
+        if producer:
+            transport.registerProducer(registered, True)
+        txwssec._wire.disconnect_done(transport)
+        right.settimeout(5)
+        results.append(
+            {
+                "state": {
+                    name: value
+                    for name, value in vars(transport).items()
+                    if name not in ("reactor", "client", "server")
+                },
+                "reason": protocol.reason is txwssec._wire._DONE,
+                "producer": registered.calls,
+                "reading": transport in reactor.getReaders(),
+                "writing": transport in reactor.getWriters(),
+                "fin": right.recv(1),
+            }
+        )
+        right.close()
+    assert results[0] == results[1]
+    assert results[0]["fin"] == b""
+    assert results[0]["producer"] == (["stop"] if producer else [])

@@ -33,7 +33,10 @@ from autobahn.twisted.util import create_transport_details
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import FrameHeader, TrafficStats, WebSocketProtocol
 from autobahn.websocket.xormasker import XorMaskerNull
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.error import ConnectionDone
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.posixbase import _DisconnectSelectableMixin
 from twisted.internet.tcp import Client as TCPClient
 from twisted.internet.tcp import Server as TCPServer
 from twisted.python import log
@@ -158,8 +161,7 @@ def read_ahead(transport: Any) -> None:
             stalled = state.pop(_CLOSING, None)
             if stalled is not None and _may_close(transport, stalled):
                 # (in this read's event: its log context is the transport's)
-                reactor: Any = transport.reactor
-                reactor._disconnectSelectable(transport, CONNECTION_DONE, False)
+                disconnect_done(transport)
         return result
 
     transport.doRead = doRead  # type: ignore[method-assign]
@@ -297,12 +299,62 @@ def _may_close(transport: Any, stalled: Callable[[], object]) -> bool:
     return True
 
 
+def disconnect_done(transport: Any) -> None:
+    """
+    C{reactor._disconnectSelectable(transport, CONNECTION_DONE, False)}: a
+    plain TCP server transport's orderly end. For Twisted's own classes,
+    its steps in one function: the reactor forgets the transport,
+    C{tcp.Connection.connectionLost} and C{FileDescriptor.connectionLost}
+    set the same state (the reactor is not asked a second time to forget
+    it, unless a producer was stopped meanwhile), the socket is shut down
+    and closed (C{_closeSocket(True)}: the reason is not an abort) and the
+    protocol gets the reactor's own C{ConnectionDone} failure.
+    """
+    reactor: Any = transport.reactor
+    if (
+        not LEAN_DISCONNECT
+        or type(transport) is not TCPServer
+        or type(reactor)._disconnectSelectable is not _DISCONNECT_SELECTABLE
+        or TCPServer.connectionLost is not _CONNECTION_LOST
+        or FileDescriptor.connectionLost is not _FD_CONNECTION_LOST
+        or TCPServer._closeSocket is not _CLOSE_SOCKET
+    ):
+        reactor._disconnectSelectable(transport, CONNECTION_DONE, False)
+        return
+    reactor.removeReader(transport)
+    reactor.removeWriter(transport)
+    if not hasattr(transport, "socket"):
+        return  # (tcp.Connection.connectionLost: not twice)
+    transport.disconnected = 1
+    transport.connected = 0
+    producer = transport.producer
+    if producer is not None:
+        producer.stopProducing()
+        transport.producer = None
+        transport.stopReading()
+        transport.stopWriting()
+    transport._closeSocket(True)
+    protocol = transport.protocol
+    del transport.protocol
+    del transport.socket
+    del transport.fileno
+    protocol.connectionLost(_DONE)
+
+
+#: Whether L{disconnect_done} takes its own steps (tests compare them with
+#: the reactor's).
+LEAN_DISCONNECT = True
+_DISCONNECT_SELECTABLE = _DisconnectSelectableMixin._disconnectSelectable
+_CONNECTION_LOST = TCPServer.connectionLost
+_CLOSE_SOCKET = TCPServer._closeSocket
+_FD_CONNECTION_LOST = FileDescriptor.connectionLost
+#: The failure the reactor gives every orderly close (its C{faildict}).
+_DONE = _DISCONNECT_SELECTABLE.__defaults__[0][ConnectionDone]  # type: ignore[index]
+
+
 def _closed(transport: Any, stalled: Callable[[], object] | None = None) -> None:
     if _may_close(transport, _NO_STALLED if stalled is None else stalled):
-        reactor = transport.reactor
-        log.callWithLogger(
-            transport, reactor._disconnectSelectable, transport, CONNECTION_DONE, False
-        )
+        log.callWithLogger(transport, disconnect_done, transport)
 
 
 def stop_read_ahead(transport: Any) -> None:
