@@ -25,6 +25,7 @@ import codecs
 import struct
 import sys
 from collections import deque
+from collections.abc import Callable
 from errno import ENOBUFS, EWOULDBLOCK
 from typing import Any
 
@@ -32,7 +33,10 @@ from autobahn.twisted.util import create_transport_details
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import FrameHeader, TrafficStats, WebSocketProtocol
 from autobahn.websocket.xormasker import XorMaskerNull
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.error import ConnectionDone
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.posixbase import _DisconnectSelectableMixin
 from twisted.internet.tcp import Client as TCPClient
 from twisted.internet.tcp import Server as TCPServer
 from twisted.python import log
@@ -131,11 +135,15 @@ def read_ahead(transport: Any) -> None:
     the read size is changed alone, by the transport's own C{doRead}
     (Twisted replaces it the same way in C{abortConnection}). Undone by
     L{stop_read_ahead}, which breaks the reference cycle.
+
+    A L{lose_connection} while the read is handled closes the connection
+    when the protocol has done with it, in the read's own event.
     """
     if type(transport) is not TCPServer:
         return
     recv = transport.socket.recv
     received = transport._dataReceived
+    state = transport.__dict__
 
     def doRead() -> Any:
         try:
@@ -144,9 +152,39 @@ def read_ahead(transport: Any) -> None:
             if error.args[0] == EWOULDBLOCK:
                 return None
             return CONNECTION_LOST
-        return received(data)
+        state[_READING] = True
+        try:
+            result = received(data)
+        finally:
+            state[_READING] = False
+        if transport.disconnecting and result is None:
+            stalled = state.pop(_CLOSING, None)
+            if stalled is not None and _may_close(transport, stalled):
+                # (in this read's event: its log context is the transport's)
+                disconnect_done(transport)
+        return result
 
     transport.doRead = doRead  # type: ignore[method-assign]
+
+
+#: Set in a transport's C{__dict__} while L{read_ahead}'s C{doRead} hands
+#: it data; then L{lose_connection}'s close waits for the end of the read.
+_READING = "_txwssec_reading"
+#: The close L{lose_connection} left to the end of the read: its
+#: C{stalled} argument, or L{_NO_STALLED}.
+_CLOSING = "_txwssec_closing"
+
+
+#: Whether a L{lose_connection} during a read closes at the end of the
+#: read (tests compare it with the close at the end of the turn).
+CLOSE_IN_READ = True
+
+
+def _no_stalled() -> None:
+    """L{lose_connection}'s caller has nothing to do if the close waits."""
+
+
+_NO_STALLED = _no_stalled
 
 
 #: At most this many buffers per sendmsg (Linux's IOV_MAX is 1024).
@@ -202,18 +240,21 @@ def write_at_once(transport: Any, chunks: list[bytes]) -> None:
     transport.writeSequence(chunks)
 
 
-def lose_connection(transport: Any) -> bool:
+def lose_connection(transport: Any, stalled: Callable[[], object] | None = None) -> bool:
     """
     Twisted's C{loseConnection} for a plain TCP transport that has nothing
     left to send (what the protocol held was just sent, L{send_now}):
-    closed at the end of this turn, as Twisted's would be after its next
-    poll, without asking epoll to report the socket writable first (two
-    C{epoll_ctl}, an event and its dispatch, and an empty C{send}). The
+    closed once the read being handled is (L{read_ahead}), else at the end
+    of this turn, as Twisted's would be after its next poll, without asking
+    epoll to report the socket writable first (two C{epoll_ctl}, an event
+    and its dispatch, and an empty C{send}). The
     socket is closed as Twisted closes it (C{shutdown}, then C{close}: a
     FIN), and the protocol's C{connectionLost} gets the same
     C{ConnectionDone}, in the same log context. Used by the server
     (L{txwssec.server.flow.TrafficFlow}) and the gateway's legs.
 
+    @param stalled: called if something is written before the close, which
+        then waits for Twisted's write (the caller's close timer, say).
     @return: whether it did; L{False}: call C{loseConnection} (a TLS
         transport, bytes still buffered, a producer that is to be resumed
         first, a half-close, a close under way).
@@ -236,17 +277,84 @@ def lose_connection(transport: Any) -> bool:
     transport.stopReading()
     transport.stopWriting()
     transport.disconnecting = 1
-    transport.reactor.callLater(0, _closed, transport)
+    state = transport.__dict__
+    if CLOSE_IN_READ and state.get(_READING):
+        state[_CLOSING] = _NO_STALLED if stalled is None else stalled
+    else:
+        transport.reactor.callLater(0, _closed, transport, stalled)
     return True
 
 
-def _closed(transport: Any) -> None:
+def _may_close(transport: Any, stalled: Callable[[], object]) -> bool:
+    """
+    Whether L{lose_connection}'s close is still to be done now: not when the
+    transport was aborted or lost meanwhile, nor when something was written
+    since (Twisted's write sends it, then closes: C{stalled} is called).
+    """
     if transport.disconnected or transport._aborting or not hasattr(transport, "socket"):
-        return  # aborted, or lost, meanwhile
+        return False
     if transport.dataBuffer or transport._tempDataLen:
-        return  # written since: Twisted's write sends it, then closes
-    reactor = transport.reactor
-    log.callWithLogger(transport, reactor._disconnectSelectable, transport, CONNECTION_DONE, False)
+        stalled()
+        return False
+    return True
+
+
+def disconnect_done(transport: Any) -> None:
+    """
+    C{reactor._disconnectSelectable(transport, CONNECTION_DONE, False)}: a
+    plain TCP server transport's orderly end. For Twisted's own classes,
+    its steps in one function: the reactor forgets the transport,
+    C{tcp.Connection.connectionLost} and C{FileDescriptor.connectionLost}
+    set the same state (the reactor is not asked a second time to forget
+    it, unless a producer was stopped meanwhile), the socket is shut down
+    and closed (C{_closeSocket(True)}: the reason is not an abort) and the
+    protocol gets the reactor's own C{ConnectionDone} failure.
+    """
+    reactor: Any = transport.reactor
+    if (
+        not LEAN_DISCONNECT
+        or type(transport) is not TCPServer
+        or type(reactor)._disconnectSelectable is not _DISCONNECT_SELECTABLE
+        or TCPServer.connectionLost is not _CONNECTION_LOST
+        or FileDescriptor.connectionLost is not _FD_CONNECTION_LOST
+        or TCPServer._closeSocket is not _CLOSE_SOCKET
+    ):
+        reactor._disconnectSelectable(transport, CONNECTION_DONE, False)
+        return
+    reactor.removeReader(transport)
+    reactor.removeWriter(transport)
+    if not hasattr(transport, "socket"):
+        return  # (tcp.Connection.connectionLost: not twice)
+    transport.disconnected = 1
+    transport.connected = 0
+    producer = transport.producer
+    if producer is not None:
+        producer.stopProducing()
+        transport.producer = None
+        transport.stopReading()
+        transport.stopWriting()
+    transport._closeSocket(True)
+    protocol = transport.protocol
+    del transport.protocol
+    del transport.socket
+    del transport.fileno
+    protocol.connectionLost(_DONE)
+
+
+#: Whether L{disconnect_done} takes its own steps (tests compare them with
+#: the reactor's).
+LEAN_DISCONNECT = True
+_DISCONNECT_SELECTABLE = _DisconnectSelectableMixin._disconnectSelectable
+_CONNECTION_LOST = TCPServer.connectionLost
+_CLOSE_SOCKET = TCPServer._closeSocket
+_FD_CONNECTION_LOST = FileDescriptor.connectionLost
+#: The failure the reactor gives every orderly close (its C{faildict}).
+_DONE = _DISCONNECT_SELECTABLE.__defaults__[0][ConnectionDone]  # type: ignore[index]
+
+
+def _closed(transport: Any, stalled: Callable[[], object] | None = None) -> None:
+    if _may_close(transport, _NO_STALLED if stalled is None else stalled):
+        log.callWithLogger(transport, disconnect_done, transport)
 
 
 def stop_read_ahead(transport: Any) -> None:

@@ -109,7 +109,11 @@ EVENTS: Mapping[str, str] = {
 
 
 class Observer(Protocol):
-    """Something told of every event: C{observer(name, fields)}."""
+    """
+    Something told of every event: C{observer(name, fields)}. An observer
+    may list the events it does nothing with in an C{ignores} attribute
+    (see L{Events.wants}).
+    """
 
     def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
         """Observe C{event} with its C{fields} (do not keep the mapping)."""
@@ -133,6 +137,18 @@ class Events:
         for observer in self.observers:
             observer(event, fields)
 
+    def wants(self, event: str) -> bool:
+        """
+        Whether some observer may do something with C{event}: one without
+        an C{ignores} attribute, or whose C{ignores} does not list it. A
+        caller may then leave out an event nobody wants, and the work of
+        its fields.
+        """
+        for observer in self.observers:
+            if event not in getattr(observer, "ignores", _NOTHING_IGNORED):
+                return True
+        return False
+
     def add(self, observer: Observer) -> None:
         """Add C{observer} (last)."""
         self.observers.append(observer)
@@ -140,3 +156,7 @@ class Events:
     def remove(self, observer: Observer) -> None:
         """Remove C{observer}."""
         self.observers.remove(observer)
+
+
+#: What an observer without an C{ignores} attribute ignores.
+_NOTHING_IGNORED: frozenset[str] = frozenset()

@@ -28,6 +28,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from zope.interface import implementer
 
+from txwssec._tcpport import lean_endpoint
 from txwssec._tlswire import ServerTLSFactory, TLSPortEndpoint
 from txwssec.tls import ReloadingContextFactory
 
@@ -116,7 +117,7 @@ def server_endpoint(
         parsed = Description.parse(description)
     if parsed.kind != "tls":
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
-        return endpoint
+        return lean_endpoint(endpoint)
     if tls is None:
         raise ValueError("tls listeners need a [tls] table")
     if len(parsed.args) != 1:

@@ -45,6 +45,9 @@ class CounterObserver:
 
     __slots__ = ("counters",)
 
+    #: Events it counts nothing for (see L{txwssec.events.Events.wants}).
+    ignores: frozenset[str] = frozenset({events.SESSION_CLOSED})
+
     def __init__(self, counters: Counter[str]) -> None:
         self.counters = counters
 
@@ -238,6 +241,16 @@ class TextLogObserver:
         events.CONFIG_RELOADED: _reloaded,
         events.CONFIG_RELOAD_FAILED: _reload_failed,
     }
+
+    #: Events it writes no line for (see L{txwssec.events.Events.wants}):
+    #: C{session.closed}, unless a subclass's L{lines} has one for it.
+    ignores: frozenset[str] = frozenset({events.SESSION_CLOSED})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.ignores = frozenset(
+            event for event in TextLogObserver.ignores if event not in cls.lines
+        )
 
     def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
         line = self.lines.get(event)

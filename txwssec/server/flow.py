@@ -52,6 +52,11 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
     session: Session | None = None
     route: RoutePolicy | None = None
     _idle_timer: Deadline | None = None
+    #: Aborts an orderly close that the peer does not let finish.
+    _loseTimer: Deadline | None = None
+    #: The close timeout of an orderly close whose timer is not armed yet
+    #: (see L{_armLinger}).
+    _lingerFor: float = 0.0
     _last_message: float = 0.0
     _guard: TrafficGuard | None = None
     # Autobahn's per-connection size limits (set from the route).
@@ -322,12 +327,31 @@ class TrafficFlow(FrameReader, OpenOnly, WebSocketServerProtocol):  # type: igno
         # What was written before the close goes first: a TLS transport
         # drops writes that come after its loseConnection. Then, when it
         # all went to a plain TCP socket, the orderly close without
-        # Twisted's wait for a writable socket (lose_connection); an
-        # abort, or anything else, as Autobahn closes.
+        # Twisted's wait for a writable socket (lose_connection), which
+        # needs no close timer unless something is written meanwhile; an
+        # abort, or anything else, as Autobahn closes, the timer first.
         self._uncork()
-        if not abort and lose_connection(self.transport):
+        if not abort and lose_connection(
+            self.transport, self._armLinger if self._lingerFor else None
+        ):
             return
+        self._armLinger()
         WebSocketServerProtocol._closeConnection(self, abort)
+
+    def _armLinger(self) -> None:
+        """
+        Arm the orderly close's timer (see
+        L{txwssec.server.SecureServerProtocol.dropConnection}), if one is
+        due: the peer must let the close finish within C{_lingerFor} seconds.
+        """
+        delay = self._lingerFor
+        if delay:
+            self._lingerFor = 0.0
+            self._loseTimer = self.factory.deadlines.call_later(delay, self._abortLingering)
+
+    def _abortLingering(self) -> None:
+        """The orderly close did not finish in time: reset the connection."""
+        raise NotImplementedError
 
     def _slowConsumer(self) -> None:
         # The close frame is the last thing written; what the application

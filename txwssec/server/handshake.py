@@ -208,17 +208,20 @@ class HandshakeIO(UpgradeReader, WebSocketServerProtocol):  # type: ignore[misc]
         self.sendData(response.encode("utf8"))
         protocol.http_response_data = response
         self.state = self.STATE_OPEN
+        # Auto-ping's timer first, then the handshake's cancelled: the
+        # timers' reactor call stays armed (for the cancelled one) instead
+        # of being cancelled with the last timer and made again at once.
+        interval = protocol.autoPingInterval
+        if interval:
+            protocol.autoPingPendingCall = factory._batched_timer.call_later(
+                interval, protocol._sendAutoPing
+            )
         call = protocol.openHandshakeTimeoutCall
         if call is not None:
             call.cancel()
             protocol.openHandshakeTimeoutCall = None
         protocol.inside_message = False
         protocol.current_frame = None
-        interval = protocol.autoPingInterval
-        if interval:
-            protocol.autoPingPendingCall = factory._batched_timer.call_later(
-                interval, protocol._sendAutoPing
-            )
         protocol._onOpen()
         fire(protocol, "is_open", None)  # (txaio.resolve, made only if read)
         if len(self.data) > 0:

@@ -494,10 +494,10 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
         if not abort and self.state != self.STATE_CLOSED and close_timeout > 0:
             # An orderly close waits until the peer has read every byte
             # written: a peer that answered the close but reads nothing
-            # more would hold the connection forever. Bounded, then a reset.
-            self._loseTimer = self.factory.deadlines.call_later(
-                close_timeout, self._abortLingering
-            )
+            # more would hold the connection forever. Bounded, then a reset:
+            # the timer is armed by _closeConnection when the close waits
+            # (TrafficFlow._armLinger), not for one that leaves at once.
+            self._lingerFor = close_timeout
         if self._dropLogged or self.wasClean:
             # (For a clean close Autobahn's line is at debug level, which
             # this protocol's logger never writes.)
@@ -521,6 +521,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             # is dropped before it is hashed, an upstream attempt is closed.
             self._pending = None
             pending.cancel()
+        self._lingerFor = 0.0
         lose_timer = self._loseTimer
         if lose_timer is not None:
             lose_timer.cancel()
@@ -534,7 +535,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             session.stop()
             factory = self.factory
             factory.sessionClosed(self)
-            if session.id:
+            if session.id and factory.events.wants(events.SESSION_CLOSED):
                 factory.events.emit(
                     events.SESSION_CLOSED,
                     peer=self.peer,
