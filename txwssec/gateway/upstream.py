@@ -25,12 +25,14 @@ from autobahn.websocket.types import ConnectionResponse
 from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
 from txwssec._autobahn import copy_options_at_once, drop_connection_quietly
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
+from txwssec.gateway.connect import lean_tcp_endpoint
 from txwssec.gateway.forwarding import join_target
 from txwssec.gateway.held import send_held, turn_writes
 from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
@@ -163,11 +165,13 @@ class UpstreamPool:
         """
         The endpoint for C{url} (TCP, in verified TLS for C{wss://}), made
         with the first connection's C{factory} and kept: the TLS options
-        (CA file read, context made) are built once per upstream URL.
+        (CA file read, context made) are built once per upstream URL. To
+        an IP address, TCP is L{txwssec.gateway.connect}'s (fewer system
+        calls); else the factory's C{endpoint()}.
         """
         endpoint = self._endpoints.get(url)
         if endpoint is None:
-            endpoint = self._endpoints[url] = factory.endpoint()
+            endpoint = self._endpoints[url] = upstream_endpoint(factory)
         return endpoint
 
     def order(self) -> list[str]:
@@ -566,6 +570,20 @@ def _switched(
     if counts["sec-websocket-protocol"] > 1 or (chosen and chosen not in offered):
         return None
     return chosen
+
+
+def upstream_endpoint(factory: SecureClientFactory) -> IStreamClientEndpoint:
+    """
+    C{factory.endpoint()} (TCP, in verified TLS for C{wss://}), with the
+    TCP of L{lean_tcp_endpoint} (the same timeout and source address as
+    the factory's: none) when the host is an IP address.
+    """
+    tcp = lean_tcp_endpoint(factory.reactor, factory.host, factory.port)
+    if tcp is None:
+        return factory.endpoint()
+    if not factory.isSecure:
+        return tcp
+    return wrapClientTLS(factory.tls_options(), tcp)
 
 
 def open_upstream(
