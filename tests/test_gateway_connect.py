@@ -375,3 +375,51 @@ def test_lean_only_for_ip_literals_on_twisteds_posix_reactors() -> None:
     finally:
         epoll.waker.connectionLost(None)
         epoll._poller.close()
+
+
+# -- the upstream leg's transport details, made when first read -----------------------
+
+
+def test_upstream_leg_makes_its_transport_details_when_first_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    On plain TCP the upstream leg's peer is Autobahn's peer2str, and its
+    transport details (os.getpid and a thread id: two system calls) are
+    made only when read, equal to Autobahn's.
+    """
+    import os
+
+    from autobahn.twisted.util import create_transport_details, peer2str
+
+    from txwssec.client import SecureClientFactory
+    from txwssec.gateway.upstream import UpstreamProtocol
+
+    reactor = EPollReactor()
+    pids: list[int] = []
+    getpid = os.getpid
+    monkeypatch.setattr(os, "getpid", lambda: pids.append(1) or getpid())
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        port = listener.getsockname()[1]
+        factory = SecureClientFactory(f"ws://127.0.0.1:{port}/", reactor=reactor)
+        factory.protocol = UpstreamProtocol
+        endpoint = LeanTCPEndpoint(reactor, "127.0.0.1", port)
+        protocol = outcome(reactor, endpoint.connect(factory))
+        assert isinstance(protocol, UpstreamProtocol)
+        server, _ = listener.accept()
+        assert protocol.peer == peer2str(protocol.transport)
+        assert pids == []
+        details = protocol.transport_details
+        assert details is protocol.transport_details  # made once
+        assert pids == [1]
+        expected = create_transport_details(protocol.transport, False)
+        assert details.marshal() == expected.marshal()
+        protocol.transport.abortConnection()
+        server.close()
+        reactor.runUntilCurrent()
+    finally:
+        listener.close()
+        reactor.waker.connectionLost(None)

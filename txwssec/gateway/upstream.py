@@ -23,16 +23,19 @@ from autobahn.websocket.protocol import (
 )
 from autobahn.websocket.types import ConnectionResponse
 from autobahn.websocket.util import parse_url
+from twisted.internet.address import IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.tcp import Client as TCPClient
 from twisted.python.failure import Failure
 
 from txwssec._autobahn import copy_options_at_once, drop_connection_quietly
+from txwssec._hooks import run_hook, transport_details
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
-from txwssec.gateway.connect import lean_tcp_endpoint
+from txwssec.gateway.connect import LeanClient, lean_tcp_endpoint
 from txwssec.gateway.forwarding import join_target
 from txwssec.gateway.held import send_held, turn_writes
 from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
@@ -203,6 +206,35 @@ _ParsedURL = tuple[bool, str, int, str, str, dict[str, list[str]]]
 _TARGETS = 256
 
 
+#: Where L{_LazyDetails} keeps an upstream leg's transport details.
+_DETAILS = "_upstream_transport_details"
+
+
+class _LazyDetails:
+    """
+    An upstream leg's C{_transport_details} (Autobahn's C{TransportDetails}
+    of a client connection), made from the transport when first read on a
+    connection whose C{connectionMade} left them to be made (L{None} in
+    L{_DETAILS}); else what was assigned, as a plain attribute.
+    """
+
+    def __get__(self, protocol: Any, owner: type | None = None) -> Any:
+        if protocol is None:
+            return self
+        found = protocol.__dict__
+        details = found.get(_DETAILS, self)
+        if details is None:
+            details = create_transport_details(protocol.transport, False)
+            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+            found[_DETAILS] = details
+        elif details is self:
+            details = found[_DETAILS] = TransportDetails()
+        return details
+
+    def __set__(self, protocol: Any, details: Any) -> None:
+        protocol.__dict__[_DETAILS] = details
+
+
 class UpstreamProtocol(SecureClientProtocol):
     """
     The upstream leg of a gateway session. Messages are held until the
@@ -224,6 +256,7 @@ class UpstreamProtocol(SecureClientProtocol):
     _scanning: bool = False
     #: Writes held until the next turn's end (L{txwssec.gateway.held}).
     _cork: list[bytes] | None = None
+    _transport_details: Any = _LazyDetails()
 
     def __init__(self) -> None:
         super().__init__()
@@ -273,13 +306,33 @@ class UpstreamProtocol(SecureClientProtocol):
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
-        details = create_transport_details(transport, False)
-        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-        self._transport_details = details
-        self.peer = details.peer
+        kind = type(transport)
+        if kind is LeanClient or kind is TCPClient:
+            # Plain TCP: the peer as Autobahn's peer2str writes it; the
+            # transport details (os.getpid(), a thread id: two system calls,
+            # and nothing to note at open without TLS) when first read.
+            address = transport.getPeer()
+            family = "tcp6" if isinstance(address, IPv6Address) else "tcp4"
+            self.peer = f"{family}:{address.host}:{address.port}"
+            self.__dict__[_DETAILS] = None
+        else:
+            details = create_transport_details(transport, False)
+            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+            self._transport_details = details
+            self.peer = details.peer
         with contextlib.suppress(Exception):  # as Autobahn (a Unix socket has none)
             transport.setTcpNoDelay(self.tcpNoDelay)
         self._connectionMade()
+
+    def _opened(self) -> None:
+        # SecureClientProtocol._opened; the TLS channel binding and peer
+        # certificate are noted only on a connection with transport details
+        # (on plain TCP there are none to note).
+        if self.__dict__.get(_DETAILS) is not None:
+            transport_details(self)
+        run_hook(self, "onOpen", self.onOpen)
+        if not self.opened.called:
+            self.opened.callback(self)
 
     def _connectionMade(self) -> None:
         copy_options_at_once(self, WebSocketClientProtocol.CONFIG_ATTRS)
