@@ -423,3 +423,83 @@ def test_upstream_leg_makes_its_transport_details_when_first_read(
     finally:
         listener.close()
         reactor.waker.connectionLost(None)
+
+
+def _comparable(state: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, value in state.items():
+        if name == "trafficStats":
+            value = ("TrafficStats", vars(value))
+        elif name == "send_queue":
+            value = ("deque", list(value))
+        elif name == "utf8validator":
+            value = type(value)
+        elif name in ("openHandshakeTimeoutCall", "_cork"):
+            value = value is not None
+        out[name] = value
+    return out
+
+
+@pytest.mark.parametrize("proxy", [False, True])
+@pytest.mark.parametrize("timeout", [0, 7])
+def test_upstream_leg_state_is_autobahns(proxy: bool, timeout: float) -> None:
+    """
+    The upstream leg's _connectionMade sets what Autobahn's client
+    _connectionMade sets (then sends the upgrade request, or starts the
+    proxy's CONNECT), without its debug line's pformat.
+    """
+    from autobahn.twisted.websocket import WebSocketClientProtocol
+    from autobahn.websocket.protocol import WebSocketProtocol
+    from twisted.internet.testing import StringTransport
+
+    from txwssec._autobahn import copy_options_at_once
+    from txwssec.client import SecureClientFactory
+    from txwssec.gateway.upstream import UpstreamProtocol
+
+    clock = Clock()
+    factory = SecureClientFactory("ws://127.0.0.1:9/", reactor=clock)
+    factory.setProtocolOptions(openHandshakeTimeout=timeout)
+    factory.trackTimings = True
+    if proxy:
+        factory.proxy = {"host": "127.0.0.1", "port": 8}
+    factory.protocol = UpstreamProtocol
+    states = []
+    for lean in (False, True):
+        protocol = factory.buildProtocol(None)
+        protocol.transport = StringTransport()
+        protocol.startHandshake = lambda: None
+        protocol.startProxyConnect = lambda: None
+        before = set(vars(protocol))
+        if lean:
+            protocol._connectionMade()
+        else:
+            copy_options_at_once(protocol, WebSocketClientProtocol.CONFIG_ATTRS)
+            WebSocketProtocol._connectionMade(protocol)
+        states.append(_comparable({k: v for k, v in vars(protocol).items() if k not in before}))
+    assert states[0] == states[1]
+    assert states[1]["openHandshakeTimeoutCall"] is bool(timeout)
+    expected = (
+        WebSocketProtocol.STATE_PROXY_CONNECTING if proxy else WebSocketProtocol.STATE_CONNECTING
+    )
+    assert states[1]["state"] == expected
+
+
+def test_upstream_leg_formats_no_debug_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autobahn formats its 23 options (pformat) for a debug line: not here."""
+    import autobahn.websocket.protocol
+    from twisted.internet.testing import StringTransport
+
+    from txwssec.client import SecureClientFactory
+    from txwssec.gateway.upstream import UpstreamProtocol
+
+    formatted: list[Any] = []
+    monkeypatch.setattr(
+        autobahn.websocket.protocol, "pformat", lambda value: formatted.append(value) or ""
+    )
+    factory = SecureClientFactory("ws://127.0.0.1:9/", reactor=Clock())
+    factory.protocol = UpstreamProtocol
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    assert protocol.state == protocol.STATE_CONNECTING
+    assert protocol.http_request_data.startswith(b"GET / HTTP/1.1\r\n")
+    assert formatted == []

@@ -22,6 +22,7 @@ from autobahn.websocket.protocol import (
     parseHttpHeader,
 )
 from autobahn.websocket.types import ConnectionResponse
+from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.util import parse_url
 from twisted.internet.address import IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
@@ -33,6 +34,7 @@ from twisted.python.failure import Failure
 
 from txwssec._autobahn import copy_options_at_once, drop_connection_quietly
 from txwssec._hooks import run_hook, transport_details
+from txwssec._wire import open_state
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
 from txwssec.gateway.connect import LeanClient, lean_tcp_endpoint
@@ -247,6 +249,7 @@ class UpstreamProtocol(SecureClientProtocol):
     maxMessagePayloadSize: int
     # Autobahn's, read by the handshake below.
     tcpNoDelay: bool
+    openHandshakeTimeout: float
     perMessageCompressionOffers: list[Any]
     version: int
     logOctets: bool
@@ -335,9 +338,24 @@ class UpstreamProtocol(SecureClientProtocol):
             self.opened.callback(self)
 
     def _connectionMade(self) -> None:
+        # Autobahn's client _connectionMade: its options copied from the
+        # factory, then WebSocketProtocol._connectionMade's state without
+        # its fixed costs (a pformat of the 23 options for a debug line,
+        # whatever the log level; the options looked up again): the same
+        # state (tests/test_gateway_connect.py compares it with Autobahn's).
         copy_options_at_once(self, WebSocketClientProtocol.CONFIG_ATTRS)
-        WebSocketProtocol._connectionMade(self)
-        if self.factory.proxy is not None:
+        factory = self.factory
+        state = open_state()
+        state["serverConnectionDropTimeoutCall"] = None
+        if factory.proxy is not None:
+            state["state"] = WebSocketProtocol.STATE_PROXY_CONNECTING
+        state["utf8validator"] = Utf8Validator()  # Autobahn's, as before
+        self.__dict__.update(state)
+        if self.openHandshakeTimeout > 0:
+            self.openHandshakeTimeoutCall = factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout
+            )
+        if factory.proxy is not None:
             self.startProxyConnect()
         else:
             self.startHandshake()
