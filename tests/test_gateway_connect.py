@@ -503,3 +503,29 @@ def test_upstream_leg_formats_no_debug_line(monkeypatch: pytest.MonkeyPatch) -> 
     assert protocol.state == protocol.STATE_CONNECTING
     assert protocol.http_request_data.startswith(b"GET / HTTP/1.1\r\n")
     assert formatted == []
+
+
+def test_upstream_leg_sends_its_upgrade_request_at_once() -> None:
+    """
+    The upgrade request leaves when the connection is made, not held for a
+    reactor turn as the leg's other writes (nothing else can join it);
+    counted as Autobahn's sendData counts it.
+    """
+    from twisted.internet.testing import StringTransport
+
+    from txwssec.client import SecureClientFactory
+    from txwssec.gateway.upstream import UpstreamProtocol
+
+    clock = Clock()
+    factory = SecureClientFactory("ws://127.0.0.1:9/path", reactor=clock)
+    factory.protocol = UpstreamProtocol
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    sent = transport.value()
+    assert sent == protocol.http_request_data
+    assert sent.startswith(b"GET /path HTTP/1.1\r\n") and sent.endswith(b"\r\n\r\n")
+    assert protocol.trafficStats.preopenOutgoingOctetsWireLevel == len(sent)
+    assert clock.getDelayedCalls() == [] or all(
+        call.getTime() > 0 for call in clock.getDelayedCalls()
+    )
