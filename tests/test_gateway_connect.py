@@ -23,12 +23,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.pollreactor import PollReactor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from txwssec.gateway.connect import LeanClient, LeanTCPEndpoint, lean_tcp_endpoint
+from txwssec.gateway.connect import LeanClient, LeanConnector, LeanTCPEndpoint, lean_tcp_endpoint
 
 REACTORS = {"epoll": EPollReactor, "poll": PollReactor, "select": SelectReactor}
 
@@ -152,13 +152,14 @@ def test_refused_through_a_failed_event_like_twisted() -> None:
     """
     reactor = EPollReactor()
     try:
-        transport = LeanClient("127.0.0.1", closed_port(), None, _Connector(), reactor)
-        reactor.runUntilCurrent()  # the connect()
-        assert transport._connecting
+        factory = _Failed()
+        connector = LeanConnector("127.0.0.1", closed_port(), factory, 30, None, reactor)
+        connector.connect()  # connect() at once: "in progress"
+        transport = connector.transport
+        assert isinstance(transport, LeanClient) and transport._connecting
         time.sleep(0.05)  # the RST has come
-        fired = transport.connector.failed  # type: ignore[attr-defined]
-        iterate_until(reactor, lambda: bool(fired))
-        assert described(fired[0]) == (
+        iterate_until(reactor, lambda: bool(factory.failed))
+        assert described(factory.failed[0]) == (
             error.ConnectionRefusedError,
             "Connection was refused by other side: 111: Connection refused.",
         )
@@ -167,13 +168,13 @@ def test_refused_through_a_failed_event_like_twisted() -> None:
         reactor._poller.close()
 
 
-class _Connector:
-    """What a client transport needs of its connector to fail."""
+class _Failed(ClientFactory):
+    """Notes why its connection failed."""
 
     def __init__(self) -> None:
         self.failed: list[Failure] = []
 
-    def connectionFailed(self, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.failed.append(reason)
 
 
@@ -529,3 +530,34 @@ def test_upstream_leg_sends_its_upgrade_request_at_once() -> None:
     assert clock.getDelayedCalls() == [] or all(
         call.getTime() > 0 for call in clock.getDelayedCalls()
     )
+
+
+def test_connects_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The lean connector calls connect() when asked to connect; Twisted's
+    client on the next reactor turn (a callLater(0)).
+    """
+    reactor = EPollReactor()
+    calls: list[str] = []
+    original = socket.socket.connect_ex
+    monkeypatch.setattr(
+        socket.socket,
+        "connect_ex",
+        lambda self, address: calls.append("connect") or original(self, address),
+    )
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        seen = {}
+        for name, endpoint in endpoints(reactor, "127.0.0.1", listener.getsockname()[1]).items():
+            calls.clear()
+            attempt = endpoint.connect(Factory.forProtocol(Recorder))
+            seen[name] = len(calls)
+            protocol = outcome(reactor, attempt)
+            protocol.transport.abortConnection()
+            reactor.runUntilCurrent()
+    finally:
+        listener.close()
+        reactor.waker.connectionLost(None)
+    assert seen == {"twisted": 0, "lean": 1}

@@ -12,7 +12,8 @@ modify, delete, add). Its connection's close calls C{shutdown()} before
 C{close()}, also when the peer had closed first.
 
 L{LeanClient} is that client with: a socket made non-blocking when it is
-created (C{SOCK_NONBLOCK}: no C{ioctl}); one C{connect()}; C{SO_ERROR} read
+created (C{SOCK_NONBLOCK}: no C{ioctl}); one C{connect()}, made at once
+(not after a C{callLater(0)}); C{SO_ERROR} read
 once, when the socket is reported writable (or the reactor reports it
 failed); write interest only while connecting (three C{epoll_ctl}: add,
 and two modifies or a delete and an add once connected); and no
@@ -77,7 +78,9 @@ class LeanClient(tcp.Client):
             skt.setblocking(False)
         self.fileno = skt.fileno
         self.protocol = None  # type: ignore[assignment]  # (as Twisted's: none yet)
-        reactor.callLater(0, whenDone)
+        # Started by LeanConnector.connect once the connector is set up
+        # (Twisted's client waits for a callLater(0) and the next turn).
+        self._start = whenDone
 
     def resolveAddress(self) -> None:
         if self._requiresResolution:
@@ -144,6 +147,21 @@ class LeanConnector(tcp.Connector):
 
     def _makeTransport(self) -> LeanClient:
         return LeanClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+    def connect(self) -> None:
+        """
+        Twisted's C{connect} (the factory started, the transport made, the
+        timeout set, C{startedConnecting}), then the transport's connection
+        attempt at once: C{connect()} returns "in progress", and the
+        outcome comes from the reactor as before. (A transport that could
+        not be made fails on the next turn, as Twisted's.)
+        """
+        super().connect()
+        transport: Any = self.transport
+        start = getattr(transport, "_start", None)
+        if start is not None:
+            del transport._start
+            start()
 
 
 @implementer(IStreamClientEndpoint)
