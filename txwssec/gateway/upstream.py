@@ -259,6 +259,8 @@ class UpstreamProtocol(SecureClientProtocol):
     _scanning: bool = False
     #: Writes held until the next turn's end (L{txwssec.gateway.held}).
     _cork: list[bytes] | None = None
+    #: sendCloseFrame is sending: sendData sends at once.
+    _closeNow: bool = False
     _transport_details: Any = _LazyDetails()
 
     def __init__(self) -> None:
@@ -481,7 +483,13 @@ class UpstreamProtocol(SecureClientProtocol):
             self.releaseWrites()
             super().sendData(data, sync, chopsize)
             return
-        self.holdWrite(data)
+        if self._closeNow:
+            # A close frame: sent now, after what was held (see sendCloseFrame).
+            cork, self._cork = self._cork or [], None
+            cork.append(data)
+            send_held(self.transport, cork)
+        else:
+            self.holdWrite(data)
         state = self.state
         if state == self.STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
@@ -489,6 +497,21 @@ class UpstreamProtocol(SecureClientProtocol):
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
         if self.logOctets:
             self.logTxOctets(data, False)
+
+    def sendCloseFrame(
+        self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False
+    ) -> None:
+        """
+        Autobahn's C{sendCloseFrame}; the close frame (and what the leg
+        held before it) is sent now, not at the end of the next turn: no
+        frame of this leg can follow it to join the same C{send}, and
+        holding it cost two timer calls and a reactor turn per session.
+        """
+        self._closeNow = True
+        try:
+            super().sendCloseFrame(code, reasonUtf8, isReply)
+        finally:
+            self._closeNow = False
 
     def attach(self, downstream: ClientLeg) -> None:
         """Relay to C{downstream} (called before the client's 101)."""
