@@ -13,13 +13,13 @@ C{close()}, also when the peer had closed first.
 
 L{LeanClient} is that client with: a socket made non-blocking when it is
 created (C{SOCK_NONBLOCK}: no C{ioctl}); one C{connect()}, made at once
-(not after a C{callLater(0)}); C{SO_ERROR} read
-once, when the socket is reported writable (or the reactor reports it
-failed); write interest only while connecting (three C{epoll_ctl}: add,
-and two modifies or a delete and an add once connected); and no
-C{shutdown()} when the peer's end of the stream was read (the close is
-orderly already, and every byte was read: C{close()} alone sends the same
-FIN). Everything else is Twisted's: the L{Connector} (its timeout, its
+(not after a C{callLater(0)}); C{SO_ERROR} read once, when the socket is
+reported writable (or the reactor reports it failed); write interest only
+while connecting (three C{epoll_ctl}: add, and two modifies or a delete
+and an add once connected); and no C{shutdown()} when the peer closed
+first (checked once, in C{connectionLost}: the close is orderly already
+and every byte was read, so C{close()} alone sends the same FIN).
+Everything else is Twisted's: the L{Connector} (its timeout, its
 C{connectionFailed}), the bind to a source address, IPv6 literals and
 scope identifiers, the errors a failed connection reports
 (C{getConnectError} of the socket's error, as Twisted's C{doConnect}),
@@ -132,14 +132,12 @@ class LeanClient(tcp.Client):
             if err:
                 self.failIfNotConnected(error.getConnectError((err, strerror(err))))
                 return
-        super().connectionLost(reason)
-
-    def _dataReceived(self, data: bytes | None) -> Any:
-        if not data:
-            # The peer closed its end and every byte was read: close()
-            # alone sends the same FIN as shutdown() then close().
+        if self.connected and not self.disconnecting and reason.check(error.ConnectionDone):
+            # The peer closed first (its EOF was read, or it hung up with
+            # nothing left to read; this side did not call loseConnection):
+            # close() alone sends the same FIN as shutdown() then close().
             self._shouldShutdown = False
-        return super()._dataReceived(data)
+        super().connectionLost(reason)
 
 
 class LeanConnector(tcp.Connector):
