@@ -561,3 +561,54 @@ def test_connects_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
         listener.close()
         reactor.waker.connectionLost(None)
     assert seen == {"twisted": 0, "lean": 1}
+
+
+def test_no_connector_timer_under_a_shorter_attempt_timer() -> None:
+    """
+    The upstream endpoint's connector has Twisted's 30 s timeout only when
+    the route's upstream_timeout is not shorter: under a shorter one the
+    attempt's own timer abandons the connection first, so the connector's
+    could never fire (one timer less per handshake); a connection that
+    does not complete still ends in a 504 after upstream_timeout.
+    """
+    from txwssec.client import SecureClientFactory
+    from txwssec.gateway.upstream import (
+        GatewayTimeout,
+        UpstreamProtocol,
+        open_upstream,
+        upstream_endpoint,
+    )
+
+    reactor = EPollReactor()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        url = f"ws://127.0.0.1:{port}/"
+        factory = SecureClientFactory(url, reactor=reactor)
+        factory.protocol = UpstreamProtocol
+        timeouts = {
+            given: upstream_endpoint(factory, given)._timeout  # type: ignore[attr-defined]
+            for given in (None, 0.3, 29.9, 30, 60)
+        }
+        assert timeouts == {None: 30, 0.3: None, 29.9: None, 30: 30, 60: 30}
+        for _ in range(4):  # the listen queue full: SYNs dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        time.sleep(0.05)
+        endpoint = upstream_endpoint(factory, 0.3)
+        attempt = open_upstream(factory, lambda: endpoint, 0.3, reactor)
+        assert len(reactor.getDelayedCalls()) == 1  # the attempt's own timer
+        failure = outcome(reactor, attempt)
+        assert described(failure) == (GatewayTimeout, f"{url}: no handshake within 0.3 s")
+        reactor.runUntilCurrent()
+        assert reactor.getDelayedCalls() == []
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+        reactor.waker.connectionLost(None)

@@ -175,7 +175,7 @@ class LeanTCPEndpoint:
         reactor: Any,
         host: str,
         port: int,
-        timeout: float = 30,
+        timeout: float | None = 30,
         bindAddress: Any = None,
     ) -> None:
         self._reactor = reactor
@@ -187,8 +187,14 @@ class LeanTCPEndpoint:
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
         try:
             wf = _WrappingFactory(protocolFactory)
+            # (a timeout of None: no timer; Twisted's BaseConnector allows it)
             LeanConnector(
-                self._host, self._port, wf, self._timeout, self._bindAddress, self._reactor
+                self._host,
+                self._port,
+                wf,
+                self._timeout,  # type: ignore[arg-type]
+                self._bindAddress,
+                self._reactor,
             ).connect()
             return wf._onConnection
         except BaseException:
@@ -196,7 +202,7 @@ class LeanTCPEndpoint:
 
 
 def lean_tcp_endpoint(
-    reactor: Any, host: str, port: int, timeout: float = 30, bindAddress: Any = None
+    reactor: Any, host: str, port: int, timeout: float | None = 30, bindAddress: Any = None
 ) -> LeanTCPEndpoint | None:
     """
     A L{LeanTCPEndpoint} to C{host} (an IPv4 or IPv6 literal) on

@@ -176,7 +176,7 @@ class UpstreamPool:
         """
         endpoint = self._endpoints.get(url)
         if endpoint is None:
-            endpoint = self._endpoints[url] = upstream_endpoint(factory)
+            endpoint = self._endpoints[url] = upstream_endpoint(factory, self.upstream.timeout)
         return endpoint
 
     def order(self) -> list[str]:
@@ -202,6 +202,8 @@ class UpstreamPool:
         self._failed_at.pop(url, None)
 
 
+#: Twisted's TCP connection timeout (C{TCP4ClientEndpoint}'s default), seconds.
+_CONNECT_TIMEOUT = 30.0
 #: Autobahn's C{parse_url}: secure, host, port, resource, path, query parameters.
 _ParsedURL = tuple[bool, str, int, str, str, dict[str, list[str]]]
 #: How many upstream targets a pool keeps parsed (see L{UpstreamPool.set_session}).
@@ -674,13 +676,22 @@ def _switched(
     return chosen
 
 
-def upstream_endpoint(factory: SecureClientFactory) -> IStreamClientEndpoint:
+def upstream_endpoint(
+    factory: SecureClientFactory, attempt_timeout: float | None = None
+) -> IStreamClientEndpoint:
     """
     C{factory.endpoint()} (TCP, in verified TLS for C{wss://}), with the
-    TCP of L{lean_tcp_endpoint} (the same timeout and source address as
-    the factory's: none) when the host is an IP address.
+    TCP of L{lean_tcp_endpoint} (the same source address as the factory's:
+    none) when the host is an IP address. Its connection timeout is
+    Twisted's (L{_CONNECT_TIMEOUT} seconds), but none when every attempt
+    through it has a shorter timer of its own (C{attempt_timeout}, the
+    route's C{upstream_timeout}: L{open_upstream} abandons the connection
+    first, so that timer could never fire; one timer less per handshake).
     """
-    tcp = lean_tcp_endpoint(factory.reactor, factory.host, factory.port)
+    timeout: float | None = _CONNECT_TIMEOUT
+    if attempt_timeout is not None and attempt_timeout < _CONNECT_TIMEOUT:
+        timeout = None
+    tcp = lean_tcp_endpoint(factory.reactor, factory.host, factory.port, timeout)
     if tcp is None:
         return factory.endpoint()
     if not factory.isSecure:
