@@ -9,12 +9,14 @@ loop turn, the send, another C{epoll_ctl}).
 from __future__ import annotations
 
 import struct
+from collections import deque
 from typing import Any
 
 import pytest
 import pytest_twisted
 import websockets
 import wsframes
+from autobahn.websocket.protocol import TrafficStats
 from conftest import aio
 from test_gateway_relay import Serve, gateway, read_frames, the_end, unmasked
 from twisted.internet import abstract
@@ -160,6 +162,31 @@ def test_upstream_close_sends_what_was_held_first_and_an_abort_drops_it() -> Non
     turns.end()
     turns.end()
     assert transport.value() == b""
+
+
+def test_upstream_close_frame_leaves_at_once_after_what_was_held() -> None:
+    """
+    The upstream leg's close frame is sent when it is made, after the
+    frames held before it, in one write: no frame of the leg can follow it.
+    """
+    turns = Turns()
+    protocol, transport = _upstream(turns)
+    protocol.state = protocol.STATE_OPEN
+    protocol.send_queue = deque()
+    protocol.trafficStats = TrafficStats()
+    protocol.logOctets = False
+    protocol.logFrames = False
+    protocol.closeHandshakeTimeout = 0
+    protocol.factory.isServer = False  # type: ignore[attr-defined]
+    protocol.maskClientFrames = False  # (the bytes are then known)
+    protocol.holdWrite(b"frames ")
+    protocol.sendCloseFrame(1000, b"bye")
+    assert transport.value() == b"frames \x88\x05\x03\xe8bye"
+    assert protocol.state == protocol.STATE_CLOSING
+    assert protocol._cork is None
+    turns.end()
+    turns.end()
+    assert transport.value() == b"frames \x88\x05\x03\xe8bye"
 
 
 def test_one_call_per_turn_for_all_the_legs() -> None:

@@ -22,15 +22,22 @@ from autobahn.websocket.protocol import (
     parseHttpHeader,
 )
 from autobahn.websocket.types import ConnectionResponse
+from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.util import parse_url
+from twisted.internet.address import IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.tcp import Client as TCPClient
 from twisted.python.failure import Failure
 
 from txwssec._autobahn import copy_options_at_once, drop_connection_quietly
+from txwssec._hooks import run_hook, transport_details
+from txwssec._wire import open_state
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
+from txwssec.gateway.connect import LeanClient, lean_tcp_endpoint
 from txwssec.gateway.forwarding import join_target
 from txwssec.gateway.held import send_held, turn_writes
 from txwssec.gateway.relay import FrameScanner, autobahn_control, autobahn_rest, feed_relay
@@ -163,11 +170,13 @@ class UpstreamPool:
         """
         The endpoint for C{url} (TCP, in verified TLS for C{wss://}), made
         with the first connection's C{factory} and kept: the TLS options
-        (CA file read, context made) are built once per upstream URL.
+        (CA file read, context made) are built once per upstream URL. To
+        an IP address, TCP is L{txwssec.gateway.connect}'s (fewer system
+        calls); else the factory's C{endpoint()}.
         """
         endpoint = self._endpoints.get(url)
         if endpoint is None:
-            endpoint = self._endpoints[url] = factory.endpoint()
+            endpoint = self._endpoints[url] = upstream_endpoint(factory, self.upstream.timeout)
         return endpoint
 
     def order(self) -> list[str]:
@@ -193,10 +202,41 @@ class UpstreamPool:
         self._failed_at.pop(url, None)
 
 
+#: Twisted's TCP connection timeout (C{TCP4ClientEndpoint}'s default), seconds.
+_CONNECT_TIMEOUT = 30.0
 #: Autobahn's C{parse_url}: secure, host, port, resource, path, query parameters.
 _ParsedURL = tuple[bool, str, int, str, str, dict[str, list[str]]]
 #: How many upstream targets a pool keeps parsed (see L{UpstreamPool.set_session}).
 _TARGETS = 256
+
+
+#: Where L{_LazyDetails} keeps an upstream leg's transport details.
+_DETAILS = "_upstream_transport_details"
+
+
+class _LazyDetails:
+    """
+    An upstream leg's C{_transport_details} (Autobahn's C{TransportDetails}
+    of a client connection), made from the transport when first read on a
+    connection whose C{connectionMade} left them to be made (L{None} in
+    L{_DETAILS}); else what was assigned, as a plain attribute.
+    """
+
+    def __get__(self, protocol: Any, owner: type | None = None) -> Any:
+        if protocol is None:
+            return self
+        found = protocol.__dict__
+        details = found.get(_DETAILS, self)
+        if details is None:
+            details = create_transport_details(protocol.transport, False)
+            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+            found[_DETAILS] = details
+        elif details is self:
+            details = found[_DETAILS] = TransportDetails()
+        return details
+
+    def __set__(self, protocol: Any, details: Any) -> None:
+        protocol.__dict__[_DETAILS] = details
 
 
 class UpstreamProtocol(SecureClientProtocol):
@@ -211,6 +251,7 @@ class UpstreamProtocol(SecureClientProtocol):
     maxMessagePayloadSize: int
     # Autobahn's, read by the handshake below.
     tcpNoDelay: bool
+    openHandshakeTimeout: float
     perMessageCompressionOffers: list[Any]
     version: int
     logOctets: bool
@@ -220,6 +261,9 @@ class UpstreamProtocol(SecureClientProtocol):
     _scanning: bool = False
     #: Writes held until the next turn's end (L{txwssec.gateway.held}).
     _cork: list[bytes] | None = None
+    #: sendCloseFrame is sending: sendData sends at once.
+    _closeNow: bool = False
+    _transport_details: Any = _LazyDetails()
 
     def __init__(self) -> None:
         super().__init__()
@@ -269,18 +313,53 @@ class UpstreamProtocol(SecureClientProtocol):
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
-        details = create_transport_details(transport, False)
-        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-        self._transport_details = details
-        self.peer = details.peer
+        kind = type(transport)
+        if kind is LeanClient or kind is TCPClient:
+            # Plain TCP: the peer as Autobahn's peer2str writes it; the
+            # transport details (os.getpid(), a thread id: two system calls,
+            # and nothing to note at open without TLS) when first read.
+            address = transport.getPeer()
+            family = "tcp6" if isinstance(address, IPv6Address) else "tcp4"
+            self.peer = f"{family}:{address.host}:{address.port}"
+            self.__dict__[_DETAILS] = None
+        else:
+            details = create_transport_details(transport, False)
+            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+            self._transport_details = details
+            self.peer = details.peer
         with contextlib.suppress(Exception):  # as Autobahn (a Unix socket has none)
             transport.setTcpNoDelay(self.tcpNoDelay)
         self._connectionMade()
 
+    def _opened(self) -> None:
+        # SecureClientProtocol._opened; the TLS channel binding and peer
+        # certificate are noted only on a connection with transport details
+        # (on plain TCP there are none to note).
+        if self.__dict__.get(_DETAILS) is not None:
+            transport_details(self)
+        run_hook(self, "onOpen", self.onOpen)
+        if not self.opened.called:
+            self.opened.callback(self)
+
     def _connectionMade(self) -> None:
+        # Autobahn's client _connectionMade: its options copied from the
+        # factory, then WebSocketProtocol._connectionMade's state without
+        # its fixed costs (a pformat of the 23 options for a debug line,
+        # whatever the log level; the options looked up again): the same
+        # state (tests/test_gateway_connect.py compares it with Autobahn's).
         copy_options_at_once(self, WebSocketClientProtocol.CONFIG_ATTRS)
-        WebSocketProtocol._connectionMade(self)
-        if self.factory.proxy is not None:
+        factory = self.factory
+        state = open_state()
+        state["serverConnectionDropTimeoutCall"] = None
+        if factory.proxy is not None:
+            state["state"] = WebSocketProtocol.STATE_PROXY_CONNECTING
+        state["utf8validator"] = Utf8Validator()  # Autobahn's, as before
+        self.__dict__.update(state)
+        if self.openHandshakeTimeout > 0:
+            self.openHandshakeTimeoutCall = factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout
+            )
+        if factory.proxy is not None:
             self.startProxyConnect()
         else:
             self.startHandshake()
@@ -315,8 +394,16 @@ class UpstreamProtocol(SecureClientProtocol):
         lines.append(
             f"Sec-WebSocket-Version: {WebSocketProtocol.SPEC_TO_PROTOCOL_VERSION[self.version]}"
         )
-        self.http_request_data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf8")
-        self.sendData(self.http_request_data)
+        self.http_request_data = data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf8")
+        # Sent now, not held for a turn as the leg's other writes are
+        # (L{holdWrite}): nothing else is written on this leg before the
+        # upstream's 101 to join it, and holding it cost two timer calls
+        # and a reactor turn per handshake. What sendData counts, counted.
+        self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+        if self.logOctets:
+            self.logTxOctets(data, False)
+        self.releaseWrites()  # (nothing is held before the request)
+        send_held(self.transport, [data])
 
     def _onConnect(self, response: ConnectionResponse) -> None:
         self.onConnect(response)
@@ -398,7 +485,13 @@ class UpstreamProtocol(SecureClientProtocol):
             self.releaseWrites()
             super().sendData(data, sync, chopsize)
             return
-        self.holdWrite(data)
+        if self._closeNow:
+            # A close frame: sent now, after what was held (see sendCloseFrame).
+            cork, self._cork = self._cork or [], None
+            cork.append(data)
+            send_held(self.transport, cork)
+        else:
+            self.holdWrite(data)
         state = self.state
         if state == self.STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
@@ -406,6 +499,21 @@ class UpstreamProtocol(SecureClientProtocol):
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
         if self.logOctets:
             self.logTxOctets(data, False)
+
+    def sendCloseFrame(
+        self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False
+    ) -> None:
+        """
+        Autobahn's C{sendCloseFrame}; the close frame (and what the leg
+        held before it) is sent now, not at the end of the next turn: no
+        frame of this leg can follow it to join the same C{send}, and
+        holding it cost two timer calls and a reactor turn per session.
+        """
+        self._closeNow = True
+        try:
+            super().sendCloseFrame(code, reasonUtf8, isReply)
+        finally:
+            self._closeNow = False
 
     def attach(self, downstream: ClientLeg) -> None:
         """Relay to C{downstream} (called before the client's 101)."""
@@ -566,6 +674,29 @@ def _switched(
     if counts["sec-websocket-protocol"] > 1 or (chosen and chosen not in offered):
         return None
     return chosen
+
+
+def upstream_endpoint(
+    factory: SecureClientFactory, attempt_timeout: float | None = None
+) -> IStreamClientEndpoint:
+    """
+    C{factory.endpoint()} (TCP, in verified TLS for C{wss://}), with the
+    TCP of L{lean_tcp_endpoint} (the same source address as the factory's:
+    none) when the host is an IP address. Its connection timeout is
+    Twisted's (L{_CONNECT_TIMEOUT} seconds), but none when every attempt
+    through it has a shorter timer of its own (C{attempt_timeout}, the
+    route's C{upstream_timeout}: L{open_upstream} abandons the connection
+    first, so that timer could never fire; one timer less per handshake).
+    """
+    timeout: float | None = _CONNECT_TIMEOUT
+    if attempt_timeout is not None and attempt_timeout < _CONNECT_TIMEOUT:
+        timeout = None
+    tcp = lean_tcp_endpoint(factory.reactor, factory.host, factory.port, timeout)
+    if tcp is None:
+        return factory.endpoint()
+    if not factory.isSecure:
+        return tcp
+    return wrapClientTLS(factory.tls_options(), tcp)
 
 
 def open_upstream(
