@@ -612,3 +612,27 @@ def test_no_connector_timer_under_a_shorter_attempt_timer() -> None:
             filler.close()
         listener.close()
         reactor.waker.connectionLost(None)
+
+
+def test_held_writes_go_straight_to_the_lean_clients_socket(reactor: Any) -> None:
+    """
+    The gateway's held writes (write_at_once) reach a LeanClient's socket
+    in the call, as on Twisted's own TCP transports: its class is
+    registered as writing as plain TCP.
+    """
+    from txwssec._wire import write_at_once
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Greeter), interface="127.0.0.1")
+    endpoint = LeanTCPEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    protocol = outcome(reactor, endpoint.connect(Factory.forProtocol(Recorder)))
+    transport = protocol.transport
+    assert type(transport) is LeanClient
+    sequences: list[list[bytes]] = []
+    transport.writeSequence = sequences.append
+    write_at_once(transport, [b"pi", b"ng"])
+    assert sequences == []
+    iterate_until(reactor, lambda: protocol.received == b"helloping")
+    del transport.writeSequence
+    transport.write(b"bye")
+    iterate_until(reactor, lambda: protocol.lost is not None)
+    port.stopListening()

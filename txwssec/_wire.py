@@ -27,7 +27,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from errno import ENOBUFS, EWOULDBLOCK
-from typing import Any
+from typing import Any, TypeVar
 
 from autobahn.twisted.util import create_transport_details
 from autobahn.wamp.types import TransportDetails
@@ -218,6 +218,25 @@ def send_now(sock: Any, chunks: list[bytes]) -> list[bytes]:
     return []
 
 
+_Kind = TypeVar("_Kind", bound=type)
+
+#: The transport classes whose socket L{write_at_once} may write to itself:
+#: Twisted's plain TCP ones, known by their exact type (a subclass may
+#: change how it writes), and those added by L{writes_as_plain_tcp}.
+_PLAIN_TCP_WRITERS: set[type] = {TCPServer, TCPClient}
+
+
+def writes_as_plain_tcp(kind: _Kind) -> _Kind:
+    """
+    Class decorator: L{write_at_once} may write straight to the socket of
+    a C{kind} transport, a subclass of Twisted's C{tcp.Connection} that
+    keeps its buffers and states and their meaning (the gateway's lean
+    upstream client). Returns C{kind}.
+    """
+    _PLAIN_TCP_WRITERS.add(kind)
+    return kind
+
+
 def write_at_once(transport: Any, chunks: list[bytes]) -> None:
     """
     Write C{chunks} on C{transport}: straight to a plain TCP socket whose
@@ -225,9 +244,8 @@ def write_at_once(transport: Any, chunks: list[bytes]) -> None:
     C{sendmsg}), and what the socket does not take, or anything for another
     transport (TLS), through the transport's C{writeSequence}.
     """
-    kind = type(transport)
     if (
-        (kind is TCPServer or kind is TCPClient)
+        type(transport) in _PLAIN_TCP_WRITERS
         and not transport.dataBuffer
         and not transport._tempDataLen
         and transport.connected

@@ -44,6 +44,8 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txwssec._wire import writes_as_plain_tcp
+
 #: Linux's flag making a socket non-blocking from its creation (0 elsewhere:
 #: then C{setblocking(False)} as Twisted does).
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
@@ -51,6 +53,7 @@ _SO_ERROR = socket.SO_ERROR
 _SOL_SOCKET = socket.SOL_SOCKET
 
 
+@writes_as_plain_tcp
 class LeanClient(tcp.Client):
     """
     Twisted's TCP client transport with fewer system calls (see the

@@ -28,8 +28,7 @@ from typing import Any, Protocol
 from twisted.internet.interfaces import IReactorTime
 
 from txwssec._wire import lose_connection as lose_connection  # (re-exported)
-from txwssec._wire import send_now, write_at_once
-from txwssec.gateway.connect import LeanClient
+from txwssec._wire import write_at_once
 
 
 class HoldsWrites(Protocol):
@@ -90,23 +89,7 @@ def turn_writes(clock: IReactorTime) -> TurnWrites:
     return entry[1]
 
 
-def send_held(transport: Any, chunks: list[bytes]) -> None:
-    """
-    Write held chunks: straight to an idle plain TCP socket, else through
-    the transport's C{writeSequence} (L{txwssec._wire.write_at_once}, which
-    knows Twisted's TCP transports by their exact type; the upstream leg's
-    L{LeanClient} is checked here the same way).
-    """
-    if (
-        type(transport) is LeanClient
-        and not transport.dataBuffer
-        and not transport._tempDataLen
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-    ):
-        chunks = send_now(transport.socket, chunks)
-        if chunks:
-            transport.writeSequence(chunks)
-        return
-    write_at_once(transport, chunks)
+#: Write held chunks: straight to an idle plain TCP socket (the upstream
+#: leg's L{txwssec.gateway.connect.LeanClient} too), else through the
+#: transport's C{writeSequence} (L{txwssec._wire.write_at_once}).
+send_held = write_at_once
