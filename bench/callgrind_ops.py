@@ -21,7 +21,8 @@ it), ``gwecho`` (64 B text echoes on one connection, 4 in flight);
 ``wssr`` (the same, each offering the TLS session of the one before: all
 resumed but the first warm-up), ``wss12`` and ``wssr12`` (the same with a
 TLS 1.2 client; the listener then takes ``min_version = "1.2"``),
-``wssbulk`` (64 KiB binary echoes over TLS 1.3).
+``wssbulk`` (64 KiB binary echoes over TLS 1.3), ``wssecho`` (64 B text
+echoes over TLS 1.3 on one connection, 4 in flight, like ``gwecho``).
 The wss handshakes are bench/loadgen.py's resuming client's, with a
 blocking socket: TLS handshake, upgrade request, 101, a masked close 1000,
 the server's close frame, TCP close (no close_notify from the client).
@@ -79,8 +80,11 @@ async def echoes(url: str, headers: dict[str, str], count: int, text: bool) -> N
             await ws.recv()
 
 
-async def small_echoes(url: str, headers: dict[str, str], count: int) -> None:
-    async with websockets.connect(url, additional_headers=headers, compression=None) as ws:
+async def small_echoes(
+    url: str, headers: dict[str, str], count: int, context: ssl.SSLContext | None = None
+) -> None:
+    tls: dict[str, Any] = {} if context is None else {"ssl": context, "origin": ORIGIN}
+    async with websockets.connect(url, additional_headers=headers, compression=None, **tls) as ws:
         for _ in range(count // 4):
             for _ in range(4):
                 await ws.send("x" * 64)
@@ -210,6 +214,8 @@ def main() -> int:
         def run(n: int) -> None:
             if scenario == "gwecho":
                 asyncio.run(small_echoes(url, headers, n))
+            elif scenario == "wssecho":
+                asyncio.run(small_echoes(url, headers, n, context))
             elif scenario == "wssbulk":
                 wss_echoes(url, headers, n, context)
             elif wss:
@@ -241,7 +247,8 @@ def main() -> int:
                 total = int(line.split()[1])
         if len(sys.argv) > 4:
             shutil.copy(dump, sys.argv[4])
-    resumed = f" ({state['reused']} of {count} resumed)" if wss and scenario != "wssbulk" else ""
+    handshakes = wss and scenario not in ("wssbulk", "wssecho")
+    resumed = f" ({state['reused']} of {count} resumed)" if handshakes else ""
     print(f"{tree} {scenario} {count}: {total} Ir, {total / count:.0f} Ir/op{resumed}")
     return 0
 
