@@ -17,18 +17,101 @@ handshake and 17% per 64 KiB echo over TLS, but 64 B echoes over TLS cost
 about 20% more server CPU side by side (more, smaller sends), and most of
 the handshake's gain came from the declarations alone (bench/RESULTS.md,
 "Round 3: the TLS transport reduced"). Only that part is kept.
+
+Round 4 (bench/RESULTS.md, "Round 4: wss handshake"): the calls into
+OpenSSL on the paths every connection takes (the handshake steps, the
+receive loop, the send BIO, the application's records) go to the cffi
+binding pyOpenSSL itself calls, the way pyOpenSSL's methods do, but
+without raising and catching a C{WantReadError} each time OpenSSL waits
+for the peer (two per handshake, one per read, one per flush of an empty
+send BIO) and without the wrapper's checks: every other outcome
+(callback problems kept by pyOpenSSL, C{ZeroReturnError}, C{SysCallError},
+C{Error}) goes through pyOpenSSL's own C{_raise_ssl_error} and is handled
+as Twisted handles it. The send BIO is read only when it holds bytes, all
+of them at once (Twisted reads at most 32 KiB per flush: the same bytes
+in the same order to the TCP transport, which sends them on its next
+turn, as before). The same writes reach the TCP transport at the same
+moments: what is sent, and when, is Twisted's.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IHandshakeListener, IListeningPort
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
+
+#: Twisted's sizes: a read of OpenSSL's plaintext, a record's payload.
+_RECV = 2**15
+_RECORD = 2**14
+
+
+def _binding() -> tuple[Any, Any, Any] | None:
+    """
+    The cffi binding pyOpenSSL calls (cryptography's: its C{ffi}, C{lib},
+    and an allocator that does not zero, as pyOpenSSL's), when this
+    pyOpenSSL has the internals the direct calls mirror; else L{None}, and
+    the transport calls pyOpenSSL's methods, as Twisted's does.
+    """
+    try:
+        from OpenSSL._util import ffi, lib
+
+        connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        context = connection._context
+        for helper in (context._verify_helper, context._alpn_select_helper, context._ocsp_helper):
+            assert helper is None
+        assert SSL._CallbackExceptionHelper()._problems == []
+        for bio in (connection._into_ssl, connection._from_ssl):
+            assert lib.BIO_get_mem_data(bio, ffi.NULL) == 0
+        assert callable(connection._raise_ssl_error) and callable(connection._handle_bio_errors)
+        for name in ("SSL_do_handshake", "SSL_read", "SSL_write", "BIO_write", "BIO_read"):
+            assert callable(getattr(lib, name))
+        assert lib.SSL_get_error(connection._ssl, 1) == lib.SSL_ERROR_NONE
+        return ffi, lib, ffi.new_allocator(should_clear_after_alloc=False)
+    except Exception:  # pragma: no cover - another pyOpenSSL
+        return None
+
+
+_direct = _binding()
+_ffi: Any
+_lib: Any
+_alloc: Any
+_ffi, _lib, _alloc = _direct if _direct is not None else (None, None, None)
+_WANT_READ: Any = _lib.SSL_ERROR_WANT_READ if _lib is not None else None
+
+
+def _wants_read(connection: Any, ssl: Any, result: int) -> bool:
+    """
+    pyOpenSSL's C{Connection._raise_ssl_error(ssl, result)} (which its
+    methods call after every OpenSSL call) without its C{WantReadError}:
+    L{True} where it would raise that, L{False} where it returns. A problem
+    kept by one of the context's callback helpers, and every other error,
+    is raised by pyOpenSSL's own method.
+    """
+    context = connection._context
+    helper = context._verify_helper
+    if not (helper is not None and helper._problems):
+        helper = context._alpn_select_helper
+        if not (helper is not None and helper._problems):
+            helper = context._ocsp_helper
+            if not (helper is not None and helper._problems):
+                if result > 0:
+                    return False  # SSL_get_error: SSL_ERROR_NONE
+                if _lib.SSL_get_error(ssl, result) == _WANT_READ:
+                    return True
+    try:
+        connection._raise_ssl_error(ssl, result)
+    except WantReadError:
+        return True
+    return False
+
 
 #: The interface declaration Twisted's C{makeConnection} leaves on a TLS
 #: protocol, per (protocol class, transport class).
@@ -65,6 +148,113 @@ class ServerTLSProtocol(BufferingTLSTransport):
         if self._connectWrapped:
             ProtocolWrapper.makeConnection(self, transport)
         self._checkHandshakeStatus()
+
+    def _checkHandshakeStatus(self) -> None:
+        """Twisted's: a handshake step, its output to the transport."""
+        if _lib is None:  # pragma: no cover - another pyOpenSSL
+            TLSMemoryBIOProtocol._checkHandshakeStatus(self)
+            return
+        if self._aborted:
+            return
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        try:
+            waiting = _wants_read(connection, ssl, _lib.SSL_do_handshake(ssl))
+        except Error:
+            self._tlsShutdownFinished(Failure())
+            return
+        if waiting:
+            self._flushSendBIO()
+            return
+        self._handshakeDone = True
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+
+    def _flushSendBIO(self) -> None:
+        """
+        Twisted's: what OpenSSL wrote, to the transport; nothing asked of an
+        empty send BIO, and all it holds at once.
+        """
+        if _lib is None:  # pragma: no cover - another pyOpenSSL
+            TLSMemoryBIOProtocol._flushSendBIO(self)
+            return
+        bio = self._tlsConnection._from_ssl
+        size = _lib.BIO_get_mem_data(bio, _ffi.NULL)
+        if size > 0:
+            buffer = _alloc("char[]", size)
+            size = _lib.BIO_read(bio, buffer, size)
+            if size > 0:
+                transport: Any = self.transport
+                transport.write(_ffi.buffer(buffer, size)[:])
+
+    def _flushReceiveBIO(self) -> None:
+        """Twisted's: the plaintext OpenSSL has, to the application."""
+        if _lib is None:  # pragma: no cover - another pyOpenSSL
+            TLSMemoryBIOProtocol._flushReceiveBIO(self)
+            return
+        while not self._lostTLSConnection:
+            connection = self._tlsConnection
+            ssl = connection._ssl
+            buffer = _alloc("char[]", _RECV)
+            result = _lib.SSL_read(ssl, buffer, _RECV)
+            try:
+                if _wants_read(connection, ssl, result):
+                    break
+            except ZeroReturnError:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, _ffi.buffer(buffer, result)[:])
+        self._flushSendBIO()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Twisted's: the bytes to OpenSSL, then the handshake or the plaintext."""
+        connection = self._tlsConnection
+        if _lib is None or type(data) is not bytes:
+            connection.bio_write(data)
+        else:
+            bio = connection._into_ssl
+            result = _lib.BIO_write(bio, data, len(data))
+            if result <= 0:
+                connection._handle_bio_errors(bio, result)
+        if not self._handshakeDone:
+            self._checkHandshakeStatus()
+            if not self._handshakeDone:
+                return
+        if self._appSendBuffer:
+            self._unbufferPendingWrites()
+        self._flushReceiveBIO()
+
+    def _write(self, data: Any) -> None:
+        """
+        Twisted's: the application's bytes to OpenSSL, one record of 16 KiB
+        at most per call, each record to the transport; held while OpenSSL
+        waits for the peer.
+        """
+        if _lib is None or type(data) is not bytes:
+            TLSMemoryBIOProtocol._write(self, data)
+            return
+        if self._lostTLSConnection:
+            return
+        sent = 0
+        while sent < len(data):
+            piece = data[sent : sent + _RECORD]
+            connection = self._tlsConnection
+            ssl = connection._ssl
+            result = _lib.SSL_write(ssl, piece, len(piece))
+            try:
+                waiting = _wants_read(connection, ssl, result)
+            except Error:
+                self._tlsShutdownFinished(Failure())
+                break
+            if waiting:
+                self._bufferedWrite(data[sent:])
+                break
+            sent += result
+            self._flushSendBIO()
 
 
 class ServerTLSFactory(TLSMemoryBIOFactory):
