@@ -277,3 +277,42 @@ async def test_hot_paths_skip_pyopenssl_methods(
     )
     assert result == (b"echo:onetwothree", "client closed")
     assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        (_server_closes, (b"bye", "close_notify read")),
+        (_echo_then("TCP close"), (b"echo:hello", "TCP close")),
+    ],
+    ids=["server closes", "first answer"],
+)
+@pytest_twisted.ensureDeferred
+async def test_handshake_answer_and_close_sent_at_once(
+    folder: Path,
+    listen: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    script: Script,
+    expected: tuple[bytes, str],
+) -> None:
+    """
+    The server's flight, the session tickets with the first answer, and the
+    close (the last writes and the close_notify) go straight to the idle
+    socket: the TCP transport never waits for the socket to be writable
+    (Twisted's: once for each).
+    """
+    from twisted.internet import abstract
+
+    waited: list[str] = []  # the TLS protocol class of each TCP transport that waits
+    original = abstract.FileDescriptor.startWriting
+
+    def counted(self: Any) -> None:
+        waited.append(type(getattr(self, "protocol", None)).__name__)
+        original(self)
+
+    monkeypatch.setattr(abstract.FileDescriptor, "startWriting", counted)
+    theirs, ours = await both(folder, listen, script)
+    assert ours == theirs
+    assert ours[0] == expected
+    assert waited.count("BufferingTLSTransport") >= 2  # Twisted's
+    assert "ServerTLSProtocol" not in waited

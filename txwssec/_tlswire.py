@@ -30,12 +30,24 @@ C{Error}) goes through pyOpenSSL's own C{_raise_ssl_error} and is handled
 as Twisted handles it. The send BIO is read only when it holds bytes, all
 of them at once (Twisted reads at most 32 KiB per flush: the same bytes
 in the same order to the TCP transport, which sends them on its next
-turn, as before). The same writes reach the TCP transport at the same
-moments: what is sent, and when, is Twisted's.
+turn, as before).
+
+Sent at once (round 4): what happens once per connection goes straight to
+the socket when the TCP transport holds nothing (L{write_at_once}),
+instead of waiting for the transport's next turn (an C{epoll_ctl} to ask
+for writability, a poll, the send, another C{epoll_ctl}): the server's
+handshake flight, the session tickets and the application's first write
+(its answer to the upgrade request: Twisted's aggregation still holds it
+for one turn, and a write followed by an abort is still dropped), and
+L{loseConnection}'s last records with the close_notify, in one send.
+Every later write is Twisted's, aggregated and sent on the transport's
+next turn: sending the echoes of an open connection at once was round
+3's mistake (more, smaller sends under load).
 """
 
 from __future__ import annotations
 
+from types import MethodType
 from typing import Any
 
 from OpenSSL import SSL
@@ -47,6 +59,8 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
+
+from txwssec._wire import write_at_once
 
 #: Twisted's sizes: a read of OpenSSL's plaintext, a record's payload.
 _RECV = 2**15
@@ -125,6 +139,53 @@ class ServerTLSProtocol(BufferingTLSTransport):
     TLS listener (L{ServerTLSFactory}).
     """
 
+    #: Until the application's first write has been encrypted: what
+    #: OpenSSL writes goes to the socket at once when the TCP transport
+    #: holds nothing (the handshake's flights, the session tickets, the
+    #: first answer), instead of on the TCP transport's next turn.
+    _atOnce = True
+
+    def __init__(self, factory: Any, wrappedProtocol: Any, _connectWrapped: bool = True) -> None:
+        BufferingTLSTransport.__init__(self, factory, wrappedProtocol, _connectWrapped)
+        aggregator: Any = self._aggregator
+        aggregator._write = self._writeFirst
+
+    def _writeFirst(self, data: bytes) -> None:
+        """
+        Twisted's write of the aggregated writes (a reactor turn after them,
+        as Twisted's), the first time: its records, one at most (a larger
+        first write goes as Twisted's), go to the socket at once; the next
+        writes are Twisted's.
+        """
+        aggregator: Any = self._aggregator
+        aggregator._write = MethodType(TLSMemoryBIOProtocol.write, self)  # Twisted's
+        if len(data) > _RECORD:
+            self._atOnce = False
+        TLSMemoryBIOProtocol.write(self, data)
+        self._atOnce = False
+
+    #: What OpenSSL writes while L{loseConnection} runs.
+    _held: list[bytes] | None = None
+
+    def loseConnection(self) -> None:
+        """
+        Twisted's; what it has OpenSSL write (the aggregated writes, the
+        close_notify) goes to the socket at once, in one send, when the TCP
+        transport holds nothing (Twisted: on the transport's next turn).
+        Nothing after an abort (Twisted's transport drops it).
+        """
+        if self._held is not None:  # re-entered: the outer call sends
+            BufferingTLSTransport.loseConnection(self)
+            return
+        held: list[bytes] = []
+        self._held = held
+        try:
+            BufferingTLSTransport.loseConnection(self)
+        finally:
+            self._held = None
+        if held and not self._aborted:
+            write_at_once(self.transport, held)
+
     def makeConnection(self, transport: Any) -> None:
         """
         Twisted's C{makeConnection}, with the transport's interfaces
@@ -184,8 +245,15 @@ class ServerTLSProtocol(BufferingTLSTransport):
             buffer = _alloc("char[]", size)
             size = _lib.BIO_read(bio, buffer, size)
             if size > 0:
-                transport: Any = self.transport
-                transport.write(_ffi.buffer(buffer, size)[:])
+                data = _ffi.buffer(buffer, size)[:]
+                held = self._held
+                if held is not None:
+                    held.append(data)
+                elif self._atOnce and not self._aborted:
+                    write_at_once(self.transport, [data])
+                else:
+                    transport: Any = self.transport
+                    transport.write(data)
 
     def _flushReceiveBIO(self) -> None:
         """Twisted's: the plaintext OpenSSL has, to the application."""
