@@ -316,3 +316,48 @@ async def test_handshake_answer_and_close_sent_at_once(
     assert ours[0] == expected
     assert waited.count("BufferingTLSTransport") >= 2  # Twisted's
     assert "ServerTLSProtocol" not in waited
+
+
+def _finished_with_request(port: int, folder: Path) -> tuple[bytes, str]:
+    """As a browser: the client's Finished and its first record in one send."""
+    wire = Wire(port, folder)
+    try:
+        while True:
+            try:
+                wire.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                wire.raw.sendall(wire.outgoing.read())
+                wire.incoming.write(wire.raw.recv(65536))
+        wire.raw.sendall(wire.records(b"echo\nhello"))  # after the Finished
+        answer = b""
+        while len(answer) < len(b"echo:hello"):
+            wire.incoming.write(wire.raw.recv(65536))
+            answer += wire._plain()
+        return answer, "TCP close"
+    finally:
+        wire.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tickets_and_first_answer_in_one_send(
+    folder: Path, listen: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The Finished and the request in one read: the session tickets and the
+    answer leave in one send, in that read (no reactor turn for Twisted's
+    aggregation), after the flight's; what the client and the application
+    see is Twisted's.
+    """
+    sends: list[int] = []
+    original = _tlswire.write_at_once
+
+    def counted(transport: Any, chunks: list[bytes]) -> None:
+        sends.append(len(chunks))
+        original(transport, chunks)
+
+    monkeypatch.setattr(_tlswire, "write_at_once", counted)
+    theirs, ours = await both(folder, listen, _finished_with_request)
+    assert ours == theirs
+    assert ours[0] == (b"echo:hello", "TCP close")
+    assert sends == [1, 1]  # the flight; the tickets with the answer

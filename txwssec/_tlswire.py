@@ -180,6 +180,7 @@ class ServerTLSProtocol(BufferingTLSTransport):
         held: list[bytes] = []
         self._held = held
         try:
+            self._writeNow()  # Twisted's flush, without a turn left scheduled
             BufferingTLSTransport.loseConnection(self)
         finally:
             self._held = None
@@ -208,7 +209,11 @@ class ServerTLSProtocol(BufferingTLSTransport):
         self.factory.registerProtocol(self)
         if self._connectWrapped:
             ProtocolWrapper.makeConnection(self, transport)
-        self._checkHandshakeStatus()
+        if _lib is None:  # pragma: no cover - another pyOpenSSL
+            self._checkHandshakeStatus()
+        # Twisted asks OpenSSL for a first handshake step here: a server
+        # with no ClientHello yet writes nothing and wants to read, and
+        # the first bytes received take that step (dataReceived).
 
     def _checkHandshakeStatus(self) -> None:
         """Twisted's: a handshake step, its output to the transport."""
@@ -276,7 +281,25 @@ class ServerTLSProtocol(BufferingTLSTransport):
             else:
                 if not self._aborted:
                     ProtocolWrapper.dataReceived(self, _ffi.buffer(buffer, result)[:])
+        if self._atOnce:
+            self._writeNow()
         self._flushSendBIO()
+
+    def _writeNow(self) -> None:
+        """
+        What the aggregator holds, written now instead of on the next
+        reactor turn (its C{callLater(0)} cancelled): the application's
+        first write, made while this read was handled (its answer to the
+        upgrade request), leaves with the session tickets. A write followed
+        by an abort or a lost TLS connection is dropped, as Twisted's
+        aggregated write then is.
+        """
+        aggregator: Any = self._aggregator
+        scheduled = getattr(aggregator, "_scheduled", None)
+        if scheduled is not None:
+            scheduled.cancel()
+            aggregator._scheduled = None
+            aggregator.flush()
 
     def dataReceived(self, data: bytes) -> None:
         """Twisted's: the bytes to OpenSSL, then the handshake or the plaintext."""
