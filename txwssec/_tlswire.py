@@ -79,18 +79,27 @@ def _binding() -> tuple[Any, Any, Any] | None:
 
         connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
         context = connection._context
-        for helper in (context._verify_helper, context._alpn_select_helper, context._ocsp_helper):
-            assert helper is None
-        assert SSL._CallbackExceptionHelper()._problems == []
-        for bio in (connection._into_ssl, connection._from_ssl):
-            assert lib.BIO_get_mem_data(bio, ffi.NULL) == 0
-        assert callable(connection._raise_ssl_error) and callable(connection._handle_bio_errors)
-        for name in ("SSL_do_handshake", "SSL_read", "SSL_write", "BIO_write", "BIO_read"):
-            assert callable(getattr(lib, name))
-        assert lib.SSL_get_error(connection._ssl, 1) == lib.SSL_ERROR_NONE
-        return ffi, lib, ffi.new_allocator(should_clear_after_alloc=False)
+        helpers = (context._verify_helper, context._alpn_select_helper, context._ocsp_helper)
+        usable = (
+            helpers == (None, None, None)
+            and SSL._CallbackExceptionHelper()._problems == []
+            and callable(connection._raise_ssl_error)
+            and callable(connection._handle_bio_errors)
+            and all(
+                lib.BIO_get_mem_data(bio, ffi.NULL) == 0
+                for bio in (connection._into_ssl, connection._from_ssl)
+            )
+            and all(
+                callable(getattr(lib, name))
+                for name in ("SSL_do_handshake", "SSL_read", "SSL_write", "BIO_write", "BIO_read")
+            )
+            and lib.SSL_get_error(connection._ssl, 1) == lib.SSL_ERROR_NONE
+        )
     except Exception:  # pragma: no cover - another pyOpenSSL
         return None
+    if not usable:  # pragma: no cover - another pyOpenSSL
+        return None
+    return ffi, lib, ffi.new_allocator(should_clear_after_alloc=False)
 
 
 _direct = _binding()
@@ -135,8 +144,10 @@ _provides: dict[tuple[type, type], Any] = {}
 class ServerTLSProtocol(BufferingTLSTransport):
     """
     Twisted's buffering memory-BIO TLS transport, whose C{makeConnection}
-    declares the transport's interfaces from a cache; used by every txwssec
-    TLS listener (L{ServerTLSFactory}).
+    declares the transport's interfaces from a cache, which calls OpenSSL
+    directly on its hot paths and sends what happens once per connection
+    at once (this module's docstring); used by every txwssec TLS listener
+    (L{ServerTLSFactory}).
     """
 
     #: Until the application's first write has been encrypted: what
