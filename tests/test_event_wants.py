@@ -81,3 +81,34 @@ async def test_session_closed_not_built_for_the_default_observers(
     assert emitted == ["handshake.accepted", "session.opened"]
     assert built == []
     assert factory.counters["session.opened"] == 1
+
+
+def test_an_observer_subclass_with_its_own_call_wants_every_event() -> None:
+    """
+    A subclass of the counters or of the text log that observes events in
+    its own __call__ may want session.closed: it does not inherit the
+    base's ignores (unless it sets its own), and its subclasses keep that.
+    """
+
+    class Counting(CounterObserver):
+        def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
+            super().__call__(event, fields)
+
+    class Writing(TextLogObserver):
+        def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
+            super().__call__(event, fields)
+
+    class StillWriting(Writing):
+        pass
+
+    class Quiet(Writing):
+        ignores = frozenset({events.SESSION_CLOSED})
+
+    class Plain(CounterObserver):
+        pass
+
+    for kind in (Counting, Writing, StillWriting):
+        observer = kind(Counter()) if issubclass(kind, CounterObserver) else kind()
+        assert Events([observer]).wants(events.SESSION_CLOSED), kind
+    assert not Events([Quiet()]).wants(events.SESSION_CLOSED)
+    assert not Events([Plain(Counter())]).wants(events.SESSION_CLOSED)

@@ -34,6 +34,20 @@ _COUNTED = frozenset(
 )
 
 
+def subclass_ignores(cls: type) -> frozenset[str]:
+    """
+    The C{ignores} (L{txwssec.events.Events.wants}) of a subclass of an
+    observer: its own, when its class sets one; none, when it has its own
+    C{__call__} (it may observe what its base ignores); else its base's.
+    """
+    own = vars(cls)
+    if "ignores" in own:
+        return frozenset(own["ignores"])
+    if "__call__" in own:
+        return frozenset()
+    return frozenset(getattr(cls, "ignores", ()))
+
+
 class CounterObserver:
     """
     Counts events by name in C{counters}: C{handshake.refused.<status>},
@@ -47,6 +61,10 @@ class CounterObserver:
 
     #: Events it counts nothing for (see L{txwssec.events.Events.wants}).
     ignores: frozenset[str] = frozenset({events.SESSION_CLOSED})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.ignores = subclass_ignores(cls)
 
     def __init__(self, counters: Counter[str]) -> None:
         self.counters = counters
@@ -248,9 +266,7 @@ class TextLogObserver:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.ignores = frozenset(
-            event for event in TextLogObserver.ignores if event not in cls.lines
-        )
+        cls.ignores = frozenset(event for event in subclass_ignores(cls) if event not in cls.lines)
 
     def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
         line = self.lines.get(event)
