@@ -526,26 +526,35 @@ class LazyTransportDetails:
     """
     A protocol's C{_transport_details} (Autobahn's C{TransportDetails}),
     made from the transport when first read on a connection whose
-    C{connectionMade} left it to be made (L{None} in L{_DETAILS}); else
-    what was assigned, as a plain attribute.
+    C{connectionMade} left it to be made (L{None} in the protocol's
+    C{__dict__} under C{slot}); else what was assigned, as a plain
+    attribute. C{is_server}: the side the details describe (the gateway's
+    upstream leg is a client).
     """
+
+    __slots__ = ("_is_server", "_slot")
+
+    def __init__(self, is_server: bool = True, slot: str = _DETAILS) -> None:
+        self._is_server = is_server
+        self._slot = slot
 
     def __get__(self, protocol: Any, owner: type | None = None) -> Any:
         if protocol is None:
             return self
         found = protocol.__dict__
-        details = found.get(_DETAILS, self)
+        slot = self._slot
+        details = found.get(slot, self)
         if details is None:
-            details = create_transport_details(protocol.transport, True)
+            details = create_transport_details(protocol.transport, self._is_server)
             details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-            found[_DETAILS] = details
+            found[slot] = details
         elif details is self:
             # Before the connection (Autobahn's __init__ would have set it).
-            details = found[_DETAILS] = TransportDetails()
+            details = found[slot] = TransportDetails()
         return details
 
     def __set__(self, protocol: Any, details: Any) -> None:
-        protocol.__dict__[_DETAILS] = details
+        protocol.__dict__[self._slot] = details
 
 
 class FrameReader:

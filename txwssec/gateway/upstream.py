@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from txwssec._autobahn import copy_options_at_once, drop_connection_quietly
 from txwssec._hooks import run_hook, transport_details
-from txwssec._wire import open_state
+from txwssec._wire import LazyTransportDetails, open_state
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
 from txwssec.gateway.connect import LeanClient, lean_tcp_endpoint
@@ -210,33 +210,8 @@ _ParsedURL = tuple[bool, str, int, str, str, dict[str, list[str]]]
 _TARGETS = 256
 
 
-#: Where L{_LazyDetails} keeps an upstream leg's transport details.
+#: Where an upstream leg keeps its transport details (L{LazyTransportDetails}).
 _DETAILS = "_upstream_transport_details"
-
-
-class _LazyDetails:
-    """
-    An upstream leg's C{_transport_details} (Autobahn's C{TransportDetails}
-    of a client connection), made from the transport when first read on a
-    connection whose C{connectionMade} left them to be made (L{None} in
-    L{_DETAILS}); else what was assigned, as a plain attribute.
-    """
-
-    def __get__(self, protocol: Any, owner: type | None = None) -> Any:
-        if protocol is None:
-            return self
-        found = protocol.__dict__
-        details = found.get(_DETAILS, self)
-        if details is None:
-            details = create_transport_details(protocol.transport, False)
-            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-            found[_DETAILS] = details
-        elif details is self:
-            details = found[_DETAILS] = TransportDetails()
-        return details
-
-    def __set__(self, protocol: Any, details: Any) -> None:
-        protocol.__dict__[_DETAILS] = details
 
 
 class UpstreamProtocol(SecureClientProtocol):
@@ -263,7 +238,7 @@ class UpstreamProtocol(SecureClientProtocol):
     _cork: list[bytes] | None = None
     #: sendCloseFrame is sending: sendData sends at once.
     _closeNow: bool = False
-    _transport_details: Any = _LazyDetails()
+    _transport_details: Any = LazyTransportDetails(is_server=False, slot=_DETAILS)
 
     def __init__(self) -> None:
         super().__init__()
