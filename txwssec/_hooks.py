@@ -26,6 +26,7 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 
+from txwssec._wire import details_pending
 from txwssec.errors import CloseCode
 
 
@@ -62,7 +63,11 @@ def transport_details(protocol: Any) -> None:
     What Autobahn's Twisted C{_onOpen} does before it calls C{onOpen}: note
     the TLS channel binding and the peer certificate (complete only once
     the TLS handshake is), so that txwssec can call C{onOpen} itself.
+    Nothing while the details are still to be made (plain TCP, see
+    L{txwssec._wire.details_later}): there is nothing of TLS to note.
     """
+    if details_pending(protocol):
+        return
     details = protocol._transport_details
     if details.is_secure:
         details.channel_id = {

@@ -514,10 +514,28 @@ def open_state() -> dict[str, Any]:
     return state
 
 
+def tcp_peer(host: str, port: int, ipv6: bool) -> str:
+    """
+    A TCP connection's peer as Autobahn's C{peer2str} writes it
+    (C{tcp4:HOST:PORT}, C{tcp6:HOST:PORT}), without making an address
+    object first.
+    """
+    return f"{'tcp6' if ipv6 else 'tcp4'}:{host}:{port}"
+
+
+def details_later(protocol: Any) -> None:
+    """
+    Leave C{protocol}'s transport details (a L{LazyTransportDetails}) to be
+    made when first read: on plain TCP, where there is no TLS channel
+    binding or certificate to note at open.
+    """
+    protocol.__dict__[_DETAILS] = None
+
+
 def details_pending(protocol: Any) -> bool:
     """
-    Whether C{protocol}'s transport details are still to be made (plain
-    TCP: there is no TLS channel binding or certificate to note at open).
+    Whether C{protocol}'s transport details are still to be made (see
+    L{details_later}).
     """
     return protocol.__dict__.get(_DETAILS, _DETAILS) is None
 
@@ -526,35 +544,32 @@ class LazyTransportDetails:
     """
     A protocol's C{_transport_details} (Autobahn's C{TransportDetails}),
     made from the transport when first read on a connection whose
-    C{connectionMade} left it to be made (L{None} in the protocol's
-    C{__dict__} under C{slot}); else what was assigned, as a plain
-    attribute. C{is_server}: the side the details describe (the gateway's
-    upstream leg is a client).
+    C{connectionMade} left it to be made (L{details_later}); else what was
+    assigned, as a plain attribute. C{is_server}: the side the details
+    describe (the gateway's upstream leg is a client).
     """
 
-    __slots__ = ("_is_server", "_slot")
+    __slots__ = ("_is_server",)
 
-    def __init__(self, is_server: bool = True, slot: str = _DETAILS) -> None:
+    def __init__(self, is_server: bool = True) -> None:
         self._is_server = is_server
-        self._slot = slot
 
     def __get__(self, protocol: Any, owner: type | None = None) -> Any:
         if protocol is None:
             return self
         found = protocol.__dict__
-        slot = self._slot
-        details = found.get(slot, self)
+        details = found.get(_DETAILS, self)
         if details is None:
             details = create_transport_details(protocol.transport, self._is_server)
             details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-            found[slot] = details
+            found[_DETAILS] = details
         elif details is self:
             # Before the connection (Autobahn's __init__ would have set it).
-            details = found[slot] = TransportDetails()
+            details = found[_DETAILS] = TransportDetails()
         return details
 
     def __set__(self, protocol: Any, details: Any) -> None:
-        protocol.__dict__[self._slot] = details
+        protocol.__dict__[_DETAILS] = details
 
 
 class FrameReader:
@@ -604,10 +619,9 @@ class FrameReader:
         """
         transport = self.transport
         if type(transport) is TCPServer:
-            client = transport.client
-            family = "tcp4" if len(client) == 2 else "tcp6"
-            self.peer = f"{family}:{client[0]}:{client[1]}"
-            self.__dict__[_DETAILS] = None  # made when first read
+            client: Any = transport.client
+            self.peer = tcp_peer(client[0], client[1], len(client) != 2)
+            details_later(self)
         else:
             details = create_transport_details(transport, True)
             details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET

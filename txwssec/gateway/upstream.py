@@ -33,8 +33,7 @@ from twisted.internet.tcp import Client as TCPClient
 from twisted.python.failure import Failure
 
 from txwssec._autobahn import copy_options_at_once, drop_connection_quietly
-from txwssec._hooks import run_hook, transport_details
-from txwssec._wire import LazyTransportDetails, open_state
+from txwssec._wire import LazyTransportDetails, details_later, open_state, tcp_peer
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
 from txwssec.gateway.connect import LeanClient, lean_tcp_endpoint
@@ -210,10 +209,6 @@ _ParsedURL = tuple[bool, str, int, str, str, dict[str, list[str]]]
 _TARGETS = 256
 
 
-#: Where an upstream leg keeps its transport details (L{LazyTransportDetails}).
-_DETAILS = "_upstream_transport_details"
-
-
 class UpstreamProtocol(SecureClientProtocol):
     """
     The upstream leg of a gateway session. Messages are held until the
@@ -238,7 +233,7 @@ class UpstreamProtocol(SecureClientProtocol):
     _cork: list[bytes] | None = None
     #: sendCloseFrame is sending: sendData sends at once.
     _closeNow: bool = False
-    _transport_details: Any = LazyTransportDetails(is_server=False, slot=_DETAILS)
+    _transport_details: Any = LazyTransportDetails(is_server=False)
 
     def __init__(self) -> None:
         super().__init__()
@@ -294,9 +289,8 @@ class UpstreamProtocol(SecureClientProtocol):
             # transport details (os.getpid(), a thread id: two system calls,
             # and nothing to note at open without TLS) when first read.
             address = transport.getPeer()
-            family = "tcp6" if isinstance(address, IPv6Address) else "tcp4"
-            self.peer = f"{family}:{address.host}:{address.port}"
-            self.__dict__[_DETAILS] = None
+            self.peer = tcp_peer(address.host, address.port, isinstance(address, IPv6Address))
+            details_later(self)
         else:
             details = create_transport_details(transport, False)
             details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
@@ -305,16 +299,6 @@ class UpstreamProtocol(SecureClientProtocol):
         with contextlib.suppress(Exception):  # as Autobahn (a Unix socket has none)
             transport.setTcpNoDelay(self.tcpNoDelay)
         self._connectionMade()
-
-    def _opened(self) -> None:
-        # SecureClientProtocol._opened; the TLS channel binding and peer
-        # certificate are noted only on a connection with transport details
-        # (on plain TCP there are none to note).
-        if self.__dict__.get(_DETAILS) is not None:
-            transport_details(self)
-        run_hook(self, "onOpen", self.onOpen)
-        if not self.opened.called:
-            self.opened.callback(self)
 
     def _connectionMade(self) -> None:
         # Autobahn's client _connectionMade: its options copied from the

@@ -35,7 +35,7 @@ from txwssec._autobahn import (
 from txwssec._cycles import FiredWhenOpen, FiredWithProtocol
 from txwssec._ends import end_fields
 from txwssec._hooks import run_hook, transport_details
-from txwssec._wire import details_pending, stop_read_ahead
+from txwssec._wire import stop_read_ahead
 from txwssec.admission import ConsumerBuckets
 from txwssec.auth.chain import authenticate
 from txwssec.compression import (
@@ -378,8 +378,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             if route.idle_timeout:
                 self._last_message = now = factory.clock.seconds()
                 self._idle_timer = deadlines.call_at(now + route.idle_timeout, self._checkIdle)
-        if not details_pending(self):
-            transport_details(self)
+        transport_details(self)
         run_hook(self, "onOpen", self.onOpen)
 
     # -- application hooks and errors ---------------------------------------
