@@ -15,6 +15,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -178,8 +179,9 @@ class _Failed(ClientFactory):
         self.failed.append(reason)
 
 
-def test_timeout_like_twisted(reactor: Any) -> None:
-    """A listener whose queue is full drops the SYNs: the connector's timeout."""
+@contextmanager
+def full_listener() -> Iterator[int]:
+    """The port of a listener whose queue is full: it drops new SYNs."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
@@ -192,14 +194,20 @@ def test_timeout_like_twisted(reactor: Any) -> None:
             filler.connect_ex(("127.0.0.1", port))
             fillers.append(filler)
         time.sleep(0.05)
-        seen = {
-            name: described(outcome(reactor, endpoint.connect(Factory.forProtocol(Recorder))))
-            for name, endpoint in endpoints(reactor, "127.0.0.1", port, timeout=0.3).items()
-        }
+        yield int(port)
     finally:
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+def test_timeout_like_twisted(reactor: Any) -> None:
+    """A listener whose queue is full drops the SYNs: the connector's timeout."""
+    with full_listener() as port:
+        seen = {
+            name: described(outcome(reactor, endpoint.connect(Factory.forProtocol(Recorder))))
+            for name, endpoint in endpoints(reactor, "127.0.0.1", port, timeout=0.3).items()
+        }
     assert seen["lean"] == seen["twisted"]
     assert seen["lean"][0] is error.TimeoutError
 
@@ -580,38 +588,26 @@ def test_no_connector_timer_under_a_shorter_attempt_timer() -> None:
     )
 
     reactor = EPollReactor()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        url = f"ws://127.0.0.1:{port}/"
-        factory = SecureClientFactory(url, reactor=reactor)
-        factory.protocol = UpstreamProtocol
-        timeouts = {
-            given: upstream_endpoint(factory, given)._timeout  # type: ignore[attr-defined]
-            for given in (None, 0.3, 29.9, 30, 60)
-        }
-        assert timeouts == {None: 30, 0.3: None, 29.9: None, 30: 30, 60: 30}
-        for _ in range(4):  # the listen queue full: SYNs dropped
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-            fillers.append(filler)
-        time.sleep(0.05)
-        endpoint = upstream_endpoint(factory, 0.3)
-        attempt = open_upstream(factory, lambda: endpoint, 0.3, reactor)
-        assert len(reactor.getDelayedCalls()) == 1  # the attempt's own timer
-        failure = outcome(reactor, attempt)
-        assert described(failure) == (GatewayTimeout, f"{url}: no handshake within 0.3 s")
-        reactor.runUntilCurrent()
-        assert reactor.getDelayedCalls() == []
-    finally:
-        for filler in fillers:
-            filler.close()
-        listener.close()
-        reactor.waker.connectionLost(None)
+    # (the listen queue full: SYNs dropped)
+    with full_listener() as port:
+        try:
+            url = f"ws://127.0.0.1:{port}/"
+            factory = SecureClientFactory(url, reactor=reactor)
+            factory.protocol = UpstreamProtocol
+            timeouts = {
+                given: upstream_endpoint(factory, given)._timeout  # type: ignore[attr-defined]
+                for given in (None, 0.3, 29.9, 30, 60)
+            }
+            assert timeouts == {None: 30, 0.3: None, 29.9: None, 30: 30, 60: 30}
+            endpoint = upstream_endpoint(factory, 0.3)
+            attempt = open_upstream(factory, lambda: endpoint, 0.3, reactor)
+            assert len(reactor.getDelayedCalls()) == 1  # the attempt's own timer
+            failure = outcome(reactor, attempt)
+            assert described(failure) == (GatewayTimeout, f"{url}: no handshake within 0.3 s")
+            reactor.runUntilCurrent()
+            assert reactor.getDelayedCalls() == []
+        finally:
+            reactor.waker.connectionLost(None)
 
 
 def test_held_writes_go_straight_to_the_lean_clients_socket(reactor: Any) -> None:
