@@ -171,7 +171,7 @@ def read_ahead(transport: Any) -> None:
 #: it data; then L{lose_connection}'s close waits for the end of the read.
 _READING = "_txwssec_reading"
 #: The close L{lose_connection} left to the end of the read: its
-#: C{stalled} argument, or L{_NO_STALLED}.
+#: C{stalled} argument, or L{_no_stalled}.
 _CLOSING = "_txwssec_closing"
 
 
@@ -182,9 +182,6 @@ CLOSE_IN_READ = True
 
 def _no_stalled() -> None:
     """L{lose_connection}'s caller has nothing to do if the close waits."""
-
-
-_NO_STALLED = _no_stalled
 
 
 #: At most this many buffers per sendmsg (Linux's IOV_MAX is 1024).
@@ -295,9 +292,11 @@ def lose_connection(transport: Any, stalled: Callable[[], object] | None = None)
     transport.stopReading()
     transport.stopWriting()
     transport.disconnecting = 1
+    if stalled is None:
+        stalled = _no_stalled
     state = transport.__dict__
     if CLOSE_IN_READ and state.get(_READING):
-        state[_CLOSING] = _NO_STALLED if stalled is None else stalled
+        state[_CLOSING] = stalled
     else:
         transport.reactor.callLater(0, _closed, transport, stalled)
     return True
@@ -370,8 +369,8 @@ _FD_CONNECTION_LOST = FileDescriptor.connectionLost
 _DONE = _DISCONNECT_SELECTABLE.__defaults__[0][ConnectionDone]  # type: ignore[index]
 
 
-def _closed(transport: Any, stalled: Callable[[], object] | None = None) -> None:
-    if _may_close(transport, _NO_STALLED if stalled is None else stalled):
+def _closed(transport: Any, stalled: Callable[[], object]) -> None:
+    if _may_close(transport, stalled):
         log.callWithLogger(transport, disconnect_done, transport)
 
 
