@@ -314,7 +314,12 @@ class UpstreamProtocol(SecureClientProtocol):
             state["state"] = WebSocketProtocol.STATE_PROXY_CONNECTING
         state["utf8validator"] = Utf8Validator()  # Autobahn's, as before
         self.__dict__.update(state)
-        if self.openHandshakeTimeout > 0:
+        timeout = self.openHandshakeTimeout
+        covered = factory.__dict__.get("attemptTimeout")
+        if timeout > 0 and not (covered is not None and 0 < covered <= timeout):
+            # (Not under an attempt whose own timer, armed before this
+            # connection began and no later, abandons the connection first:
+            # this timer could never fire. One timer less per handshake.)
             self.openHandshakeTimeoutCall = factory._batched_timer.call_later(
                 self.openHandshakeTimeout, self.onOpenHandshakeTimeout
             )
@@ -693,6 +698,9 @@ class _Attempt:
     ) -> None:
         self._factory = factory
         self._timeout = timeout
+        # The upstream leg arms no opening-handshake timer of its own that
+        # would fire after this attempt's (UpstreamProtocol._connectionMade).
+        factory.attemptTimeout = timeout  # type: ignore[attr-defined]
         self._protocol: Any = None
         #: The attempt has its outcome (or was cancelled): later results of
         #: the steps are ignored.
