@@ -6,22 +6,32 @@ arms or waits for, and that the outcomes are the same.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 from typing import Any
 
 import pytest
+import pytest_twisted
+import websockets
+import wsframes
+from conftest import aio
+from test_gateway_relay import Serve, gateway
 from twisted.internet import error
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from txwssec import AnonymousAuthenticator, RoutePolicy, SecureServerFactory, ServerPolicy
 from txwssec.client import SecureClientFactory
+from txwssec.gateway import held
 from txwssec.gateway.upstream import (
     GatewayTimeout,
     UpstreamProtocol,
     _Attempt,
     upstream_endpoint,
 )
+from txwssec.proxy import GatewayProtocol, Upstream
 
 
 class Silent(Protocol):
@@ -87,3 +97,108 @@ def test_an_upstream_leg_without_an_attempt_keeps_its_timer() -> None:
     protocol.makeConnection(StringTransport())
     assert protocol.openHandshakeTimeoutCall is not None
     protocol.openHandshakeTimeoutCall.cancel()
+
+
+# -- the client leg's writes: no turn timer for the 101 or the close reply -------------
+
+
+@pytest.fixture
+def holds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The client legs' writes held until the end of a reactor turn."""
+    seen: list[str] = []
+    hold = held.TurnWrites.hold
+
+    def counted(self: held.TurnWrites, leg: Any) -> None:
+        if isinstance(leg, GatewayProtocol):
+            seen.append(type(leg).__name__)
+        hold(self, leg)
+
+    monkeypatch.setattr(held.TurnWrites, "hold", counted)
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_101_and_the_close_reply_need_no_turn_timer(
+    serve: Serve, holds: list[str]
+) -> None:
+    """
+    The client's 101 leaves at the end of the upstream's read that carried
+    the upstream's 101, and the close reply once the client's close frame
+    is processed: no end-of-turn call for either. A message relayed from
+    the upstream later still waits for the turn's end (as before).
+    """
+    env = gateway(serve)
+
+    async def run() -> tuple[list[str], str | bytes]:
+        async with websockets.connect(f"ws://127.0.0.1:{env.port}/ws") as ws:
+            before = list(holds)
+            await ws.send("hello")
+            echo = await ws.recv()
+        return before, echo
+
+    before, echo = await aio(run())
+    assert before == []
+    assert echo == "hello"
+    assert holds == ["GatewayProtocol"]  # the echo's relay, as before
+    assert env.upstream.closes == [1000]
+
+
+class Eager(Protocol):
+    """
+    An upstream that answers the upgrade with its 101 and, in the same
+    write, a text frame (and a second one after a turn).
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        head = data.decode("latin-1")
+        key = next(
+            line.split(":", 1)[1].strip()
+            for line in head.split("\r\n")
+            if line.lower().startswith("sec-websocket-key:")
+        )
+        accept = base64.b64encode(
+            hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+        ).decode()
+        transport: Any = self.transport
+        transport.write(
+            (
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            ).encode()
+            + b"\x81\x05first"
+        )
+        from twisted.internet import reactor
+
+        reactor.callLater(0, transport.write, b"\x81\x06second")  # type: ignore[attr-defined]
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_sent_with_the_upstreams_101_follow_the_clients_101(
+    serve: Serve,
+) -> None:
+    """
+    What the upstream sent in the same write as its 101 reaches the client
+    right after the client's 101, in order, then what it sent later.
+    """
+    upstream_port = serve(Factory.forProtocol(Eager))
+    policy = ServerPolicy.single(
+        RoutePolicy(
+            "/ws",
+            [AnonymousAuthenticator()],
+            upstream=Upstream((f"ws://127.0.0.1:{upstream_port}/",)),
+        ),
+        ping_interval=0,
+    )
+    port = serve(SecureServerFactory(policy))
+
+    async def run() -> tuple[bytes, list[Any]]:
+        client = await wsframes.connect(port, "/ws")
+        try:
+            frames = [await wsframes.read_frame(client.reader) for _ in range(2)]
+        finally:
+            client.close()
+        return client.response, frames
+
+    response, frames = await aio(run())
+    assert response.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert [(frame.opcode, frame.payload) for frame in frames] == [(1, b"first"), (1, b"second")]

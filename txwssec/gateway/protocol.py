@@ -66,6 +66,9 @@ class GatewayProtocol(SecureServerProtocol):
     _ownMessages: list[tuple[bytes, bool]] | None = None
     #: The upstream sent a txwssec control message (dropped, logged once).
     _wssecDropped: bool = False
+    #: The writes are held until the upstream's read that opens this leg
+    #: is processed (L{releaseAfterRead}), not by the turn's end.
+    _releaseAfterRead: bool = False
 
     async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
         """
@@ -178,6 +181,13 @@ class GatewayProtocol(SecureServerProtocol):
             raise HandshakeRefused("client left while the upstream connected")
         self.upstream = upstream
         upstream.attach(self)
+        if upstream._reading and self._cork is None:
+            # The upstream's 101 is being read: the client's 101 (and what
+            # the upstream sent after its own, relayed) leaves at the end of
+            # that read (releaseAfterRead), not of the reactor turn: no
+            # timer and no turn of its own.
+            self._cork = []
+            self._releaseAfterRead = True
         chosen: str | None = upstream.websocket_protocol_in_use
         return chosen or accept.credential.marker
 
@@ -300,7 +310,17 @@ class GatewayProtocol(SecureServerProtocol):
             self._cancelAutoPingTimeoutCall()
 
     def relayControl(self, frame: bytes) -> bool:
-        return autobahn_control(self, frame) and self.relayOpen()
+        if self._cork is not None:
+            return autobahn_control(self, frame) and self.relayOpen()
+        # What Autobahn answers (a pong, the close reply) leaves once the
+        # frame is processed, as on the server's reads, not at the end of
+        # the turn: no timer (the close reply's was left with nothing to
+        # send, the close having written it).
+        self._cork = []
+        try:
+            return autobahn_control(self, frame) and self.relayOpen()
+        finally:
+            self._uncork()
 
     def relayStop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
         self._scanner = None
@@ -381,6 +401,15 @@ class GatewayProtocol(SecureServerProtocol):
     def releaseWrites(self) -> None:
         """Write what was held (the server's C{_uncork}: one C{send})."""
         self._uncork()
+
+    def releaseAfterRead(self) -> None:
+        """
+        The upstream's read that opened this leg is processed: write what
+        was held since (the 101 first), in one C{send}.
+        """
+        if self._releaseAfterRead:
+            self._releaseAfterRead = False
+            self._uncork()
 
     def relayMessage(self, payload: bytes, isBinary: bool) -> bool:
         """A whole message from the upstream (when frames are not relayed)."""

@@ -88,6 +88,8 @@ class ClientLeg(Protocol):
 
     def _applicationFailed(self, hook: str, failure: Failure) -> None: ...
 
+    def releaseAfterRead(self) -> None: ...
+
 
 class UpstreamPool:
     """
@@ -233,6 +235,8 @@ class UpstreamProtocol(SecureClientProtocol):
     _cork: list[bytes] | None = None
     #: sendCloseFrame is sending: sendData sends at once.
     _closeNow: bool = False
+    #: A read before the relay is being processed (see dataReceived).
+    _reading: bool = False
     _transport_details: Any = LazyTransportDetails(is_server=False)
 
     def __init__(self) -> None:
@@ -507,11 +511,25 @@ class UpstreamProtocol(SecureClientProtocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
+        if self._scanner is not None:
+            try:
+                if not feed_relay(self, data):
+                    super().dataReceived(data)
+            except Exception:
+                self._applicationFailed("relay", Failure())
+            return
+        # Before the relay (the handshake): the client leg may open during
+        # this read and hold its 101 until the read's end (releaseAfterRead).
+        self._reading = True
         try:
-            if not feed_relay(self, data):
-                super().dataReceived(data)
+            super().dataReceived(data)
         except Exception:
             self._applicationFailed("relay", Failure())
+        finally:
+            self._reading = False
+            downstream = self.downstream
+            if downstream is not None:
+                downstream.releaseAfterRead()
 
     def _applicationFailed(self, hook: str, failure: Failure) -> None:
         # The gateway's own code failed on this leg: the client gets 1011
