@@ -6,16 +6,21 @@ arms or waits for, and that the outcomes are the same.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import inspect
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
 import websockets
 import wsframes
-from conftest import aio
+from conftest import CapturedLog, aio, upgrade_request
+from test_gateway import RawFactory, closed_port, eventually, refused, ws_url
+from test_gateway import gateway as old_gateway
 from test_gateway_relay import Serve, gateway
 from twisted.internet import error
 from twisted.internet.epollreactor import EPollReactor
@@ -202,3 +207,84 @@ async def test_frames_sent_with_the_upstreams_101_follow_the_clients_101(
     response, frames = await aio(run())
     assert response.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert [(frame.opcode, frame.payload) for frame in frames] == [(1, b"first"), (1, b"second")]
+
+
+# -- the upstream attempts: plain callbacks, no coroutine ------------------------------
+
+
+@pytest.fixture
+def silent() -> Iterator[RawFactory]:
+    """An upstream that never answers; its connections aborted afterwards."""
+    factory = RawFactory()
+    yield factory
+    for connection in factory.connections:
+        transport: Any = connection.transport
+        transport.abortConnection()
+
+
+def test_negotiate_is_no_coroutine() -> None:
+    """
+    The upstream's URLs are tried with callbacks on each attempt's
+    Deferred: no coroutine, nor the Deferred and inlineCallbacks that
+    ensureDeferred wraps it in, per handshake.
+    """
+    assert not inspect.iscoroutinefunction(GatewayProtocol.negotiate)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(("order", "status"), [("down, silent", 504), ("silent, down", 502)])
+async def test_the_last_urls_failure_is_the_answer(
+    serve: Any, silent: RawFactory, captured_log: CapturedLog, order: str, status: int
+) -> None:
+    """
+    Every URL failing: each is tried in turn (an upstream.failed event
+    each), and the answer is the last one's refusal: 502 when it refused,
+    504 when it timed out.
+    """
+    urls = {"down": ws_url(closed_port()), "silent": ws_url(serve(silent))}
+    factory = old_gateway(*(urls[name] for name in order.split(", ")), timeout=0.5)
+    port = serve(factory)
+    body = b"gateway timeout\n" if status == 504 else b"bad gateway\n"
+    assert await aio(refused(port)) == (status, body)
+    assert len(silent.connections) == 1
+    said = {
+        name: [e["log_format"] for e in captured_log.matching(url=url)]
+        for name, url in urls.items()
+    }
+    assert said == {
+        "down": ["upstream {url} failed: {reason}"],
+        "silent": ["upstream {url} timed out"],
+    }
+    assert factory.counters[f"handshake.refused.{status}"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_during_the_second_attempt_closes_it(
+    serve: Any, silent: RawFactory, captured_log: CapturedLog
+) -> None:
+    """
+    The first URL refused, the second one connected and silent: the
+    client leaving closes the second upstream connection at once.
+    """
+    down, second = ws_url(closed_port()), ws_url(serve(silent))
+    factory = old_gateway(down, second, timeout=30)
+    port = serve(factory)
+
+    async def leave() -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(upgrade_request("/echo?apikey=john-key"))
+        await writer.drain()
+        for _ in range(500):
+            if silent.connections:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+
+    await aio(leave())
+    assert len(silent.connections) == 1
+    await eventually(
+        lambda: not getattr(silent.connections[0].transport, "connected", True),
+        "the gateway to close the second upstream connection",
+    )
+    assert len(captured_log.matching(url=down)) == 1
+    assert captured_log.matching(url=second) == []
