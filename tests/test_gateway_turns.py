@@ -37,6 +37,7 @@ from txwssec.gateway.upstream import (
     upstream_endpoint,
 )
 from txwssec.proxy import GatewayProtocol, Upstream
+from txwssec.types import Accept, Credential, HandshakeRequest, Principal
 
 
 class Silent(Protocol):
@@ -288,3 +289,132 @@ async def test_a_client_leaving_during_the_second_attempt_closes_it(
     )
     assert len(captured_log.matching(url=down)) == 1
     assert captured_log.matching(url=second) == []
+
+
+# -- what is stripped of a route's requests: found once per route and policy -----------
+
+
+def names_policy(forward: bool = False) -> ServerPolicy:
+    from test_gateway import CONSUMERS, JWT_SECRET
+
+    from txwssec import BasicAuthenticator, JWTAuthenticator, KeyAuthenticator
+
+    upstream = Upstream(("ws://127.0.0.1:9/",))
+    key = KeyAuthenticator(CONSUMERS, header="x-api-key", query="apikey")
+    jwt = JWTAuthenticator(CONSUMERS, JWT_SECRET, query="access_token")
+    return ServerPolicy(
+        routes=(
+            RoutePolicy(
+                "/a",
+                [key],
+                upstream=upstream,
+                forward_cookie=forward,
+                forward_authorization=forward,
+            ),
+            RoutePolicy("/b", [jwt, key], upstream=upstream),
+            RoutePolicy("/c", [BasicAuthenticator(CONSUMERS)], upstream=upstream),
+        )
+    )
+
+
+REQUESTS = [
+    (
+        (
+            ("host", "gw"),
+            ("x-api-key", "secret"),
+            ("authorization", "Bearer x"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+            ("x-keep", "1"),
+            ("connection", "Upgrade, X-Keep"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x_consumer_username", "root"),
+            ("apikey", "other"),
+        ),
+        ("chat", "token", "secret", "bearer", "jwt", "v2"),
+        "/a?apikey=k&x=1&access_token=t&ticket=z&y=%20",
+    ),
+    ((("origin", "https://a.example"), ("x-one", "a"), ("x-one", "b")), (), "/b"),
+    ((("x-other", "v"),), ("token",), "/c?access_token=&&x=y"),
+]
+
+
+@pytest.mark.parametrize("forward", [False, True])
+@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize(
+    "credential",
+    [
+        Credential(),
+        Credential(header="x-api-key"),
+        Credential(query="apikey"),
+        Credential(subprotocols=("token", "secret"), marker="token"),
+        Credential(header="x-other", query="x"),
+    ],
+)
+def test_stripped_names_strip_what_the_functions_strip(
+    forward: bool, index: int, credential: Credential
+) -> None:
+    """
+    Differential: the headers, target and subprotocols the gateway
+    forwards with the names found once per route (stripped_names) are
+    the ones forwarded_headers, forwarded_target and without_credentials
+    give, for every route of a policy, with and without forward_cookie /
+    forward_authorization, whichever credential the request carried.
+    """
+    from txwssec.credentials import without_credentials
+    from txwssec.gateway.forwarding import (
+        forwarded_headers,
+        forwarded_target,
+        headers_without,
+        stripped_names,
+        target_without,
+        without_markers,
+    )
+
+    policy = names_policy(forward)
+    headers, subprotocols, uri = REQUESTS[index]
+    request = HandshakeRequest(
+        peer="tcp4:10.0.0.1:5",
+        host="10.0.0.1",
+        path=uri.partition("?")[0],
+        query={},
+        headers=headers,
+        subprotocols=subprotocols,
+    )
+    accept = Accept(Principal("john", "key"), credential=credential)
+    known = [method for route in policy.routes for method in route.authenticators]
+    for route in policy.routes:
+        names = stripped_names(route, policy)
+        for trust in (False, True):
+            assert headers_without(
+                request, names.headers, accept, "10.0.0.2", trust
+            ) == forwarded_headers(
+                request,
+                route.authenticators,
+                accept,
+                "10.0.0.2",
+                trust,
+                known_authenticators=known,
+                forward_cookie=route.forward_cookie,
+                forward_authorization=route.forward_authorization,
+            )
+        assert target_without(uri, names.queries, accept) == forwarded_target(
+            uri, route.authenticators, accept, known
+        )
+        assert without_markers(subprotocols, names.markers) == without_credentials(
+            subprotocols, route.authenticators
+        )
+
+
+def test_stripped_names_are_found_again_for_a_new_policy() -> None:
+    """Kept per route and policy: a reloaded policy's routes get their own."""
+    from txwssec.gateway.forwarding import stripped_names
+
+    first, second = names_policy(False), names_policy(True)
+    route = first.routes[0]
+    assert stripped_names(route, first) is stripped_names(route, first)
+    assert "cookie" in stripped_names(route, first).headers
+    assert "cookie" not in stripped_names(second.routes[0], second).headers
+    # the same route object under another policy: the other routes' methods differ
+    other = stripped_names(route, second)
+    assert other is not stripped_names(route, first)

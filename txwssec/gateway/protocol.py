@@ -15,12 +15,14 @@ from twisted.python.failure import Failure
 
 from txwssec import events
 from txwssec.admission import is_trusted_proxy
-from txwssec.auth.credentials import (
-    without_credentials,
-)
 from txwssec.client import ClientTLS, SecureClientFactory
 from txwssec.errors import CloseCode, HandshakeRefused
-from txwssec.gateway.forwarding import forwarded_headers, forwarded_target
+from txwssec.gateway.forwarding import (
+    headers_without,
+    stripped_names,
+    target_without,
+    without_markers,
+)
 from txwssec.gateway.held import turn_writes
 from txwssec.gateway.relay import (
     FrameScanner,
@@ -90,28 +92,25 @@ class GatewayProtocol(SecureServerProtocol):
         assert route is not None and route.upstream is not None
         pool = pool_for(self.factory, route)
         policy = self.handshakePolicy or self.factory.policy
-        known = [method for each in policy.routes for method in each.authenticators]
+        names = stripped_names(route, policy)
         direct_peer = self._directPeer()
-        headers = forwarded_headers(
+        headers = headers_without(
             handshake,
-            route.authenticators,
+            names.headers,
             accept,
             direct_peer,
             trust_forwarded_for=bool(policy.trust_forwarded_for)
             and is_trusted_proxy(direct_peer, policy.trusted_proxies),
-            known_authenticators=known,
-            forward_cookie=route.forward_cookie,
-            forward_authorization=route.forward_authorization,
         )
         offered = [
             p
-            for p in without_credentials(handshake.subprotocols, route.authenticators)
+            for p in without_markers(handshake.subprotocols, names.markers)
             if p not in accept.credential.subprotocols
             # sealed here (sealed_upstream = "unseal"): the upstream sees plaintext
             and not (self._seal is not None and is_seal_entry(p))
         ]
         origin = handshake.header_values("origin")
-        target = forwarded_target(self.http_request_uri, route.authenticators, accept, known)
+        target = target_without(self.http_request_uri, names.queries, accept)
         self._upstreamTries = _Tries(
             pool,
             iter(pool.order()),
