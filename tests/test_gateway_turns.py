@@ -23,6 +23,7 @@ from test_gateway import RawFactory, closed_port, eventually, refused, ws_url
 from test_gateway import gateway as old_gateway
 from test_gateway_relay import Serve, gateway
 from twisted.internet import error
+from twisted.internet.defer import Deferred
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -418,3 +419,68 @@ def test_stripped_names_are_found_again_for_a_new_policy() -> None:
     # the same route object under another policy: the other routes' methods differ
     other = stripped_names(route, second)
     assert other is not stripped_names(route, first)
+
+
+# -- the upstream leg's Autobahn Deferreds: made when first read ----------------------
+
+
+def open_leg() -> Any:
+    """An upstream leg on a StringTransport, opened by a plain 101."""
+    from twisted.internet.testing import StringTransport
+
+    factory = SecureClientFactory("ws://127.0.0.1:9/", handshake_timeout=0)
+    factory.protocol = UpstreamProtocol
+    protocol: Any = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    accept = base64.b64encode(
+        hashlib.sha1(protocol.websocket_key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+    )
+    protocol.dataReceived(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+    assert protocol.state == protocol.STATE_OPEN
+    return protocol
+
+
+def test_is_open_and_is_closed_are_made_when_first_read() -> None:
+    """
+    The upstream leg makes no txaio future for is_open and is_closed
+    (nothing in the gateway reads them); read, they behave as Autobahn's:
+    is_open fired once the 101 was read, is_closed with the protocol once
+    the connection is lost.
+    """
+    from twisted.internet.error import ConnectionDone
+
+    protocol = open_leg()
+    assert not isinstance(vars(protocol).get("is_open"), Deferred)
+    assert not isinstance(vars(protocol).get("is_closed"), Deferred)
+    opened: list[Any] = []
+    protocol.is_open.addCallback(opened.append)
+    assert opened == [None]
+    closed: list[Any] = []
+    protocol.is_closed.addCallback(closed.append)
+    assert closed == []
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert closed == [protocol]
+
+
+def test_is_open_read_before_the_101_fires_with_it() -> None:
+    from twisted.internet.testing import StringTransport
+
+    factory = SecureClientFactory("ws://127.0.0.1:9/", handshake_timeout=0)
+    factory.protocol = UpstreamProtocol
+    protocol: Any = factory.buildProtocol(None)
+    early = protocol.is_open
+    assert not early.called
+    protocol.makeConnection(StringTransport())
+    accept = base64.b64encode(
+        hashlib.sha1(protocol.websocket_key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+    )
+    protocol.dataReceived(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+    assert early.called
+    protocol.transport.loseConnection()

@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import txaio
 from autobahn.twisted.util import create_transport_details
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import (
@@ -33,6 +32,7 @@ from twisted.internet.tcp import Client as TCPClient
 from twisted.python.failure import Failure
 
 from txwssec._autobahn import copy_options_at_once, drop_connection_quietly
+from txwssec._cycles import FiredWhenOpen, FiredWithProtocol, fire
 from txwssec._wire import LazyTransportDetails, details_later, open_state, tcp_peer
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
@@ -239,8 +239,17 @@ class UpstreamProtocol(SecureClientProtocol):
     _reading: bool = False
     _transport_details: Any = LazyTransportDetails(is_server=False)
 
+    #: Autobahn's Deferreds of the connection's open and end, made when
+    #: first read (nothing in the gateway reads them), as the server leg's.
+    is_open = FiredWhenOpen()
+    is_closed = FiredWithProtocol(madeWhenRead=True)
+
     def __init__(self) -> None:
-        super().__init__()
+        # SecureClientProtocol's __init__ and Autobahn's, but for is_open and
+        # is_closed (above): two txaio futures less per connection.
+        self.set_valid_events(["message"])
+        self.opened = Deferred()
+        self.closed = Deferred()
         self._held: list[tuple[bytes, bool]] = []
 
     # -- writes, held until the next turn's end (txwssec.gateway.held) ------------
@@ -438,7 +447,7 @@ class UpstreamProtocol(SecureClientProtocol):
         if self.trackedTimings:
             self.trackedTimings.track("onOpen")
         self._onOpen()
-        txaio.resolve(self.is_open, None)  # type: ignore[attr-defined]
+        fire(self, "is_open", None)  # (txaio.resolve, made only if read)
         if self.data:
             self.consumeData()
 
