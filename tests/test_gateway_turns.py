@@ -484,3 +484,98 @@ def test_is_open_read_before_the_101_fires_with_it() -> None:
     )
     assert early.called
     protocol.transport.loseConnection()
+
+
+# -- unhappy upstream answers, through the release at the end of the upstream's read -----
+
+
+class Answering(Protocol):
+    """An upstream that answers the upgrade with C{factory.reply(accept)}, then maybe closes."""
+
+    factory: Any
+
+    def dataReceived(self, data: bytes) -> None:
+        head = data.decode("latin-1")
+        key = next(
+            line.split(":", 1)[1].strip()
+            for line in head.split("\r\n")
+            if line.lower().startswith("sec-websocket-key:")
+        )
+        accept = base64.b64encode(
+            hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+        ).decode()
+        transport: Any = self.transport
+        transport.write(self.factory.reply(accept))
+        if self.factory.close:
+            transport.loseConnection()
+
+
+def answering_gateway(serve: Serve, reply: Any, close: bool) -> int:
+    upstream = Factory.forProtocol(Answering)
+    upstream.reply = reply  # type: ignore[attr-defined]
+    upstream.close = close  # type: ignore[attr-defined]
+    policy = ServerPolicy.single(
+        RoutePolicy(
+            "/ws",
+            [AnonymousAuthenticator()],
+            upstream=Upstream((f"ws://127.0.0.1:{serve(upstream)}/",)),
+        ),
+        ping_interval=0,
+    )
+    return serve(SecureServerFactory(policy))
+
+
+SWITCHED = (
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Accept: {accept}\r\n\r\n"
+)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+        "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n",  # then closes
+        "",  # closes without a word
+    ],
+)
+async def test_upstream_refusing_or_closing_mid_handshake_is_502(serve: Serve, reply: str) -> None:
+    port = answering_gateway(serve, lambda accept: reply.encode(), close=True)
+
+    async def run() -> tuple[int, bytes]:
+        try:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/ws"):
+                pass
+        except websockets.InvalidStatus as error:
+            return error.response.status_code, bytes(error.response.body or b"")
+        raise AssertionError("the handshake succeeded")
+
+    assert await aio(run()) == (502, b"bad gateway\n")
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("frames", [b"", b"\x81\x02hi"])
+async def test_upstream_closing_right_after_its_101(serve: Serve, frames: bytes) -> None:
+    """
+    An upstream that sends its 101 (and maybe a message) and drops the
+    connection at once: the client gets its 101, what came with the
+    upstream's, then a close 1014.
+    """
+    port = answering_gateway(
+        serve, lambda accept: SWITCHED.format(accept=accept).encode() + frames, close=True
+    )
+
+    async def run() -> tuple[bytes, list[Any], Any]:
+        client = await wsframes.connect(port, "/ws")
+        try:
+            before, close = await wsframes.read_until_close(client.reader)
+        finally:
+            client.close()
+        return client.response, before, close
+
+    response, before, close = await aio(run())
+    assert response.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert [frame.payload for frame in before] == ([b"hi"] if frames else [])
+    assert close.close_code == 1014
