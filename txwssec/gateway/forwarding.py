@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from urllib.parse import unquote_plus, urlsplit
 
-from txwssec.credentials import credential_headers, credential_queries
+from txwssec.credentials import credential_headers, credential_markers, credential_queries
 from txwssec.interfaces import Authenticator
+from txwssec.policy import RoutePolicy, ServerPolicy
 from txwssec.tickets import TICKET_QUERY
 from txwssec.types import Accept, HandshakeRequest
 
@@ -87,14 +88,32 @@ def forwarded_headers(
     (the peer is a trusted proxy; a client-made chain is dropped otherwise).
     """
     always = set(credential_headers(authenticators))
-    if accept.credential.header:
-        always.add(accept.credential.header.lower())
     known = set(credential_headers(known_authenticators)) | {"authorization", "cookie"}
     if forward_authorization:
         known.discard("authorization")
     if forward_cookie:
         known.discard("cookie")
-    stripped = always | known | connection_options(request)
+    return headers_without(
+        request, frozenset(always | known), accept, direct_peer, trust_forwarded_for
+    )
+
+
+def headers_without(
+    request: HandshakeRequest,
+    stripped: frozenset[str],
+    accept: Accept,
+    direct_peer: str,
+    trust_forwarded_for: bool = False,
+) -> dict[str, str]:
+    """
+    L{forwarded_headers} with the credential header names to strip given
+    (C{stripped}: L{StrippedNames.headers}): the accepting method's header,
+    the request's C{Connection} options, the hop-by-hop and spoofable ones
+    are added here.
+    """
+    stripped = stripped | connection_options(request)
+    if accept.credential.header:
+        stripped |= {accept.credential.header.lower()}
     forwarded: dict[str, str] = {}
     for name, value in request.headers:
         if name in HOP_HEADERS or name in stripped or _spoofable(name):
@@ -140,8 +159,18 @@ def forwarded_target(
     """
     names = set(credential_queries(authenticators)) | set(credential_queries(known_authenticators))
     names.add(TICKET_QUERY)
+    return target_without(request_uri, frozenset(names), accept)
+
+
+def target_without(request_uri: str, stripped: frozenset[str], accept: Accept) -> str:
+    """
+    L{forwarded_target} with the credential query names to strip given
+    (C{stripped}: L{StrippedNames.queries}); the accepting method's query
+    name is added here.
+    """
+    names = stripped
     if accept.credential.query:
-        names.add(accept.credential.query)
+        names = names | {accept.credential.query}
     path, question, query = request_uri.partition("?")
     query = query.partition("#")[0]  # a client sends none; never forwarded
     if not question or not names:
@@ -165,3 +194,71 @@ def join_target(upstream_url: str, target: str) -> str:
     path = upstream.path if upstream.path not in ("", "/") else client.path
     query = "&".join(q for q in (upstream.query, client.query) if q)
     return upstream._replace(path=path or "/", query=query).geturl()
+
+
+class StrippedNames:
+    """
+    What the gateway strips of a route's requests, from the names its
+    methods and the server's other routes' methods read credentials from
+    (L{forwarded_headers}, L{forwarded_target}, the subprotocol markers):
+    found once per route and policy (L{stripped_names}), not per handshake.
+    """
+
+    __slots__ = ("headers", "known", "markers", "policy", "queries", "route")
+
+    def __init__(self, route: RoutePolicy, policy: ServerPolicy) -> None:
+        self.route = route
+        self.policy = policy
+        #: Every method of the server's routes.
+        self.known = [method for each in policy.routes for method in each.authenticators]
+        known = set(credential_headers(self.known)) | {"authorization", "cookie"}
+        if route.forward_authorization:
+            known.discard("authorization")
+        if route.forward_cookie:
+            known.discard("cookie")
+        #: Header names stripped (but the accepting method's own, per request).
+        self.headers = frozenset(credential_headers(route.authenticators) | known)
+        #: Query names stripped (but the accepting method's own, per request).
+        self.queries = frozenset(
+            credential_queries(route.authenticators)
+            | credential_queries(self.known)
+            | {TICKET_QUERY}
+        )
+        #: The route's C{Sec-WebSocket-Protocol} credential markers.
+        self.markers = credential_markers(route.authenticators)
+
+
+def stripped_names(route: RoutePolicy, policy: ServerPolicy) -> StrippedNames:
+    """
+    The L{StrippedNames} of C{route} under C{policy}, kept for the next
+    handshake on the same route of the same policy (a reload makes new
+    ones); at most L{_KEPT} are kept.
+    """
+    found = _stripped.get(id(route))
+    if found is None or found.route is not route or found.policy is not policy:
+        if len(_stripped) >= _KEPT:
+            _stripped.clear()
+        found = _stripped[id(route)] = StrippedNames(route, policy)
+    return found
+
+
+def without_markers(subprotocols: Sequence[str], markers: frozenset[str]) -> list[str]:
+    """
+    L{txwssec.credentials.without_credentials} with the route's markers
+    given (L{StrippedNames.markers}).
+    """
+    kept: list[str] = []
+    skip_next = False
+    for entry in subprotocols:
+        if skip_next:
+            skip_next = False
+        elif entry in markers:
+            skip_next = True
+        else:
+            kept.append(entry)
+    return kept
+
+
+#: How many routes' names L{stripped_names} keeps.
+_KEPT = 1024
+_stripped: dict[int, StrippedNames] = {}

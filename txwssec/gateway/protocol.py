@@ -5,8 +5,9 @@ upstream leg during its handshake and relays between the two.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
@@ -14,12 +15,14 @@ from twisted.python.failure import Failure
 
 from txwssec import events
 from txwssec.admission import is_trusted_proxy
-from txwssec.auth.credentials import (
-    without_credentials,
-)
 from txwssec.client import ClientTLS, SecureClientFactory
 from txwssec.errors import CloseCode, HandshakeRefused
-from txwssec.gateway.forwarding import forwarded_headers, forwarded_target
+from txwssec.gateway.forwarding import (
+    headers_without,
+    stripped_names,
+    target_without,
+    without_markers,
+)
 from txwssec.gateway.held import turn_writes
 from txwssec.gateway.relay import (
     FrameScanner,
@@ -31,6 +34,7 @@ from txwssec.gateway.relay import (
 from txwssec.gateway.upstream import (
     BadGateway,
     GatewayTimeout,
+    UpstreamPool,
     UpstreamProtocol,
     open_upstream,
     pool_for,
@@ -66,120 +70,168 @@ class GatewayProtocol(SecureServerProtocol):
     _ownMessages: list[tuple[bytes, bool]] | None = None
     #: The upstream sent a txwssec control message (dropped, logged once).
     _wssecDropped: bool = False
+    #: The upstream URLs being tried, during the handshake (L{negotiate}).
+    _upstreamTries: _Tries | None = None
+    #: The writes are held until the upstream's read that opens this leg
+    #: is processed (L{releaseAfterRead}), not by the turn's end.
+    _releaseAfterRead: bool = False
 
-    async def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> str | None:
+    def negotiate(self, handshake: HandshakeRequest, accept: Accept) -> Deferred[str | None]:
         """
         Open the upstream connection, and answer the client with the
         upstream's subprotocol (or the credential marker, if it chose none).
 
-        @raise BadGateway: no upstream completed its handshake (502).
-        @raise GatewayTimeout: the last one tried timed out (504).
+        The URLs of the route's pool are tried in turn (L{_tryUpstream}):
+        plain callbacks on each attempt's L{Deferred}, no coroutine.
+
+        @return: a L{Deferred} of the subprotocol, failing with
+            L{BadGateway} when no upstream completed its handshake (502), or
+            L{GatewayTimeout} when the last one tried timed out (504).
         """
         route = self.route
         assert route is not None and route.upstream is not None
         pool = pool_for(self.factory, route)
         policy = self.handshakePolicy or self.factory.policy
-        known = [method for each in policy.routes for method in each.authenticators]
+        names = stripped_names(route, policy)
         direct_peer = self._directPeer()
-        headers = forwarded_headers(
+        headers = headers_without(
             handshake,
-            route.authenticators,
+            names.headers,
             accept,
             direct_peer,
             trust_forwarded_for=bool(policy.trust_forwarded_for)
             and is_trusted_proxy(direct_peer, policy.trusted_proxies),
-            known_authenticators=known,
-            forward_cookie=route.forward_cookie,
-            forward_authorization=route.forward_authorization,
         )
         offered = [
             p
-            for p in without_credentials(handshake.subprotocols, route.authenticators)
+            for p in without_markers(handshake.subprotocols, names.markers)
             if p not in accept.credential.subprotocols
             # sealed here (sealed_upstream = "unseal"): the upstream sees plaintext
             and not (self._seal is not None and is_seal_entry(p))
         ]
         origin = handshake.header_values("origin")
-        target = forwarded_target(self.http_request_uri, route.authenticators, accept, known)
+        target = target_without(self.http_request_uri, names.queries, accept)
+        self._upstreamTries = _Tries(
+            pool,
+            iter(pool.order()),
+            target,
+            origin[0] if origin else None,
+            offered,
+            headers,
+            accept,
+            policy.max_header_bytes,
+        )
+        return self._tryUpstream(BadGateway("no upstream"))
+
+    def _tryUpstream(self, refusal: HandshakeRefused) -> Deferred[str | None]:
+        """
+        An attempt on the pool's next URL, or C{refusal} (the last URL's
+        failure) when none is left.
+        """
+        tries = self._upstreamTries
+        assert tries is not None
+        url = next(tries.urls, None)
+        if url is None:
+            self._upstreamTries = None
+            raise refusal
+        route = self.route
+        assert route is not None and route.upstream is not None
         clock = self.factory.clock
-        refusal: HandshakeRefused = BadGateway("no upstream")
+        pool = tries.pool
         settings = (
             route.upstream.ca_file,
             route.max_message_size,
             route.upstream.timeout,
-            policy.max_header_bytes,
+            tries.max_header_bytes,
         )
-        for url in pool.order():
-            factory = pool.client_factory(
+        factory = pool.client_factory(
+            url,
+            settings,
+            partial(
+                SecureClientFactory,
                 url,
-                settings,
-                partial(
-                    SecureClientFactory,
-                    url,
-                    tls=ClientTLS(ca_file=route.upstream.ca_file),
-                    max_message_size=route.max_message_size,
-                    handshake_timeout=route.upstream.timeout,
-                    max_header_bytes=policy.max_header_bytes,
-                    reactor=clock,
-                ),
-            )
-            pool.set_session(factory, url, target, origin[0] if origin else None, offered, headers)
-            factory.protocol = UpstreamProtocol
-            # A factory per connection: no "Starting/Stopping factory" lines.
-            factory.noisy = False
-            endpoint = partial(pool.endpoint, url, factory)
-            attempt = open_upstream(factory, endpoint, route.upstream.timeout, clock)
-            self._attempt = attempt
-            try:
-                upstream = await attempt
-            except CancelledError:
-                # Cancelled by connectionLost or onOpenHandshakeTimeout: the
-                # upstream connection is closed already.
-                if not self._handshakeExpired:
-                    raise HandshakeRefused("client left while the upstream connected") from None
-                pool.failed(url)
-                timeout = GatewayTimeout(
-                    f"{url}: no handshake within the client's handshake_timeout "
-                    f"({self.factory.policy.handshake_timeout:g} s)"
-                )
-                self.factory.events.emit(
-                    events.UPSTREAM_FAILED, url=url, kind="timeout", reason=timeout.reason
-                )
-                raise timeout from None
-            except GatewayTimeout as timeout:
-                pool.failed(url)
-                refusal = timeout
-                self.factory.events.emit(
-                    events.UPSTREAM_FAILED,
-                    url=url,
-                    kind="timeout",
-                    reason=timeout.reason,
-                    route=route.path,
-                )
-            except BadGateway as failure:
-                pool.failed(url)
-                refusal = failure
-                self.factory.events.emit(
-                    events.UPSTREAM_FAILED,
-                    url=url,
-                    kind=failure.kind,
-                    reason=failure.reason,
-                    route=route.path,
-                )
-            else:
-                pool.succeeded(url)
-                break
-            finally:
-                self._attempt = None
-        else:
-            raise refusal
+                tls=ClientTLS(ca_file=route.upstream.ca_file),
+                max_message_size=route.max_message_size,
+                handshake_timeout=route.upstream.timeout,
+                max_header_bytes=tries.max_header_bytes,
+                reactor=clock,
+            ),
+        )
+        pool.set_session(factory, url, tries.target, tries.origin, tries.offered, tries.headers)
+        factory.protocol = UpstreamProtocol
+        # A factory per connection: no "Starting/Stopping factory" lines.
+        factory.noisy = False
+        endpoint = partial(pool.endpoint, url, factory)
+        attempt = open_upstream(factory, endpoint, route.upstream.timeout, clock)
+        self._attempt = attempt
+        return attempt.addCallbacks(
+            self._upstreamOpened, self._upstreamFailed, callbackArgs=(url,), errbackArgs=(url,)
+        )
+
+    def _upstreamOpened(self, upstream: UpstreamProtocol, url: str) -> str | None:
+        self._attempt = None
+        tries, self._upstreamTries = self._upstreamTries, None
+        assert tries is not None
+        tries.pool.succeeded(url)
         if self.state == self.STATE_CLOSED:
             upstream.sendCloseFrame(CloseCode.GOING_AWAY, b"going away")
             raise HandshakeRefused("client left while the upstream connected")
         self.upstream = upstream
         upstream.attach(self)
+        if upstream._reading and self._cork is None:
+            # The upstream's 101 is being read: the client's 101 (and what
+            # the upstream sent after its own, relayed) leaves at the end of
+            # that read (releaseAfterRead), not of the reactor turn: no
+            # timer and no turn of its own.
+            self._cork = []
+            self._releaseAfterRead = True
         chosen: str | None = upstream.websocket_protocol_in_use
-        return chosen or accept.credential.marker
+        return chosen or tries.accept.credential.marker
+
+    def _upstreamFailed(self, failure: Failure, url: str) -> Deferred[str | None] | Failure:
+        self._attempt = None
+        tries = self._upstreamTries
+        assert tries is not None
+        route = self.route
+        assert route is not None
+        error = failure.value
+        if isinstance(error, CancelledError):
+            # Cancelled by connectionLost or onOpenHandshakeTimeout: the
+            # upstream connection is closed already.
+            self._upstreamTries = None
+            if not self._handshakeExpired:
+                raise HandshakeRefused("client left while the upstream connected") from None
+            tries.pool.failed(url)
+            timeout = GatewayTimeout(
+                f"{url}: no handshake within the client's handshake_timeout "
+                f"({self.factory.policy.handshake_timeout:g} s)"
+            )
+            self.factory.events.emit(
+                events.UPSTREAM_FAILED, url=url, kind="timeout", reason=timeout.reason
+            )
+            raise timeout from None
+        if isinstance(error, GatewayTimeout):
+            tries.pool.failed(url)
+            self.factory.events.emit(
+                events.UPSTREAM_FAILED,
+                url=url,
+                kind="timeout",
+                reason=error.reason,
+                route=route.path,
+            )
+            return self._tryUpstream(error)
+        if isinstance(error, BadGateway):
+            tries.pool.failed(url)
+            self.factory.events.emit(
+                events.UPSTREAM_FAILED,
+                url=url,
+                kind=error.kind,
+                reason=error.reason,
+                route=route.path,
+            )
+            return self._tryUpstream(error)
+        self._upstreamTries = None
+        return failure
 
     def handshakeTimedOut(self) -> None:
         """
@@ -300,7 +352,17 @@ class GatewayProtocol(SecureServerProtocol):
             self._cancelAutoPingTimeoutCall()
 
     def relayControl(self, frame: bytes) -> bool:
-        return autobahn_control(self, frame) and self.relayOpen()
+        if self._cork is not None:
+            return autobahn_control(self, frame) and self.relayOpen()
+        # What Autobahn answers (a pong, the close reply) leaves once the
+        # frame is processed, as on the server's reads, not at the end of
+        # the turn: no timer (the close reply's was left with nothing to
+        # send, the close having written it).
+        self._cork = []
+        try:
+            return autobahn_control(self, frame) and self.relayOpen()
+        finally:
+            self._uncork()
 
     def relayStop(self, rest: bytes, inside: bool, so_far: int, binary: bool) -> None:
         self._scanner = None
@@ -381,6 +443,15 @@ class GatewayProtocol(SecureServerProtocol):
     def releaseWrites(self) -> None:
         """Write what was held (the server's C{_uncork}: one C{send})."""
         self._uncork()
+
+    def releaseAfterRead(self) -> None:
+        """
+        The upstream's read that opened this leg is processed: write what
+        was held since (the 101 first), in one C{send}.
+        """
+        if self._releaseAfterRead:
+            self._releaseAfterRead = False
+            self._uncork()
 
     def relayMessage(self, payload: bytes, isBinary: bool) -> bool:
         """A whole message from the upstream (when frames are not relayed)."""
@@ -590,6 +661,19 @@ class GatewayProtocol(SecureServerProtocol):
         if self.upstream is not None:
             transport: Any = self.upstream.transport
             transport.resumeProducing()
+
+
+class _Tries(NamedTuple):
+    """What L{GatewayProtocol._tryUpstream} needs for each URL it tries."""
+
+    pool: UpstreamPool
+    urls: Iterator[str]
+    target: str
+    origin: str | None
+    offered: list[str]
+    headers: dict[str, str]
+    accept: Accept
+    max_header_bytes: int
 
 
 #: Client failures the gateway holds until the upstream has closed: protocol

@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import txaio
 from autobahn.twisted.util import create_transport_details
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import (
@@ -33,6 +32,7 @@ from twisted.internet.tcp import Client as TCPClient
 from twisted.python.failure import Failure
 
 from txwssec._autobahn import copy_options_at_once, drop_connection_quietly
+from txwssec._cycles import FiredWhenOpen, FiredWithProtocol, fire
 from txwssec._wire import LazyTransportDetails, details_later, open_state, tcp_peer
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
@@ -87,6 +87,8 @@ class ClientLeg(Protocol):
     def upstreamLost(self, wasClean: bool) -> None: ...
 
     def _applicationFailed(self, hook: str, failure: Failure) -> None: ...
+
+    def releaseAfterRead(self) -> None: ...
 
 
 class UpstreamPool:
@@ -233,10 +235,21 @@ class UpstreamProtocol(SecureClientProtocol):
     _cork: list[bytes] | None = None
     #: sendCloseFrame is sending: sendData sends at once.
     _closeNow: bool = False
+    #: A read before the relay is being processed (see dataReceived).
+    _reading: bool = False
     _transport_details: Any = LazyTransportDetails(is_server=False)
 
+    #: Autobahn's Deferreds of the connection's open and end, made when
+    #: first read (nothing in the gateway reads them), as the server leg's.
+    is_open = FiredWhenOpen()
+    is_closed = FiredWithProtocol(madeWhenRead=True)
+
     def __init__(self) -> None:
-        super().__init__()
+        # SecureClientProtocol's __init__ and Autobahn's, but for is_open and
+        # is_closed (above): two txaio futures less per connection.
+        self.set_valid_events(["message"])
+        self.opened = Deferred()
+        self.closed = Deferred()
         self._held: list[tuple[bytes, bool]] = []
 
     # -- writes, held until the next turn's end (txwssec.gateway.held) ------------
@@ -314,7 +327,12 @@ class UpstreamProtocol(SecureClientProtocol):
             state["state"] = WebSocketProtocol.STATE_PROXY_CONNECTING
         state["utf8validator"] = Utf8Validator()  # Autobahn's, as before
         self.__dict__.update(state)
-        if self.openHandshakeTimeout > 0:
+        timeout = self.openHandshakeTimeout
+        covered = factory.__dict__.get("attemptTimeout")
+        if timeout > 0 and not (covered is not None and 0 < covered <= timeout):
+            # (Not under an attempt whose own timer, armed before this
+            # connection began and no later, abandons the connection first:
+            # this timer could never fire. One timer less per handshake.)
             self.openHandshakeTimeoutCall = factory._batched_timer.call_later(
                 self.openHandshakeTimeout, self.onOpenHandshakeTimeout
             )
@@ -429,7 +447,7 @@ class UpstreamProtocol(SecureClientProtocol):
         if self.trackedTimings:
             self.trackedTimings.track("onOpen")
         self._onOpen()
-        txaio.resolve(self.is_open, None)  # type: ignore[attr-defined]
+        fire(self, "is_open", None)  # (txaio.resolve, made only if read)
         if self.data:
             self.consumeData()
 
@@ -502,11 +520,25 @@ class UpstreamProtocol(SecureClientProtocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
+        if self._scanner is not None:
+            try:
+                if not feed_relay(self, data):
+                    super().dataReceived(data)
+            except Exception:
+                self._applicationFailed("relay", Failure())
+            return
+        # Before the relay (the handshake): the client leg may open during
+        # this read and hold its 101 until the read's end (releaseAfterRead).
+        self._reading = True
         try:
-            if not feed_relay(self, data):
-                super().dataReceived(data)
+            super().dataReceived(data)
         except Exception:
             self._applicationFailed("relay", Failure())
+        finally:
+            self._reading = False
+            downstream = self.downstream
+            if downstream is not None:
+                downstream.releaseAfterRead()
 
     def _applicationFailed(self, hook: str, failure: Failure) -> None:
         # The gateway's own code failed on this leg: the client gets 1011
@@ -693,6 +725,9 @@ class _Attempt:
     ) -> None:
         self._factory = factory
         self._timeout = timeout
+        # The upstream leg arms no opening-handshake timer of its own that
+        # would fire after this attempt's (UpstreamProtocol._connectionMade).
+        factory.attemptTimeout = timeout  # type: ignore[attr-defined]
         self._protocol: Any = None
         #: The attempt has its outcome (or was cancelled): later results of
         #: the steps are ignored.
