@@ -283,8 +283,8 @@ def main() -> int:
                 total = int(line.split()[1])
         if len(sys.argv) > 4:
             shutil.copy(dump, sys.argv[4])
-    handshakes = wss and scenario not in ("wssbulk", "wssecho")
-    resumed = f" ({state['reused']} of {count} resumed)" if handshakes else ""
+    counted_handshakes = wss and scenario not in ("wssbulk", "wssecho")
+    resumed = f" ({state['reused']} of {count} resumed)" if counted_handshakes else ""
     print(f"{tree} {scenario} {count}: {total} Ir, {total / count:.0f} Ir/op{resumed}")
     return 0
 
