@@ -420,18 +420,27 @@ class Utf8Validator:
     It fails as early as Autobahn's: on the first chunk that cannot begin
     valid UTF-8, including a surrogate's first two bytes at a chunk's end
     (C{ED A0} to C{ED BF}), which CPython's decoder would hold back.
+
+    A chunk of C{bytes} that is all ASCII while the decoder holds no bytes
+    back (the message so far ends on a code point) is valid without the
+    decoder: C{bytes.isascii} reads it without making a C{str} of it (for
+    64 KiB of text, the decode's copy and allocation were a fifth of the
+    server's instructions per echo).
     """
 
-    __slots__ = ("_decoder", "_total")
+    __slots__ = ("_decoder", "_pending", "_total")
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._total = 0
+        #: Whether the decoder may hold back bytes of a code point.
+        self._pending = False
 
     def reset(self) -> None:
         """A new message."""
         self._decoder.reset()
         self._total = 0
+        self._pending = False
 
     def validate(self, data: Any) -> tuple[bool, bool, int, int]:
         """
@@ -440,6 +449,11 @@ class Utf8Validator:
         @return: (valid so far, ends on a code point boundary, octets of
             this chunk, octets of the message so far), as Autobahn's.
         """
+        if not self._pending and type(data) is bytes and data.isascii():
+            size = len(data)
+            total = self._total = self._total + size
+            return True, True, size, total
+        self._pending = True
         decoder = self._decoder
         try:
             decoder.decode(data, False)
@@ -453,6 +467,7 @@ class Utf8Validator:
         self._total += len(data)
         pending = decoder.getstate()[0]
         if not pending:
+            self._pending = False
             return True, True, len(data), self._total
         if len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0:
             # A surrogate: Autobahn stops at its second byte (this chunk's last).
