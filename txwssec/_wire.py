@@ -586,6 +586,28 @@ class LazyTransportDetails:
         protocol.__dict__[_DETAILS] = details
 
 
+#: Not found (L{no_delay}).
+_UNSET = object()
+
+
+def no_delay(protocol: Any) -> bool:
+    """
+    Autobahn's C{tcpNoDelay} option of a server C{protocol} at
+    C{connectionMade}: its own (instance or class) value, else its
+    factory's, as C{_connectionMade} would copy it (L{False} without one).
+
+    Without C{TCP_NODELAY} the kernel holds the last part of a write while
+    the peer has not acknowledged the one before (Nagle), which costs the
+    server more CPU per large message (a 64 KiB echo: about 30%, see
+    bench/RESULTS.md, "Round 5: server handshake and text bulk") and delays
+    it; the server gathers its writes itself (one send per read).
+    """
+    value = getattr(protocol, "tcpNoDelay", _UNSET)
+    if value is _UNSET:
+        value = getattr(protocol.factory, "tcpNoDelay", False)
+    return bool(value)
+
+
 class FrameReader:
     """
     A mixin for an Autobahn server protocol (before it in the bases):
@@ -626,6 +648,12 @@ class FrameReader:
         line: Autobahn formats its arguments (C{hltype}, C{hlval}, colour
         codes) on every connection, whatever the log level.
 
+        On plain TCP the socket gets C{TCP_NODELAY} when Autobahn's
+        C{tcpNoDelay} option (default on) says so (L{no_delay}); Autobahn's
+        own C{connectionMade} reads the option before its C{_connectionMade}
+        copies it from the factory, so that it never set it on a server's
+        socket (an C{AttributeError} it ignores).
+
         On plain TCP the peer string is written from the transport's client
         address as Autobahn's C{peer2str} writes it, and the transport
         details (which only C{transport_details} and the TLS channel binding
@@ -636,11 +664,14 @@ class FrameReader:
             client: Any = transport.client
             self.peer = tcp_peer(client[0], client[1], len(client) != 2)
             details_later(self)
-        else:
-            details = create_transport_details(transport, True)
-            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-            self._transport_details = details
-            self.peer = details.peer
+            if no_delay(self):
+                transport.setTcpNoDelay(True)
+            self._connectionMade()
+            return
+        details = create_transport_details(transport, True)
+        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+        self._transport_details = details
+        self.peer = details.peer
         try:
             transport.setTcpNoDelay(self.tcpNoDelay)
         except Exception:  # noqa: S110 - as Autobahn: not every transport has it (Unix sockets)
