@@ -147,6 +147,63 @@ def test_utf8_validator_agrees_with_autobahn_on_random_input() -> None:
         assert verdicts(ours, chunks) == verdicts(theirs, chunks), (sample, cuts)
 
 
+def test_utf8_validator_one_instance_agrees_with_autobahn_across_messages() -> None:
+    """
+    One validator (reset between messages, as a connection's) gives
+    Autobahn's whole verdict, octet indexes included, for random messages
+    of ASCII runs and multi-byte pieces, valid or not, cut into up to six
+    chunks of bytes, bytearray or memoryview: an ASCII chunk right after a
+    chunk that ended inside a code point is not taken for valid.
+    """
+    rng = random.Random(1907)
+    pieces = [b"abc", b"x" * 40, b"\xc3", b"\xa9", b"\xe2\x82", b"\xac", b"\xed\xa0"]
+    pieces += [b"\xf0\x9f", b"\x98\x80", b"\xff", b"\x80", b"\xc0\xaf", "é€".encode()]
+    ours = Utf8Validator()
+    for _ in range(5000):
+        message = b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 8)))
+        cuts = sorted(rng.sample(range(len(message) + 1), min(len(message), rng.randrange(0, 6))))
+        kind = rng.choice([bytes, bytearray, memoryview])
+        ends = zip([0, *cuts], [*cuts, len(message)], strict=True)
+        chunks = [kind(message[a:b]) for a, b in ends]
+        theirs = AutobahnUtf8Validator()
+        ours.reset()
+        for chunk in chunks:
+            expected = theirs.validate(bytes(chunk))
+            assert ours.validate(chunk) == expected, (message, cuts, kind)
+            if not expected[0]:
+                break
+
+
+def test_utf8_validator_reads_ascii_without_the_decoder() -> None:
+    """
+    ASCII chunks at a code point boundary are valid without a decode (no
+    C{str} made of a large text message); a chunk after one that ended
+    inside a code point goes to the decoder.
+    """
+
+    class NoDecode:
+        def decode(self, data: Any, final: bool = False) -> str:
+            raise AssertionError("decoded")
+
+        def reset(self) -> None:
+            pass
+
+    validator = Utf8Validator()
+    real = validator._decoder
+    validator._decoder = NoDecode()  # type: ignore[assignment]
+    assert validator.validate(b"a" * 65536) == (True, True, 65536, 65536)
+    assert validator.validate(b"bc") == (True, True, 2, 65538)
+    validator._decoder = real
+    assert validator.validate(b"\xc3") == (True, False, 1, 65539)
+    validator._decoder = NoDecode()  # type: ignore[assignment]
+    with pytest.raises(AssertionError, match="decoded"):
+        validator.validate(b"a")
+    validator._decoder = real
+    validator.reset()
+    validator._decoder = NoDecode()  # type: ignore[assignment]
+    assert validator.validate(b"ok") == (True, True, 2, 2)
+
+
 # -- the server reads frames cut anywhere -----------------------------------
 
 

@@ -420,18 +420,27 @@ class Utf8Validator:
     It fails as early as Autobahn's: on the first chunk that cannot begin
     valid UTF-8, including a surrogate's first two bytes at a chunk's end
     (C{ED A0} to C{ED BF}), which CPython's decoder would hold back.
+
+    A chunk of C{bytes} that is all ASCII while the decoder holds no bytes
+    back (the message so far ends on a code point) is valid without the
+    decoder: C{bytes.isascii} reads it without making a C{str} of it (for
+    64 KiB of text, the decode's copy and allocation were a fifth of the
+    server's instructions per echo).
     """
 
-    __slots__ = ("_decoder", "_total")
+    __slots__ = ("_decoder", "_pending", "_total")
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._total = 0
+        #: Whether the decoder may hold back bytes of a code point.
+        self._pending = False
 
     def reset(self) -> None:
         """A new message."""
         self._decoder.reset()
         self._total = 0
+        self._pending = False
 
     def validate(self, data: Any) -> tuple[bool, bool, int, int]:
         """
@@ -440,6 +449,11 @@ class Utf8Validator:
         @return: (valid so far, ends on a code point boundary, octets of
             this chunk, octets of the message so far), as Autobahn's.
         """
+        if not self._pending and type(data) is bytes and data.isascii():
+            size = len(data)
+            total = self._total = self._total + size
+            return True, True, size, total
+        self._pending = True
         decoder = self._decoder
         try:
             decoder.decode(data, False)
@@ -453,6 +467,7 @@ class Utf8Validator:
         self._total += len(data)
         pending = decoder.getstate()[0]
         if not pending:
+            self._pending = False
             return True, True, len(data), self._total
         if len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0:
             # A surrogate: Autobahn stops at its second byte (this chunk's last).
@@ -571,6 +586,28 @@ class LazyTransportDetails:
         protocol.__dict__[_DETAILS] = details
 
 
+#: Not found (L{no_delay}).
+_UNSET = object()
+
+
+def no_delay(protocol: Any) -> bool:
+    """
+    Autobahn's C{tcpNoDelay} option of a server C{protocol} at
+    C{connectionMade}: its own (instance or class) value, else its
+    factory's, as C{_connectionMade} would copy it (L{False} without one).
+
+    Without C{TCP_NODELAY} the kernel holds the last part of a write while
+    the peer has not acknowledged the one before (Nagle), which costs the
+    server more CPU per large message (a 64 KiB echo: about 30%, see
+    bench/RESULTS.md, "Round 5: server handshake and text bulk") and delays
+    it; the server gathers its writes itself (one send per read).
+    """
+    value = getattr(protocol, "tcpNoDelay", _UNSET)
+    if value is _UNSET:
+        value = getattr(protocol.factory, "tcpNoDelay", False)
+    return bool(value)
+
+
 class FrameReader:
     """
     A mixin for an Autobahn server protocol (before it in the bases):
@@ -611,6 +648,12 @@ class FrameReader:
         line: Autobahn formats its arguments (C{hltype}, C{hlval}, colour
         codes) on every connection, whatever the log level.
 
+        On plain TCP the socket gets C{TCP_NODELAY} when Autobahn's
+        C{tcpNoDelay} option (default on) says so (L{no_delay}); Autobahn's
+        own C{connectionMade} reads the option before its C{_connectionMade}
+        copies it from the factory, so that it never set it on a server's
+        socket (an C{AttributeError} it ignores).
+
         On plain TCP the peer string is written from the transport's client
         address as Autobahn's C{peer2str} writes it, and the transport
         details (which only C{transport_details} and the TLS channel binding
@@ -621,11 +664,14 @@ class FrameReader:
             client: Any = transport.client
             self.peer = tcp_peer(client[0], client[1], len(client) != 2)
             details_later(self)
-        else:
-            details = create_transport_details(transport, True)
-            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-            self._transport_details = details
-            self.peer = details.peer
+            if no_delay(self):
+                transport.setTcpNoDelay(True)
+            self._connectionMade()
+            return
+        details = create_transport_details(transport, True)
+        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+        self._transport_details = details
+        self.peer = details.peer
         try:
             transport.setTcpNoDelay(self.tcpNoDelay)
         except Exception:  # noqa: S110 - as Autobahn: not every transport has it (Unix sockets)

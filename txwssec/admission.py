@@ -13,6 +13,7 @@ from functools import lru_cache
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from txwssec._defer import is_deferred
 from txwssec.errors import ServiceUnavailable, TooManyRequests
 from txwssec.limits import ADDRESSES_REMEMBERED, FailureWindow, TokenBucket, address_key
 from txwssec.logs import bounded
@@ -136,7 +137,7 @@ class Admission:
         host = address_key(host)
         if self.policy.auth_failures_per_minute:
             wait = self.store.blocked_for(host, now)
-            if isinstance(wait, Deferred):
+            if is_deferred(wait):
                 return wait.addCallback(self._blocked, host).addCallback(self._count, host)
             self._blocked(wait, host)
         return self._count(None, host)
@@ -154,7 +155,7 @@ class Admission:
         if policy.max_connections and store.total(ADDRESS) >= policy.max_connections:
             raise ServiceUnavailable("max_connections reached", counter="limit.max_connections")
         counted = store.acquire(ADDRESS, host, policy.max_connections_per_ip)
-        if isinstance(counted, Deferred):
+        if is_deferred(counted):
             return counted.addCallback(self._counted, host)
         if not counted:
             self._counted(counted, host)
@@ -199,7 +200,7 @@ class Admission:
         else:
             host = address_key(host)
             counted = self.store.acquire(CONSUMER, key, cap, along=(ADDRESS, host, per_ip))
-        if isinstance(counted, Deferred):
+        if is_deferred(counted):
             counting = counted.addCallback(self._consumerCounted, route, consumer, now)
             return counting.addErrback(self._addressFull, host or "")
         return self._consumerCounted(counted, route, consumer, now)

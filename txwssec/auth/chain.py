@@ -4,11 +4,12 @@ Running a route's authentication methods in order.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 
+from txwssec._defer import is_waiting
 from txwssec.errors import (
     Forbidden,
     HandshakeRefused,
@@ -48,7 +49,7 @@ def _tryFrom(
 ) -> Accept | Deferred[Accept]:
     for index in range(start, len(authenticators)):
         verdict: Any = authenticators[index].authenticate(request)
-        if isinstance(verdict, Deferred | Coroutine):
+        if is_waiting(verdict):
             waiting: Deferred[Verdict] = ensureDeferred(verdict)
             return waiting.addCallback(_decided, authenticators, index, request)
         if verdict is not None:

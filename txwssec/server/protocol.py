@@ -33,6 +33,7 @@ from txwssec._autobahn import (
     drop_connection_quietly,
 )
 from txwssec._cycles import FiredWhenOpen, FiredWithProtocol
+from txwssec._defer import is_deferred, is_waiting
 from txwssec._ends import end_fields
 from txwssec._hooks import run_hook, transport_details
 from txwssec._wire import stop_read_ahead
@@ -160,7 +161,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             subprotocol = self.secureHandshake(request)
         except Exception:
             self._deny(Failure())
-        if isinstance(subprotocol, Deferred):
+        if is_deferred(subprotocol):
             self._pending = subprotocol
             return subprotocol.addBoth(self._settled).addErrback(self._deny)
         return subprotocol
@@ -241,7 +242,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             accept = redeem(factory.admission.store, route, handshake, factory.clock.seconds())
         if accept is None:
             accept = authenticate(route.authenticators, handshake)
-        if isinstance(accept, Deferred):
+        if is_deferred(accept):
             self._authenticating = True
             return accept.addCallback(self._authenticated, handshake)
         return self._authenticated(accept, handshake)
@@ -267,7 +268,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
         admitted = factory.admission.admit_consumer(
             route, principal.consumer, factory.clock.seconds(), self._admitted_host
         )
-        if isinstance(admitted, Deferred):
+        if is_deferred(admitted):
             return admitted.addCallback(self._consumerAdmitted, handshake, accept)
         return self._consumerAdmitted(admitted, handshake, accept)
 
@@ -286,7 +287,7 @@ class SecureServerProtocol(HandshakeIO, TrafficFlow, SessionRefresh, TicketIssue
             self._seal, self._sealHello = sealed
             self._outgoing = self._seal.outgoing
         subprotocol = self.negotiate(handshake, accept)
-        if isinstance(subprotocol, Deferred | Coroutine):
+        if is_waiting(subprotocol):
             negotiated: Deferred[str | None] = ensureDeferred(subprotocol)
             return negotiated.addCallback(self._startSession, accept, consumer_buckets)
         return self._startSession(subprotocol, accept, consumer_buckets)

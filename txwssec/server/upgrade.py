@@ -30,9 +30,10 @@ from urllib.parse import parse_qs
 
 from autobahn.websocket.protocol import _is_same_origin, _url_to_origin
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from txwssec._defer import is_deferred
 
 _log = Logger()
 
@@ -272,7 +273,7 @@ class UpgradeReader:
         except Exception as error:
             self._onConnectFailed(error)
             return
-        if isinstance(result, Deferred):
+        if is_deferred(result):
             result.addCallbacks(protocol.succeedHandshake, self._forwardError)
             return
         try:
