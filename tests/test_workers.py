@@ -313,6 +313,27 @@ def test_held_by_counts_only_the_sessions_it_opened() -> None:
 # -- through twistd ---------------------------------------------------------------
 
 
+def listening(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:C{port} (Linux's /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for row in rows if row[1] == local and row[3] == "0A")
+
+
+def test_each_worker_listens_once_the_supervisor_says_serving(
+    tmp_path: Path, running: list[Process]
+) -> None:
+    """
+    A worker answers ready only once its listeners are in the kernel's
+    SO_REUSEPORT group: when the supervisor says "2 workers serving", both
+    workers' sockets listen on each port (the supervisor's reservation,
+    bound but not listening, is not one of them).
+    """
+    server = start(running, tmp_path, free_admin_port())
+    assert (listening(server.port), listening(server.tls_port)) == (2, 2)
+    assert server.process.stop() == 0
+
+
 def test_two_workers_serve_ws_and_wss_and_admin_covers_both(
     tmp_path: Path, running: list[Process]
 ) -> None:
