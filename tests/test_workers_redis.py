@@ -22,7 +22,7 @@ import jwt
 import pytest
 from processes import TIMEOUT, Process, free_port, twistd
 from redisserver import RedisServer, redis_server  # noqa: F401
-from test_workers import JWT_SECRET, Server, close_code, config_text, wait_until
+from test_workers import JWT_SECRET, Server, close_code, config_text, echoed, wait_until
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
 
@@ -73,12 +73,6 @@ def start(
     started.append(process)
     process.wait_for("wssec 2 workers serving")
     return Server(process, admin)
-
-
-def echoed(client: ClientConnection) -> ClientConnection:
-    client.send("hi")
-    assert client.recv(TIMEOUT) == "hi"
-    return client
 
 
 def listed(server: Server, count: int) -> list[dict[str, Any]]:
