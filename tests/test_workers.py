@@ -653,6 +653,16 @@ def capturedLogs(lines: list[str]) -> Iterator[None]:
         globalLogPublisher.removeObserver(observer)
 
 
+def reopened_by(log: Path) -> set[int]:
+    """The worker pids whose "Log file reopened" line is in the JSON C{log}."""
+    records = [json.loads(line) for line in log.read_text().splitlines() if line]
+    return {
+        r["worker_pid"]
+        for r in records
+        if r.get("message") == "Log file reopened on SIGUSR1" and "worker_pid" in r
+    }
+
+
 def test_one_json_log_for_every_worker_reopened_on_sigusr1(
     tmp_path: Path, running: list[Process]
 ) -> None:
@@ -676,6 +686,8 @@ def test_one_json_log_for_every_worker_reopened_on_sigusr1(
     log.rename(tmp_path / "wssec.json.1")
     process.process.send_signal(signal.SIGUSR1)
     wait_until(log.exists)
+    # Each worker says so in the new file once it writes there.
+    wait_until(lambda: reopened_by(log) >= set(server.pids().values()))
     for client in clients:
         client.close()
     wait_until(lambda: log.read_text().count('"event":"session.closed"') == len(clients))

@@ -125,6 +125,10 @@ def test_destination(file: str, options: object, expected: str | None) -> None:
 
 
 WORKER_LINE = re.compile(r"\[txwssec\.server#info worker=(\d) pid=(\d+)\] .*accepted")
+#: A worker's line once it has reopened the log on SIGUSR1.
+REOPENED = re.compile(
+    r"\[txwssec\.workers\.logs#info worker=\d pid=(\d+)\] Log file reopened on SIGUSR1"
+)
 
 
 def test_workers_write_one_text_log_rotated_on_sigusr1(tmp_path: Path) -> None:
@@ -149,6 +153,10 @@ def test_workers_write_one_text_log_rotated_on_sigusr1(tmp_path: Path) -> None:
         assert {pid for _, pid in found} == set(server.pids().values())
         process.process.send_signal(signal.SIGUSR1)
         wait_until((tmp_path / "wssec.log.1").exists)
+        # Each worker says so in the new file once it writes there.
+        pids = set(server.pids().values())
+        wait_until(lambda: {int(pid) for pid in REOPENED.findall(log.read_text())} == pids)
+        assert "Log file rotated on SIGUSR1" in log.read_text()  # the supervisor
         # Both workers write the new file (and the supervisor: see below).
         more = spread(server)
         wait_until(lambda: len(WORKER_LINE.findall(log.read_text())) == len(more))

@@ -13,7 +13,10 @@ about 110 us of the supervisor's CPU per line, a line per session).
 
 SIGUSR1: the supervisor reopens C{[log] file} (after logrotate moved it)
 or rotates twistd's C{--logfile} as twistd does (C{.1}, C{.2}...), then
-passes SIGUSR1 on: each worker reopens the file.
+passes SIGUSR1 on: each worker reopens the file. Each process then writes
+C{Log file reopened on SIGUSR1} (C{rotated}, for the supervisor with
+twistd's C{--logfile}) as the new file's first line of its own, so an
+operator (or a test) sees that every process has moved to the new file.
 
 With C{--syslog} or C{--logger} (no file that several processes can
 share), the workers' lines go to the supervisor as before
@@ -26,11 +29,13 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 
 from txwssec.logs import LineFile, textLogObserver, twistdLogPath
 from txwssec.ops.jsonlog import JSONEventObserver, jsonFileLogObserver
 from txwssec.ops.settings import LogSettings
+
+_log = Logger(namespace="txwssec.workers.logs")
 
 #: L{destination}'s answer for the standard output.
 STDOUT = "-"
@@ -77,7 +82,8 @@ def observer(
 def on_usr1(out: LineFile, rotate: bool, then: Callable[[], None] | None = None) -> Any:
     """
     The SIGUSR1 handler of C{out}: reopen (C{[log] file}, and in a worker)
-    or rotate (twistd's C{--logfile}, in the supervisor), then C{then}.
+    or rotate (twistd's C{--logfile}, in the supervisor), say so in the new
+    file, then C{then}.
     """
 
     def handler(signum: int, frame: Any) -> None:
@@ -88,6 +94,7 @@ def on_usr1(out: LineFile, rotate: bool, then: Callable[[], None] | None = None)
                 out.rotate()
             else:
                 out.reopen()
+            _log.info("Log file {action} on SIGUSR1", action="rotated" if rotate else "reopened")
             if then is not None:
                 then()
 
