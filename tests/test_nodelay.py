@@ -8,17 +8,23 @@ first, then its factory's, as Autobahn's C{_connectionMade} copies options.
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import pytest
 import pytest_twisted
 from conftest import aio
 from test_upgrade_reader import exchange, request
+from twisted.internet import error
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 
 from txwssec import AnonymousAuthenticator, RoutePolicy, SecureServerFactory, ServerPolicy
 from txwssec._wire import no_delay
 from txwssec.apps.echo import EchoProtocol
+from txwssec.client import SecureClientFactory, SecureClientProtocol
+from txwssec.gateway.upstream import UpstreamProtocol, _Attempt, upstream_endpoint
 
 #: TCP_NODELAY of each server socket at onOpen.
 SEEN: list[int] = []
@@ -79,3 +85,61 @@ def test_no_delay_reads_the_option_as_autobahn_copies_it() -> None:
     own.factory = made
     made.tcpNoDelay = False
     assert no_delay(own) is True  # the class's value wins
+
+
+# -- the client and the gateway's upstream leg ---------------------------------------
+
+
+class NoDelayClient(SecureClientProtocol):
+    """Records its socket's TCP_NODELAY once open."""
+
+    seen: list[int] = []
+
+    def onOpen(self) -> None:
+        sock = self.transport.getHandle()
+        NoDelayClient.seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        self.sendClose(1000)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "options,expected", [({}, 1), ({"tcpNoDelay": False}, 0)], ids=["default", "off"]
+)
+async def test_client_nodelay_as_the_option_says(
+    serve: Any, options: dict[str, Any], expected: int
+) -> None:
+    """txwssec's client sets TCP_NODELAY as Autobahn's tcpNoDelay option says."""
+    NoDelayClient.seen.clear()
+    port = serve(factory())
+    client = SecureClientFactory(f"ws://127.0.0.1:{port}/echo")
+    client.protocol = NoDelayClient
+    if options:
+        client.setProtocolOptions(**options)
+    protocol = await client.connect()
+    assert await protocol.closed == (True, 1000, None)
+    assert NoDelayClient.seen == [expected]
+
+
+def test_gateway_upstream_leg_nodelay() -> None:
+    """The gateway's upstream connection gets TCP_NODELAY (the option's default)."""
+    reactor = EPollReactor()
+    silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    try:
+        url = f"ws://127.0.0.1:{silent.getHost().port}/"
+        client = SecureClientFactory(url, handshake_timeout=5, reactor=reactor)
+        client.protocol = UpstreamProtocol
+        endpoint = upstream_endpoint(client, 5)
+        attempt = _Attempt(client, lambda: endpoint, 5, reactor)
+        end = time.monotonic() + 5
+        while attempt._protocol is None and time.monotonic() < end:
+            reactor.iterate(0.01)
+        sock = attempt._protocol.transport.getHandle()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        attempt.result.addErrback(lambda failure: None)  # BadGateway: dropped below
+        attempt._protocol.transport.abortConnection()
+        reactor.iterate(0.01)
+    finally:
+        silent.stopListening()
+        for selectable in reactor.removeAll():
+            selectable.connectionLost(Failure(error.ConnectionDone()))
+        reactor.waker.connectionLost(None)

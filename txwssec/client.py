@@ -20,6 +20,7 @@ read best together.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from txwssec._cycles import FiredWithProtocol
 from txwssec._hooks import OpenOnly, run_hook, transport_details
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
+from txwssec._wire import no_delay
 from txwssec.errors import CloseCode
 from txwssec.messages import sealing
 from txwssec.policy import DEFAULT_MAX_MESSAGE_SIZE
@@ -206,6 +208,12 @@ class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[m
 
     def _connectionMade(self) -> None:
         copy_options_at_once(self, WebSocketClientProtocol.CONFIG_ATTRS)
+        if no_delay(self):
+            # Autobahn's connectionMade sets it before the options are
+            # copied (an AttributeError it ignores): see _wire.no_delay.
+            transport: Any = self.transport
+            with contextlib.suppress(Exception):  # as Autobahn: a Unix socket has none
+                transport.setTcpNoDelay(True)
         super()._connectionMade()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
