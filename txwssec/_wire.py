@@ -123,12 +123,14 @@ def unmask(data: Any, mask: bytes) -> bytes:
     )
 
 
-def read_ahead(transport: Any) -> None:
+def read_ahead(transport: Any, size: int = READ_SIZE) -> None:
     """
-    Have a plain TCP C{transport} read up to L{READ_SIZE} bytes per
-    C{recv} instead of Twisted's 64 KiB, as asyncio's and uvloop's
+    Have a plain TCP C{transport} read up to C{size} (L{READ_SIZE}) bytes
+    per C{recv} instead of Twisted's 64 KiB, as asyncio's and uvloop's
     transports do (256 KiB): a 64 KiB message and its neighbours arrive in
-    one read, one C{dataReceived}, one write of the answers.
+    one read, one C{dataReceived}, one write of the answers. (The TLS
+    transport, L{txwssec._tlswire}, keeps Twisted's size and uses this for
+    the close at the end of the read.)
 
     Twisted reads C{bufferSize}, which is also the size of unsent data
     from which it pauses a streaming producer (the server's backpressure):
@@ -147,7 +149,7 @@ def read_ahead(transport: Any) -> None:
 
     def doRead() -> Any:
         try:
-            data = recv(READ_SIZE)
+            data = recv(size)
         except OSError as error:
             if error.args[0] == EWOULDBLOCK:
                 return None
