@@ -169,3 +169,51 @@ async def test_details_made_once_at_open(
     answer = await _connect(serve, folder, EchoProtocol, "alice")
     assert answer == b"HTTP/1.1 101 Switching Protocols|\x88\x02\x03\xe8"
     assert calls == ["made"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_transport_attributes_found_without_a_miss(
+    serve: Any, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    What a wss connection asks of its TLS transport that Twisted's TLS
+    protocol does not have itself (C{setTcpNoDelay}, C{resumeProducing},
+    zope.interface's C{__conform__} at the client's FIN, L{read_ahead}'s
+    C{doRead}) is found without ProtocolWrapper's C{__getattr__} (an
+    AttributeError and a Python call each time).
+    """
+    from twisted.protocols import policies
+
+    missed: list[str] = []
+    original = policies.ProtocolWrapper.__getattr__
+
+    def recorded(self: Any, name: str) -> Any:
+        missed.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(policies.ProtocolWrapper, "__getattr__", recorded)
+    answer = await _connect(serve, folder, EchoProtocol, None)
+    assert answer == b"HTTP/1.1 101 Switching Protocols|\x88\x02\x03\xe8"
+    assert missed == []
+
+
+def test_tls_transport_forwards_to_tcp(folder: Path) -> None:
+    """The forwarded calls reach the TCP transport, as Twisted's __getattr__ did."""
+    from unittest import mock
+
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+
+    tcp = mock.Mock(spec=["setTcpNoDelay", "pauseProducing", "resumeProducing"])
+    factory = ServerTLSFactory(test_tls_wire.context(folder), False, mock.Mock())
+    protocol = factory.protocol(factory, mock.Mock(), False)
+    protocol.transport = tcp
+    protocol.setTcpNoDelay(True)
+    protocol.pauseProducing()
+    protocol.resumeProducing()
+    assert tcp.mock_calls == [
+        mock.call.setTcpNoDelay(True),
+        mock.call.pauseProducing(),
+        mock.call.resumeProducing(),
+    ]
+    assert protocol.__conform__ is None
+    assert IHalfCloseableProtocol(protocol, None) is None

@@ -350,6 +350,34 @@ class ServerTLSProtocol(BufferingTLSTransport):
             self._writeNow()
         self._flushSendBIO()
 
+    # What ProtocolWrapper's __getattr__ finds on the TCP transport, found
+    # without its miss (an AttributeError and a Python call each): the
+    # calls every connection makes on its TLS transport.
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        """The TCP transport's."""
+        transport: Any = self.transport
+        transport.setTcpNoDelay(enabled)
+
+    def pauseProducing(self) -> None:
+        """The TCP transport's."""
+        transport: Any = self.transport
+        transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The TCP transport's."""
+        transport: Any = self.transport
+        transport.resumeProducing()
+
+    @property
+    def __conform__(self) -> Any:
+        """
+        The TCP transport's, if it has one (Twisted's has none): asked by
+        zope.interface whenever the TLS protocol is adapted, as Twisted's
+        TCP transport does at the client's FIN (C{readConnectionLost}).
+        """
+        return getattr(self.transport, "__conform__", None)
+
     def _writeNow(self) -> None:
         """
         What the aggregator holds, written now instead of on the next

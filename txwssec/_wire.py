@@ -379,7 +379,7 @@ def _closed(transport: Any, stalled: Callable[[], object]) -> None:
 
 def stop_read_ahead(transport: Any) -> None:
     """Forget L{read_ahead}'s C{doRead} (the connection is gone)."""
-    if transport is not None and getattr(transport.doRead, "__name__", "") == "doRead":
+    if type(transport) is TCPServer and getattr(transport.doRead, "__name__", "") == "doRead":
         transport.__dict__.pop("doRead", None)
 
 
@@ -462,6 +462,9 @@ class Utf8Validator:
             return False, False, len(data) - 1, self._total - 1
         return True, False, len(data), self._total
 
+
+#: An option a protocol does not have (yet).
+_NO_OPTION = object()
 
 #: Where L{LazyTransportDetails} keeps a protocol's transport details.
 _DETAILS = "_transport_details_made"
@@ -653,10 +656,16 @@ class FrameReader:
             details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
             self._transport_details = details
             self.peer = details.peer
-        try:
-            transport.setTcpNoDelay(self.tcpNoDelay)
-        except Exception:  # noqa: S110 - as Autobahn: not every transport has it (Unix sockets)
-            pass
+        # As Autobahn, before the options are copied (_connectionMade): the
+        # protocol has no tcpNoDelay yet (Autobahn's call then raises an
+        # AttributeError it ignores), so TCP_NODELAY is not set; found
+        # without raising it.
+        nodelay = getattr(self, "tcpNoDelay", _NO_OPTION)
+        if nodelay is not _NO_OPTION:
+            try:
+                transport.setTcpNoDelay(nodelay)
+            except Exception:  # noqa: S110 - as Autobahn: not every transport has it (Unix sockets)
+                pass
         self._connectionMade()
 
     def _connectionMade(self) -> None:
