@@ -194,6 +194,12 @@ class ServerTLSProtocol(BufferingTLSTransport):
         if self._held is not None:  # re-entered: the outer call sends
             BufferingTLSTransport.loseConnection(self)
             return
+        # From now on the TCP transport's reads are read_ahead's (Twisted's
+        # size), for the TCP close at the end of the read that brings the
+        # client's close_notify (_loseTCP); undone in connectionLost. Not
+        # sooner: it costs a little on every read.
+        if self.connected and not self.disconnecting:
+            read_ahead(self.transport, self.transport.bufferSize)  # type: ignore[union-attr]
         held: list[bytes] = []
         self._held = held
         try:
@@ -223,9 +229,6 @@ class ServerTLSProtocol(BufferingTLSTransport):
             if cacheable:
                 _provides[key] = self.__dict__.get("__provides__")
         Protocol.makeConnection(self, transport)
-        # Twisted's read size; the TCP close at the end of the read
-        # (_loseTCP); undone in connectionLost.
-        read_ahead(transport, transport.bufferSize)
         self.factory.registerProtocol(self)
         if self._connectWrapped:
             ProtocolWrapper.makeConnection(self, transport)
