@@ -142,36 +142,6 @@ async def test_details_as_autobahns(serve: Any, folder: Path, autobahns: Any, ce
 
 
 @pytest_twisted.ensureDeferred
-async def test_details_made_once_at_open(
-    serve: Any, folder: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """
-    One C{create_transport_details} per connection, at open (the TLS
-    handshake done), and the channel binding and the certificate not read
-    a second time.
-    """
-    calls: list[str] = []
-
-    def counted(name: str, function: Any) -> Any:
-        def call(*args: Any) -> Any:
-            calls.append(name)
-            return function(*args)
-
-        return call
-
-    monkeypatch.setattr(
-        txwssec._wire,
-        "create_transport_details",
-        counted("made", txwssec._wire.create_transport_details),
-    )
-    for name in ("transport_channel_id", "extract_peer_certificate"):
-        monkeypatch.setattr(txwssec._hooks, name, counted(name, getattr(txwssec._hooks, name)))
-    answer = await _connect(serve, folder, EchoProtocol, "alice")
-    assert answer == b"HTTP/1.1 101 Switching Protocols|\x88\x02\x03\xe8"
-    assert calls == ["made"]
-
-
-@pytest_twisted.ensureDeferred
 async def test_tls_transport_attributes_found_without_a_miss(
     serve: Any, folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

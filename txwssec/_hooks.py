@@ -26,7 +26,7 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 
-from txwssec._wire import details_at_open, details_pending
+from txwssec._wire import details_pending
 from txwssec.errors import CloseCode
 
 
@@ -64,13 +64,9 @@ def transport_details(protocol: Any) -> None:
     the TLS channel binding and the peer certificate (complete only once
     the TLS handshake is), so that txwssec can call C{onOpen} itself.
     Nothing while the details are still to be made (plain TCP, see
-    L{txwssec._wire.details_later}): there is nothing of TLS to note; on
-    TLS whose details were left to open, they are made now, whole.
+    L{txwssec._wire.details_later}): there is nothing of TLS to note.
     """
     if details_pending(protocol):
-        return
-    if details_at_open(protocol):
-        protocol._transport_details  # noqa: B018 - made when read
         return
     details = protocol._transport_details
     if details.is_secure:

@@ -39,7 +39,6 @@ from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.posixbase import _DisconnectSelectableMixin
 from twisted.internet.tcp import Client as TCPClient
 from twisted.internet.tcp import Server as TCPServer
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python import log
 
 try:  # Autobahn's NVX masker, when it was built (CFFI); in place, no copies
@@ -528,20 +527,13 @@ def tcp_peer(host: str, port: int, ipv6: bool) -> str:
     return f"{'tcp6' if ipv6 else 'tcp4'}:{host}:{port}"
 
 
-#: Transport details to be made at open (L{details_later}).
-_AT_OPEN = "at open"
-
-
-def details_later(protocol: Any, at_open: bool = False) -> None:
+def details_later(protocol: Any) -> None:
     """
     Leave C{protocol}'s transport details (a L{LazyTransportDetails}) to be
     made when first read: on plain TCP, where there is no TLS channel
-    binding or certificate to note at open; with C{at_open}, on TLS, where
-    they are made at open at the latest (L{details_at_open}), once the TLS
-    handshake has given them their channel binding and peer certificate,
-    which cannot be read once the TLS connection is gone.
+    binding or certificate to note at open.
     """
-    protocol.__dict__[_DETAILS] = _AT_OPEN if at_open else None
+    protocol.__dict__[_DETAILS] = None
 
 
 def details_pending(protocol: Any) -> bool:
@@ -550,14 +542,6 @@ def details_pending(protocol: Any) -> bool:
     L{details_later}).
     """
     return protocol.__dict__.get(_DETAILS, _DETAILS) is None
-
-
-def details_at_open(protocol: Any) -> bool:
-    """
-    Whether C{protocol}'s transport details are to be made at open (see
-    L{details_later}); reading them makes them.
-    """
-    return protocol.__dict__.get(_DETAILS) is _AT_OPEN
 
 
 class LazyTransportDetails:
@@ -579,7 +563,7 @@ class LazyTransportDetails:
             return self
         found = protocol.__dict__
         details = found.get(_DETAILS, self)
-        if details is None or details is _AT_OPEN:
+        if details is None:
             details = create_transport_details(protocol.transport, self._is_server)
             details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
             found[_DETAILS] = details
@@ -635,22 +619,13 @@ class FrameReader:
         On plain TCP the peer string is written from the transport's client
         address as Autobahn's C{peer2str} writes it, and the transport
         details (which only C{transport_details} and the TLS channel binding
-        read) are made when first read (L{LazyTransportDetails}). On TLS
-        over TCP likewise, but made at open at the latest (Autobahn: made
-        here, before the TLS handshake, and their channel binding and peer
-        certificate read again at open).
+        read) are made when first read (L{LazyTransportDetails}).
         """
         transport = self.transport
         if type(transport) is TCPServer:
             client: Any = transport.client
             self.peer = tcp_peer(client[0], client[1], len(client) != 2)
             details_later(self)
-        elif (
-            isinstance(transport, TLSMemoryBIOProtocol) and type(transport.transport) is TCPServer
-        ):
-            client = transport.transport.client
-            self.peer = tcp_peer(client[0], client[1], len(client) != 2)
-            details_later(self, at_open=True)
         else:
             details = create_transport_details(transport, True)
             details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
