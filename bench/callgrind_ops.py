@@ -21,7 +21,10 @@ it), ``gwecho`` (64 B text echoes on one connection, 4 in flight);
 ``wssr`` (the same, each offering the TLS session of the one before: all
 resumed but the first warm-up), ``wss12`` and ``wssr12`` (the same with a
 TLS 1.2 client; the listener then takes ``min_version = "1.2"``),
-``wssbulk`` (64 KiB binary echoes over TLS 1.3), ``wssecho`` (64 B text
+``wssn`` (as ``wss``, but the client ends as picows, bench.py's "wss hs"
+client, does: its close_notify after the server's close frame, then it
+waits for the server's FIN), ``wssbulk`` (64 KiB binary echoes over TLS
+1.3), ``wssecho`` (64 B text
 echoes over TLS 1.3 on one connection, 4 in flight, like ``gwecho``).
 The wss handshakes are bench/loadgen.py's resuming client's (memory BIOs
 on a blocking socket): TLS handshake, the client's Finished and the
@@ -162,6 +165,19 @@ def wss_handshakes(
             if buffer[:4] != b"\x88\x02\x03\xe8":
                 raise SystemExit(f"expected a close 1000, got {buffer[:4]!r}")
             reused += tls.session_reused
+            if state.get("notify"):
+                # picows' ending (bench.py's "wss hs"): its close_notify,
+                # then the server's FIN
+                try:
+                    tls.unwrap()
+                except ssl.SSLWantReadError:  # pragma: no cover - server's not read yet
+                    pass
+                raw.sendall(outgoing.read())
+                try:
+                    while raw.recv(262144):
+                        pass
+                except ConnectionResetError:  # the server's close timer, under valgrind
+                    pass
             if resume:
                 session = tls.session
     state["session"], state["reused"] = session, reused
@@ -245,7 +261,11 @@ def main() -> int:
         path = "/gw" if gateway else "/jwt-hs" if jwt else "/key"
         url = f"{'wss' if wss else 'ws'}://{HOST}:{port}{path}"
         context = tls_client(env.ca, "1.2" if scenario.endswith("12") else "1.3")
-        state: dict[str, Any] = {"resume": scenario.startswith("wssr"), "reused": 0}
+        state: dict[str, Any] = {
+            "resume": scenario.startswith("wssr"),
+            "reused": 0,
+            "notify": scenario == "wssn",
+        }
 
         def run(n: int) -> None:
             if scenario == "gwecho":

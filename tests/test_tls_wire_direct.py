@@ -361,3 +361,95 @@ async def test_tickets_and_first_answer_in_one_send(
     assert ours == theirs
     assert ours[0] == (b"echo:hello", "TCP close")
     assert sends == [1, 1]  # the flight; the tickets with the answer
+
+
+def _server_closes_client_notifies(port: int, folder: Path) -> tuple[bytes, str]:
+    """
+    As picows, bench.py's "wss hs" client: the server closes (its last
+    write and close_notify), the client answers with its close_notify and
+    waits for the server's TCP close.
+    """
+    wire = Wire(port, folder)
+    try:
+        wire.handshake()
+        wire.raw.sendall(wire.records(b"close\n"))
+        answer = b""
+        while True:  # until the server's close_notify (read() gives b"" after it)
+            wire.incoming.write(wire.raw.recv(65536))
+            try:
+                while chunk := wire.tls.read(65536):
+                    answer += chunk
+            except ssl.SSLWantReadError:
+                continue
+            break
+        wire.raw.sendall(wire.close_notify())
+        return answer, wire.ending()[1]
+    finally:
+        wire.close()
+
+
+@pytest.mark.parametrize(
+    ("script", "expected", "waits"),
+    [
+        (_server_closes_client_notifies, (b"bye", "TCP close"), False),
+        # the client's close_notify first: the server's answering one is
+        # written on the TCP transport's next turn (Twisted's), then closed
+        (_echo_then("close_notify"), (b"echo:hello", "TCP close"), True),
+    ],
+    ids=["server's close_notify first", "client's close_notify first"],
+)
+@pytest_twisted.ensureDeferred
+async def test_tcp_closed_in_the_read_of_the_last_close_notify(
+    folder: Path,
+    listen: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    script: Script,
+    expected: tuple[bytes, str],
+    waits: bool,
+) -> None:
+    """
+    Once both close_notify are exchanged and nothing is left to send, the
+    TCP connection is closed at the end of the read that brought the
+    client's (L{txwssec._wire.lose_connection}), where Twisted's TCP
+    transport first waits for the socket to be writable (two C{epoll_ctl},
+    an event, an empty C{send}); what the client and the application see
+    is Twisted's.
+    """
+    from twisted.internet import abstract
+
+    waited: list[str] = []  # the TLS protocol class of each TCP transport that waits
+    original = abstract.FileDescriptor.startWriting
+
+    def counted(self: Any) -> None:
+        waited.append(type(getattr(self, "protocol", None)).__name__)
+        original(self)
+
+    monkeypatch.setattr(abstract.FileDescriptor, "startWriting", counted)
+    theirs, ours = await both(folder, listen, script)
+    assert ours == theirs
+    assert ours[0] == expected
+    assert "BufferingTLSTransport" in waited  # Twisted's
+    assert ("ServerTLSProtocol" in waited) is waits
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_read_left_as_twisted_after_the_close(folder: Path, listen: Any) -> None:
+    """
+    The TCP transport's read (L{txwssec._wire.read_ahead}, at Twisted's
+    read size, for the close at the end of the read) is forgotten when the
+    connection is lost: no reference cycle left through the transport.
+    """
+    application = RecordedFactory()
+    port = await listen(ServerTLSFactory(context(folder), False, application))
+    result = await aio(asyncio.to_thread(exchange, port, folder, [b"close\n"]))
+    assert result == (b"bye", "close_notify")
+
+    async def lost() -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while not application.protocols or application.protocols[0].seen[-1][0] != "lost":
+                await asyncio.sleep(0.01)
+
+    await aio(lost())
+    tcp = application.protocols[0].transport.transport
+    assert "doRead" not in tcp.__dict__
+    assert tcp.bufferSize == 2**16  # Twisted's read size, unchanged

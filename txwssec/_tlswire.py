@@ -54,13 +54,19 @@ from OpenSSL import SSL
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IHandshakeListener, IListeningPort
-from twisted.internet.protocol import Protocol
+from twisted.internet.main import CONNECTION_LOST
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import (
+    BufferingTLSTransport,
+    TLSMemoryBIOFactory,
+    TLSMemoryBIOProtocol,
+    _representsEOF,
+)
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
-from txwssec._wire import write_at_once
+from txwssec._wire import lose_connection, read_ahead, stop_read_ahead, write_at_once
 
 #: Twisted's sizes: a read of OpenSSL's plaintext, a record's payload.
 _RECV = 2**15
@@ -188,6 +194,12 @@ class ServerTLSProtocol(BufferingTLSTransport):
         if self._held is not None:  # re-entered: the outer call sends
             BufferingTLSTransport.loseConnection(self)
             return
+        # From now on the TCP transport's reads are read_ahead's (Twisted's
+        # size), for the TCP close at the end of the read that brings the
+        # client's close_notify (_loseTCP); undone in connectionLost. Not
+        # sooner: it costs a little on every read.
+        if self.connected and not self.disconnecting:
+            read_ahead(self.transport, self.transport.bufferSize)  # type: ignore[union-attr]
         held: list[bytes] = []
         self._held = held
         try:
@@ -225,6 +237,51 @@ class ServerTLSProtocol(BufferingTLSTransport):
         # Twisted asks OpenSSL for a first handshake step here: a server
         # with no ClientHello yet writes nothing and wants to read, and
         # the first bytes received take that step (dataReceived).
+
+    def _loseTCP(self) -> None:
+        """
+        The TCP connection's orderly close once TLS is done with it (both
+        close_notify exchanged, or an error): L{lose_connection} when the
+        TCP transport holds nothing (closed at the end of the read being
+        handled, without Twisted's wait for a writable socket: two
+        C{epoll_ctl}, an event, an empty C{send}), else Twisted's
+        C{loseConnection}.
+        """
+        transport: Any = self.transport
+        if not lose_connection(transport):
+            transport.loseConnection()
+
+    def _shutdownTLS(self) -> None:
+        """Twisted's: send (or answer) the close_notify; both done: close TCP."""
+        try:
+            done = self._tlsConnection.shutdown()
+        except Error:
+            # (Twisted's: mid-handshake OpenSSL may want to read first)
+            done = False
+        self._flushSendBIO()
+        if done:
+            self._loseTCP()
+
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        """
+        Twisted's: TLS is gone (C{reason}: why, or L{None} for the TCP
+        transport's reason); its last alert sent, then TCP closed.
+        """
+        if reason is not None and _representsEOF(reason.value):  # type: ignore[arg-type]
+            # an EOF in violation of TLS: ConnectionLost, as Twisted's
+            reason = Failure(CONNECTION_LOST)
+        if self._reason is None:
+            self._reason = reason
+        self._lostTLSConnection = True
+        self._flushSendBIO()
+        self._loseTCP()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Twisted's; the TCP transport's L{read_ahead} forgotten."""
+        try:
+            BufferingTLSTransport.connectionLost(self, reason)
+        finally:
+            stop_read_ahead(self.transport)
 
     def _checkHandshakeStatus(self) -> None:
         """Twisted's: a handshake step, its output to the transport."""
@@ -295,6 +352,34 @@ class ServerTLSProtocol(BufferingTLSTransport):
         if self._atOnce:
             self._writeNow()
         self._flushSendBIO()
+
+    # What ProtocolWrapper's __getattr__ finds on the TCP transport, found
+    # without its miss (an AttributeError and a Python call each): the
+    # calls every connection makes on its TLS transport.
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        """The TCP transport's."""
+        transport: Any = self.transport
+        transport.setTcpNoDelay(enabled)
+
+    def pauseProducing(self) -> None:
+        """The TCP transport's."""
+        transport: Any = self.transport
+        transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The TCP transport's."""
+        transport: Any = self.transport
+        transport.resumeProducing()
+
+    @property
+    def __conform__(self) -> Any:
+        """
+        The TCP transport's, if it has one (Twisted's has none): asked by
+        zope.interface whenever the TLS protocol is adapted, as Twisted's
+        TCP transport does at the client's FIN (C{readConnectionLost}).
+        """
+        return getattr(self.transport, "__conform__", None)
 
     def _writeNow(self) -> None:
         """

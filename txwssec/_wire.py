@@ -123,12 +123,14 @@ def unmask(data: Any, mask: bytes) -> bytes:
     )
 
 
-def read_ahead(transport: Any) -> None:
+def read_ahead(transport: Any, size: int = READ_SIZE) -> None:
     """
-    Have a plain TCP C{transport} read up to L{READ_SIZE} bytes per
-    C{recv} instead of Twisted's 64 KiB, as asyncio's and uvloop's
+    Have a plain TCP C{transport} read up to C{size} (L{READ_SIZE}) bytes
+    per C{recv} instead of Twisted's 64 KiB, as asyncio's and uvloop's
     transports do (256 KiB): a 64 KiB message and its neighbours arrive in
-    one read, one C{dataReceived}, one write of the answers.
+    one read, one C{dataReceived}, one write of the answers. (The TLS
+    transport, L{txwssec._tlswire}, keeps Twisted's size and uses this for
+    the close at the end of the read.)
 
     Twisted reads C{bufferSize}, which is also the size of unsent data
     from which it pauses a streaming producer (the server's backpressure):
@@ -147,7 +149,7 @@ def read_ahead(transport: Any) -> None:
 
     def doRead() -> Any:
         try:
-            data = recv(READ_SIZE)
+            data = recv(size)
         except OSError as error:
             if error.args[0] == EWOULDBLOCK:
                 return None
@@ -376,7 +378,7 @@ def _closed(transport: Any, stalled: Callable[[], object]) -> None:
 
 def stop_read_ahead(transport: Any) -> None:
     """Forget L{read_ahead}'s C{doRead} (the connection is gone)."""
-    if transport is not None and getattr(transport.doRead, "__name__", "") == "doRead":
+    if type(transport) is TCPServer and getattr(transport.doRead, "__name__", "") == "doRead":
         transport.__dict__.pop("doRead", None)
 
 
@@ -672,10 +674,11 @@ class FrameReader:
         details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
         self._transport_details = details
         self.peer = details.peer
-        try:
-            transport.setTcpNoDelay(self.tcpNoDelay)
-        except Exception:  # noqa: S110 - as Autobahn: not every transport has it (Unix sockets)
-            pass
+        if no_delay(self):
+            try:
+                transport.setTcpNoDelay(True)
+            except Exception:  # noqa: S110 - as Autobahn: not every transport has it (Unix sockets)
+                pass
         self._connectionMade()
 
     def _connectionMade(self) -> None:
