@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+import test_tls_wire
 from conftest import aio
+from test_tls_details import _connect
 from test_upgrade_reader import exchange, request
 from twisted.internet import error
 from twisted.internet.epollreactor import EPollReactor
@@ -25,6 +28,8 @@ from txwssec._wire import no_delay
 from txwssec.apps.echo import EchoProtocol
 from txwssec.client import SecureClientFactory, SecureClientProtocol
 from txwssec.gateway.upstream import UpstreamProtocol, _Attempt, upstream_endpoint
+
+folder = test_tls_wire.folder
 
 #: TCP_NODELAY of each server socket at onOpen.
 SEEN: list[int] = []
@@ -143,3 +148,21 @@ def test_gateway_upstream_leg_nodelay() -> None:
         for selectable in reactor.removeAll():
             selectable.connectionLost(Failure(error.ConnectionDone()))
         reactor.waker.connectionLost(None)
+
+
+class TLSWatched(EchoProtocol):
+    """Records the TCP socket's TCP_NODELAY under its TLS transport at onOpen."""
+
+    def onOpen(self) -> None:
+        sock = self.transport.transport.getHandle()
+        SEEN.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        super().onOpen()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wss_server_nodelay(serve: Any, folder: Path) -> None:
+    """A wss server connection's TCP socket gets TCP_NODELAY too (the option's default)."""
+    SEEN.clear()
+    answer = await _connect(serve, folder, TLSWatched, None)
+    assert answer == b"HTTP/1.1 101 Switching Protocols|\x88\x02\x03\xe8"
+    assert SEEN == [1]

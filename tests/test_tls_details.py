@@ -1,11 +1,11 @@
 """
 The transport details of a wss connection (Autobahn's C{TransportDetails}:
-the peer, the TLS channel binding, the peer certificate) are made once,
-at open, instead of at C{connectionMade} (before the TLS handshake, with
-a channel id of zeros and no certificate) and then partly again at open
-(issue 19, round 5, bench/RESULTS.md "Round 5: wss handshake"). What an
-application reads is Autobahn's: at open, and after the connection is
-gone.
+the peer, the TLS channel binding, the peer certificate) are Autobahn's: at
+open, and after the connection is gone (issue 19, round 5, bench/RESULTS.md
+"Round 5: wss handshake"; making them first at open was reverted: on a
+refused handshake they would be made after the TLS connection is gone).
+The TLS transport answers what a wss connection asks of it without
+C{ProtocolWrapper.__getattr__} misses.
 """
 
 from __future__ import annotations
