@@ -71,7 +71,7 @@ async def test_a_failed_reopen_on_sigusr1_is_logged_and_passed_on(
         await deferLater(reactor, 0, lambda: None)  # type: ignore[arg-type]
     out.close()
     assert passed == [True]
-    assert captured_log.matching(action="reopened") == []
+    assert captured_log.matching(log_format="Log file {action} on SIGUSR1") == []
     failed = captured_log.matching(log_namespace="txwssec.workers.logs", path=path)
     assert len(failed) == 1
     assert "No such file or directory" in str(failed[0]["error"])
