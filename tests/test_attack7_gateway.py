@@ -6,6 +6,8 @@ the same segment.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -52,3 +54,24 @@ async def test_upstream_101_message_and_close_in_one_segment(
     }
     assert [(f.opcode, f.payload) for f in before] == relayed[frames]
     assert last.close_code == 1000
+
+
+def test_the_stripped_names_keep_no_replaced_policy() -> None:
+    """
+    The names stripped of a route's requests, found once per route and
+    policy, do not keep a policy (its methods, their keys and secrets, its
+    consumers) alive once a reload replaced it and its handshakes ended:
+    nothing else holds it.
+    """
+    from test_gateway_turns import names_policy
+
+    from txwssec.gateway.forwarding import stripped_names
+
+    policy = names_policy()
+    names = stripped_names(policy.routes[0], policy)
+    assert "cookie" in names.headers
+    gone, route_gone = weakref.ref(policy), weakref.ref(policy.routes[0])
+    del policy, names
+    gc.collect()
+    assert gone() is None
+    assert route_gone() is None
