@@ -75,3 +75,58 @@ def test_the_stripped_names_keep_no_replaced_policy() -> None:
     gc.collect()
     assert gone() is None
     assert route_gone() is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_strips_the_new_credential_names(serve: Serve) -> None:
+    """
+    A reload that renames the route's credential header and query, and adds
+    a route with credential names of its own: the upstream sees none of the
+    new names (the stripped names are found again for the new policy).
+    """
+    from test_gateway import CONSUMERS, KEY, BackendFactory, exchange, ws_url
+    from test_gateway import connect as gw_connect
+    from test_gateway import gateway as gw
+
+    from txwssec import KeyAuthenticator, OriginPolicy, RoutePolicy, ServerPolicy
+    from txwssec.proxy import Upstream
+
+    backend = BackendFactory()
+    url = ws_url(serve(backend))
+    factory = gw(url, authenticators=[KeyAuthenticator(CONSUMERS, header="x-key-a", query="ka")])
+    port = serve(factory)
+
+    async def through(path: str, headers: dict[str, str]) -> None:
+        ws = await gw_connect(port, path, headers=headers)
+        assert await exchange(ws, "hi") == "hi"
+        await ws.close()
+
+    await aio(through("/echo?room=1", {"x-key-a": KEY}))
+    assert backend.last.header_lines("x-key-a") == []
+
+    def route(path: str, header: str, query: str) -> RoutePolicy:
+        return RoutePolicy(
+            path,
+            [KeyAuthenticator(CONSUMERS, header=header, query=query)],
+            origins=OriginPolicy.from_list(["*"]),
+            upstream=Upstream((url,)),
+        )
+
+    factory.usePolicy(
+        ServerPolicy(
+            routes=(route("/echo", "x-key-b", "kb"), route("/other", "x-other", "ko")),
+            ping_interval=0,
+        )
+    )
+    await aio(
+        through(
+            f"/echo?room=2&ko=other-secret&kb={KEY}",
+            {"x-key-b": KEY, "x-other": "other-secret"},
+        )
+    )
+    seen = backend.last
+    assert seen.raw.startswith(b"GET /echo?room=2 HTTP/1.1\r\n")
+    assert seen.header_lines("x-key-b") == []
+    assert seen.header_lines("x-other") == []
+    assert KEY.encode() not in seen.raw
+    assert b"other-secret" not in seen.raw
