@@ -17,6 +17,8 @@ from conftest import aio
 from test_gateway_relay import Serve
 from test_gateway_turns import SWITCHED, answering_gateway
 
+from txwssec import ServerPolicy
+
 CLOSE_BYE = b"\x88\x05\x03\xe8bye"
 
 
@@ -65,16 +67,23 @@ def test_the_stripped_names_keep_no_replaced_policy() -> None:
     """
     from test_gateway_turns import names_policy
 
+    from txwssec.gateway import forwarding
     from txwssec.gateway.forwarding import stripped_names
 
     policy = names_policy()
     names = stripped_names(policy.routes[0], policy)
     assert "cookie" in names.headers
+    # the same route under another policy (a Python reload keeping it)
+    other = ServerPolicy(routes=(policy.routes[0],), ping_interval=0)
+    assert stripped_names(policy.routes[0], other) is not names
+    assert stripped_names(policy.routes[0], policy) is not names
+    key = id(policy.routes[0])
     gone, route_gone = weakref.ref(policy), weakref.ref(policy.routes[0])
-    del policy, names
+    del policy, names, other
     gc.collect()
     assert gone() is None
     assert route_gone() is None
+    assert key not in forwarding._stripped
 
 
 @pytest_twisted.ensureDeferred

@@ -243,14 +243,17 @@ def stripped_names(route: RoutePolicy, policy: ServerPolicy) -> StrippedNames:
     if found is None or found.route() is not route or found.policy() is not policy:
         if len(_stripped) >= _KEPT:
             _stripped.clear()
+        known = found is not None and found.route() is route
         found = _stripped[key] = StrippedNames(route, policy)
-        weakref.finalize(route, _forget, key, found)
+        if not known:  # one finalizer per route, however many policies
+            weakref.finalize(route, _forget, key)
     return found
 
 
-def _forget(key: int, names: StrippedNames) -> None:
-    """A route is gone: drop its names (unless newer ones took the key)."""
-    if _stripped.get(key) is names:
+def _forget(key: int) -> None:
+    """A route is gone: drop its names (unless a newer route took the key)."""
+    found = _stripped.get(key)
+    if found is not None and found.route() is None:
         del _stripped[key]
 
 
