@@ -256,12 +256,19 @@ class LineFile:
                 return  # (a full disk, a closed pipe: nowhere to say it)
 
     def reopen(self) -> None:
-        """Open the file again at its path (after it was moved: logrotate)."""
+        """
+        Open the file again at its path (after it was moved: logrotate).
+
+        @raise OSError: the file cannot be opened; the one in use stays (its
+            descriptor is not closed, so that no file or socket opened
+            later gets its number and the log lines).
+        """
         if self.path is None:
             return
         self.flushNow()
+        fd = self._open()
         os.close(self._fd)
-        self._fd = self._open()
+        self._fd = fd
 
     def rotate(self) -> None:
         """As twistd's log file on SIGUSR1: the file becomes C{.1} (C{.1} C{.2}...)."""

@@ -7,6 +7,7 @@ request target minus credential query parameters.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from urllib.parse import unquote_plus, urlsplit
 
@@ -202,16 +203,21 @@ class StrippedNames:
     methods and the server's other routes' methods read credentials from
     (L{forwarded_headers}, L{forwarded_target}, the subprotocol markers):
     found once per route and policy (L{stripped_names}), not per handshake.
+
+    It keeps only weak references to the route and the policy: a policy a
+    reload replaced (its methods' keys and secrets, its consumers) is freed
+    once its handshakes and sessions are.
     """
 
-    __slots__ = ("headers", "known", "markers", "policy", "queries", "route")
+    __slots__ = ("headers", "markers", "policy", "queries", "route")
 
     def __init__(self, route: RoutePolicy, policy: ServerPolicy) -> None:
-        self.route = route
-        self.policy = policy
-        #: Every method of the server's routes.
-        self.known = [method for each in policy.routes for method in each.authenticators]
-        known = set(credential_headers(self.known)) | {"authorization", "cookie"}
+        #: The route and the policy the names were found for (weakly).
+        self.route = weakref.ref(route)
+        self.policy = weakref.ref(policy)
+        # Every method of the server's routes.
+        methods = [method for each in policy.routes for method in each.authenticators]
+        known = set(credential_headers(methods)) | {"authorization", "cookie"}
         if route.forward_authorization:
             known.discard("authorization")
         if route.forward_cookie:
@@ -220,9 +226,7 @@ class StrippedNames:
         self.headers = frozenset(credential_headers(route.authenticators) | known)
         #: Query names stripped (but the accepting method's own, per request).
         self.queries = frozenset(
-            credential_queries(route.authenticators)
-            | credential_queries(self.known)
-            | {TICKET_QUERY}
+            credential_queries(route.authenticators) | credential_queries(methods) | {TICKET_QUERY}
         )
         #: The route's C{Sec-WebSocket-Protocol} credential markers.
         self.markers = credential_markers(route.authenticators)
@@ -232,14 +236,25 @@ def stripped_names(route: RoutePolicy, policy: ServerPolicy) -> StrippedNames:
     """
     The L{StrippedNames} of C{route} under C{policy}, kept for the next
     handshake on the same route of the same policy (a reload makes new
-    ones); at most L{_KEPT} are kept.
+    ones) while the route lives; at most L{_KEPT} are kept.
     """
-    found = _stripped.get(id(route))
-    if found is None or found.route is not route or found.policy is not policy:
+    key = id(route)
+    found = _stripped.get(key)
+    if found is None or found.route() is not route or found.policy() is not policy:
         if len(_stripped) >= _KEPT:
             _stripped.clear()
-        found = _stripped[id(route)] = StrippedNames(route, policy)
+        known = found is not None and found.route() is route
+        found = _stripped[key] = StrippedNames(route, policy)
+        if not known:  # one finalizer per route, however many policies
+            weakref.finalize(route, _forget, key)
     return found
+
+
+def _forget(key: int) -> None:
+    """A route is gone: drop its names (unless a newer route took the key)."""
+    found = _stripped.get(key)
+    if found is not None and found.route() is None:
+        del _stripped[key]
 
 
 def without_markers(subprotocols: Sequence[str], markers: frozenset[str]) -> list[str]:

@@ -31,7 +31,7 @@ from typing import Any
 
 from twisted.logger import ILogObserver, Logger
 
-from txwssec.logs import LineFile, textLogObserver, twistdLogPath
+from txwssec.logs import LineFile, bounded, textLogObserver, twistdLogPath
 from txwssec.ops.jsonlog import JSONEventObserver, jsonFileLogObserver
 from txwssec.ops.settings import LogSettings
 
@@ -90,11 +90,23 @@ def on_usr1(out: LineFile, rotate: bool, then: Callable[[], None] | None = None)
         from twisted.internet import reactor
 
         def act() -> None:
-            if rotate:
-                out.rotate()
+            try:
+                if rotate:
+                    out.rotate()
+                else:
+                    out.reopen()
+            except OSError as error:
+                # The file in use stays; the workers still get the signal.
+                _log.error(
+                    "Log file {path} not {action} on SIGUSR1: {error}",
+                    path=out.path,
+                    action="rotated" if rotate else "reopened",
+                    error=bounded(str(error)),
+                )
             else:
-                out.reopen()
-            _log.info("Log file {action} on SIGUSR1", action="rotated" if rotate else "reopened")
+                _log.info(
+                    "Log file {action} on SIGUSR1", action="rotated" if rotate else "reopened"
+                )
             if then is not None:
                 then()
 
