@@ -362,14 +362,13 @@ def test_stripped_names_strip_what_the_functions_strip(
     give, for every route of a policy, with and without forward_cookie /
     forward_authorization, whichever credential the request carried.
     """
-    from txwssec.credentials import without_credentials
+    from txwssec.credentials import without_credentials, without_markers
     from txwssec.gateway.forwarding import (
         forwarded_headers,
         forwarded_target,
         headers_without,
         stripped_names,
         target_without,
-        without_markers,
     )
 
     policy = names_policy(forward)

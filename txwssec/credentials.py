@@ -15,7 +15,7 @@ C{subprotocol} options.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from txwssec.interfaces import Authenticator
 
@@ -52,7 +52,11 @@ def without_credentials(
     C{subprotocols} minus every marker of the methods and the entry after it
     (the secret), whichever method accepted the connection.
     """
-    markers = credential_markers(authenticators)
+    return without_markers(subprotocols, credential_markers(authenticators))
+
+
+def without_markers(subprotocols: Iterable[str], markers: Collection[str]) -> list[str]:
+    """C{subprotocols} minus every one of C{markers} and the entry after it (the secret)."""
     kept: list[str] = []
     skip_next = False
     for entry in subprotocols:

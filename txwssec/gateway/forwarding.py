@@ -257,23 +257,6 @@ def _forget(key: int) -> None:
         del _stripped[key]
 
 
-def without_markers(subprotocols: Sequence[str], markers: frozenset[str]) -> list[str]:
-    """
-    L{txwssec.credentials.without_credentials} with the route's markers
-    given (L{StrippedNames.markers}).
-    """
-    kept: list[str] = []
-    skip_next = False
-    for entry in subprotocols:
-        if skip_next:
-            skip_next = False
-        elif entry in markers:
-            skip_next = True
-        else:
-            kept.append(entry)
-    return kept
-
-
 #: How many routes' names L{stripped_names} keeps.
 _KEPT = 1024
 _stripped: dict[int, StrippedNames] = {}

@@ -16,13 +16,9 @@ from twisted.python.failure import Failure
 from txwssec import events
 from txwssec.admission import is_trusted_proxy
 from txwssec.client import ClientTLS, SecureClientFactory
+from txwssec.credentials import without_markers
 from txwssec.errors import CloseCode, HandshakeRefused
-from txwssec.gateway.forwarding import (
-    headers_without,
-    stripped_names,
-    target_without,
-    without_markers,
-)
+from txwssec.gateway.forwarding import headers_without, stripped_names, target_without
 from txwssec.gateway.held import turn_writes
 from txwssec.gateway.relay import (
     FrameScanner,
