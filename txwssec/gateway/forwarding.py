@@ -88,15 +88,30 @@ def forwarded_headers(
     connected to us, after the chain the client sent when C{trust_forwarded_for}
     (the peer is a trusted proxy; a client-made chain is dropped otherwise).
     """
-    always = set(credential_headers(authenticators))
+    stripped = stripped_headers(
+        authenticators, known_authenticators, forward_cookie, forward_authorization
+    )
+    return headers_without(request, stripped, accept, direct_peer, trust_forwarded_for)
+
+
+def stripped_headers(
+    authenticators: Sequence[Authenticator],
+    known_authenticators: Sequence[Authenticator] = (),
+    forward_cookie: bool = False,
+    forward_authorization: bool = False,
+) -> frozenset[str]:
+    """
+    The credential header names L{forwarded_headers} strips of every request
+    of a route (the accepting method's own aside): its methods', and those
+    of C{known_authenticators}, C{Authorization} and C{Cookie} unless
+    allowed.
+    """
     known = set(credential_headers(known_authenticators)) | {"authorization", "cookie"}
     if forward_authorization:
         known.discard("authorization")
     if forward_cookie:
         known.discard("cookie")
-    return headers_without(
-        request, frozenset(always | known), accept, direct_peer, trust_forwarded_for
-    )
+    return frozenset(credential_headers(authenticators) | known)
 
 
 def headers_without(
@@ -158,9 +173,22 @@ def forwarded_target(
     every other byte (percent-encoding, C{+}, order, empty pieces between
     kept ones) is left as the client wrote it, so signed URLs still verify.
     """
-    names = set(credential_queries(authenticators)) | set(credential_queries(known_authenticators))
-    names.add(TICKET_QUERY)
-    return target_without(request_uri, frozenset(names), accept)
+    return target_without(
+        request_uri, stripped_queries(authenticators, known_authenticators), accept
+    )
+
+
+def stripped_queries(
+    authenticators: Sequence[Authenticator], known_authenticators: Sequence[Authenticator] = ()
+) -> frozenset[str]:
+    """
+    The credential query names L{forwarded_target} strips of every request
+    of a route (the accepting method's own aside): its methods', those of
+    C{known_authenticators}, and C{ticket}.
+    """
+    return frozenset(
+        credential_queries(authenticators) | credential_queries(known_authenticators)
+    ) | {TICKET_QUERY}
 
 
 def target_without(request_uri: str, stripped: frozenset[str], accept: Accept) -> str:
@@ -217,17 +245,12 @@ class StrippedNames:
         self.policy = weakref.ref(policy)
         # Every method of the server's routes.
         methods = [method for each in policy.routes for method in each.authenticators]
-        known = set(credential_headers(methods)) | {"authorization", "cookie"}
-        if route.forward_authorization:
-            known.discard("authorization")
-        if route.forward_cookie:
-            known.discard("cookie")
         #: Header names stripped (but the accepting method's own, per request).
-        self.headers = frozenset(credential_headers(route.authenticators) | known)
-        #: Query names stripped (but the accepting method's own, per request).
-        self.queries = frozenset(
-            credential_queries(route.authenticators) | credential_queries(methods) | {TICKET_QUERY}
+        self.headers = stripped_headers(
+            route.authenticators, methods, route.forward_cookie, route.forward_authorization
         )
+        #: Query names stripped (but the accepting method's own, per request).
+        self.queries = stripped_queries(route.authenticators, methods)
         #: The route's C{Sec-WebSocket-Protocol} credential markers.
         self.markers = credential_markers(route.authenticators)
 
