@@ -594,7 +594,7 @@ _UNSET = object()
 
 def no_delay(protocol: Any) -> bool:
     """
-    Autobahn's C{tcpNoDelay} option of a server C{protocol} at
+    Autobahn's C{tcpNoDelay} option of a C{protocol} (server or client) at
     C{connectionMade}: its own (instance or class) value, else its
     factory's, as C{_connectionMade} would copy it (L{False} without one).
 
@@ -608,6 +608,19 @@ def no_delay(protocol: Any) -> bool:
     if value is _UNSET:
         value = getattr(protocol.factory, "tcpNoDelay", False)
     return bool(value)
+
+
+def set_no_delay(protocol: Any) -> None:
+    """
+    C{TCP_NODELAY} on C{protocol}'s transport when its C{tcpNoDelay} option
+    says so (L{no_delay}); a transport without it (a Unix socket) is left as
+    it is, as Autobahn leaves it.
+    """
+    if no_delay(protocol):
+        try:
+            protocol.transport.setTcpNoDelay(True)
+        except Exception:  # noqa: S110 - as Autobahn: not every transport has it
+            pass
 
 
 class FrameReader:
@@ -650,7 +663,7 @@ class FrameReader:
         line: Autobahn formats its arguments (C{hltype}, C{hlval}, colour
         codes) on every connection, whatever the log level.
 
-        On plain TCP the socket gets C{TCP_NODELAY} when Autobahn's
+        The socket gets C{TCP_NODELAY} when Autobahn's
         C{tcpNoDelay} option (default on) says so (L{no_delay}); Autobahn's
         own C{connectionMade} reads the option before its C{_connectionMade}
         copies it from the factory, so that it never set it on a server's
@@ -666,19 +679,12 @@ class FrameReader:
             client: Any = transport.client
             self.peer = tcp_peer(client[0], client[1], len(client) != 2)
             details_later(self)
-            if no_delay(self):
-                transport.setTcpNoDelay(True)
-            self._connectionMade()
-            return
-        details = create_transport_details(transport, True)
-        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-        self._transport_details = details
-        self.peer = details.peer
-        if no_delay(self):
-            try:
-                transport.setTcpNoDelay(True)
-            except Exception:  # noqa: S110 - as Autobahn: not every transport has it (Unix sockets)
-                pass
+        else:
+            details = create_transport_details(transport, True)
+            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+            self._transport_details = details
+            self.peer = details.peer
+        set_no_delay(self)
         self._connectionMade()
 
     def _connectionMade(self) -> None:

@@ -20,7 +20,6 @@ read best together.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from txwssec._cycles import FiredWithProtocol
 from txwssec._hooks import OpenOnly, run_hook, transport_details
 from txwssec._reactor import default_reactor
 from txwssec._timers import ExactTimers
-from txwssec._wire import no_delay
+from txwssec._wire import set_no_delay
 from txwssec.errors import CloseCode
 from txwssec.messages import sealing
 from txwssec.policy import DEFAULT_MAX_MESSAGE_SIZE
@@ -208,12 +207,9 @@ class SecureClientProtocol(OpenOnly, WebSocketClientProtocol):  # type: ignore[m
 
     def _connectionMade(self) -> None:
         copy_options_at_once(self, WebSocketClientProtocol.CONFIG_ATTRS)
-        if no_delay(self):
-            # Autobahn's connectionMade sets it before the options are
-            # copied (an AttributeError it ignores): see _wire.no_delay.
-            transport: Any = self.transport
-            with contextlib.suppress(Exception):  # as Autobahn: a Unix socket has none
-                transport.setTcpNoDelay(True)
+        # Autobahn's connectionMade sets it before the options are copied
+        # (an AttributeError it ignores): see _wire.no_delay.
+        set_no_delay(self)
         super()._connectionMade()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

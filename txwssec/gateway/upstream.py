@@ -7,7 +7,6 @@ answers.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import os
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from twisted.python.failure import Failure
 
 from txwssec._autobahn import copy_options_at_once, drop_connection_quietly
 from txwssec._cycles import FiredWhenOpen, FiredWithProtocol, fire
-from txwssec._wire import LazyTransportDetails, details_later, no_delay, open_state, tcp_peer
+from txwssec._wire import LazyTransportDetails, details_later, open_state, set_no_delay, tcp_peer
 from txwssec.client import ResponseHeadTooLarge, SecureClientFactory, SecureClientProtocol
 from txwssec.errors import HandshakeRefused
 from txwssec.gateway.connect import LeanClient, lean_tcp_endpoint
@@ -309,10 +308,9 @@ class UpstreamProtocol(SecureClientProtocol):
             details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
             self._transport_details = details
             self.peer = details.peer
-        with contextlib.suppress(Exception):  # as Autobahn (a Unix socket has none)
-            # Autobahn's option as its _connectionMade will copy it (read
-            # here before the copy, it raised an AttributeError: never set).
-            transport.setTcpNoDelay(no_delay(self))
+        # Autobahn's option as its _connectionMade will copy it (read here
+        # before the copy, it raised an AttributeError: never set).
+        set_no_delay(self)
         self._connectionMade()
 
     def _connectionMade(self) -> None:
