@@ -21,6 +21,7 @@ from typing import Any
 import pytest_twisted
 import test_tls_wire
 from conftest import aio, upgrade_request
+from test_tls_details import read_to_end
 
 from txwssec import AnonymousAuthenticator, RoutePolicy, SecureServerFactory, ServerPolicy
 from txwssec._tlswire import ServerTLSFactory
@@ -35,16 +36,7 @@ def _refused(port: int, folder: Path) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
         with context.wrap_socket(raw, server_hostname="localhost") as tls:
             tls.sendall(upgrade_request("/nowhere"))
-            answer = b""
-            while True:
-                try:
-                    chunk = tls.recv(65536)
-                except (ssl.SSLError, OSError):
-                    break
-                if not chunk:
-                    break
-                answer += chunk
-            return answer.split(b"\r\n", 1)[0]
+            return read_to_end(tls).split(b"\r\n", 1)[0]
 
 
 @pytest_twisted.ensureDeferred

@@ -41,6 +41,21 @@ from txwssec.proxy import GatewayProtocol, Upstream
 from txwssec.types import Accept, Credential, HandshakeRequest, Principal
 
 
+def accept_for(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept of a Sec-WebSocket-Key (RFC 6455, section 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+
+
+def accept_of_request(data: bytes) -> str:
+    """The Sec-WebSocket-Accept answering the upgrade request C{data}."""
+    key = next(
+        line.split(":", 1)[1].strip()
+        for line in data.decode("latin-1").split("\r\n")
+        if line.lower().startswith("sec-websocket-key:")
+    )
+    return accept_for(key.encode()).decode()
+
+
 class Silent(Protocol):
     """An upstream that accepts the connection and never answers."""
 
@@ -157,15 +172,7 @@ class Eager(Protocol):
     """
 
     def dataReceived(self, data: bytes) -> None:
-        head = data.decode("latin-1")
-        key = next(
-            line.split(":", 1)[1].strip()
-            for line in head.split("\r\n")
-            if line.lower().startswith("sec-websocket-key:")
-        )
-        accept = base64.b64encode(
-            hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
-        ).decode()
+        accept = accept_of_request(data)
         transport: Any = self.transport
         transport.write(
             (
@@ -432,9 +439,7 @@ def open_leg() -> Any:
     protocol: Any = factory.buildProtocol(None)
     transport = StringTransport()
     protocol.makeConnection(transport)
-    accept = base64.b64encode(
-        hashlib.sha1(protocol.websocket_key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-    )
+    accept = accept_for(protocol.websocket_key)
     protocol.dataReceived(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
@@ -474,9 +479,7 @@ def test_is_open_read_before_the_101_fires_with_it() -> None:
     early = protocol.is_open
     assert not early.called
     protocol.makeConnection(StringTransport())
-    accept = base64.b64encode(
-        hashlib.sha1(protocol.websocket_key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-    )
+    accept = accept_for(protocol.websocket_key)
     protocol.dataReceived(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
@@ -494,15 +497,7 @@ class Answering(Protocol):
     factory: Any
 
     def dataReceived(self, data: bytes) -> None:
-        head = data.decode("latin-1")
-        key = next(
-            line.split(":", 1)[1].strip()
-            for line in head.split("\r\n")
-            if line.lower().startswith("sec-websocket-key:")
-        )
-        accept = base64.b64encode(
-            hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
-        ).decode()
+        accept = accept_of_request(data)
         transport: Any = self.transport
         transport.write(self.factory.reply(accept))
         if self.factory.close:

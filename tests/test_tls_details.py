@@ -62,6 +62,19 @@ class Seen(EchoProtocol):
         reactor.callLater(0, lambda: record.update(after=self.transport_details.marshal()))
 
 
+def read_to_end(tls: ssl.SSLSocket) -> bytes:
+    """What C{tls} receives until the server's close (or an error ends it)."""
+    received = b""
+    while True:
+        try:
+            chunk = tls.recv(65536)
+        except (ssl.SSLError, OSError):
+            return received
+        if not chunk:
+            return received
+        received += chunk
+
+
 def _client(port: int, folder: Path, cert: str | None) -> bytes:
     context = ssl.create_default_context(cafile=str(folder / "ca.pem"))
     if cert is not None:
@@ -73,15 +86,7 @@ def _client(port: int, folder: Path, cert: str | None) -> bytes:
             while b"\r\n\r\n" not in head:
                 head += tls.recv(1)
             tls.sendall(close_frame(1000))
-            rest = b""
-            while True:
-                try:
-                    chunk = tls.recv(65536)
-                except (ssl.SSLError, OSError):
-                    break
-                if not chunk:
-                    break
-                rest += chunk
+            rest = read_to_end(tls)
             return head.split(b"\r\n", 1)[0] + b"|" + rest[:4]
 
 
