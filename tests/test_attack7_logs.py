@@ -18,8 +18,7 @@ from conftest import CapturedLog
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from txwssec.logs import LineFile
-from txwssec.workers.logs import on_usr1
+from txwssec.logs import LineFile, on_usr1
 
 
 def test_a_failed_reopen_keeps_the_file_in_use(tmp_path: Path) -> None:
@@ -72,6 +71,6 @@ async def test_a_failed_reopen_on_sigusr1_is_logged_and_passed_on(
     out.close()
     assert passed == [True]
     assert captured_log.matching(log_format="Log file {action} on SIGUSR1") == []
-    failed = captured_log.matching(log_namespace="txwssec.workers.logs", path=path)
+    failed = captured_log.matching(log_namespace="txwssec.logs", path=path)
     assert len(failed) == 1
     assert "No such file or directory" in str(failed[0]["error"])

@@ -22,13 +22,14 @@ marker, control characters escaped so that no value can split a log line.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from twisted.logger import (
     FileLogObserver,
@@ -41,6 +42,8 @@ from twisted.logger import (
 )
 from twisted.python.logfile import LogFile
 from twisted.python.threadable import isInIOThread
+
+_log = Logger(namespace="txwssec.logs")
 
 #: The most characters of one client-supplied value that reach a log event.
 MAX_LOGGED_VALUE = 256
@@ -289,6 +292,104 @@ class LineFile:
             os.close(self._fd)
 
 
+class TwistdLogFile(LogFile):
+    """
+    Twisted's L{LogFile} (twistd's C{--logfile}: rotated at 1 MB and on
+    SIGUSR1; C{[log] file}: reopened on SIGUSR1) that never loses the file
+    in use: Twisted's closes it before it opens the next one, so when that
+    fails (a directory at the path, the folder gone, no permission, no
+    descriptor left) every later line is lost. Here the next file is opened
+    first; when it cannot be, the error is raised and the lines go on to the
+    file in use (after a rotation, the one renamed C{.1}).
+    """
+
+    def reopen(self) -> None:
+        """
+        Open the file again at its path (after it was moved: logrotate).
+
+        @raise OSError: it cannot be opened; the file in use stays.
+        """
+        inUse = self._file
+        self._openFile()
+        inUse.close()
+
+    def shouldRotate(self) -> bool:
+        """As Twisted's: past C{rotateLength}, when the folder can be written."""
+        return bool(super().shouldRotate()) and self._rotatable()
+
+    def rotate(self) -> None:
+        """
+        As Twisted's: C{.N} becomes C{.N+1} (the oldest beyond
+        C{maxRotatedFiles} removed), the file C{.1}, then a new file.
+
+        @raise OSError: the folder or the file cannot be written (nothing
+            renamed), or the new file cannot be opened (the lines go on to
+            C{.1}).
+        """
+        if not self._rotatable():
+            raise PermissionError(errno.EACCES, "log file not writable", self.path)
+        for number in sorted(self.listLogs(), reverse=True):
+            if self.maxRotatedFiles is not None and number >= self.maxRotatedFiles:
+                os.remove(f"{self.path}.{number}")
+            else:
+                os.rename(f"{self.path}.{number}", f"{self.path}.{number + 1}")
+        if os.path.exists(self.path):
+            os.rename(self.path, f"{self.path}.1")
+        self.reopen()
+
+    def _rotatable(self) -> bool:
+        return os.access(self.directory, os.W_OK) and (
+            not os.path.exists(self.path) or os.access(self.path, os.W_OK)
+        )
+
+
+class ReopenableLog(Protocol):
+    """A log file that SIGUSR1 reopens or rotates (L{LineFile}, L{TwistdLogFile})."""
+
+    @property
+    def path(self) -> str | None: ...
+
+    def reopen(self) -> None: ...
+
+    def rotate(self) -> None: ...
+
+
+def on_usr1(out: ReopenableLog, rotate: bool, then: Callable[[], None] | None = None) -> Any:
+    """
+    The SIGUSR1 handler of C{out}: reopen (C{[log] file}, and in a worker)
+    or rotate (twistd's C{--logfile}), say so in the new file (or, when it
+    cannot be opened, in the file in use), then C{then} (the supervisor of
+    C{[server] workers} passes the signal on).
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        from twisted.internet import reactor
+
+        def act() -> None:
+            try:
+                if rotate:
+                    out.rotate()
+                else:
+                    out.reopen()
+            except OSError as error:
+                _log.error(
+                    "Log file {path} not {action} on SIGUSR1: {error}",
+                    path=out.path,
+                    action="rotated" if rotate else "reopened",
+                    error=bounded(str(error)),
+                )
+            else:
+                _log.info(
+                    "Log file {action} on SIGUSR1", action="rotated" if rotate else "reopened"
+                )
+            if then is not None:
+                then()
+
+        reactor.callFromThread(act)  # type: ignore[attr-defined]
+
+    return handler
+
+
 def _numbered(path: str) -> list[int]:
     """The numbers of C{path}'s rotated files (C{path.1}, C{path.2}...)."""
     folder, name = os.path.split(os.path.abspath(path))
@@ -341,13 +442,7 @@ def twistdLogObserver(
         return None
     if where == "-":
         return make(sys.stdout)
-    logFile = LogFile.fromFullPath(where)
+    logFile = TwistdLogFile.fromFullPath(where)
     if hasattr(signal, "SIGUSR1") and not signal.getsignal(signal.SIGUSR1):
-
-        def rotate(signum: int, frame: Any) -> None:
-            from twisted.internet import reactor
-
-            reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
-
-        signal.signal(signal.SIGUSR1, rotate)
+        signal.signal(signal.SIGUSR1, on_usr1(logFile, rotate=True))
     return make(logFile)

@@ -35,10 +35,9 @@ from twisted.logger import (
     formatEvent,
 )
 from twisted.python.failure import Failure
-from twisted.python.logfile import LogFile
 
 from txwssec import events
-from txwssec.logs import bounded, textLogObserver, twistdLogObserver
+from txwssec.logs import TwistdLogFile, bounded, on_usr1, textLogObserver, twistdLogObserver
 
 #: The key under which a txwssec event's name travels in a Twisted log event.
 EVENT_KEY = "wssec_event"
@@ -221,15 +220,9 @@ def reopening_log_file(path: str) -> Any:
     The log file at C{path}, never rotated by size, reopened on SIGUSR1 (for
     logrotate's "move, then signal").
     """
-    log_file = LogFile.fromFullPath(path, rotateLength=None)
+    log_file = TwistdLogFile.fromFullPath(path, rotateLength=None)
     if hasattr(signal, "SIGUSR1"):
-
-        def reopen(signum: int, frame: Any) -> None:
-            from twisted.internet import reactor
-
-            reactor.callFromThread(log_file.reopen)  # type: ignore[attr-defined]
-
-        signal.signal(signal.SIGUSR1, reopen)
+        signal.signal(signal.SIGUSR1, on_usr1(log_file, rotate=False))
     return log_file
 
 

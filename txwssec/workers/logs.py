@@ -26,16 +26,14 @@ share), the workers' lines go to the supervisor as before
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver
 
-from txwssec.logs import LineFile, bounded, textLogObserver, twistdLogPath
+from txwssec.logs import LineFile, textLogObserver, twistdLogPath
 from txwssec.ops.jsonlog import JSONEventObserver, jsonFileLogObserver
 from txwssec.ops.settings import LogSettings
-
-_log = Logger(namespace="txwssec.workers.logs")
 
 #: L{destination}'s answer for the standard output.
 STDOUT = "-"
@@ -77,39 +75,3 @@ def observer(
             events.writeTo(out, extra=extra)
         return jsonFileLogObserver(out, extra)  # type: ignore[arg-type]
     return textLogObserver(out, system)  # type: ignore[arg-type]
-
-
-def on_usr1(out: LineFile, rotate: bool, then: Callable[[], None] | None = None) -> Any:
-    """
-    The SIGUSR1 handler of C{out}: reopen (C{[log] file}, and in a worker)
-    or rotate (twistd's C{--logfile}, in the supervisor), say so in the new
-    file, then C{then}.
-    """
-
-    def handler(signum: int, frame: Any) -> None:
-        from twisted.internet import reactor
-
-        def act() -> None:
-            try:
-                if rotate:
-                    out.rotate()
-                else:
-                    out.reopen()
-            except OSError as error:
-                # The file in use stays; the workers still get the signal.
-                _log.error(
-                    "Log file {path} not {action} on SIGUSR1: {error}",
-                    path=out.path,
-                    action="rotated" if rotate else "reopened",
-                    error=bounded(str(error)),
-                )
-            else:
-                _log.info(
-                    "Log file {action} on SIGUSR1", action="rotated" if rotate else "reopened"
-                )
-            if then is not None:
-                then()
-
-        reactor.callFromThread(act)  # type: ignore[attr-defined]
-
-    return handler

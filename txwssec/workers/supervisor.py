@@ -57,11 +57,12 @@ from txwssec import events
 from txwssec.config import Config, load
 from txwssec.errors import ConfigError
 from txwssec.events import Events
+from txwssec.logs import on_usr1
 from txwssec.observers import TextLogObserver
 from txwssec.ops import JSONEventObserver
 from txwssec.reuseport import SUPPORTED, reserve, shared
 from txwssec.workers.admin import WorkerClient, supervisor_site
-from txwssec.workers.logs import STDOUT, line_file, observer, on_usr1
+from txwssec.workers.logs import STDOUT, line_file, observer
 from txwssec.workers.revoked import KeptRevocations
 from txwssec.workers.worker import REVOKED_FILE, WorkerRole, relayed
 

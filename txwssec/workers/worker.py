@@ -44,11 +44,12 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from txwssec.config import Config
+from txwssec.logs import on_usr1
 from txwssec.ops import Metrics, token_digest
 from txwssec.ops.admin import AdminResource, AdminSite, _json
 from txwssec.ops.jsonlog import EVENT_KEY, FIELDS_KEY
 from txwssec.reuseport import shared
-from txwssec.workers.logs import line_file, observer, on_usr1
+from txwssec.workers.logs import line_file, observer
 from txwssec.workers.revoked import apply_kept
 
 #: The environment variable that makes C{twistd wssec} a worker.
