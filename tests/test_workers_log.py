@@ -126,9 +126,7 @@ def test_destination(file: str, options: object, expected: str | None) -> None:
 
 WORKER_LINE = re.compile(r"\[txwssec\.server#info worker=(\d) pid=(\d+)\] .*accepted")
 #: A worker's line once it has reopened the log on SIGUSR1.
-REOPENED = re.compile(
-    r"\[txwssec\.logs#info worker=\d pid=(\d+)\] Log file reopened on SIGUSR1"
-)
+REOPENED = re.compile(r"\[txwssec\.logs#info worker=\d pid=(\d+)\] Log file reopened on SIGUSR1")
 
 
 def test_workers_write_one_text_log_rotated_on_sigusr1(tmp_path: Path) -> None:
