@@ -315,7 +315,7 @@ class TwistdLogFile(LogFile):
 
     def shouldRotate(self) -> bool:
         """As Twisted's: past C{rotateLength}, when the folder can be written."""
-        return bool(super().shouldRotate()) and self._rotatable()
+        return bool(self.rotateLength and self.size >= self.rotateLength) and self._rotatable()
 
     def rotate(self) -> None:
         """
