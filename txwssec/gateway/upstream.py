@@ -328,7 +328,7 @@ class UpstreamProtocol(SecureClientProtocol):
         state["utf8validator"] = Utf8Validator()  # Autobahn's, as before
         self.__dict__.update(state)
         timeout = self.openHandshakeTimeout
-        covered = factory.__dict__.get("attemptTimeout")
+        covered = factory.attemptTimeout
         if timeout > 0 and not (covered is not None and 0 < covered <= timeout):
             # (Not under an attempt whose own timer, armed before this
             # connection began and no later, abandons the connection first:
@@ -727,7 +727,7 @@ class _Attempt:
         self._timeout = timeout
         # The upstream leg arms no opening-handshake timer of its own that
         # would fire after this attempt's (UpstreamProtocol._connectionMade).
-        factory.attemptTimeout = timeout  # type: ignore[attr-defined]
+        factory.attemptTimeout = timeout
         self._protocol: Any = None
         #: The attempt has its outcome (or was cancelled): later results of
         #: the steps are ignored.
