@@ -125,6 +125,19 @@ class LeanClient(tcp.Client):
         self.stopWriting()
         self._connectDone()
 
+    def _connectDone(self) -> None:
+        # Twisted's (the protocol built, reading started, makeConnection);
+        # then, for a LeanTCPEndpoint's connection (_Connecting), the
+        # endpoint's Deferred fired with the protocol, where Twisted's
+        # _WrappingProtocol fires it once its wrapped protocol's
+        # makeConnection has returned (not if it raised).
+        factory = self.connector.factory
+        super()._connectDone()
+        if type(factory) is _Connecting:
+            connected = factory._onConnection
+            if not connected.called:  # (else buildProtocol failed: errback'd)
+                connected.callback(self.protocol)
+
     def connectionLost(self, reason: Failure) -> None:
         if not self.connected and self._connecting and hasattr(self, "connector"):
             # The reactor saw the socket fail while connecting (epoll's
@@ -165,6 +178,28 @@ class LeanConnector(tcp.Connector):
             start()
 
 
+class _Connecting(_WrappingFactory):
+    """
+    Twisted's C{_WrappingFactory} (its L{Deferred}, its cancelling, its
+    failures) without its C{_WrappingProtocol}: the transport is connected
+    to the factory's protocol itself, and L{LeanClient._connectDone} fires
+    the L{Deferred}. The wrapper passed each C{dataReceived} and
+    C{connectionLost} on, and found for each connection which of three
+    interfaces its protocol provides (the transport asks the protocol
+    itself now, with the same answers).
+    """
+
+    def buildProtocol(self, addr: Any) -> Any:
+        try:
+            protocol = self._wrappedFactory.buildProtocol(addr)
+            if protocol is None:
+                raise error.NoProtocol()
+        except BaseException:
+            self._onConnection.errback()
+            return None
+        return protocol
+
+
 @implementer(IStreamClientEndpoint)
 class LeanTCPEndpoint:
     """
@@ -189,7 +224,7 @@ class LeanTCPEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
         try:
-            wf = _WrappingFactory(protocolFactory)
+            wf = _Connecting(protocolFactory)
             # (a timeout of None: no timer; Twisted's BaseConnector allows it)
             LeanConnector(
                 self._host,
