@@ -344,3 +344,54 @@ def test_close_from_the_upstream_first_still_through_autobahn() -> None:
             drop.cancel()
     assert seen[0] == seen[1]
     assert seen[0][1][0] == ("closeFromUpstream", 4001, b"later")
+
+
+# -- the end of the connection: is_closed not made for nothing -------------------------
+
+
+def _closed_leg(read_is_closed: bool) -> tuple[Any, list[Any]]:
+    protocol, _ = _open_leg(UpstreamProtocol, Clock())
+    fired: list[Any] = []
+    if read_is_closed:
+        protocol.is_closed.addCallback(
+            lambda result: fired.append(
+                (result is protocol, protocol.serverConnectionDropTimeoutCall)
+            )
+        )
+    protocol.sendCloseFrame(1000)
+    protocol.dataReceived(_close(1000))
+    assert protocol.serverConnectionDropTimeoutCall is not None
+    results: list[Any] = []
+    protocol.closed.addBoth(results.append)
+    protocol.connectionLost(Failure(error.ConnectionDone()))
+    assert results == [(True, 1000, None)]
+    assert protocol.state == protocol.STATE_CLOSED
+    return protocol, fired
+
+
+def test_is_closed_not_made_when_nothing_read_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Autobahn's _connectionLost resolves is_closed, which made it (a
+    Deferred fired for nobody): it is left released, and reads as fired.
+    """
+    import txaio
+
+    txaio.use_twisted()
+    resolved: list[Any] = []
+    resolve = txaio.resolve
+    monkeypatch.setattr(txaio, "resolve", lambda *args: resolved.append(args) or resolve(*args))
+    protocol, _ = _closed_leg(read_is_closed=False)
+    assert resolved == []
+    assert protocol.__dict__["_is_closed_deferred"] is None
+    seen: list[Any] = []
+    protocol.is_closed.addCallback(seen.append)
+    assert seen == [protocol]
+
+
+def test_is_closed_read_before_fires_in_autobahns_order() -> None:
+    """Made before, it fires with the protocol once Autobahn has cancelled its timers."""
+    import txaio
+
+    txaio.use_twisted()
+    _, fired = _closed_leg(read_is_closed=True)
+    assert fired == [(True, None)]

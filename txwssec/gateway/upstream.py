@@ -526,6 +526,17 @@ class UpstreamProtocol(SecureClientProtocol):
             notices=notices,
         )
 
+    def _connectionLost(self, reason: Any) -> None:
+        is_closed = UpstreamProtocol.is_closed
+        if self.state != WebSocketProtocol.STATE_CLOSED and not is_closed.made(self):
+            # Autobahn's _connectionLost resolves is_closed (txaio.resolve),
+            # reading it, which makes it when nothing read it before: it is
+            # left unmade (released) instead. When it was made, Autobahn's
+            # code fires it, in its order (after its timers are cancelled).
+            self.state = WebSocketProtocol.STATE_CLOSED
+            is_closed.fire(self)
+        super()._connectionLost(reason)
+
     def dataReceived(self, data: bytes) -> None:
         if self._scanner is not None:
             try:
