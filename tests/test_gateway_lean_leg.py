@@ -395,3 +395,148 @@ def test_is_closed_read_before_fires_in_autobahns_order() -> None:
     txaio.use_twisted()
     _, fired = _closed_leg(read_is_closed=True)
     assert fired == [(True, None)]
+
+
+# -- the upstream's FIN read with its close reply -----------------------------------------
+
+
+def _real_upstream(reactor: Any, answer: bytes, close: bool) -> tuple[Any, Any]:
+    """
+    A raw upstream: answers the upgrade request with a 101; to a close frame
+    it answers C{answer} (and, with C{close}, drops the connection at once).
+    """
+
+    class Raw(Protocol):
+        buffer = b""
+
+        def dataReceived(self, data: bytes) -> None:
+            self.buffer += data
+            if b"\r\n\r\n" in self.buffer and not getattr(self, "upgraded", False):
+                self.upgraded = True
+                head = self.buffer.split(b"\r\n\r\n")[0].decode()
+                key = next(
+                    line.split(":", 1)[1].strip()
+                    for line in head.split("\r\n")
+                    if line.lower().startswith("sec-websocket-key:")
+                )
+                accept = accept_for(key.encode()).decode()
+                assert self.transport is not None
+                self.transport.write(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n".encode()
+                )
+                self.buffer = b""
+            elif self.buffer[:1] == b"\x88":
+                assert self.transport is not None
+                self.transport.write(answer)
+                if close:
+                    self.transport.loseConnection()
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Raw), interface="127.0.0.1")
+    return port, port.getHost().port
+
+
+@pytest.mark.parametrize(
+    ("answer", "close"),
+    [
+        (_close(1000), True),  # the usual: reply and FIN together
+        (_close(1000), False),  # no FIN yet: the leg waits (its drop timer)
+        (_close(1000) + b"\x81\x02hi", True),  # data after the close, then the FIN
+        (_close(1005), True),  # a code Autobahn refuses: its path, no read ahead
+    ],
+    ids=["reply-and-fin", "reply-only", "reply-data-fin", "refused-code"],
+)
+def test_the_end_read_with_the_close_reply(answer: bytes, close: bool) -> None:
+    """
+    Over a real socket: the leg's end is the same whether the upstream's
+    FIN is read in the close reply's event or in the next; with no FIN the
+    leg is still open (its drop timer armed), and closes once it comes.
+    """
+    import txaio
+
+    outcomes = []
+    for kind in (UpstreamProtocol, ThroughAutobahn):
+        reactor = EPollReactor()
+        txaio.config.loop = reactor
+        port, number = _real_upstream(reactor, answer, close)
+        try:
+            factory = SecureClientFactory(f"ws://127.0.0.1:{number}/", reactor=reactor)
+            factory.protocol = kind
+            protocol = _outcome(
+                reactor, LeanTCPEndpoint(reactor, "127.0.0.1", number).connect(factory)
+            )
+            _outcome(reactor, protocol.opened)
+            protocol.startRelay()
+            protocol.sendCloseFrame(1000)
+            results: list[Any] = []
+            protocol.closed.addBoth(results.append)
+            end = time.monotonic() + 0.5
+            while not results and time.monotonic() < end:
+                reactor.iterate(0.01)
+            waiting = (
+                protocol.state,
+                protocol.serverConnectionDropTimeoutCall is not None,
+                bool(results),
+            )
+            if not results:
+                reactor.removeAll()  # (the upstream's connections, both ends)
+                protocol.transport.connectionLost(Failure(error.ConnectionDone()))
+            outcomes.append((waiting, results, protocol.remoteCloseCode, protocol.wasClean))
+            drop = protocol.serverConnectionDropTimeoutCall
+            if drop is not None and drop.active():
+                drop.cancel()
+        finally:
+            port.stopListening()
+            for selectable in reactor.removeAll():
+                selectable.connectionLost(Failure(error.ConnectionDone()))
+            reactor.waker.connectionLost(None)
+    txaio.config.loop = None
+    assert outcomes[0] == outcomes[1]
+    if close:
+        assert outcomes[0][1], outcomes
+
+
+def test_the_end_read_in_the_close_replys_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The upstream's reply and FIN together: the leg ends in the event that
+    read the reply (one reactor event less), not in the next.
+    """
+    import txaio
+
+    from txwssec.gateway.connect import LeanClient
+
+    reactor = EPollReactor()
+    txaio.config.loop = reactor
+    port, number = _real_upstream(reactor, _close(1000), True)
+    reads: list[Any] = []
+    do_read = LeanClient.doRead
+
+    def counted(self: Any) -> Any:
+        reads.append(self)
+        return do_read(self)
+
+    monkeypatch.setattr(LeanClient, "doRead", counted)
+    try:
+        factory = SecureClientFactory(f"ws://127.0.0.1:{number}/", reactor=reactor)
+        factory.protocol = UpstreamProtocol
+        protocol = _outcome(
+            reactor, LeanTCPEndpoint(reactor, "127.0.0.1", number).connect(factory)
+        )
+        _outcome(reactor, protocol.opened)
+        protocol.startRelay()
+        reads.clear()
+        protocol.sendCloseFrame(1000)
+        time.sleep(0.05)  # the reply and the FIN have come
+        results: list[Any] = []
+        protocol.closed.addBoth(results.append)
+        end = time.monotonic() + 2
+        while not results and time.monotonic() < end:
+            reactor.iterate(0.01)
+        assert results == [(True, 1000, None)]
+        assert len(reads) == 1
+    finally:
+        txaio.config.loop = None
+        port.stopListening()
+        for selectable in reactor.removeAll():
+            selectable.connectionLost(Failure(error.ConnectionDone()))
+        reactor.waker.connectionLost(None)

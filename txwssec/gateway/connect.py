@@ -63,6 +63,8 @@ class LeanClient(tcp.Client):
     #: C{connect()} was called and returned "in progress": the next
     #: C{doConnect} (the socket is writable) reads C{SO_ERROR} for the outcome.
     _connecting = False
+    #: The protocol expects the peer to close now (L{endExpected}).
+    _endExpected = False
 
     def createInternetSocket(self) -> socket.socket:
         if not _NONBLOCK:
@@ -124,6 +126,27 @@ class LeanClient(tcp.Client):
         del self.doRead
         self.stopWriting()
         self._connectDone()
+
+    def endExpected(self) -> None:
+        """
+        The protocol expects the peer's close (its FIN) right behind what
+        it is reading (a WebSocket server's close frame answering the
+        client's: the server then drops the connection): once this read is
+        processed, the socket is read once more, which finds the peer's
+        end when it has come already, handled then as on the next event
+        (the same C{recv}, the same reactor handling of its outcome), not
+        after one more C{epoll_wait} and reactor event. When it has not
+        come, that C{recv} finds nothing (C{EAGAIN}) and the reactor
+        reports the socket readable later, as before.
+        """
+        self._endExpected = True
+
+    def doRead(self) -> Any:
+        why = super().doRead()
+        if self._endExpected and why is None and self.connected and not self.disconnecting:
+            self._endExpected = False
+            why = super().doRead()
+        return why
 
     def _connectDone(self) -> None:
         # Twisted's (the protocol built, reading started, makeConnection);

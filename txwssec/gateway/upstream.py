@@ -644,6 +644,10 @@ class UpstreamProtocol(SecureClientProtocol):
             self.serverConnectionDropTimeoutCall = txaio.call_later(
                 self.serverConnectionDropTimeout, self.onServerConnectionDropTimeout
             )
+        if type(self.transport) is LeanClient:
+            # The upstream drops the connection now: its FIN is usually
+            # there already, read with this event (see endExpected).
+            self.transport.endExpected()
         return True
 
     def relayRefresh(self, payload: bytes) -> None:
