@@ -499,7 +499,8 @@ def test_the_end_read_with_the_close_reply(answer: bytes, close: bool) -> None:
 def test_the_end_read_in_the_close_replys_event(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     The upstream's reply and FIN together: the leg ends in the event that
-    read the reply (one reactor event less), not in the next.
+    read the reply (one reactor event less), not in the next, and arms no
+    timer for an upstream that does not drop the connection.
     """
     import txaio
 
@@ -516,6 +517,11 @@ def test_the_end_read_in_the_close_replys_event(monkeypatch: pytest.MonkeyPatch)
         return do_read(self)
 
     monkeypatch.setattr(LeanClient, "doRead", counted)
+    armed: list[Any] = []
+    await_drop = UpstreamProtocol._awaitServerDrop
+    monkeypatch.setattr(
+        UpstreamProtocol, "_awaitServerDrop", lambda self: armed.append(1) or await_drop(self)
+    )
     try:
         factory = SecureClientFactory(f"ws://127.0.0.1:{number}/", reactor=reactor)
         factory.protocol = UpstreamProtocol
@@ -534,6 +540,7 @@ def test_the_end_read_in_the_close_replys_event(monkeypatch: pytest.MonkeyPatch)
             reactor.iterate(0.01)
         assert results == [(True, 1000, None)]
         assert len(reads) == 1
+        assert armed == []  # no timer for an upstream that would not close
     finally:
         txaio.config.loop = None
         port.stopListening()

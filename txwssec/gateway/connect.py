@@ -33,6 +33,7 @@ anything else (the caller then uses its usual endpoint).
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from os import strerror
 from typing import Any
@@ -63,8 +64,9 @@ class LeanClient(tcp.Client):
     #: C{connect()} was called and returned "in progress": the next
     #: C{doConnect} (the socket is writable) reads C{SO_ERROR} for the outcome.
     _connecting = False
-    #: The protocol expects the peer to close now (L{endExpected}).
-    _endExpected = False
+    #: The protocol expects the peer to close now (L{endExpected}): what
+    #: to call if it has not.
+    _endExpected: Callable[[], object] | None = None
 
     def createInternetSocket(self) -> socket.socket:
         if not _NONBLOCK:
@@ -127,7 +129,7 @@ class LeanClient(tcp.Client):
         self.stopWriting()
         self._connectDone()
 
-    def endExpected(self) -> None:
+    def endExpected(self, otherwise: Callable[[], object]) -> None:
         """
         The protocol expects the peer's close (its FIN) right behind what
         it is reading (a WebSocket server's close frame answering the
@@ -137,15 +139,21 @@ class LeanClient(tcp.Client):
         (the same C{recv}, the same reactor handling of its outcome), not
         after one more C{epoll_wait} and reactor event. When it has not
         come, that C{recv} finds nothing (C{EAGAIN}) and the reactor
-        reports the socket readable later, as before.
+        reports the socket readable later, as before; C{otherwise} is then
+        called (the protocol's timer for a peer that does not close), once
+        this read is done.
         """
-        self._endExpected = True
+        self._endExpected = otherwise
 
     def doRead(self) -> Any:
         why = super().doRead()
-        if self._endExpected and why is None and self.connected and not self.disconnecting:
-            self._endExpected = False
-            why = super().doRead()
+        otherwise = self._endExpected
+        if otherwise is not None:
+            self._endExpected = None
+            if why is None and self.connected and not self.disconnecting:
+                why = super().doRead()
+            if why is None:
+                otherwise()
         return why
 
     def _connectDone(self) -> None:

@@ -234,6 +234,7 @@ class UpstreamProtocol(SecureClientProtocol):
     logOctets: bool
     logFrames: bool
     autoPingInterval: float
+    serverConnectionDropTimeout: float
     #: The frame relay, once the session is open (see L{txwssec.gateway.relay}).
     _scanner: FrameScanner | None = None
     _scanning: bool = False
@@ -640,15 +641,26 @@ class UpstreamProtocol(SecureClientProtocol):
             timer.cancel()
             self.closeHandshakeTimeoutCall = None
         self.wasClean = True
-        if self.serverConnectionDropTimeout > 0:
-            self.serverConnectionDropTimeoutCall = txaio.call_later(
+        transport = self.transport
+        if type(transport) is LeanClient:
+            # The upstream drops the connection now: its FIN is usually
+            # there already, read with this event (see endExpected); the
+            # timer for an upstream that does not is armed only if it is not.
+            transport.endExpected(self._awaitServerDrop)
+        else:
+            self._awaitServerDrop()
+        return True
+
+    def _awaitServerDrop(self) -> None:
+        """
+        Autobahn's client timer, after the close handshake, for a server
+        that does not drop the connection (txaio's, as Autobahn arms it):
+        armed unless the connection ended meanwhile.
+        """
+        if self.state != WebSocketProtocol.STATE_CLOSED and self.serverConnectionDropTimeout > 0:
+            self.serverConnectionDropTimeoutCall = txaio.call_later(  # type: ignore[attr-defined]
                 self.serverConnectionDropTimeout, self.onServerConnectionDropTimeout
             )
-        if type(self.transport) is LeanClient:
-            # The upstream drops the connection now: its FIN is usually
-            # there already, read with this event (see endExpected).
-            self.transport.endExpected()
-        return True
 
     def relayRefresh(self, payload: bytes) -> None:
         """A txwssec control message from the upstream: not relayed."""
