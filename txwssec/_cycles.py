@@ -65,6 +65,10 @@ class FiredWithProtocol:
     def __set__(self, protocol: object, deferred: Deferred[Any]) -> None:
         protocol.__dict__[self._slot] = deferred
 
+    def made(self, protocol: object) -> bool:
+        """Whether C{protocol}'s Deferred was made (assigned, or read) already."""
+        return protocol.__dict__.get(self._slot, _UNMADE) is not _UNMADE
+
     def fire(self, protocol: object) -> None:
         """
         Fire it with C{protocol} (C{txaio.resolve(protocol.is_closed,

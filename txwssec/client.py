@@ -488,6 +488,12 @@ class SecureClientFactory(WebSocketClientFactory):
     """
 
     protocol = SecureClientProtocol  # type: ignore[assignment]
+    #: Seconds after which whoever made the connection abandons it if the
+    #: WebSocket is not open yet (the gateway's upstream attempt sets it:
+    #: L{txwssec.gateway.upstream.open_upstream}); L{None}: nobody does. A
+    #: protocol may then leave out an opening-handshake timer that could
+    #: never fire first.
+    attemptTimeout: float | None = None
 
     def __init__(
         self,

@@ -33,6 +33,7 @@ anything else (the caller then uses its usual endpoint).
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from os import strerror
 from typing import Any
@@ -63,6 +64,9 @@ class LeanClient(tcp.Client):
     #: C{connect()} was called and returned "in progress": the next
     #: C{doConnect} (the socket is writable) reads C{SO_ERROR} for the outcome.
     _connecting = False
+    #: The protocol expects the peer to close now (L{endExpected}): what
+    #: to call if it has not.
+    _endExpected: Callable[[], object] | None = None
 
     def createInternetSocket(self) -> socket.socket:
         if not _NONBLOCK:
@@ -125,6 +129,46 @@ class LeanClient(tcp.Client):
         self.stopWriting()
         self._connectDone()
 
+    def endExpected(self, otherwise: Callable[[], object]) -> None:
+        """
+        The protocol expects the peer's close (its FIN) right behind what
+        it is reading (a WebSocket server's close frame answering the
+        client's: the server then drops the connection): once this read is
+        processed, the socket is read once more, which finds the peer's
+        end when it has come already, handled then as on the next event
+        (the same C{recv}, the same reactor handling of its outcome), not
+        after one more C{epoll_wait} and reactor event. When it has not
+        come, that C{recv} finds nothing (C{EAGAIN}) and the reactor
+        reports the socket readable later, as before; C{otherwise} is then
+        called (the protocol's timer for a peer that does not close), once
+        this read is done.
+        """
+        self._endExpected = otherwise
+
+    def doRead(self) -> Any:
+        why = super().doRead()
+        otherwise = self._endExpected
+        if otherwise is not None:
+            self._endExpected = None
+            if why is None and self.connected and not self.disconnecting:
+                why = super().doRead()
+            if why is None:
+                otherwise()
+        return why
+
+    def _connectDone(self) -> None:
+        # Twisted's (the protocol built, reading started, makeConnection);
+        # then, for a LeanTCPEndpoint's connection (_Connecting), the
+        # endpoint's Deferred fired with the protocol, where Twisted's
+        # _WrappingProtocol fires it once its wrapped protocol's
+        # makeConnection has returned (not if it raised).
+        factory = self.connector.factory
+        super()._connectDone()
+        if type(factory) is _Connecting:
+            connected = factory._onConnection
+            if not connected.called:  # (else buildProtocol failed: errback'd)
+                connected.callback(self.protocol)
+
     def connectionLost(self, reason: Failure) -> None:
         if not self.connected and self._connecting and hasattr(self, "connector"):
             # The reactor saw the socket fail while connecting (epoll's
@@ -165,6 +209,28 @@ class LeanConnector(tcp.Connector):
             start()
 
 
+class _Connecting(_WrappingFactory):
+    """
+    Twisted's C{_WrappingFactory} (its L{Deferred}, its cancelling, its
+    failures) without its C{_WrappingProtocol}: the transport is connected
+    to the factory's protocol itself, and L{LeanClient._connectDone} fires
+    the L{Deferred}. The wrapper passed each C{dataReceived} and
+    C{connectionLost} on, and found for each connection which of three
+    interfaces its protocol provides (the transport asks the protocol
+    itself now, with the same answers).
+    """
+
+    def buildProtocol(self, addr: Any) -> Any:
+        try:
+            protocol = self._wrappedFactory.buildProtocol(addr)
+            if protocol is None:
+                raise error.NoProtocol()
+        except BaseException:
+            self._onConnection.errback()
+            return None
+        return protocol
+
+
 @implementer(IStreamClientEndpoint)
 class LeanTCPEndpoint:
     """
@@ -189,7 +255,7 @@ class LeanTCPEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
         try:
-            wf = _WrappingFactory(protocolFactory)
+            wf = _Connecting(protocolFactory)
             # (a timeout of None: no timer; Twisted's BaseConnector allows it)
             LeanConnector(
                 self._host,

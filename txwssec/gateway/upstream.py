@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import txaio
 from autobahn.twisted.util import create_transport_details
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import (
@@ -22,6 +23,7 @@ from autobahn.websocket.protocol import (
 from autobahn.websocket.types import ConnectionResponse
 from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.util import parse_url
+from autobahn.websocket.xormasker import XorMaskerNull
 from twisted.internet.address import IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
@@ -202,6 +204,10 @@ class UpstreamPool:
         self._failed_at.pop(url, None)
 
 
+#: The first byte of a close frame (FIN, opcode 8).
+_CLOSE_FRAME = 0x88
+#: The close codes from 1000 to 2999 that Autobahn accepts from a peer.
+_CLOSE_CODES = frozenset(WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED)
 #: Twisted's TCP connection timeout (C{TCP4ClientEndpoint}'s default), seconds.
 _CONNECT_TIMEOUT = 30.0
 #: Autobahn's C{parse_url}: secure, host, port, resource, path, query parameters.
@@ -226,7 +232,9 @@ class UpstreamProtocol(SecureClientProtocol):
     perMessageCompressionOffers: list[Any]
     version: int
     logOctets: bool
+    logFrames: bool
     autoPingInterval: float
+    serverConnectionDropTimeout: float
     #: The frame relay, once the session is open (see L{txwssec.gateway.relay}).
     _scanner: FrameScanner | None = None
     _scanning: bool = False
@@ -328,7 +336,7 @@ class UpstreamProtocol(SecureClientProtocol):
         state["utf8validator"] = Utf8Validator()  # Autobahn's, as before
         self.__dict__.update(state)
         timeout = self.openHandshakeTimeout
-        covered = factory.__dict__.get("attemptTimeout")
+        covered = factory.attemptTimeout
         if timeout > 0 and not (covered is not None and 0 < covered <= timeout):
             # (Not under an attempt whose own timer, armed before this
             # connection began and no later, abandons the connection first:
@@ -519,6 +527,17 @@ class UpstreamProtocol(SecureClientProtocol):
             notices=notices,
         )
 
+    def _connectionLost(self, reason: Any) -> None:
+        is_closed = UpstreamProtocol.is_closed
+        if self.state != WebSocketProtocol.STATE_CLOSED and not is_closed.made(self):
+            # Autobahn's _connectionLost resolves is_closed (txaio.resolve),
+            # reading it, which makes it when nothing read it before: it is
+            # left unmade (released) instead. When it was made, Autobahn's
+            # code fires it, in its order (after its timers are cancelled).
+            self.state = WebSocketProtocol.STATE_CLOSED
+            is_closed.fire(self)
+        super()._connectionLost(reason)
+
     def dataReceived(self, data: bytes) -> None:
         if self._scanner is not None:
             try:
@@ -575,7 +594,73 @@ class UpstreamProtocol(SecureClientProtocol):
             downstream.relayWrite(frames)
 
     def relayControl(self, frame: bytes) -> bool:
+        if frame[0] == _CLOSE_FRAME and self._closeReplied(frame):
+            return False  # (relayOpen: False now, the close was received)
         return autobahn_control(self, frame) and self.relayOpen()
+
+    def _closeReplied(self, frame: bytes) -> bool:
+        """
+        The upstream's close frame C{frame} (whole, unmasked, FIN, no RSV:
+        checked by the L{FrameScanner}) answering the close this leg sent:
+        taken here as Autobahn's C{processData}, C{processControlFrame} and
+        client C{onCloseFrame} take it (the remote code and reason kept,
+        the close timer cancelled, the session clean, the timer for the
+        upstream's TCP close armed), when its code is one Autobahn accepts
+        and its reason valid UTF-8. Anything else (another state, a code or
+        reason Autobahn refuses, a subclass's C{onCloseFrame}, logged
+        frames) is left to Autobahn: L{False}.
+        """
+        if (
+            self.state != WebSocketProtocol.STATE_CLOSING
+            or not self.closedByMe
+            or self.logFrames
+            or type(self).onCloseFrame is not UpstreamProtocol.onCloseFrame
+            or self.data
+            or self.current_frame is not None
+        ):
+            return False
+        code: int | None = None
+        reason: str | None = None
+        if len(frame) > 2:
+            code = (frame[2] << 8) | frame[3]
+            if not (3000 <= code <= 4999 or code in _CLOSE_CODES):
+                return False
+            if len(frame) > 4:
+                try:
+                    reason = frame[4:].decode("utf8")
+                except UnicodeDecodeError:
+                    return False
+        self._closeReceived = True
+        # What Autobahn's frame code leaves behind it.
+        self.current_frame_masker = XorMaskerNull()
+        self.control_frame_data = None
+        self.remoteCloseCode = code
+        self.remoteCloseReason = reason
+        timer = self.closeHandshakeTimeoutCall
+        if timer is not None:
+            timer.cancel()
+            self.closeHandshakeTimeoutCall = None
+        self.wasClean = True
+        transport = self.transport
+        if type(transport) is LeanClient:
+            # The upstream drops the connection now: its FIN is usually
+            # there already, read with this event (see endExpected); the
+            # timer for an upstream that does not is armed only if it is not.
+            transport.endExpected(self._awaitServerDrop)
+        else:
+            self._awaitServerDrop()
+        return True
+
+    def _awaitServerDrop(self) -> None:
+        """
+        Autobahn's client timer, after the close handshake, for a server
+        that does not drop the connection (txaio's, as Autobahn arms it):
+        armed unless the connection ended meanwhile.
+        """
+        if self.state != WebSocketProtocol.STATE_CLOSED and self.serverConnectionDropTimeout > 0:
+            self.serverConnectionDropTimeoutCall = txaio.call_later(  # type: ignore[attr-defined]
+                self.serverConnectionDropTimeout, self.onServerConnectionDropTimeout
+            )
 
     def relayRefresh(self, payload: bytes) -> None:
         """A txwssec control message from the upstream: not relayed."""
@@ -727,7 +812,7 @@ class _Attempt:
         self._timeout = timeout
         # The upstream leg arms no opening-handshake timer of its own that
         # would fire after this attempt's (UpstreamProtocol._connectionMade).
-        factory.attemptTimeout = timeout  # type: ignore[attr-defined]
+        factory.attemptTimeout = timeout
         self._protocol: Any = None
         #: The attempt has its outcome (or was cancelled): later results of
         #: the steps are ignored.
