@@ -35,10 +35,10 @@ from test_tls_wire_attacks import Wire
 from test_tls_wire_direct import Recorded, RecordedFactory
 from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.interfaces import IProtocol, ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, ISSLTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from wsframes import close_frame
-from zope.interface import providedBy
+from zope.interface import implementer, providedBy
 
 from txwssec import (
     AnonymousAuthenticator,
@@ -312,6 +312,51 @@ async def test_ended_mid_handshake_as_two_layers(ports: Any, folder: Path, facto
     theirs, ours = await both(ports, folder, _hello_then_wait, factory=factory)
     assert ours == theirs
     assert ours[0][1] == "reset"
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfClosing(Recorded):
+    """On "half": a write, then the TCP half-close (loseWriteConnection)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if data.startswith(b"half\n"):
+            self.seen.append(data)
+            self.transport.write(b"before FIN")
+            self.transport.loseWriteConnection()
+            return
+        super().dataReceived(data)
+
+    def writeConnectionLost(self) -> None:
+        self.seen.append("writeConnectionLost")
+
+    def readConnectionLost(self) -> None:
+        self.seen.append("readConnectionLost")
+        self.transport.loseConnection()
+
+
+class HalfClosingFactory(RecordedFactory):
+    protocol = HalfClosing
+
+
+def _half_closed(port: int, folder: Path) -> tuple[bytes, str]:
+    wire = Wire(port, folder)
+    try:
+        wire.handshake()
+        wire.raw.sendall(wire.records(b"half\n"))
+        result = wire.ending()
+        wire.raw.shutdown(socket.SHUT_WR)
+        return result
+    finally:
+        wire.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_close_as_two_layers(ports: Any, folder: Path) -> None:
+    """loseWriteConnection: the write, then a FIN without close_notify; the app not told."""
+    theirs, ours = await both(ports, folder, _half_closed, factory=HalfClosingFactory)
+    assert ours == theirs
+    assert ours[0] == (b"before FIN", "TCP close")
+    assert "writeConnectionLost" not in ours[1][0]
 
 
 @pytest_twisted.ensureDeferred

@@ -553,9 +553,23 @@ class DirectTLSServer(tcp.Server):
         self._loseTCPLater()
 
     def loseWriteConnection(self) -> None:
-        """The TCP transport's half-close (as the two-layer transport forwards it)."""
+        """
+        The TCP transport's half-close (the two-layer transport forwards it
+        to its TCP transport): a FIN once what was written is sent, no
+        close_notify.
+        """
         self._encryptPlain()
         _FileDescriptor.loseWriteConnection(self)
+
+    def _closeWriteConnection(self) -> None:
+        """
+        The TCP transport's, whose protocol (Twisted's TLS protocol) is not
+        half-closeable: the application is not told.
+        """
+        try:
+            self.socket.shutdown(1)
+        except OSError:
+            pass
 
 
 #: The application protocols that get a L{DirectTLSServer} (tests add theirs).
