@@ -55,7 +55,7 @@ L{ServerTLSProtocol}. Differential tests: tests/test_tls_port_direct.py.
 
 from __future__ import annotations
 
-from errno import EWOULDBLOCK
+from errno import ENOBUFS, EWOULDBLOCK
 from typing import Any
 
 from OpenSSL.SSL import Error, ZeroReturnError
@@ -291,10 +291,22 @@ class DirectTLSServer(tcp.Server):
             held.append(data)
         elif self._aborted or not self.connected:
             return
-        elif self._atOnce:
-            self._sendAtOnce([data])
-        else:
+        elif not self._atOnce:
             _FileDescriptor.write(self, data)
+        elif self.dataBuffer or self._tempDataLen or self._writeDisconnected or self._tcpClosing:
+            _FileDescriptor.write(self, data)
+        else:
+            # at once (as L{send_now} sends one chunk)
+            try:
+                sent = self.socket.send(data)
+            except OSError as se:
+                if se.args[0] not in (EWOULDBLOCK, ENOBUFS):
+                    # Twisted's write meets the error and closes
+                    _FileDescriptor.write(self, data)
+                    return
+                sent = 0
+            if sent < len(data):
+                _FileDescriptor.write(self, data[sent:])
 
     def _sendAtOnce(self, chunks: list[bytes]) -> None:
         """
@@ -330,8 +342,17 @@ class DirectTLSServer(tcp.Server):
             self.startWriting()  # else at the end of the read (doRead)
 
     def writeSequence(self, iovec: Any) -> None:
-        """Twisted's: joined, then L{write}."""
-        self.write(b"".join(iovec))
+        """Twisted's: joined, then as L{write} (the server's 101 comes this way)."""
+        if not self.connected:
+            return
+        data = b"".join(iovec)
+        self._plain.append(data)
+        self._plainLeft -= len(data)
+        if self._plainLeft < 0:
+            self._encryptPlain()
+            return
+        if not self._reading:
+            self.startWriting()
 
     def _encryptPlain(self) -> None:
         """The gathered writes to OpenSSL (the aggregator's C{flush})."""
