@@ -139,8 +139,9 @@ class DirectTLSServer(tcp.Server):
         self._plainLeft = _GATHER
 
     def _getLogPrefix(self, applicationObject: object) -> str:
-        # The two-layer transport logs as "<protocol> (TLSMemoryBIOProtocol)"
-        # (ProtocolWrapper's prefix); kept, for the log lines' "system".
+        # The two-layer transport's TCP transport logs as "<protocol>
+        # (ServerTLSProtocol)" (ProtocolWrapper's prefix); kept, for the
+        # log lines' "system".
         prefix = tcp.Server._getLogPrefix(self, applicationObject)
         return f"{prefix} (ServerTLSProtocol)"
 
