@@ -29,7 +29,8 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from zope.interface import implementer
 
 from txwssec._tcpport import lean_endpoint
-from txwssec._tlswire import ServerTLSFactory, TLSPortEndpoint
+from txwssec._tlsport import TLSPortEndpoint
+from txwssec._tlswire import ServerTLSFactory
 from txwssec.tls import ReloadingContextFactory
 
 #: Endpoint kinds that carry plain text over a network.

@@ -46,7 +46,7 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txwssec._tlswire import TLSPortEndpoint
+from txwssec._tlsport import TLSPortEndpoint
 
 #: TLS 1.2 suites: ephemeral ECDH key exchange and AEAD ciphers only. (TLS
 #: 1.3 suites are all AEAD with ephemeral key exchange.)
