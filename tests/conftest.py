@@ -6,6 +6,7 @@ Twisted servers and asyncio clients (websockets) share one event loop.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +21,13 @@ from txwssec.devcert import write_dev_certificates
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A shell without job control starts a background job (`pytest ... &`) with
+# SIGINT ignored, and every process it starts inherits that: twistd would
+# then ignore the SIGINT of tests/test_lifecycle.py's graceful stop. The
+# servers the tests start get SIGINT as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
