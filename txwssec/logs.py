@@ -40,6 +40,7 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
 )
+from twisted.python import threadable
 from twisted.python.logfile import LogFile
 from twisted.python.threadable import isInIOThread
 
@@ -301,7 +302,17 @@ class TwistdLogFile(LogFile):
     descriptor left) every later line is lost. Here the next file is opened
     first; when it cannot be, the error is raised and the lines go on to the
     file in use (after a rotation, the one renamed C{.1}).
+
+    L{write} never raises: a line that cannot be written (a full disk) is
+    counted, and once a write works again an error says how many were lost,
+    where and why; a rotation by size that fails is logged and tried again
+    after C{rotateLength} more bytes, the line written to the file in use.
     """
+
+    _lost = 0
+    _lostError = ""
+    _partial = False
+    _telling = False
 
     def reopen(self) -> None:
         """
@@ -309,9 +320,63 @@ class TwistdLogFile(LogFile):
 
         @raise OSError: it cannot be opened; the file in use stays.
         """
-        inUse = self._file
-        self._openFile()
+        inUse, size = self._file, self.size
+        try:
+            self._openFile()
+        except BaseException:
+            # Twisted's _openFile sets _file before its seek, which fails on
+            # a FIFO: close that one, keep the file in use.
+            if self._file is not inUse:
+                self._file.close()
+            self._file, self.size, self.closed = inUse, size, False
+            raise
         inUse.close()
+
+    def write(self, data: str | bytes) -> None:
+        """As Twisted's (rotated by size first), without raising."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        problem = None
+        if self.shouldRotate():
+            try:
+                self.rotate()
+            except OSError as error:
+                self.size = 0  # again after rotateLength more bytes, not every line
+                problem = error
+        if self._partial:
+            data = b"\n" + data  # a line cut by a failed write ends here
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self._file.write(view) :]
+        except OSError as error:
+            self._lost += max(data.count(b"\n"), 1)
+            self._lostError = str(error)
+            self._partial = len(view) < len(data)
+            self.size += len(data) - len(view)
+            return
+        self._partial = False
+        self.size += len(data)
+        if self._telling:
+            return
+        self._telling = True
+        try:
+            if problem is not None:
+                _log.error(
+                    "Log file {path} not rotated: {error}",
+                    path=self.path,
+                    error=bounded(str(problem)),
+                )
+            if self._lost:
+                lost, self._lost = self._lost, 0
+                _log.error(
+                    "{lost} log lines not written to {path}: {error}",
+                    lost=lost,
+                    path=self.path,
+                    error=bounded(self._lostError),
+                )
+        finally:
+            self._telling = False
 
     def shouldRotate(self) -> bool:
         """As Twisted's: past C{rotateLength}, when the folder can be written."""
@@ -341,6 +406,9 @@ class TwistdLogFile(LogFile):
         return os.access(self.directory, os.W_OK) and (
             not os.path.exists(self.path) or os.access(self.path, os.W_OK)
         )
+
+
+threadable.synchronize(TwistdLogFile)  # write and rotate hold its lock, as Twisted's
 
 
 class ReopenableLog(Protocol):

@@ -1,0 +1,126 @@
+"""
+Review 6: a single-process C{twistd wssec}'s log file (L{TwistdLogFile})
+when what is at its path, or the disk, goes wrong.
+
+- A FIFO at the path: Twisted's C{_openFile} sets C{_file} before its
+  C{seek} fails (ESPIPE), so the "failed" reopen left the process writing
+  to the FIFO (nobody reads it: after 64 KiB every write blocks the
+  reactor) and dropped the file in use.
+- A write that fails (a full disk, a symlink to /dev/full) raised out of
+  C{write}: through the JSON log's direct path (L{JSONLines}) into the
+  server, so that a refused handshake got no 401, only a dropped
+  connection; the lines were lost without a word.
+- A size rotation whose new file cannot be opened (no descriptor left)
+  raised out of C{write} (the line lost) and was tried again on every
+  line, renaming the file in use each time.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from txwssec.logs import TwistdLogFile
+from txwssec.ops.jsonlog import JSONEventObserver
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_a_fifo_at_the_path_keeps_the_file_in_use(tmp_path: Path) -> None:
+    log = TwistdLogFile.fromFullPath(str(tmp_path / "wssec.log"), rotateLength=None)
+    log.write("before\n")
+    (tmp_path / "wssec.log").rename(tmp_path / "moved.log")
+    os.mkfifo(tmp_path / "wssec.log")
+    before = _fds()
+    for _ in range(3):
+        with pytest.raises(OSError):
+            log.reopen()
+    assert _fds() == before
+    log.write("after\n")
+    log.close()
+    assert (tmp_path / "moved.log").read_text() == "before\nafter\n"
+
+
+def _events() -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    return seen
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_failed_write_does_not_raise_and_is_told_later(tmp_path: Path) -> None:
+    """
+    The path is a symlink to /dev/full (a full disk): writes fail, without
+    raising; once a write works again, a line says how many were lost,
+    where, and why.
+    """
+    path = tmp_path / "wssec.log"
+    log = TwistdLogFile.fromFullPath(str(path), rotateLength=None)
+    path.rename(tmp_path / "moved.log")
+    path.symlink_to("/dev/full")
+    log.reopen()
+    log.write("lost 1\n")
+    log.write("lost 2\n")
+    path.unlink()
+    log.reopen()
+    seen = _events()
+    try:
+        log.write("back\n")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    log.close()
+    assert path.read_text().startswith("back\n")
+    [told] = [e for e in seen if e.get("log_namespace") == "txwssec.logs"]
+    assert told["lost"] == 2
+    assert told["path"] == str(path)
+    assert "No space left" in told["error"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_the_json_log_on_a_full_disk_does_not_fail_the_server(tmp_path: Path) -> None:
+    path = tmp_path / "wssec.log"
+    path.symlink_to("/dev/full")
+    log = TwistdLogFile.fromFullPath(str(path), rotateLength=None)
+    observer = JSONEventObserver()
+    observer.writeTo(log, Clock())
+    observer("handshake.refused", {"status": 401, "reason": "no credentials"})
+
+
+def test_a_failed_size_rotation_keeps_the_line_and_waits(tmp_path: Path) -> None:
+    """
+    The new file cannot be opened (no descriptor left): the line goes on to
+    the file in use (now C{.1}), and the rotation is not tried again on the
+    next line.
+    """
+    path = tmp_path / "wssec.log"
+    log = TwistdLogFile.fromFullPath(str(path), rotateLength=20)
+    log.write("0123456789012345678\n")
+
+    def no_descriptor() -> None:
+        raise OSError(errno.EMFILE, "Too many open files", str(path))
+
+    log._openFile = no_descriptor  # type: ignore[method-assign]
+    seen = _events()
+    try:
+        for n in range(3):
+            log.write(f"line {n}\n")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    del log._openFile
+    log.close()
+    assert (
+        tmp_path / "wssec.log.1"
+    ).read_text() == "0123456789012345678\nline 0\nline 1\nline 2\n"
+    assert not (tmp_path / "wssec.log.2").exists()
+    told = [e for e in seen if e.get("log_namespace") == "txwssec.logs"]
+    assert len(told) == 1
+    assert "Too many open files" in told[0]["error"]
