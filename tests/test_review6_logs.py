@@ -124,3 +124,53 @@ def test_a_failed_size_rotation_keeps_the_line_and_waits(tmp_path: Path) -> None
     told = [e for e in seen if e.get("log_namespace") == "txwssec.logs"]
     assert len(told) == 1
     assert "Too many open files" in told[0]["error"]
+
+
+class _Disk:
+    """A file on a disk with C{room} bytes left (C{room} may grow again)."""
+
+    def __init__(self, file: Any, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data: Any) -> int:
+        if not self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written = self.file.write(bytes(data[: self.room]))
+        self.room -= written
+        return int(written)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def test_a_line_cut_by_a_full_disk_is_ended_before_the_next(tmp_path: Path) -> None:
+    """
+    A full disk cuts a line, more lines fail whole, then there is room
+    again: the next line starts on a line of its own; a reopened file
+    starts with its first line.
+    """
+    path = tmp_path / "wssec.log"
+    log = TwistdLogFile.fromFullPath(str(path), rotateLength=None)
+    disk = _Disk(log._file, 8)
+    log._file = disk  # type: ignore[assignment]
+    seen = _events()
+    try:
+        log.write("first line\n")
+        log.write("lost\n")
+        disk.room = 1000
+        log.write("back\n")
+        path.rename(tmp_path / "moved.log")
+        disk.room = 4
+        log.write("cut again\n")
+        log._file = disk.file
+        log.reopen()
+        log.write("new\n")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    log.close()
+    lines = (tmp_path / "moved.log").read_text().splitlines()
+    assert lines[:2] == ["first li", "back"]
+    assert lines[-1] == "cut "
+    assert path.read_text() == "new\n"
+    told = [e["lost"] for e in seen if e.get("log_namespace") == "txwssec.logs"]
+    assert told == [2, 1]

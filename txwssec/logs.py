@@ -313,6 +313,7 @@ class TwistdLogFile(LogFile):
     _lostError = ""
     _partial = False
     _telling = False
+    _notRotated: OSError | None = None
 
     def reopen(self) -> None:
         """
@@ -331,29 +332,35 @@ class TwistdLogFile(LogFile):
             self._file, self.size, self.closed = inUse, size, False
             raise
         inUse.close()
+        self._partial = False  # a cut line stays at the end of the file it was in
 
     def write(self, data: str | bytes) -> None:
         """As Twisted's (rotated by size first), without raising."""
         if isinstance(data, str):
             data = data.encode("utf-8")
-        problem = None
         if self.shouldRotate():
             try:
                 self.rotate()
             except OSError as error:
                 self.size = 0  # again after rotateLength more bytes, not every line
-                problem = error
+                self._notRotated = error
+        lines = max(data.count(b"\n"), 1)
         if self._partial:
             data = b"\n" + data  # a line cut by a failed write ends here
         view = memoryview(data)
         try:
             while view:
-                view = view[self._file.write(view) :]
+                written = self._file.write(view)
+                if not written:  # (None: a non-blocking descriptor would block)
+                    raise BlockingIOError(errno.EAGAIN, "log file not writable now")
+                view = view[written:]
         except OSError as error:
-            self._lost += max(data.count(b"\n"), 1)
+            self._lost += lines
             self._lostError = str(error)
-            self._partial = len(view) < len(data)
-            self.size += len(data) - len(view)
+            written = len(data) - len(view)
+            if written:
+                self._partial = not data[:written].endswith(b"\n")
+            self.size += written
             return
         self._partial = False
         self.size += len(data)
@@ -361,7 +368,8 @@ class TwistdLogFile(LogFile):
             return
         self._telling = True
         try:
-            if problem is not None:
+            if self._notRotated is not None:
+                problem, self._notRotated = self._notRotated, None
                 _log.error(
                     "Log file {path} not rotated: {error}",
                     path=self.path,
