@@ -174,3 +174,31 @@ def test_a_line_cut_by_a_full_disk_is_ended_before_the_next(tmp_path: Path) -> N
     assert path.read_text() == "new\n"
     told = [e["lost"] for e in seen if e.get("log_namespace") == "txwssec.logs"]
     assert told == [2, 1]
+
+
+def test_a_size_rotation_that_cannot_be_done_is_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The folder cannot be written (as a service user after a change of
+    owner; root passes every access check): Twisted's C{LogFile} skipped
+    the rotation without a word, on every line, and the file grew without
+    end. Now it is logged, naming the path, once per C{rotateLength}; the
+    lines go on to the file.
+    """
+    path = tmp_path / "wssec.log"
+    log = TwistdLogFile.fromFullPath(str(path), rotateLength=20)
+    log.write("0123456789012345678\n")
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+    seen = _events()
+    try:
+        for n in range(3):
+            log.write(f"line {n}\n")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    log.close()
+    assert path.read_text() == "0123456789012345678\nline 0\nline 1\nline 2\n"
+    told = [e for e in seen if e.get("log_namespace") == "txwssec.logs"]
+    assert len(told) == 1
+    assert told[0]["path"] == str(path)
+    assert "not writable" in told[0]["error"]

@@ -387,8 +387,12 @@ class TwistdLogFile(LogFile):
             self._telling = False
 
     def shouldRotate(self) -> bool:
-        """As Twisted's: past C{rotateLength}, when the folder can be written."""
-        return bool(self.rotateLength and self.size >= self.rotateLength) and self._rotatable()
+        """
+        As Twisted's: past C{rotateLength}. When the folder or the file cannot
+        be written, L{rotate} raises, and L{write} says so (Twisted's skipped
+        the rotation without a word, and the file grew without end).
+        """
+        return bool(self.rotateLength and self.size >= self.rotateLength)
 
     def rotate(self) -> None:
         """
