@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +204,39 @@ def test_a_size_rotation_that_cannot_be_done_is_told(
     assert len(told) == 1
     assert told[0]["path"] == str(path)
     assert "not writable" in told[0]["error"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_a_fifo_at_the_path_does_not_block_a_workers_reopen(tmp_path: Path) -> None:
+    """
+    L{LineFile} (C{[server] workers}) opened the path write-only: on a FIFO
+    without a reader, C{open} blocked, and with it the process's reactor,
+    for ever. Now the reopen fails at once (ENXIO); the lines go on to the
+    file in use.
+    """
+    from txwssec.logs import LineFile
+
+    path = tmp_path / "wssec.log"
+    out = LineFile(path=str(path))
+    path.rename(tmp_path / "moved.log")
+    os.mkfifo(path)
+    pid = os.fork()
+    if pid == 0:  # the child reopens: a blocked open must not block the test
+        try:
+            out.reopen()
+        except OSError as error:
+            os._exit(2 if error.errno == errno.ENXIO else 3)
+        os._exit(0)
+    for _ in range(100):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the reopen blocked on the FIFO")
+    assert os.waitstatus_to_exitcode(status) == 2
+    out.write("after\n")
+    out.close()
+    assert (tmp_path / "moved.log").read_text() == "after\n"

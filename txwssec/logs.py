@@ -214,7 +214,12 @@ class LineFile:
 
     def _open(self) -> int:
         assert self.path is not None
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NONBLOCK: a FIFO at the path (no reader) fails with ENXIO at once
+        # instead of blocking the reactor in open(); writes then block again.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(self.path, flags, 0o644)
+        os.set_blocking(fd, True)
+        return fd
 
     def write(self, text: str) -> None:
         """Add C{text} (whole lines) to what the next L{flush} writes."""
