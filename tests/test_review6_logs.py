@@ -240,3 +240,33 @@ def test_a_fifo_at_the_path_does_not_block_a_workers_reopen(tmp_path: Path) -> N
     out.write("after\n")
     out.close()
     assert (tmp_path / "moved.log").read_text() == "after\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_workers_lines_lost_to_a_full_disk_are_told(tmp_path: Path) -> None:
+    """
+    L{LineFile} dropped the lines a full disk refused without a word
+    ("nowhere to say it"); now, once a write works again, an error says how
+    many, where and why.
+    """
+    from txwssec.logs import LineFile
+
+    path = tmp_path / "wssec.log"
+    path.symlink_to("/dev/full")
+    out = LineFile(path=str(path))
+    out.write("lost 1\nlost 2\n")
+    out.flushNow()
+    path.unlink()
+    out.reopen()
+    seen = _events()
+    try:
+        out.write("back\n")
+        out.flushNow()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    out.close()
+    assert path.read_text() == "back\n"
+    [told] = [e for e in seen if e.get("log_namespace") == "txwssec.logs"]
+    assert told["lost"] == 2
+    assert told["path"] == str(path)
+    assert "No space left" in told["error"]

@@ -253,16 +253,46 @@ class LineFile:
             chunk += line
         if chunk:
             self._out(chunk)
+        if self._lost and not self._failing and not self._telling:
+            # Written again: say what was lost (the line comes in this file).
+            lost, self._lost = self._lost, 0
+            self._telling = True
+            try:
+                _log.error(
+                    "{lost} log lines not written to {path}: {error}",
+                    lost=lost,
+                    path=self.path if self.path is not None else f"descriptor {self._fd}",
+                    error=bounded(self._lostError),
+                )
+            finally:
+                self._telling = False
+
+    _lost = 0
+    _lostError = ""
+    _failing = False
+    _partial = False
+    _telling = False
 
     def _out(self, data: bytes) -> None:
+        ended = self._partial
+        if ended:
+            data = b"\n" + data  # a line cut by a failed write ends here
         view = memoryview(data)
         while view:
             try:
                 view = view[os.write(self._fd, view) :]
             except InterruptedError:
                 continue
-            except OSError:
-                return  # (a full disk, a closed pipe: nowhere to say it)
+            except OSError as error:
+                # (a full disk, a closed pipe): counted, told once a write works
+                written = len(data) - len(view)
+                self._lost += bytes(view).count(b"\n") - (ended and not written)
+                self._lostError = str(error)
+                if written:
+                    self._partial = not data[:written].endswith(b"\n")
+                self._failing = True
+                return
+        self._failing = self._partial = False
 
     def reopen(self) -> None:
         """
@@ -278,6 +308,7 @@ class LineFile:
         fd = self._open()
         os.close(self._fd)
         self._fd = fd
+        self._partial = False  # a cut line stays at the end of the file it was in
 
     def rotate(self) -> None:
         """As twistd's log file on SIGUSR1: the file becomes C{.1} (C{.1} C{.2}...)."""
