@@ -270,3 +270,31 @@ def test_a_workers_lines_lost_to_a_full_disk_are_told(tmp_path: Path) -> None:
     assert told["lost"] == 2
     assert told["path"] == str(path)
     assert "No space left" in told["error"]
+
+
+def test_failed_rotations_never_remove_the_file_in_use(tmp_path: Path) -> None:
+    """
+    With C{maxRotatedFiles}, each rotation whose new file cannot be opened
+    shifted the file in use one number up (C{.1}, C{.2}...) until it was
+    past the limit and removed: every later line went to a deleted file.
+    """
+    path = tmp_path / "wssec.log"
+    log = TwistdLogFile.fromFullPath(str(path), rotateLength=None, maxRotatedFiles=2)
+    log.write("one\n")
+
+    def no_descriptor() -> None:
+        raise OSError(errno.EMFILE, "Too many open files", str(path))
+
+    log._openFile = no_descriptor  # type: ignore[method-assign]
+    for n in range(3):
+        with pytest.raises(OSError):
+            log.rotate()
+        log.write(f"during {n}\n")
+    del log._openFile
+    assert os.fstat(log._file.fileno()).st_nlink == 1
+    log.rotate()
+    log.write("after\n")
+    log.close()
+    kept = sorted(p.read_text() for p in tmp_path.iterdir())
+    assert "one\nduring 0\nduring 1\nduring 2\n" in kept
+    assert path.read_text() == "after\n"

@@ -441,11 +441,19 @@ class TwistdLogFile(LogFile):
         """
         if not self._rotatable():
             raise PermissionError(errno.EACCES, "log file not writable", self.path)
+        inUse = os.fstat(self._file.fileno())
         for number in sorted(self.listLogs(), reverse=True):
-            if self.maxRotatedFiles is not None and number >= self.maxRotatedFiles:
-                os.remove(f"{self.path}.{number}")
+            name = f"{self.path}.{number}"
+            if (
+                self.maxRotatedFiles is not None
+                and number >= self.maxRotatedFiles
+                # not the file in use (renamed by a rotation whose new file
+                # could not be opened): its lines would go to a deleted file
+                and not os.path.samestat(os.stat(name), inUse)
+            ):
+                os.remove(name)
             else:
-                os.rename(f"{self.path}.{number}", f"{self.path}.{number + 1}")
+                os.rename(name, f"{self.path}.{number + 1}")
         if os.path.exists(self.path):
             os.rename(self.path, f"{self.path}.1")
         self.reopen()
