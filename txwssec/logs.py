@@ -40,6 +40,7 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
 )
+from twisted.python import threadable
 from twisted.python.logfile import LogFile
 from twisted.python.threadable import isInIOThread
 
@@ -213,7 +214,12 @@ class LineFile:
 
     def _open(self) -> int:
         assert self.path is not None
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NONBLOCK: a FIFO at the path (no reader) fails with ENXIO at once
+        # instead of blocking the reactor in open(); writes then block again.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(self.path, flags, 0o644)
+        os.set_blocking(fd, True)
+        return fd
 
     def write(self, text: str) -> None:
         """Add C{text} (whole lines) to what the next L{flush} writes."""
@@ -247,16 +253,46 @@ class LineFile:
             chunk += line
         if chunk:
             self._out(chunk)
+        if self._lost and not self._failing and not self._telling:
+            # Written again: say what was lost (the line comes in this file).
+            lost, self._lost = self._lost, 0
+            self._telling = True
+            try:
+                _log.error(
+                    "{lost} log lines not written to {path}: {error}",
+                    lost=lost,
+                    path=self.path if self.path is not None else f"descriptor {self._fd}",
+                    error=bounded(self._lostError),
+                )
+            finally:
+                self._telling = False
+
+    _lost = 0
+    _lostError = ""
+    _failing = False
+    _partial = False
+    _telling = False
 
     def _out(self, data: bytes) -> None:
+        ended = self._partial
+        if ended:
+            data = b"\n" + data  # a line cut by a failed write ends here
         view = memoryview(data)
         while view:
             try:
                 view = view[os.write(self._fd, view) :]
             except InterruptedError:
                 continue
-            except OSError:
-                return  # (a full disk, a closed pipe: nowhere to say it)
+            except OSError as error:
+                # (a full disk, a closed pipe): counted, told once a write works
+                written = len(data) - len(view)
+                self._lost += bytes(view).count(b"\n") - (ended and not written)
+                self._lostError = str(error)
+                if written:
+                    self._partial = not data[:written].endswith(b"\n")
+                self._failing = True
+                return
+        self._failing = self._partial = False
 
     def reopen(self) -> None:
         """
@@ -272,6 +308,7 @@ class LineFile:
         fd = self._open()
         os.close(self._fd)
         self._fd = fd
+        self._partial = False  # a cut line stays at the end of the file it was in
 
     def rotate(self) -> None:
         """As twistd's log file on SIGUSR1: the file becomes C{.1} (C{.1} C{.2}...)."""
@@ -301,7 +338,18 @@ class TwistdLogFile(LogFile):
     descriptor left) every later line is lost. Here the next file is opened
     first; when it cannot be, the error is raised and the lines go on to the
     file in use (after a rotation, the one renamed C{.1}).
+
+    L{write} never raises: a line that cannot be written (a full disk) is
+    counted, and once a write works again an error says how many were lost,
+    where and why; a rotation by size that fails is logged and tried again
+    after C{rotateLength} more bytes, the line written to the file in use.
     """
+
+    _lost = 0
+    _lostError = ""
+    _partial = False
+    _telling = False
+    _notRotated: OSError | None = None
 
     def reopen(self) -> None:
         """
@@ -309,13 +357,78 @@ class TwistdLogFile(LogFile):
 
         @raise OSError: it cannot be opened; the file in use stays.
         """
-        inUse = self._file
-        self._openFile()
+        inUse, size = self._file, self.size
+        try:
+            self._openFile()
+        except BaseException:
+            # Twisted's _openFile sets _file before its seek, which fails on
+            # a FIFO: close that one, keep the file in use.
+            if self._file is not inUse:
+                self._file.close()
+            self._file, self.size, self.closed = inUse, size, False
+            raise
         inUse.close()
+        self._partial = False  # a cut line stays at the end of the file it was in
+
+    def write(self, data: str | bytes) -> None:
+        """As Twisted's (rotated by size first), without raising."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if self.shouldRotate():
+            try:
+                self.rotate()
+            except OSError as error:
+                self.size = 0  # again after rotateLength more bytes, not every line
+                self._notRotated = error
+        lines = max(data.count(b"\n"), 1)
+        if self._partial:
+            data = b"\n" + data  # a line cut by a failed write ends here
+        view = memoryview(data)
+        try:
+            while view:
+                written = self._file.write(view)
+                if not written:  # (None: a non-blocking descriptor would block)
+                    raise BlockingIOError(errno.EAGAIN, "log file not writable now")
+                view = view[written:]
+        except OSError as error:
+            self._lost += lines
+            self._lostError = str(error)
+            written = len(data) - len(view)
+            if written:
+                self._partial = not data[:written].endswith(b"\n")
+            self.size += written
+            return
+        self._partial = False
+        self.size += len(data)
+        if self._telling:
+            return
+        self._telling = True
+        try:
+            if self._notRotated is not None:
+                problem, self._notRotated = self._notRotated, None
+                _log.error(
+                    "Log file {path} not rotated: {error}",
+                    path=self.path,
+                    error=bounded(str(problem)),
+                )
+            if self._lost:
+                lost, self._lost = self._lost, 0
+                _log.error(
+                    "{lost} log lines not written to {path}: {error}",
+                    lost=lost,
+                    path=self.path,
+                    error=bounded(self._lostError),
+                )
+        finally:
+            self._telling = False
 
     def shouldRotate(self) -> bool:
-        """As Twisted's: past C{rotateLength}, when the folder can be written."""
-        return bool(self.rotateLength and self.size >= self.rotateLength) and self._rotatable()
+        """
+        As Twisted's: past C{rotateLength}. When the folder or the file cannot
+        be written, L{rotate} raises, and L{write} says so (Twisted's skipped
+        the rotation without a word, and the file grew without end).
+        """
+        return bool(self.rotateLength and self.size >= self.rotateLength)
 
     def rotate(self) -> None:
         """
@@ -328,11 +441,19 @@ class TwistdLogFile(LogFile):
         """
         if not self._rotatable():
             raise PermissionError(errno.EACCES, "log file not writable", self.path)
+        inUse = os.fstat(self._file.fileno())
         for number in sorted(self.listLogs(), reverse=True):
-            if self.maxRotatedFiles is not None and number >= self.maxRotatedFiles:
-                os.remove(f"{self.path}.{number}")
+            name = f"{self.path}.{number}"
+            if (
+                self.maxRotatedFiles is not None
+                and number >= self.maxRotatedFiles
+                # not the file in use (renamed by a rotation whose new file
+                # could not be opened): its lines would go to a deleted file
+                and not os.path.samestat(os.stat(name), inUse)
+            ):
+                os.remove(name)
             else:
-                os.rename(f"{self.path}.{number}", f"{self.path}.{number + 1}")
+                os.rename(name, f"{self.path}.{number + 1}")
         if os.path.exists(self.path):
             os.rename(self.path, f"{self.path}.1")
         self.reopen()
@@ -341,6 +462,9 @@ class TwistdLogFile(LogFile):
         return os.access(self.directory, os.W_OK) and (
             not os.path.exists(self.path) or os.access(self.path, os.W_OK)
         )
+
+
+threadable.synchronize(TwistdLogFile)  # write and rotate hold its lock, as Twisted's
 
 
 class ReopenableLog(Protocol):
