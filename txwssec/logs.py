@@ -380,8 +380,32 @@ class TwistdLogFile(LogFile):
             except OSError as error:
                 self.size = 0  # again after rotateLength more bytes, not every line
                 self._notRotated = error
+        if not (self._partial or self._lost or self._notRotated is not None):
+            # The common case, as Twisted's: one write of the whole line.
+            try:
+                written = self._file.write(data)
+            except OSError:
+                written = 0
+            if written == len(data):
+                self.size += written
+                return
+        else:
+            written = 0
+        self._writeCarefully(data, written or 0)
+
+    def _writeCarefully(self, data: bytes, done: int) -> None:
+        """
+        L{write}'s C{data} after its first C{done} bytes: a cut line ended
+        first, what cannot be written counted, and once a write works again
+        the lost lines and a failed rotation told.
+        """
         lines = max(data.count(b"\n"), 1)
-        if self._partial:
+        cut = self._partial
+        if done:
+            self.size += done
+            cut = data[done - 1 : done] != b"\n"
+            data = data[done:]
+        elif cut:
             data = b"\n" + data  # a line cut by a failed write ends here
         view = memoryview(data)
         try:
@@ -396,6 +420,8 @@ class TwistdLogFile(LogFile):
             written = len(data) - len(view)
             if written:
                 self._partial = not data[:written].endswith(b"\n")
+            elif done:
+                self._partial = cut
             self.size += written
             return
         self._partial = False
