@@ -77,12 +77,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txwssec import _tlswire
-from txwssec._tlswire import ServerTLSFactory, ServerTLSProtocol
+from txwssec._tlswire import (
+    ServerTLSFactory,
+    ServerTLSProtocol,
+    handshake_waits,
+    pending_records,
+    read_plain,
+)
 from txwssec._wire import FrameReader, send_now
 
-#: Twisted's sizes: a read of OpenSSL's plaintext, a record's payload, the
-#: aggregator's most before it encrypts at once.
-_RECV = 2**15
+#: Twisted's sizes: a record's payload, the aggregator's most before it
+#: encrypts at once.
 _RECORD = 2**14
 _GATHER = 64_000
 
@@ -229,10 +234,8 @@ class DirectTLSServer(tcp.Server):
         """Twisted's: a handshake step, its output sent."""
         if self._aborted:
             return
-        connection = self._tlsConnection
-        ssl = connection._ssl
         try:
-            waiting = _tlswire._wants_read(connection, ssl, _tlswire._lib.SSL_do_handshake(ssl))
+            waiting = handshake_waits(self._tlsConnection)
         except Error:
             self._tlsShutdownFinished(Failure())
             return
@@ -246,25 +249,19 @@ class DirectTLSServer(tcp.Server):
 
     def _flushReceiveBIO(self) -> None:
         """Twisted's: the plaintext OpenSSL has, to the application."""
-        lib = _tlswire._lib
-        alloc = _tlswire._alloc
-        ffi = _tlswire._ffi
         while not self._lostTLSConnection:
-            connection = self._tlsConnection
-            ssl = connection._ssl
-            buffer = alloc("char[]", _RECV)
-            result = lib.SSL_read(ssl, buffer, _RECV)
             try:
-                if _tlswire._wants_read(connection, ssl, result):
-                    break
+                data = read_plain(self._tlsConnection)
             except ZeroReturnError:
                 self._shutdownTLS()
                 self._tlsShutdownFinished(None)
             except Error:
                 self._tlsShutdownFinished(Failure())
             else:
+                if data is None:
+                    break
                 if not self._aborted:
-                    self.protocol.dataReceived(ffi.buffer(buffer, result)[:])
+                    self.protocol.dataReceived(data)
         if self._atOnce and self._plain:
             self._encryptPlain()
         self._flushSendBIO()
@@ -277,16 +274,9 @@ class DirectTLSServer(tcp.Server):
         L{_atOnce} and nothing is buffered, else buffered for the next
         writable event; nothing once aborted or lost.
         """
-        lib = _tlswire._lib
-        bio = self._tlsConnection._from_ssl
-        size = lib.BIO_get_mem_data(bio, _tlswire._ffi.NULL)
-        if size <= 0:
+        data = pending_records(self._tlsConnection)
+        if data is None:
             return
-        buffer = _tlswire._alloc("char[]", size)
-        size = lib.BIO_read(bio, buffer, size)
-        if size <= 0:  # pragma: no cover - OpenSSL said it had them
-            return
-        data = _tlswire._ffi.buffer(buffer, size)[:]
         held = self._held
         if held is not None:
             held.append(data)

@@ -142,6 +142,49 @@ def _wants_read(connection: Any, ssl: Any, result: int) -> bool:
     return False
 
 
+def handshake_waits(connection: Any) -> bool:
+    """
+    One step of C{connection}'s handshake (C{SSL_do_handshake}): L{True}
+    while OpenSSL waits for the peer, L{False} once it is done.
+
+    @raise Error: the handshake failed (as pyOpenSSL raises it).
+    """
+    ssl = connection._ssl
+    return _wants_read(connection, ssl, _lib.SSL_do_handshake(ssl))
+
+
+def read_plain(connection: Any) -> bytes | None:
+    """
+    One C{SSL_read} of at most Twisted's read size: the plaintext, or
+    L{None} while OpenSSL waits for the peer's records.
+
+    @raise ZeroReturnError: the peer's close_notify.
+    @raise Error: any other problem (as pyOpenSSL raises it).
+    """
+    ssl = connection._ssl
+    buffer = _alloc("char[]", _RECV)
+    result = _lib.SSL_read(ssl, buffer, _RECV)
+    if _wants_read(connection, ssl, result):
+        return None
+    return _ffi.buffer(buffer, result)[:]  # type: ignore[no-any-return]
+
+
+def pending_records(connection: Any) -> bytes | None:
+    """
+    All the records OpenSSL wrote to C{connection}'s send BIO, at once;
+    L{None} when it holds none (nothing asked of an empty BIO).
+    """
+    bio = connection._from_ssl
+    size = _lib.BIO_get_mem_data(bio, _ffi.NULL)
+    if size <= 0:
+        return None
+    buffer = _alloc("char[]", size)
+    size = _lib.BIO_read(bio, buffer, size)
+    if size <= 0:  # pragma: no cover - OpenSSL said it had them
+        return None
+    return _ffi.buffer(buffer, size)[:]  # type: ignore[no-any-return]
+
+
 #: The interface declaration Twisted's C{makeConnection} leaves on a TLS
 #: protocol, per (protocol class, transport class).
 _provides: dict[tuple[type, type], Any] = {}
@@ -290,10 +333,8 @@ class ServerTLSProtocol(BufferingTLSTransport):
             return
         if self._aborted:
             return
-        connection = self._tlsConnection
-        ssl = connection._ssl
         try:
-            waiting = _wants_read(connection, ssl, _lib.SSL_do_handshake(ssl))
+            waiting = handshake_waits(self._tlsConnection)
         except Error:
             self._tlsShutdownFinished(Failure())
             return
@@ -312,21 +353,16 @@ class ServerTLSProtocol(BufferingTLSTransport):
         if _lib is None:  # pragma: no cover - another pyOpenSSL
             TLSMemoryBIOProtocol._flushSendBIO(self)
             return
-        bio = self._tlsConnection._from_ssl
-        size = _lib.BIO_get_mem_data(bio, _ffi.NULL)
-        if size > 0:
-            buffer = _alloc("char[]", size)
-            size = _lib.BIO_read(bio, buffer, size)
-            if size > 0:
-                data = _ffi.buffer(buffer, size)[:]
-                held = self._held
-                if held is not None:
-                    held.append(data)
-                elif self._atOnce and not self._aborted:
-                    write_at_once(self.transport, [data])
-                else:
-                    transport: Any = self.transport
-                    transport.write(data)
+        data = pending_records(self._tlsConnection)
+        if data is not None:
+            held = self._held
+            if held is not None:
+                held.append(data)
+            elif self._atOnce and not self._aborted:
+                write_at_once(self.transport, [data])
+            else:
+                transport: Any = self.transport
+                transport.write(data)
 
     def _flushReceiveBIO(self) -> None:
         """Twisted's: the plaintext OpenSSL has, to the application."""
@@ -334,21 +370,18 @@ class ServerTLSProtocol(BufferingTLSTransport):
             TLSMemoryBIOProtocol._flushReceiveBIO(self)
             return
         while not self._lostTLSConnection:
-            connection = self._tlsConnection
-            ssl = connection._ssl
-            buffer = _alloc("char[]", _RECV)
-            result = _lib.SSL_read(ssl, buffer, _RECV)
             try:
-                if _wants_read(connection, ssl, result):
-                    break
+                data = read_plain(self._tlsConnection)
             except ZeroReturnError:
                 self._shutdownTLS()
                 self._tlsShutdownFinished(None)
             except Error:
                 self._tlsShutdownFinished(Failure())
             else:
+                if data is None:
+                    break
                 if not self._aborted:
-                    ProtocolWrapper.dataReceived(self, _ffi.buffer(buffer, result)[:])
+                    ProtocolWrapper.dataReceived(self, data)
         if self._atOnce:
             self._writeNow()
         self._flushSendBIO()
