@@ -42,7 +42,7 @@ from conftest import aio, upgrade_request
 from processes import REPO, TIMEOUT, TWISTD, Process, repo_env
 from test_mtls import ALICE, PKI
 from test_tls_port_direct import Opened, _wss_open_close
-from test_tls_server import ServerFiles, make_server_files, serial_of
+from test_tls_server import make_server_files, serial_of
 from test_tls_wire import ScriptedFactory, context, exchange
 from test_workers import ADMIN_TOKEN, Server, close_code, free_admin_port, held_by, wait_until
 from twisted.internet import reactor as global_reactor
@@ -244,11 +244,14 @@ async def test_systemd_unix_socket_keeps_two_layers(folder: Path, tmp_path: Path
 class Pumped:
     """A TLS client over a raw socket, stepped by hand (memory BIOs)."""
 
-    def __init__(self, port: int, ca_file: Path) -> None:
+    def __init__(
+        self, port: int, client: ssl.SSLContext, session: ssl.SSLSession | None = None
+    ) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        client = ssl.create_default_context(cafile=str(ca_file))
-        self.tls = client.wrap_bio(self._in, self._out, server_hostname="127.0.0.1")
+        self.tls = client.wrap_bio(
+            self._in, self._out, server_hostname="127.0.0.1", session=session
+        )
 
     def _flush(self) -> None:
         data = self._out.read()
@@ -298,7 +301,7 @@ class Pumped:
         head = b""
         while b"\r\n\r\n" not in head:
             head += self.read(1)
-        assert head.startswith(b"HTTP/1.1 101 ")
+        assert head.startswith(b"HTTP/1.1 101 "), head
 
     def close(self) -> None:
         self.sock.close()
@@ -312,72 +315,103 @@ def masked(text: bytes) -> bytes:
     return header + mask + apply_mask(text, mask)
 
 
+def echoed(text: str) -> bytes:
+    """The server's text frame of C{text}."""
+    return b"\x81" + bytes([len(text)]) + text.encode()
+
+
 def reload_scenario(
-    port: int, files: ServerFiles, built: Callable[[], int]
+    port: int,
+    client: ssl.SSLContext,
+    accepted: Callable[[int], None],
+    renew: Callable[[], int],
+    reload: Callable[[], Any],
+    break_file: Callable[[], Any],
+    first: int,
 ) -> list[tuple[str, Any]]:
     """
-    What a client sees across two reloads (the new certificate, then a
-    broken file): the certificate each connection was shown (C{old},
-    C{new}) and its echoes.
+    What clients see across two reloads (C{renew} writes a new certificate
+    and gives its serial, C{reload} reloads; then C{break_file} writes a
+    broken one and reloads): the certificate each connection was shown
+    (C{old}, C{new}), whether a TLS session was resumed, and the echoes.
+    C{accepted(n)} returns once the server accepted C{n} connections.
     """
-    first = files.server.certificate.serial_number
     seen: list[tuple[str, Any]] = []
+    second = 0
 
     def label(serial: int) -> str:
         return "old" if serial == first else "new" if serial == second else f"?{serial}"
 
-    def call(f: Callable[[], Any]) -> Any:
-        return blockingCallFromThread(global_reactor, f)
-
-    def accepted(count: int) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while call(built) < count:
-            assert time.monotonic() < deadline, "never accepted"
-            time.sleep(0.01)
-
-    # open before: one in session, one mid-message, one mid-handshake, one
-    # accepted with nothing sent
-    opened = Pumped(port, files.ca_file)
-    opened.handshake()
-    opened.upgrade()
-    halfway = Pumped(port, files.ca_file)
+    # before the reload: one in session (its TLS session resumed once), one
+    # mid-message, one mid-handshake, one accepted with nothing sent
+    opened = Pumped(port, client)
+    seen.append(("opened", label(opened.handshake())))
+    opened.upgrade()  # (a TLS 1.3 ticket read on the way)
+    ticket = opened.tls.session
+    resumed = Pumped(port, client, ticket)
+    seen.append(("resumed", label(resumed.handshake()), resumed.tls.session_reused))
+    halfway = Pumped(port, client)
     halfway.handshake()
     halfway.upgrade()
     message = masked(b"across the reload")
     halfway.send(message[:9])
-    midway = Pumped(port, files.ca_file)
+    midway = Pumped(port, client)
     midway.hello()
-    silent = Pumped(port, files.ca_file)
-    accepted(4)
+    silent = Pumped(port, client)
+    accepted(5)
 
-    second = files.replace_server_certificate().certificate.serial_number
-    seen.append(("reloaded", call(reload_certificates)))
+    second = renew()
+    seen.append(("reloaded", reload()))
 
     halfway.send(message[9:])
     seen.append(("halfway", halfway.read(len(b"across the reload") + 2)))
     seen.append(("midway", label(midway.handshake())))
     seen.append(("silent", label(silent.handshake())))
-    fresh = Pumped(port, files.ca_file)
+    fresh = Pumped(port, client)
     seen.append(("fresh", label(fresh.handshake())))
+    stale = Pumped(port, client, ticket)
+    seen.append(("stale ticket", label(stale.handshake()), stale.tls.session_reused))
 
-    files.cert.write_text("not a certificate\n")
-    seen.append(("broken", call(reload_certificates)))
-    after = Pumped(port, files.ca_file)
+    seen.append(("broken", break_file()))
+    after = Pumped(port, client)
     seen.append(("after broken", label(after.handshake())))
-    for name, client in [
+    for name, each in [
         ("opened", opened),
         ("midway", midway),
         ("silent", silent),
         ("fresh", fresh),
+        ("stale ticket", stale),
         ("after broken", after),
     ]:
         if name != "opened":
-            client.upgrade()
-        client.send(masked(name.encode()))
-        seen.append((name, client.read(len(name) + 2)))
-    for client in (opened, halfway, midway, silent, fresh, after):
-        client.close()
+            each.upgrade()
+        each.send(masked(name.encode()))
+        seen.append((name, each.read(len(name) + 2)))
+    for each in (opened, resumed, halfway, midway, silent, fresh, stale, after):
+        each.close()
     return seen
+
+
+def expected(reloaded: Any, broken: Any) -> list[tuple[Any, ...]]:
+    """What L{reload_scenario} sees when C{reload} and C{break_file} give these."""
+    return [
+        ("opened", "old"),
+        ("resumed", "old", True),
+        ("reloaded", reloaded),
+        ("halfway", echoed("across the reload")),
+        ("midway", "old"),
+        ("silent", "old"),
+        ("fresh", "new"),
+        ("stale ticket", "new", False),
+        ("broken", broken),
+        ("after broken", "new"),
+        ("opened", echoed("opened")),
+        ("midway", echoed("midway")),
+        ("silent", echoed("silent")),
+        ("fresh", echoed("fresh")),
+        ("stale ticket", echoed("stale ticket")),
+        ("after broken", echoed("after broken")),
+    ]
 
 
 class Counting(SecureServerFactory):
@@ -437,28 +471,31 @@ async def test_reload_mid_handshake_and_mid_message(
         endpoint = TLSPortEndpoint(global_reactor, 0, tls, interface="127.0.0.1")
         port = await endpoint.listen(factory)
         number = port.getHost().port
+
+    def call(f: Callable[[], Any]) -> Any:
+        return blockingCallFromThread(global_reactor, f)
+
+    def accepted(count: int) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while call(lambda: factory.built) < count:
+            assert time.monotonic() < deadline, "never accepted"
+            time.sleep(0.01)
+
+    def renew() -> int:
+        return int(files.replace_server_certificate().certificate.serial_number)
+
+    def break_file() -> Any:
+        files.cert.write_text("not a certificate\n")
+        return call(reload_certificates)
+
+    client = ssl.create_default_context(cafile=str(files.ca_file))
+    first = files.server.certificate.serial_number
+    scenario = (number, client, accepted, renew, lambda: call(reload_certificates), break_file)
     try:
-        seen = await aio(asyncio.to_thread(reload_scenario, number, files, lambda: factory.built))
+        seen = await aio(asyncio.to_thread(reload_scenario, *scenario, first))
     finally:
         await port.stopListening()
-
-    def echoed(text: str) -> bytes:
-        return b"\x81" + bytes([len(text)]) + text.encode()
-
-    assert seen == [
-        ("reloaded", (1, 0)),
-        ("halfway", echoed("across the reload")),
-        ("midway", "old"),
-        ("silent", "old"),
-        ("fresh", "new"),
-        ("broken", (0, 1)),
-        ("after broken", "new"),
-        ("opened", echoed("opened")),
-        ("midway", echoed("midway")),
-        ("silent", echoed("silent")),
-        ("fresh", echoed("fresh")),
-        ("after broken", echoed("after broken")),
-    ]
+    assert seen == expected((1, 0), (0, 1))
     kinds = {type(t) for t, *_ in Opened.opened}
     assert kinds == ({DirectTLSServer} if kind != "two layers" else {ServerTLSProtocol})
     failed = [
@@ -531,13 +568,17 @@ def workers(tmp_path: Path) -> Iterator[tuple[Server, PKI, Path]]:
         (tmp_path / "twistd.out").write_text(process.output())
 
 
-def transports(probe: Path, port: int) -> dict[int, set[tuple[str, str]]]:
-    """By pid: the (transport, protocol) classes of the connections accepted on C{port}."""
-    found: dict[int, set[tuple[str, str]]] = {}
+def transports(probe: Path, port: int, unique: bool = True) -> dict[int, Any]:
+    """
+    By pid: the (transport, protocol) classes of the connections accepted
+    on C{port}, each kind once (C{unique}) or one per connection.
+    """
+    found: dict[int, Any] = {}
     for line in probe.read_text().splitlines():
         pid, local, transport, protocol = line.split()
         if int(local) == port:
-            found.setdefault(int(pid), set()).add((transport, protocol))
+            kinds = found.setdefault(int(pid), set() if unique else [])
+            (kinds.add if unique else kinds.append)((transport, protocol))
     return found
 
 
@@ -618,3 +659,58 @@ def test_workers_sighup_reloads_certificate_on_direct_transport(
     assert set(by_pid) == pids
     assert {kind for kinds in by_pid.values() for kind, _ in kinds} == {"DirectTLSServer"}
     assert server.process.stop() == 0
+
+
+def test_workers_sighup_mid_handshake_and_mid_message(
+    workers: tuple[Server, PKI, Path],
+) -> None:
+    """
+    L{reload_scenario} against the two workers (SIGHUP to the supervisor,
+    each worker reloading the file): as on one process, connections
+    accepted, mid-handshake or mid-message at the reload keep the old
+    certificate and their sessions, new ones get the new one, a TLS ticket
+    from before resumes nothing; a broken certificate file is refused once,
+    naming it. All were direct.
+    """
+    server, pki, probe = workers
+    process = server.process
+    path = pki.folder / "server.pem"
+
+    def connections() -> int:
+        return sum(
+            len(kinds) for kinds in transports(probe, server.tls_port, unique=False).values()
+        )
+
+    def accepted(count: int) -> None:
+        wait_until(lambda: connections() >= count)
+
+    def renew() -> int:
+        issued = issue(pki.server_ca, "localhost", ip_addresses=("127.0.0.1",))
+        return int(pki.write(issued, "server").certificate.serial_number)
+
+    def reload() -> int:
+        seen = len(process.lines)
+        process.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "".join(process.lines[seen:]).count("configuration reloaded") == 2)
+        return 2
+
+    def break_file() -> str:
+        path.write_text("not a certificate\n")
+        seen = len(process.lines)
+        process.process.send_signal(signal.SIGHUP)
+        line = process.wait_for("configuration reload failed", seen).string
+        return "refused, naming the file" if str(path) in line else line
+
+    first = serial_of(ssl.PEM_cert_to_DER_cert(path.read_text()))
+    client = pki.context("alice")  # TLS 1.3: tickets
+    seen = reload_scenario(server.tls_port, client, accepted, renew, reload, break_file, first)
+    # a ticket resumes on the worker that issued it only (keys of its own)
+    resumed = seen[1]
+    assert resumed[:2] == ("resumed", "old") and isinstance(resumed[2], bool)
+    seen[1] = ("resumed", "old", True)
+    assert seen == expected(2, "refused, naming the file")
+    lines = "".join(process.lines)
+    assert lines.count("configuration reload failed") == 1
+    kinds = transports(probe, server.tls_port)
+    assert {kind for each in kinds.values() for kind, _ in each} == {"DirectTLSServer"}
+    assert process.stop() == 0
