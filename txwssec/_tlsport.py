@@ -45,16 +45,19 @@ inheriting: C{ProtocolWrapper}'s C{__getattr__} would keep CPython from
 specialising any attribute lookup on the transport, about 2% of a
 handshake's instructions.)
 
-Used by L{TLSPortEndpoint} (C{tls:PORT} and C{wss:} listeners) for
-txwssec's WebSocket protocols (L{FrameReader}), when this pyOpenSSL has
-the internals it mirrors (L{txwssec._tlswire}'s check); any other
-protocol on such a listener, and other TLS listeners (systemd sockets,
-shared ports, L{txwssec.listen.TLSServerEndpoint}), keep
-L{ServerTLSProtocol}. Differential tests: tests/test_tls_port_direct.py.
+Used by L{TLSPortEndpoint} (C{tls:PORT} and C{wss:} listeners), their
+shared form for C{[server] workers} (L{txwssec.reuseport.SharedTLSPort})
+and C{tls:systemd:} listeners on a TCP socket (L{DirectTLSPort.adopt})
+for txwssec's WebSocket protocols (L{FrameReader}), when this pyOpenSSL
+has the internals it mirrors (L{txwssec._tlswire}'s check); any other
+protocol on such a listener, and other TLS listeners (Twisted's C{ssl:},
+systemd's UNIX sockets), keep L{ServerTLSProtocol}. Differential tests:
+tests/test_tls_port_direct.py, tests/test_tls_workers_direct.py.
 """
 
 from __future__ import annotations
 
+import socket
 from errno import ENOBUFS, EWOULDBLOCK
 from typing import Any
 
@@ -102,6 +105,11 @@ DIRECT = True
 def usable() -> bool:
     """Whether this pyOpenSSL has what the transport calls directly."""
     return _tlswire._lib is not None
+
+
+def direct() -> bool:
+    """Whether listeners that can use L{DirectTLSPort} do (L{DIRECT} and L{usable})."""
+    return DIRECT and usable()
 
 
 @implementer(ISSLTransport, INegotiated)
@@ -636,6 +644,28 @@ class DirectTLSPort(tcp.Port):
         tls.protocol = _protocol  # type: ignore[assignment]
         tcp.Port.__init__(self, port, tls, backlog, interface, reactor)
 
+    @classmethod
+    def adopt(
+        cls, reactor: Any, fileno: int, family: int, factory: Any, contextFactory: Any
+    ) -> DirectTLSPort:
+        """
+        A port on a listening TCP socket made elsewhere (systemd's), as
+        Twisted's C{reactor.adoptStreamPort} makes its own (C{tcp.Port}'s
+        C{_fromListeningDescriptor}): C{fileno} duplicated, listening.
+        """
+        sock = socket.fromfd(fileno, family, cls.socketType)
+        port = cls(
+            None,  # type: ignore[arg-type]  # Twisted's adopted ports have none
+            factory,
+            None,  # type: ignore[arg-type]
+            tcp._getsockname(sock)[0],
+            reactor,
+            contextFactory,
+        )
+        port._preexistingSocket = sock
+        port.startListening()
+        return port
+
 
 class _AsTLSProtocol(DirectTLSServer, TLSMemoryBIOProtocol):  # type: ignore[misc]
     """What a L{DirectTLSServer} says its class is (never made)."""
@@ -653,7 +683,7 @@ class TLSPortEndpoint(_tlswire.TLSPortEndpoint):
 
     def listen(self, protocolFactory: Any) -> Any:
         """Listen for TLS on TCP."""
-        if not (DIRECT and usable()):
+        if not direct():
             return super().listen(protocolFactory)
 
         def listen() -> IListeningPort:

@@ -28,8 +28,9 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from zope.interface import implementer
 
+from txwssec import _tlsport
 from txwssec._tcpport import lean_endpoint
-from txwssec._tlsport import TLSPortEndpoint
+from txwssec._tlsport import DirectTLSPort, TLSPortEndpoint
 from txwssec._tlswire import ServerTLSFactory
 from txwssec.tls import ReloadingContextFactory
 
@@ -235,12 +236,34 @@ class SystemdServerEndpoint:
             return f"no socket named {self._name!r} passed by systemd (names: {known})"
         return f"no socket {self._index} passed by systemd (LISTEN_FDS={len(sockets.descriptors)})"
 
-    def listen(self, factory: Any) -> Deferred[IListeningPort]:
-        """Adopt the socket (the descriptor is duplicated, then closed)."""
+    def listen(self, factory: Any, tls: Any = None) -> Deferred[IListeningPort]:
+        """
+        Adopt the socket (the descriptor is duplicated, then closed); with
+        the context C{tls}, a TCP socket as L{DirectTLSPort} (L{TLSServerEndpoint}).
+        """
         if self._fileno is None:
             return fail(SocketActivationError(self._missing()))
-        adopted = AdoptedStreamServerEndpoint(self._reactor, self._fileno, self._family)
+        reactor = self._reactor if tls is None else _DirectTLSAdopter(self._reactor, tls)
+        adopted = AdoptedStreamServerEndpoint(reactor, self._fileno, self._family)
         return adopted.listen(factory)  # type: ignore[no-any-return]
+
+    def direct(self) -> bool:
+        """Whether TLS on this socket can be L{DirectTLSPort} (a TCP socket)."""
+        return self._family in (socket.AF_INET, socket.AF_INET6) and _tlsport.direct()
+
+
+class _DirectTLSAdopter:
+    """
+    The reactor as Twisted's C{AdoptedStreamServerEndpoint} calls it, whose
+    C{adoptStreamPort} makes a L{DirectTLSPort} with C{context}.
+    """
+
+    def __init__(self, reactor: Any, context: ReloadingContextFactory) -> None:
+        self._reactor = reactor
+        self._context = context
+
+    def adoptStreamPort(self, fileno: int, family: int, factory: Any) -> IListeningPort:
+        return DirectTLSPort.adopt(self._reactor, fileno, family, factory, self._context)
 
 
 @implementer(IStreamServerEndpoint)
@@ -248,7 +271,8 @@ class TLSServerEndpoint:
     """
     TLS over another server endpoint, as C{reactor.listenSSL} does over
     TCP: each connection is wrapped in Twisted's memory-BIO TLS protocol
-    (txwssec's leaner subclass, L{txwssec._tlswire.ServerTLSProtocol}).
+    (txwssec's leaner subclass, L{txwssec._tlswire.ServerTLSProtocol}); on
+    systemd's TCP sockets L{DirectTLSPort}, as C{tls:PORT} listeners.
     """
 
     def __init__(self, wrapped: IStreamServerEndpoint, context: ReloadingContextFactory) -> None:
@@ -257,7 +281,10 @@ class TLSServerEndpoint:
 
     def listen(self, factory: Any) -> Deferred[IListeningPort]:
         """Listen with C{factory} behind TLS."""
-        listening = self._wrapped.listen(ServerTLSFactory(self._context, False, factory))
+        wrapped = self._wrapped
+        if isinstance(wrapped, SystemdServerEndpoint) and wrapped.direct():
+            return wrapped.listen(factory, self._context)
+        listening = wrapped.listen(ServerTLSFactory(self._context, False, factory))
 
         def named(port: IListeningPort) -> IListeningPort:
             port._type = "TLS"  # type: ignore[attr-defined]  # "(TLS Port N Closed)"

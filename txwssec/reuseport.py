@@ -8,7 +8,10 @@ connection's addresses and ports).
 Twisted has no option for C{SO_REUSEPORT} (twisted#9101); like Crossbar.io
 (C{crossbar/common/twisted/sharedport.py}), L{ReusePort} is a TCP port that
 sets it on its socket before binding. A TLS listener is the same port with
-TLS in memory over each connection, as C{reactor.listenSSL} does.
+TLS in memory over each connection, as C{reactor.listenSSL} does; for a
+C{tls:} or C{wss:} listener it is L{txwssec._tlsport}'s port (L{SharedTLSPort}),
+whose txwssec WebSocket connections get the one-object TLS transport, as the
+same listener's in a single process.
 
 The supervisor resolves the address first with L{reserve}: a socket bound
 with C{SO_REUSEPORT} but never listening. It turns C{tcp:0} into a concrete
@@ -34,6 +37,8 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, T
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from zope.interface import implementer
 
+from txwssec import _tlsport
+from txwssec._tlsport import DirectTLSPort
 from txwssec._tlswire import ServerTLSFactory
 from txwssec.listen import Description
 
@@ -66,27 +71,51 @@ class ReusePort(tcp.Port):
         return sock
 
 
+class SharedTLSPort(ReusePort, DirectTLSPort):
+    """
+    L{ReusePort}'s socket with L{DirectTLSPort}'s connections: txwssec's
+    WebSocket protocols get L{txwssec._tlsport.DirectTLSServer}, any other
+    protocol Twisted's TCP transport with L{ServerTLSProtocol
+    <txwssec._tlswire.ServerTLSProtocol>}.
+    """
+
+
 @implementer(IStreamServerEndpoint)
 class SharedPortEndpoint:
     """
     Listens on C{interface}:C{port} with L{ReusePort}, with TLS over each
-    connection when C{context} is given.
+    connection when C{context} is given: with L{SharedTLSPort} when
+    C{direct} (and L{txwssec._tlsport.direct}), as a single process's
+    C{tls:} and C{wss:} listeners, else two-layer.
     """
 
     def __init__(
-        self, reactor: Any, port: int, interface: str, backlog: int, context: Any = None
+        self,
+        reactor: Any,
+        port: int,
+        interface: str,
+        backlog: int,
+        context: Any = None,
+        direct: bool = False,
     ) -> None:
         self._reactor = reactor
         self.port = port
         self.interface = interface
         self.backlog = backlog
         self.context = context
+        self.direct = direct
 
     def listen(self, factory: Any) -> Deferred[IListeningPort]:
         """Bind and listen now (the result has fired when this returns)."""
         return execute(self._listen, factory)
 
     def _listen(self, factory: Any) -> IListeningPort:
+        if self.context is not None and self.direct and _tlsport.direct():
+            tls = SharedTLSPort(
+                self.port, factory, self.backlog, self.interface, self._reactor, self.context
+            )
+            tls.startListening()
+            return tls
         if self.context is not None:
             factory = ServerTLSFactory(self.context, False, factory)
         port = ReusePort(self.port, factory, self.backlog, self.interface, self._reactor)
@@ -117,6 +146,8 @@ def shared(
             endpoint._interface,
             endpoint._backlog,
             context,
+            # tls: and wss: (not Twisted's ssl:), as without workers
+            direct=isinstance(endpoint, _tlsport.TLSPortEndpoint),
         )
     raise ValueError(f"workers cannot share a {type(endpoint).__name__}")
 
