@@ -40,6 +40,7 @@ from txwssec.consumers import ConsumerDirectory, key_digest
 from txwssec.errors import ConfigError
 from txwssec.messages.sealing import find_key
 from txwssec.server import SecureServerFactory
+from txwssec.tls import ReloadingContextFactory, TLSSettingsError
 from txwssec.types import Principal
 
 log = Logger(namespace="txwssec.server")
@@ -141,7 +142,12 @@ class GracefulStop(Service):
             self.clock._exitSignal = None  # type: ignore[attr-defined]
 
 
-def reload(path: str | Path, factories: Sequence[SecureServerFactory], current: Config) -> Config:
+def reload(
+    path: str | Path,
+    factories: Sequence[SecureServerFactory],
+    current: Config,
+    listeners: Mapping[str, ReloadingContextFactory] | None = None,
+) -> Config:
     """
     Read the configuration file at C{path} again and apply it to
     C{factories}, which serve C{current}: see this module's docstring.
@@ -149,11 +155,17 @@ def reload(path: str | Path, factories: Sequence[SecureServerFactory], current: 
     C{config.reload_failed} (with C{error}, naming the key path) go to each
     factory's observers.
 
+    @param listeners: the TLS contexts of listeners that carry their own
+        certificate (a C{wss:} description's C{cert=} and C{key=}), by key
+        path (C{server.listen[1]}): their files are read again too, and a
+        file that cannot be used fails the whole reload, as a broken
+        C{[tls]} file does.
     @return: the configuration now in use (C{current} if the file is not
         valid).
     """
     try:
         new = load(path)
+        reread = _reread(listeners or {})
         for factory in factories:
             factory.usePolicy(new.policy)
     except (ConfigError, TypeError) as error:
@@ -164,6 +176,9 @@ def reload(path: str | Path, factories: Sequence[SecureServerFactory], current: 
         current.tls.replace(new.tls)
         new = _keep_tls(new, current)
         log.info("certificate reloaded from {cert}", cert=str(current.tls.settings.cert))
+    for context, fresh in reread:
+        context.replace(fresh)
+        log.info("certificate reloaded from {cert}", cert=str(context.settings.cert))
     listen_changed = new.listen != current.listen
     keys = _verification_keys(new)
     revoked = 0
@@ -257,6 +272,24 @@ def _revokeIfOpen(protocol: Any) -> None:
         protocol.revoke()
 
 
+def _reread(
+    listeners: Mapping[str, ReloadingContextFactory],
+) -> list[tuple[ReloadingContextFactory, ReloadingContextFactory]]:
+    """
+    Each listener's context with a new one read from the same files, none
+    of them in use yet.
+
+    @raise ConfigError: naming the listener (C{server.listen[N]}) and the file.
+    """
+    reread = []
+    for where, context in listeners.items():
+        try:
+            reread.append((context, ReloadingContextFactory(context.settings)))
+        except TLSSettingsError as error:
+            raise ConfigError(where, str(error)) from None
+    return reread
+
+
 def _keep_tls(new: Config, current: Config) -> Config:
     """C{new}, with the context factory the listeners use (now updated)."""
     from dataclasses import replace
@@ -324,7 +357,11 @@ class ConfigReloader(Service):
     C{twistd wssec}: always installed, TLS or not.
 
     @ivar config: the configuration in use.
+    @ivar listeners: the contexts of the listeners with their own
+        certificate, by key path (see L{reload}); set once they are made.
     """
+
+    listeners: Mapping[str, ReloadingContextFactory] = {}
 
     def __init__(
         self,
@@ -362,4 +399,4 @@ class ConfigReloader(Service):
         """Reload now (what SIGHUP does)."""
         if any(factory.stopping for factory in self.factories):
             return
-        self.config = reload(self.path, self.factories, self.config)
+        self.config = reload(self.path, self.factories, self.config, self.listeners)

@@ -138,6 +138,19 @@ def server_endpoint(
     )
 
 
+def listener_context(endpoint: IStreamServerEndpoint) -> ReloadingContextFactory | None:
+    """
+    The TLS context C{endpoint} serves with, when it is txwssec's (a
+    C{tls:} or C{wss:} listener, alone or shared by workers), else L{None}
+    (plain TCP, UNIX sockets, Twisted's C{ssl:}).
+    """
+    for name in ("_sslContextFactory", "context", "_context"):
+        context = getattr(endpoint, name, None)
+        if isinstance(context, ReloadingContextFactory):
+            return context
+    return None
+
+
 # -- systemd socket activation ---------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from txwssec.collector import tune_collector
 from txwssec.config import Config, load
 from txwssec.errors import ConfigError
 from txwssec.lifecycle import ConfigReloader, GracefulStop
-from txwssec.listen import server_endpoint
+from txwssec.listen import listener_context, server_endpoint
 from txwssec.ops import JSONEventObserver, admin_for, log_observer, use_json_log
 from txwssec.ops.cluster import StateService, follow, state_store
 from txwssec.ops.settings import LogSettings
@@ -233,9 +233,16 @@ def makeService(options: Options) -> IService:
     # sessions are closed (see txwssec.lifecycle).
     GracefulStop([factory], config.shutdown_timeout, reactor).setServiceParent(service)
     # Before the listeners: SIGHUP reloads as soon as they listen.
-    ConfigReloader(options["config"], [factory], config, reactor).setServiceParent(service)
+    reloader = ConfigReloader(options["config"], [factory], config, reactor)
+    reloader.setServiceParent(service)
     listeners = []
     endpoints = config.endpoints(reactor) if worker is None else worker.endpoints(config, reactor)
+    # A wss: listener's own certificate: SIGHUP reads its files too.
+    reloader.listeners = {
+        f"server.listen[{index}]": context
+        for index, endpoint in enumerate(endpoints)
+        if (context := listener_context(endpoint)) is not None and context is not config.tls
+    }
     for description, endpoint in zip(config.listen, endpoints, strict=True):
         listener = ListeningService(endpoint, factory, description)
         listener.setServiceParent(service)

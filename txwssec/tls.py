@@ -261,7 +261,8 @@ class ReloadingContextFactory:
     connections keep theirs.
 
     Every instance is remembered (weakly) so that L{reload_certificates}
-    (called on SIGHUP by C{twistd wssec}) reaches them all.
+    (for Python API users) reaches them all; C{twistd wssec} reads its own
+    listeners' files again on SIGHUP (L{txwssec.lifecycle.reload}).
     """
 
     _instances: weakref.WeakSet[ReloadingContextFactory] = weakref.WeakSet()
@@ -455,7 +456,9 @@ class VerifyingClientTLS:
 class WSSServerEndpointParser:
     """
     The C{wss:} server endpoint: TCP plus txwssec's hardened TLS context
-    (and its TLS transport, L{txwssec._tlswire.ServerTLSProtocol}).
+    (and its TLS transports: L{txwssec._tlsport.DirectTLSServer} for
+    txwssec's WebSocket protocols, L{txwssec._tlswire.ServerTLSProtocol}
+    for any other).
 
     Arguments: C{PORT}, then C{cert}, C{key} (required), C{chain},
     C{minVersion} (1.2/1.3), C{clientCA}, C{clientCert}

@@ -1,0 +1,160 @@
+"""
+SIGHUP and a C{wss:} listener's own certificate (C{cert=}/C{key=} in
+C{[server] listen}, no C{[tls]} table): the real twistd reads its files
+again, as it does C{[tls]}'s, and a file it cannot use fails the whole
+reload (the old certificate and configuration stay).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from processes import Process, free_port, twistd
+from test_tls_server import TIMEOUT, ServerFiles, make_server_files, sync_serial, verifying_context
+from twisted.internet.endpoints import serverFromString
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as sync_connect
+
+from txwssec.listen import listener_context, server_endpoint
+from txwssec.reuseport import shared
+from txwssec.tls import ReloadingContextFactory, TLSSettings
+
+CONFIG = """
+[server]
+listen = ["tcp:{plain}:interface=127.0.0.1",
+          "wss:{port}:interface=127.0.0.1:cert={cert}:key={key}"]
+
+[[route]]
+path = "/echo"
+app = "echo"
+auth = ["anonymous"]
+"""
+
+SECOND_ROUTE = """
+[[route]]
+path = "/second"
+app = "echo"
+auth = ["anonymous"]
+"""
+
+
+@pytest.fixture
+def twistd_wss(tmp_path: Path) -> Iterator[tuple[Process, ServerFiles, int, Path]]:
+    """twistd serving an echo route on plain TCP and on a wss: listener."""
+    files = make_server_files(tmp_path / "certs")
+    port = free_port()
+    config = tmp_path / "wssec.toml"
+    config.write_text(CONFIG.format(plain=free_port(), port=port, cert=files.cert, key=files.key))
+    running = twistd(config, tmp_path)
+    try:
+        running.wait_for(f"wssec listening on wss:{port}:")
+        yield running, files, port, config
+    finally:
+        running.kill()
+
+
+def test_sighup_rereads_a_wss_listeners_certificate(
+    twistd_wss: tuple[Process, ServerFiles, int, Path],
+) -> None:
+    """
+    New connections get the replaced certificate; the one opened before
+    goes on echoing; the log names the file.
+    """
+    running, files, port, _config = twistd_wss
+    url = f"wss://127.0.0.1:{port}/echo"
+    context = verifying_context(files.ca_file)
+    first = files.server.certificate.serial_number
+
+    with sync_connect(url, ssl=context, open_timeout=TIMEOUT, proxy=None) as before:
+        assert sync_serial(before) == first
+        second = files.replace_server_certificate().certificate.serial_number
+        seen = len(running.lines)
+        running.process.send_signal(signal.SIGHUP)
+        running.wait_for("configuration reloaded", after=seen)
+
+        with sync_connect(url, ssl=context, open_timeout=TIMEOUT, proxy=None) as after:
+            assert sync_serial(after) == second
+            after.send("new")
+            assert after.recv(TIMEOUT) == "new"
+
+        before.send("still here")
+        assert before.recv(TIMEOUT) == "still here"
+
+    assert running.stop() == 0
+    output = running.output()
+    assert f"certificate reloaded from {files.cert}" in output
+    assert "Traceback" not in output
+
+
+def test_a_broken_wss_listener_certificate_fails_the_whole_reload(
+    twistd_wss: tuple[Process, ServerFiles, int, Path],
+) -> None:
+    """
+    A certificate file that cannot be used: one line names the listener's
+    key path and the file, the old certificate stays, and the rest of the
+    file (a new route) is not applied either. Fixed, the next SIGHUP
+    applies both.
+    """
+    running, files, port, config = twistd_wss
+    context = verifying_context(files.ca_file)
+    first = files.server.certificate.serial_number
+    config.write_text(config.read_text() + SECOND_ROUTE)
+    files.cert.write_text("not a certificate\n")
+
+    seen = len(running.lines)
+    running.process.send_signal(signal.SIGHUP)
+    line = running.wait_for("configuration reload failed", after=seen).string
+    assert "server.listen[1]: " in line
+    assert str(files.cert) in line
+    assert "certificate reloaded" not in "".join(running.lines[seen:])
+
+    with sync_connect(
+        f"wss://127.0.0.1:{port}/echo", ssl=context, open_timeout=TIMEOUT, proxy=None
+    ) as ws:
+        assert sync_serial(ws) == first
+    with pytest.raises(InvalidStatus) as refused:
+        sync_connect(
+            f"wss://127.0.0.1:{port}/second", ssl=context, open_timeout=TIMEOUT, proxy=None
+        )
+    assert refused.value.response.status_code == 404
+
+    second = files.replace_server_certificate().certificate.serial_number
+    seen = len(running.lines)
+    running.process.send_signal(signal.SIGHUP)
+    running.wait_for("configuration reloaded", after=seen)
+    with sync_connect(
+        f"wss://127.0.0.1:{port}/second", ssl=context, open_timeout=TIMEOUT, proxy=None
+    ) as ws:
+        assert sync_serial(ws) == second
+        ws.send("second")
+        assert ws.recv(TIMEOUT) == "second"
+
+    assert running.stop() == 0
+    assert "Traceback" not in running.output()
+
+
+def test_listener_context_is_txwssecs_only(tmp_path: Path) -> None:
+    """
+    The contexts SIGHUP reads again: a wss: or tls: listener's (alone or
+    shared by workers), not plain TCP's, a UNIX socket's or Twisted's own
+    ssl: listener's.
+    """
+    from twisted.internet import reactor
+
+    files = make_server_files(tmp_path)
+    wss = server_endpoint(reactor, f"wss:0:cert={files.cert}:key={files.key}", None)
+    found = listener_context(wss)
+    assert isinstance(found, ReloadingContextFactory)
+    assert found.settings.cert == files.cert
+    assert listener_context(shared(wss, reactor)) is found  # [server] workers
+
+    table = ReloadingContextFactory(TLSSettings(cert=files.cert, key=files.key))
+    assert listener_context(server_endpoint(reactor, "tls:0", table)) is table
+
+    for plain in ("tcp:0", f"unix:{tmp_path / 'socket'}"):
+        assert listener_context(server_endpoint(reactor, plain, None)) is None
+    twisted_ssl = serverFromString(reactor, f"ssl:0:certKey={files.cert}:privateKey={files.key}")
+    assert listener_context(twisted_ssl) is None
