@@ -253,9 +253,10 @@ def main() -> int:
             "--config",
             str(config),
         ]
-        # One hash seed for every run (unless the caller gives one): with
-        # Python's random one, two runs of one tree differ by 0.3-1% (dict
-        # and set layouts, the method cache); with a fixed one by 0.1-0.3%.
+        # One hash seed for every run (unless the caller gives one): the
+        # same dict and set layouts each time. Runs of one tree still differ
+        # by 0.3-0.9% (the reactor's iterations per operation vary with
+        # timing under valgrind).
         environ = {
             "PYTHONHASHSEED": "0",
             **os.environ,

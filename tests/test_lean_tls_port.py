@@ -35,9 +35,11 @@ def direct(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_tlsport, "DIRECT_PROTOCOLS", (object,))
 
 
-def _port(folder: Path, lean: bool, protocol: type = Recorded) -> tuple[Recording, DirectTLSPort]:
+def _port(
+    folder: Path, lean: bool, protocol: type = Recorded, interface: str = "127.0.0.1"
+) -> tuple[Recording, DirectTLSPort]:
     factory = Recording(protocol)
-    port = DirectTLSPort(0, factory, 50, "127.0.0.1", reactor, context(folder))
+    port = DirectTLSPort(0, factory, 50, interface, reactor, context(folder))
     if not lean:
         port._leanFor = None  # Twisted's Port.doRead, then _transport
     port.startListening()
@@ -69,14 +71,17 @@ def _seen(transport: Any, port: Any) -> dict[str, Any]:
 
 @pytest.mark.usefixtures("direct")
 @pytest.mark.parametrize("protocol", [Recorded, OwnPrefix])
+@pytest.mark.parametrize("interface", ["127.0.0.1", "::1"])
 @pytest_twisted.ensureDeferred
-async def test_transport_is_the_constructors(folder: Path, protocol: type) -> None:
+async def test_transport_is_the_constructors(folder: Path, protocol: type, interface: str) -> None:
     """The same DirectTLSServer, attributes (in order), prefix, reading state."""
+    if ":" in interface and not socket.has_ipv6:
+        pytest.skip("no IPv6")
     seen = []
     for lean in (False, True):
-        factory, port = _port(folder, lean, protocol)
+        factory, port = _port(folder, lean, protocol, interface)
         factory.waiting = Deferred()
-        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        client = socket.create_connection((interface, port.getHost().port))
         made = await factory.waiting
         transport = made.transport
         seen.append(_seen(transport, port))
