@@ -113,6 +113,22 @@ def paired(results: dict[str, Any], label: str) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def split(value: dict[str, Any]) -> str:
+    """The server's user / system CPU, faults and switches per operation."""
+    windows = value.get("windows", [])
+    ops = sum(w.get("ops", 0) for w in windows)
+    if not ops or not all("server_user_s" in w for w in windows):
+        return ""
+    per = {
+        key: sum(w[f"server_{key}"] for w in windows) / ops
+        for key in ("user_s", "sys_s", "minflt", "vcsw", "ivcsw")
+    }
+    return (
+        f"  user {per['user_s'] * 1e6:6.1f} sys {per['sys_s'] * 1e6:5.1f} us/op"
+        f"  minflt {per['minflt']:5.2f} cs {per['vcsw']:4.2f}+{per['ivcsw']:4.2f}/op"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(
                             f"  r{round_no} {scenario:6} {subject.label:26} "
                             f"{us or 0:9.1f} us/op  {ratio or 0:5.2f}x ws"
+                            + split(value)
                             + (f"  failures {failures}" if failures else ""),
                             flush=True,
                         )

@@ -120,6 +120,32 @@ def server_cpu(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def server_split(pids: list[int]) -> dict[str, float]:
+    """
+    C{server_cpu}'s parts: user and system CPU seconds, minor page faults
+    and voluntary / involuntary context switches of C{pids} and their
+    descendants.
+    """
+    found = {"user_s": 0.0, "sys_s": 0.0, "minflt": 0.0, "vcsw": 0.0, "ivcsw": 0.0}
+    for pid in process_tree(pids):
+        fields = _stat_fields(pid)
+        if fields is None:
+            continue
+        found["user_s"] += int(fields[11]) / CLK_TCK
+        found["sys_s"] += int(fields[12]) / CLK_TCK
+        found["minflt"] += int(fields[7])
+        try:
+            with open(f"/proc/{pid}/status") as handle:
+                for line in handle:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        found["vcsw"] += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        found["ivcsw"] += int(line.split()[1])
+        except OSError:
+            pass
+    return found
+
+
 def server_rss(pids: list[int]) -> int:
     """Resident set size in bytes of C{pids} and their descendants."""
     total = 0
@@ -147,8 +173,11 @@ class Window:
         self.start = self.end = 0.0
         self.cpu0 = self.cpu1 = 0.0
         self.own0 = self.own1 = 0.0
+        self.split0: dict[str, float] = {}
+        self.split1: dict[str, float] = {}
 
     def open(self) -> None:
+        self.split0 = server_split(self.pids)
         self.cpu0 = server_cpu(self.pids)
         self.own0 = own_cpu()
         self.start = time.perf_counter()
@@ -156,6 +185,7 @@ class Window:
     def close(self) -> None:
         self.end = time.perf_counter()
         self.cpu1 = server_cpu(self.pids)
+        self.split1 = server_split(self.pids)
         self.own1 = own_cpu()
 
     def result(self, ops: int) -> dict[str, Any]:
@@ -169,6 +199,12 @@ class Window:
             "server_cpu_us_per_op": cpu / ops * 1e6 if ops else None,
             "server_cpu_pct": cpu / wall * 100,
             "loadgen_cpu_pct": (self.own1 - self.own0) / wall * 100,
+            # The parts (user, system, faults, switches), for the profile of
+            # a gap that instruction counts do not show.
+            **{
+                f"server_{key}": self.split1.get(key, 0.0) - self.split0.get(key, 0.0)
+                for key in self.split0
+            },
         }
 
 
@@ -628,7 +664,21 @@ class Tally:
             "failures": dict(self.failures),
             "resumed": self.resumed,
             "windows": [
-                {k: w[k] for k in ("ops", "wall_s", "server_cpu_s", "server_cpu_us_per_op")}
+                {
+                    k: w[k]
+                    for k in (
+                        "ops",
+                        "wall_s",
+                        "server_cpu_s",
+                        "server_cpu_us_per_op",
+                        "server_user_s",
+                        "server_sys_s",
+                        "server_minflt",
+                        "server_vcsw",
+                        "server_ivcsw",
+                    )
+                    if k in w
+                }
                 for w in self.windows
             ],
         }

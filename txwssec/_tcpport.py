@@ -24,6 +24,7 @@ its own log prefix take Twisted's code for that step.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from errno import EAGAIN, EWOULDBLOCK
 from typing import Any
 
@@ -74,10 +75,19 @@ class LeanPort(tcp.Port):
     #: The listening socket and the family, type and protocol its accepted
     #: sockets are made with.
     _made: tuple[Any, ...] = (None,)
+    #: The port's C{transport} that C{_lean} builds with less, called as
+    #: C{transport} is (L{server_transport}, set below; a subclass with its
+    #: own C{transport} names both: txwssec._tlsport.DirectTLSPort); any
+    #: other C{transport} takes Twisted's C{doRead}.
+    _leanFor: Any = _Server
+    _lean: Callable[..., tcp.Server]
+    #: The namespace of the accept errors' log events: Twisted's port's
+    #: (L{None}: the class's own, as Twisted's C{_logger} names it).
+    _acceptNamespace: str | None = _NAMESPACE
 
     def doRead(self) -> None:
         """Accept what is pending, as Twisted's C{Port.doRead}."""
-        if self.transport is not _Server or not _POSIX:
+        if self.transport is not self._leanFor or not _POSIX:
             super().doRead()
             return
         try:
@@ -127,7 +137,9 @@ class LeanPort(tcp.Port):
         """
         accepted = 0
         # (Twisted's namespace: this class's own would name it instead.)
-        with tcp._BuffersLogs(_NAMESPACE, self._logger.observer) as logger:
+        own = self._logger
+        namespace = self._acceptNamespace or own.namespace
+        with tcp._BuffersLogs(namespace, own.observer) as logger:
             clients = tcp._accept(
                 logger, range(accepts), _Replay(error, self.socket), tcp._reservedFD
             )
@@ -148,7 +160,7 @@ class LeanPort(tcp.Port):
             return
         session = self.sessionno
         self.sessionno = session + 1
-        protocol.makeConnection(server_transport(skt, protocol, addr, self, session, reactor))
+        protocol.makeConnection(self._lean(skt, protocol, addr, self, session, reactor))
 
 
 def server_transport(
@@ -192,6 +204,8 @@ def server_transport(
     transport.connected = 1
     return transport
 
+
+LeanPort._lean = staticmethod(server_transport)
 
 #: Twisted's C{Protocol.logPrefix}: the protocol's class name.
 _CLASS_NAME_PREFIX = Protocol.logPrefix

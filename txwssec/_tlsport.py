@@ -64,6 +64,7 @@ from typing import Any
 from OpenSSL.SSL import Error, ZeroReturnError
 from twisted.internet import abstract, defer, error, tcp
 from twisted.internet._producer_helpers import _PullToPush
+from twisted.internet.address import IPv6Address
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IListeningPort,
@@ -80,6 +81,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txwssec import _tlswire
+from txwssec._tcpport import _CLASS_NAME_PREFIX, LeanPort, server_transport
 from txwssec._tlswire import (
     ServerTLSFactory,
     ServerTLSProtocol,
@@ -95,6 +97,7 @@ _RECORD = 2**14
 _GATHER = 64_000
 
 _FileDescriptor = abstract.FileDescriptor
+_new = object.__new__
 
 
 #: Whether L{TLSPortEndpoint} listens with L{DirectTLSPort} (L{False}:
@@ -146,17 +149,18 @@ class DirectTLSServer(tcp.Server):
         self, sock: Any, protocol: Any, client: Any, server: Any, sessionno: int, reactor: Any
     ) -> None:
         tcp.Server.__init__(self, sock, protocol, client, server, sessionno, reactor)
+        self._startTLS(server)
+
+    def _startTLS(self, server: Any) -> None:
+        """The TLS layer's state, after C{tcp.Server}'s."""
         self._tlsConnection: Any = server.factory._creatorCallable(self)
         self._appSendBuffer: list[bytes] = []
         self._plain: list[bytes] = []
         self._plainLeft = _GATHER
 
     def _getLogPrefix(self, applicationObject: object) -> str:
-        # The two-layer transport's TCP transport logs as "<protocol>
-        # (ServerTLSProtocol)" (ProtocolWrapper's prefix); kept, for the
-        # log lines' "system".
         prefix = tcp.Server._getLogPrefix(self, applicationObject)
-        return f"{prefix} (ServerTLSProtocol)"
+        return f"{prefix}{_TLS_SUFFIX}"
 
     # -- what the application sees --------------------------------------------
 
@@ -612,6 +616,13 @@ def _protocol(factory: Any, wrapped: Any) -> Any:
     return ServerTLSProtocol(factory, wrapped)
 
 
+#: What a L{DirectTLSServer}'s log prefix adds to its protocol's: the
+#: two-layer transport's TCP transport logs as "<protocol>
+#: (ServerTLSProtocol)" (C{ProtocolWrapper}'s prefix); kept, for the log
+#: lines' "system".
+_TLS_SUFFIX = " (ServerTLSProtocol)"
+
+
 def _transport(
     sock: Any, protocol: Any, client: Any, server: Any, sessionno: int, reactor: Any
 ) -> tcp.Server:
@@ -621,14 +632,69 @@ def _transport(
     return DirectTLSServer(sock, protocol, client, server, sessionno, reactor)
 
 
-class DirectTLSPort(tcp.Port):
+def _lean_transport(
+    skt: Any, protocol: Any, addr: Any, port: Any, session: int, reactor: Any
+) -> tcp.Server:
+    """
+    L{_transport}C{(skt, protocol, addr, port, session, reactor)} for
+    L{DirectTLSPort}'s accept loop, with less when the protocol's log
+    prefix is its class name (as L{txwssec._tcpport.server_transport}).
+    """
+    if isinstance(protocol, ServerTLSProtocol):
+        return server_transport(skt, protocol, addr, port, session, reactor)
+    kind = protocol.__class__
+    if (
+        not reactor
+        or getattr(kind, "logPrefix", None) is not _CLASS_NAME_PREFIX
+        or "__provides__" in getattr(protocol, "__dict__", {"__provides__": 1})
+    ):
+        # a log prefix of the protocol's own: Twisted's constructor
+        return DirectTLSServer(skt, protocol, addr, port, session, reactor)
+    # DirectTLSServer(...): tcp.Server.__init__'s attributes in its
+    # order, its calls (non-blocking, reading), then the TLS state. Set
+    # as attributes, not through __dict__ (CPython 3.11 would then keep
+    # them in a dict, where every later lookup of the hot paths is
+    # slower than in the object's own values).
+    transport: DirectTLSServer = _new(DirectTLSServer)
+    # FileDescriptor.__init__, Connection.__init__, then Server.__init__.
+    transport.reactor = reactor
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    transport.socket = skt
+    skt.setblocking(False)
+    transport.fileno = skt.fileno
+    transport.protocol = protocol
+    if len(addr) != 2:
+        transport._addressType = IPv6Address
+    transport.server = port
+    transport.client = addr
+    transport.sessionno = session
+    transport.hostname = hostname = addr[0]
+    name = kind.__name__
+    transport.logstr = f"{name}{_TLS_SUFFIX},{session},{hostname}"
+    transport.repstr = f"<{name} #{session} on {port._realPortNumber}>"
+    transport.startReading()
+    transport.connected = 1
+    transport._startTLS(port)
+    return transport
+
+
+class DirectTLSPort(LeanPort):
     """
     A TCP port whose txwssec WebSocket connections are L{DirectTLSServer}s
     (and any other protocol's Twisted's TCP transport with
     L{ServerTLSProtocol}, as C{listenTCP} with L{ServerTLSFactory} gives).
+    It accepts as L{LeanPort} (the same accept loop, Twisted's for any
+    accept error) and sets a L{DirectTLSServer}'s C{tcp.Server} state at
+    once when its protocol's log prefix is its class name, as the plain
+    TCP listeners do (L{txwssec._tcpport.server_transport}).
     """
 
     transport = staticmethod(_transport)  # type: ignore[assignment]
+    _leanFor = staticmethod(_transport)
+    _lean = staticmethod(_lean_transport)
+    #: Twisted's loop logs an accept error under this class's name.
+    _acceptNamespace = None
     _type = "TLS"
 
     def __init__(
