@@ -21,6 +21,13 @@ EXAMPLES = REPO / "examples"
 TWISTD = Path(sys.executable).parent / "twistd"
 #: How long a subprocess may take to start, answer or stop.
 TIMEOUT = 15.0
+#: How long C{twistd wssec} with C{[server] workers = 2} may take to say
+#: "wssec 2 workers serving": three Python processes start (the supervisor,
+#: then its two workers side by side, sharing the CPU), each allowed
+#: L{TIMEOUT}. The wait ends as soon as the line comes; on a loaded machine
+#: (both cores busy with other work) the three start-ups took more than one
+#: L{TIMEOUT} together.
+WORKERS_STARTING = 3 * TIMEOUT
 
 
 def free_port() -> int:
@@ -84,10 +91,13 @@ class Process:
                 self.lines.append(line)
                 self._changed.notify_all()
 
-    def wait_for(self, wanted: str | re.Pattern[str], after: int = 0) -> re.Match[str]:
+    def wait_for(
+        self, wanted: str | re.Pattern[str], after: int = 0, timeout: float = TIMEOUT
+    ) -> re.Match[str]:
         """
         Wait for an output line, from line C{after} on, that contains
-        C{wanted} (text) or matches it (a pattern); return the match.
+        C{wanted} (text) or matches it (a pattern); return the match. The
+        process must say it within C{timeout} seconds.
         """
         pattern = wanted if isinstance(wanted, re.Pattern) else re.compile(re.escape(wanted))
         found: list[re.Match[str]] = []
@@ -97,7 +107,7 @@ class Process:
             return bool(found)
 
         with self._changed:
-            if not self._changed.wait_for(seen, TIMEOUT):
+            if not self._changed.wait_for(seen, timeout):
                 raise AssertionError(
                     f"{self.process.args} never said {pattern.pattern!r}:\n{self.output()}"
                 )

@@ -27,7 +27,7 @@ from typing import Any
 
 import jwt
 import pytest
-from processes import TIMEOUT, Process, twistd
+from processes import TIMEOUT, WORKERS_STARTING, Process, twistd
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.error import ProcessTerminated
@@ -168,7 +168,7 @@ def start(running: list[Process], folder: Path, admin: int, **options: Any) -> S
     path.write_text(config_text(admin, **options))
     process = twistd(path, folder)
     running.append(process)
-    process.wait_for("wssec 2 workers serving")
+    process.wait_for("wssec 2 workers serving", timeout=WORKERS_STARTING)
     return Server(process, admin)
 
 
@@ -233,8 +233,8 @@ def close_code(client: ClientConnection) -> int | None:
     return client.close_code
 
 
-def wait_until(condition: Any) -> None:
-    deadline = time.monotonic() + TIMEOUT
+def wait_until(condition: Any, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition never held"
         time.sleep(0.05)
@@ -679,7 +679,7 @@ def test_one_json_log_for_every_worker_reopened_on_sigusr1(
     path.write_text(config_text(admin) + f'\n[log]\nformat = "json"\nfile = "{log}"\n')
     process = twistd(path, folder)
     running.append(process)
-    wait_until(lambda: log.exists() and "2 workers serving" in log.read_text())
+    wait_until(lambda: log.exists() and "2 workers serving" in log.read_text(), WORKERS_STARTING)
     process.lines[:] = log.read_text().splitlines(keepends=True)
     server = Server(process, admin)
     clients = spread(server)
@@ -717,7 +717,7 @@ def test_workers_serve_mutual_tls(tmp_path: Path, running: list[Process]) -> Non
     path.write_text(text)
     process = twistd(path, tmp_path)
     running.append(process)
-    process.wait_for("wssec 2 workers serving")
+    process.wait_for("wssec 2 workers serving", timeout=WORKERS_STARTING)
     port = int(process.wait_for(RESERVED).group(2))
     server = Server.__new__(Server)
     server.process, server.admin = process, admin
