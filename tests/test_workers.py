@@ -27,7 +27,7 @@ from typing import Any
 
 import jwt
 import pytest
-from processes import TIMEOUT, WORKERS_STARTING, Process, twistd
+from processes import TIMEOUT, WORKERS_STARTING, Process, sync_tls, twistd
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.error import ProcessTerminated
@@ -138,14 +138,9 @@ class Server:
             {"Authorization": f"Bearer {key[4:]}"} if key.startswith("jwt:") else {"apikey": key}
         )
         if tls:
-            context = ssl.create_default_context()
+            context = sync_tls(ssl.create_default_context())
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-            # websockets' sync client reads (in its thread) while it writes its
-            # request: with TLS 1.3 a session ticket read at that moment
-            # sometimes loses the request (one in a few hundred; against one
-            # process as well). TLS 1.2 has no ticket after the handshake.
-            context.maximum_version = TLS1_2
             url = f"wss://127.0.0.1:{self.tls_port}/echo"
             return connect(url, additional_headers=header, ssl=context, proxy=None)
         url = f"ws://127.0.0.1:{self.port}/echo"
@@ -722,7 +717,7 @@ def test_workers_serve_mutual_tls(tmp_path: Path, running: list[Process]) -> Non
     server = Server.__new__(Server)
     server.process, server.admin = process, admin
     url = f"wss://127.0.0.1:{port}/echo"
-    # TLS 1.2: see Server.open.
+    # TLS 1.2: see processes.sync_tls.
     alice = pki.context("alice", TLS1_2)
     workers = set(server.pids().values())
     clients = held_by(server, workers, lambda: connect(url, ssl=alice, proxy=None))
