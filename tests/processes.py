@@ -1,6 +1,7 @@
 """
 Subprocesses for end-to-end tests: the real C{twistd wssec}, the examples,
-free ports, and the shipped quickstart configuration on ports of a test's own.
+free ports, the shipped quickstart configuration on ports of a test's own,
+and the TLS context of a websockets sync client talking to them.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -21,6 +23,13 @@ EXAMPLES = REPO / "examples"
 TWISTD = Path(sys.executable).parent / "twistd"
 #: How long a subprocess may take to start, answer or stop.
 TIMEOUT = 15.0
+#: How long C{twistd wssec} with C{[server] workers = 2} may take to say
+#: "wssec 2 workers serving": three Python processes start (the supervisor,
+#: then its two workers side by side, sharing the CPU), each allowed
+#: L{TIMEOUT}. The wait ends as soon as the line comes; on a loaded machine
+#: (both cores busy with other work) the three start-ups took more than one
+#: L{TIMEOUT} together.
+WORKERS_STARTING = 3 * TIMEOUT
 
 
 def free_port() -> int:
@@ -28,6 +37,20 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def sync_tls(context: ssl.SSLContext) -> ssl.SSLContext:
+    """
+    C{context}, capped at TLS 1.2, for websockets' sync client. That client
+    reads in a thread of its own while it writes its request, and with TLS
+    1.3 the server's session tickets arrive at that moment: OpenSSL does not
+    allow one connection to be used by two threads at once, and on a loaded
+    machine about one handshake in 500 lost its request (the server closed
+    it at its handshake_timeout). TLS 1.2 sends nothing after the handshake;
+    the asyncio client (one thread) loses nothing with TLS 1.3 either.
+    """
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def repo_env() -> dict[str, str]:
@@ -84,10 +107,13 @@ class Process:
                 self.lines.append(line)
                 self._changed.notify_all()
 
-    def wait_for(self, wanted: str | re.Pattern[str], after: int = 0) -> re.Match[str]:
+    def wait_for(
+        self, wanted: str | re.Pattern[str], after: int = 0, timeout: float = TIMEOUT
+    ) -> re.Match[str]:
         """
         Wait for an output line, from line C{after} on, that contains
-        C{wanted} (text) or matches it (a pattern); return the match.
+        C{wanted} (text) or matches it (a pattern); return the match. The
+        process must say it within C{timeout} seconds.
         """
         pattern = wanted if isinstance(wanted, re.Pattern) else re.compile(re.escape(wanted))
         found: list[re.Match[str]] = []
@@ -97,7 +123,7 @@ class Process:
             return bool(found)
 
         with self._changed:
-            if not self._changed.wait_for(seen, TIMEOUT):
+            if not self._changed.wait_for(seen, timeout):
                 raise AssertionError(
                     f"{self.process.args} never said {pattern.pattern!r}:\n{self.output()}"
                 )

@@ -23,7 +23,7 @@ from typing import Any
 
 import jwt
 import pytest
-from processes import TIMEOUT, free_port, twistd
+from processes import TIMEOUT, WORKERS_STARTING, free_port, twistd
 from redisserver import RedisServer, redis_server  # noqa: F401
 from test_state_twistd import (  # noqa: F401
     JWT_SECRET,
@@ -144,7 +144,7 @@ def test_a_worker_started_again_applies_the_kept_revocations_quietly(
     )
     process = twistd(config, tmp_path)
     try:
-        process.wait_for("wssec 2 workers serving")
+        process.wait_for("wssec 2 workers serving", timeout=WORKERS_STARTING)
         server = Server(process, admin)
         revoked = {"jti": "t-1", "expires_at": time.time() + 600}
         assert server.call("POST", "/revocations", revoked) == (200, b'{"closed":0}\n')

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import REPO, TIMEOUT, TWISTD, Process, free_port, repo_env
+from processes import REPO, TIMEOUT, TWISTD, Process, free_port, repo_env, sync_tls
 from websockets.sync.client import connect
 
 from txwssec.config import parse
@@ -148,7 +148,7 @@ def test_socket_activation_wss(tmp_path: Path, sock: socket.socket) -> None:
     running = activated(config, sock, "txwssec.socket")
     try:
         running.wait_for(f"wssec listening on tls:systemd:domain=INET:index=0 (127.0.0.1:{port})")
-        context = ssl.create_default_context(cafile=tmp_path / "dev-certs" / "ca.pem")
+        context = sync_tls(ssl.create_default_context(cafile=tmp_path / "dev-certs" / "ca.pem"))
         echo(f"wss://localhost:{port}/echo", ssl=context)
         # Plain HTTP on that socket gets no HTTP answer: TLS closes it.
         with socket.create_connection(("127.0.0.1", port), TIMEOUT) as raw:
@@ -370,7 +370,7 @@ def test_example_units(tmp_path: Path) -> None:
         )
     try:
         running.wait_for(f"wssec listening on tls:systemd:domain=INET6:name={name} (::1:{port})")
-        context = ssl.create_default_context(cafile=tmp_path / "dev-certs" / "ca.pem")
+        context = sync_tls(ssl.create_default_context(cafile=tmp_path / "dev-certs" / "ca.pem"))
         echo(f"wss://[::1]:{port}/echo", ssl=context)
         assert running.stop() == 0
     finally:

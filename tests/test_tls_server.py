@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from processes import Process, free_port, twistd
+from processes import Process, free_port, sync_tls, twistd
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
@@ -1031,7 +1031,7 @@ def test_sighup_reloads_certificate(twistd_tls: tuple[Process, ServerFiles, int]
     """
     running, files, port = twistd_tls
     url = f"wss://127.0.0.1:{port}/echo"
-    context = verifying_context(files.ca_file)
+    context = sync_tls(verifying_context(files.ca_file))
     first = files.server.certificate.serial_number
 
     with sync_connect(url, ssl=context, open_timeout=TIMEOUT, proxy=None) as a:

@@ -27,7 +27,7 @@ from typing import Any
 
 import jwt
 import pytest
-from processes import TIMEOUT, Process, twistd
+from processes import TIMEOUT, WORKERS_STARTING, Process, sync_tls, twistd
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.error import ProcessTerminated
@@ -138,14 +138,9 @@ class Server:
             {"Authorization": f"Bearer {key[4:]}"} if key.startswith("jwt:") else {"apikey": key}
         )
         if tls:
-            context = ssl.create_default_context()
+            context = sync_tls(ssl.create_default_context())
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-            # websockets' sync client reads (in its thread) while it writes its
-            # request: with TLS 1.3 a session ticket read at that moment
-            # sometimes loses the request (one in a few hundred; against one
-            # process as well). TLS 1.2 has no ticket after the handshake.
-            context.maximum_version = TLS1_2
             url = f"wss://127.0.0.1:{self.tls_port}/echo"
             return connect(url, additional_headers=header, ssl=context, proxy=None)
         url = f"ws://127.0.0.1:{self.port}/echo"
@@ -168,7 +163,7 @@ def start(running: list[Process], folder: Path, admin: int, **options: Any) -> S
     path.write_text(config_text(admin, **options))
     process = twistd(path, folder)
     running.append(process)
-    process.wait_for("wssec 2 workers serving")
+    process.wait_for("wssec 2 workers serving", timeout=WORKERS_STARTING)
     return Server(process, admin)
 
 
@@ -233,8 +228,8 @@ def close_code(client: ClientConnection) -> int | None:
     return client.close_code
 
 
-def wait_until(condition: Any) -> None:
-    deadline = time.monotonic() + TIMEOUT
+def wait_until(condition: Any, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition never held"
         time.sleep(0.05)
@@ -679,7 +674,7 @@ def test_one_json_log_for_every_worker_reopened_on_sigusr1(
     path.write_text(config_text(admin) + f'\n[log]\nformat = "json"\nfile = "{log}"\n')
     process = twistd(path, folder)
     running.append(process)
-    wait_until(lambda: log.exists() and "2 workers serving" in log.read_text())
+    wait_until(lambda: log.exists() and "2 workers serving" in log.read_text(), WORKERS_STARTING)
     process.lines[:] = log.read_text().splitlines(keepends=True)
     server = Server(process, admin)
     clients = spread(server)
@@ -717,12 +712,12 @@ def test_workers_serve_mutual_tls(tmp_path: Path, running: list[Process]) -> Non
     path.write_text(text)
     process = twistd(path, tmp_path)
     running.append(process)
-    process.wait_for("wssec 2 workers serving")
+    process.wait_for("wssec 2 workers serving", timeout=WORKERS_STARTING)
     port = int(process.wait_for(RESERVED).group(2))
     server = Server.__new__(Server)
     server.process, server.admin = process, admin
     url = f"wss://127.0.0.1:{port}/echo"
-    # TLS 1.2: see Server.open.
+    # TLS 1.2: see processes.sync_tls.
     alice = pki.context("alice", TLS1_2)
     workers = set(server.pids().values())
     clients = held_by(server, workers, lambda: connect(url, ssl=alice, proxy=None))

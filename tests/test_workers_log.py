@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from processes import Process, twistd
+from processes import WORKERS_STARTING, Process, twistd
 from test_workers import Server, config_text, free_admin_port, spread, wait_until
 from twisted.internet.task import Clock
 
@@ -142,7 +142,9 @@ def test_workers_write_one_text_log_rotated_on_sigusr1(tmp_path: Path) -> None:
     path.write_text(config_text(admin))
     process: Process = twistd(path, tmp_path, f"--logfile={log}")
     try:
-        wait_until(lambda: log.exists() and "2 workers serving" in log.read_text())
+        wait_until(
+            lambda: log.exists() and "2 workers serving" in log.read_text(), WORKERS_STARTING
+        )
         process.lines[:] = log.read_text().splitlines(keepends=True)
         server = Server(process, admin)
         clients = spread(server)

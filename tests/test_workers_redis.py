@@ -20,7 +20,7 @@ from typing import Any
 
 import jwt
 import pytest
-from processes import TIMEOUT, Process, free_port, twistd
+from processes import TIMEOUT, WORKERS_STARTING, Process, free_port, twistd
 from redisserver import RedisServer, redis_server  # noqa: F401
 from test_workers import JWT_SECRET, Server, close_code, config_text, echoed, wait_until
 from websockets.exceptions import InvalidStatus
@@ -71,7 +71,7 @@ def start(
     path.write_text(redis_config(admin, redis, cap))
     process = twistd(path, folder)
     started.append(process)
-    process.wait_for("wssec 2 workers serving")
+    process.wait_for("wssec 2 workers serving", timeout=WORKERS_STARTING)
     return Server(process, admin)
 
 
