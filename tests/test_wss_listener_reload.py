@@ -18,7 +18,8 @@ from twisted.internet.endpoints import serverFromString
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
 
-from txwssec.listen import listener_context, server_endpoint
+from txwssec.config import load
+from txwssec.listen import listener_context, resolve_files, server_endpoint
 from txwssec.reuseport import shared
 from txwssec.tls import ReloadingContextFactory, TLSSettings
 
@@ -47,8 +48,16 @@ def twistd_wss(tmp_path: Path) -> Iterator[tuple[Process, ServerFiles, int, Path
     files = make_server_files(tmp_path / "certs")
     port = free_port()
     config = tmp_path / "wssec.toml"
-    config.write_text(CONFIG.format(plain=free_port(), port=port, cert=files.cert, key=files.key))
-    running = twistd(config, tmp_path)
+    # File names relative to the configuration's folder, twistd elsewhere.
+    config.write_text(
+        CONFIG.format(
+            plain=free_port(), port=port, cert="certs/server.pem", key="certs/server.key"
+        )
+    )
+    assert files.cert == tmp_path / "certs/server.pem"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    running = twistd(config, elsewhere)
     try:
         running.wait_for(f"wssec listening on wss:{port}:")
         yield running, files, port, config
@@ -158,3 +167,46 @@ def test_listener_context_is_txwssecs_only(tmp_path: Path) -> None:
         assert listener_context(server_endpoint(reactor, plain, None)) is None
     twisted_ssl = serverFromString(reactor, f"ssl:0:certKey={files.cert}:privateKey={files.key}")
     assert listener_context(twisted_ssl) is None
+
+
+def test_wss_file_names_are_relative_to_the_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A wss: description's cert, key, chain and clientCA, relative, are
+    found next to the configuration file whatever the working directory
+    ([server] listen and [admin] listen); absolute names, escaped colons
+    and Twisted's own ssl: names are left as they are.
+    """
+    files = make_server_files(tmp_path / "certs")
+    config = tmp_path / "wssec.toml"
+    config.write_text(
+        f"""
+[server]
+listen = ["wss:0:interface=127.0.0.1:cert=certs/server.pem:key={files.key}:chain=certs/ca.pem",
+          "tcp:0:interface=127.0.0.1"]
+
+[admin]
+listen = ["wss:0:interface=127.0.0.1:cert=certs/server.pem:key=certs/server.key"]
+
+[[route]]
+path = "/echo"
+app = "echo"
+auth = ["anonymous"]
+"""
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load(config)
+    assert loaded.listen == (
+        f"wss:0:interface=127.0.0.1:cert={files.cert}:key={files.key}:chain={files.ca_file}",
+        "tcp:0:interface=127.0.0.1",
+    )
+    assert loaded.admin is not None
+    assert loaded.admin.listen == (f"wss:0:interface=127.0.0.1:cert={files.cert}:key={files.key}",)
+    assert resolve_files("wss:1:cert=a\\:b.pem", Path("/etc/x:y")) == (
+        "wss:1:cert=/etc/x\\:y/a\\:b.pem"
+    )
+    assert resolve_files("ssl:1:certKey=c.pem", tmp_path) == "ssl:1:certKey=c.pem"
+    assert resolve_files("tls:1:interface=::1", tmp_path) == "tls:1:interface=::1"

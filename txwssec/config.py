@@ -35,7 +35,7 @@ from txwssec.consumers import (
 )
 from txwssec.errors import ConfigError
 from txwssec.interfaces import Authenticator
-from txwssec.listen import Description, server_endpoint
+from txwssec.listen import Description, resolve_files, server_endpoint
 from txwssec.messages.sealing import parse_key
 from txwssec.messages.validation import read_rules
 from txwssec.ops.settings import (
@@ -138,7 +138,10 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
     """
     root = Table(data, "")
     server = root.table("server")
-    listen = server.strings("listen", ("tcp:9080:interface=127.0.0.1",))
+    listen = tuple(
+        resolve_files(text, base_dir)
+        for text in server.strings("listen", ("tcp:9080:interface=127.0.0.1",))
+    )
     if not listen:
         raise server.error("listen", "needs at least one endpoint")
     allow_plaintext = server.boolean("allow_plaintext", False)
@@ -174,7 +177,9 @@ def parse(data: Mapping[str, Any], base_dir: Path = Path()) -> Config:
     admin = None
     if root.has("admin"):
         admin = admin_settings(
-            root.table("admin"), lambda text: server_endpoint(_NoReactor(), text, tls)
+            root.table("admin"),
+            lambda text: server_endpoint(_NoReactor(), text, tls),
+            lambda text: resolve_files(text, base_dir),
         )
     log = log_settings(root.table("log"))
     state = state_settings(root.table("state"))

@@ -18,6 +18,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -43,6 +44,10 @@ TLS_KEYWORDS = ("interface", "backlog")
 DEFAULT_BACKLOG = 1024
 #: Endpoint kinds that take C{backlog=}: they get L{DEFAULT_BACKLOG}.
 BACKLOG_KINDS = ("tcp", "tcp6", "ssl", "unix", "wss", "tls")
+
+#: The options of a C{wss:} description that name files
+#: (L{txwssec.tls.WSSServerEndpointParser}).
+WSS_FILE_OPTIONS = ("cert", "key", "chain", "clientCA")
 #: The first descriptor systemd passes (C{SD_LISTEN_FDS_START}).
 LISTEN_FDS_START = 3
 #: The address families a C{systemd:} description may name as C{domain=}.
@@ -99,6 +104,47 @@ class Description:
             return not ipaddress.ip_address(interface).is_loopback
         except ValueError:
             return True
+
+
+def resolve_files(text: str, base_dir: Path) -> str:
+    """
+    C{text} with each relative file name of a C{wss:} description
+    (L{WSS_FILE_OPTIONS}) made relative to C{base_dir} (the configuration
+    file's folder), as the configuration's other file names are; any other
+    description, and absolute names, as they are. Twisted's own C{ssl:}
+    keeps its names relative to the working directory.
+    """
+    parts = _raw_parts(text)
+    if parts[0].lower() != "wss":
+        return text
+    resolved = [parts[0]]
+    for raw in parts[1:]:
+        # one part: at most one name=value, its escapes undone
+        for name, value in Description.parse(f"x:{raw}").kwargs.items():
+            if name in WSS_FILE_OPTIONS and value and not Path(value).is_absolute():
+                escaped = str(base_dir / value).replace("\\", "\\\\").replace(":", "\\:")
+                raw = f"{name}={escaped}"
+        resolved.append(raw)
+    return ":".join(resolved)
+
+
+def _raw_parts(text: str) -> list[str]:
+    """C{text} split on its unescaped colons, each part with its escapes."""
+    parts: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
 
 
 def server_endpoint(

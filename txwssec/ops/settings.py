@@ -81,14 +81,18 @@ def is_loopback(description: Description) -> bool:
 
 
 def admin_settings(
-    table: Table, check: Callable[[str], object] = Description.parse
+    table: Table,
+    check: Callable[[str], object] = Description.parse,
+    resolve: Callable[[str], str] = str,
 ) -> AdminSettings:
     """
     Read C{[admin]}. A listener off loopback needs a token: without one the
     configuration is refused (the admin API is never open by default).
-    C{check} raises for a description that is not a valid endpoint.
+    C{check} raises for a description that is not a valid endpoint;
+    C{resolve} gives a description its file names as the listener opens
+    them (L{txwssec.listen.resolve_files}).
     """
-    listen = table.strings("listen", DEFAULT_ADMIN_LISTEN)
+    listen = tuple(resolve(text) for text in table.strings("listen", DEFAULT_ADMIN_LISTEN))
     if not listen:
         raise table.error("listen", "needs at least one endpoint")
     digest = None
