@@ -1487,6 +1487,20 @@ def targets(session: Session) -> list[Target]:
             1.5,
         ),
         (
+            "ops: metrics + JSON log, per handshake ≤ 1.10x without",
+            "ops hs",
+            "txwssec (metrics + JSON log)",
+            "txwssec (no ops)",
+            1.10,
+        ),
+        (
+            "ops: metrics + JSON log, per message ≤ 1.05x without",
+            "ops echo",
+            "txwssec (metrics + JSON log)",
+            "txwssec (no ops)",
+            1.05,
+        ),
+        (
             "wss: a resumed handshake ≤ 0.6x a full one (same client)",
             "wss resumed",
             f"{TXWSSEC_TLS}, resumed",
@@ -1778,7 +1792,7 @@ def report(session: Session, argv: list[str], took: float, load: tuple[str, str]
     out += [f"{kind}: {command}" for kind, command in session.env.commands.items()]
     out += ["```", ""]
     for kind, config in session.env.configs.items():
-        language = "nginx" if kind == "nginx" else "toml"
+        language = "nginx" if kind.startswith("nginx") else "toml"
         out += [f"{kind} configuration:", "", f"```{language}", config.rstrip(), "```", ""]
     out += [
         "Load generator: `python bench/loadgen.py < spec.json` (pinned to CPU 1), e.g.:",
