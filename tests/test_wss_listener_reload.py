@@ -7,7 +7,9 @@ reload (the old certificate and configuration stay).
 
 from __future__ import annotations
 
+import re
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,3 +160,74 @@ def test_listener_context_is_txwssecs_only(tmp_path: Path) -> None:
         assert listener_context(server_endpoint(reactor, plain, None)) is None
     twisted_ssl = serverFromString(reactor, f"ssl:0:certKey={files.cert}:privateKey={files.key}")
     assert listener_context(twisted_ssl) is None
+
+
+WORKERS_CONFIG = """
+[server]
+workers = 2
+listen = ["wss:{port}:interface=127.0.0.1:cert={cert}:key={key}"]
+
+[[route]]
+path = "/echo"
+app = "echo"
+auth = ["anonymous"]
+"""
+
+
+def test_each_worker_rereads_a_wss_listeners_certificate(tmp_path: Path) -> None:
+    """
+    [server] workers: SIGHUP (twice in a row) has each worker read the
+    wss: listener's files again; every new connection, whichever worker
+    takes it, gets the new certificate. A key that does not match the
+    certificate is then refused by the supervisor's check, once, naming the
+    listener and the files, and the workers keep the new certificate.
+    """
+    from processes import WORKERS_STARTING
+
+    files = make_server_files(tmp_path / "certs")
+    port = free_port()
+    config = tmp_path / "wssec.toml"
+    config.write_text(WORKERS_CONFIG.format(port=port, cert=files.cert, key=files.key))
+    running = twistd(config, tmp_path)
+    url = f"wss://127.0.0.1:{port}/echo"
+    context = verifying_context(files.ca_file)
+    try:
+        running.wait_for("wssec 2 workers serving", timeout=WORKERS_STARTING)
+        second = files.replace_server_certificate().certificate.serial_number
+        seen = len(running.lines)
+        running.process.send_signal(signal.SIGHUP)
+        running.process.send_signal(signal.SIGHUP)
+        # (two SIGHUPs sent together may arrive as one: either way each
+        # worker reads the files after both)
+        cert = re.escape(str(files.cert))
+        reloaded = re.compile(rf"worker=(\d) .*certificate reloaded from {cert}")
+        deadline = time.monotonic() + WORKERS_STARTING
+        workers: set[str] = set()
+        while workers != {"0", "1"} and time.monotonic() < deadline:
+            workers = {m[1] for m in map(reloaded.search, running.lines[seen:]) if m}
+            time.sleep(0.1)
+        assert workers == {"0", "1"}, running.output()
+        serials = set()
+        for _ in range(8):
+            with sync_connect(url, ssl=context, open_timeout=TIMEOUT, proxy=None) as ws:
+                serials.add(sync_serial(ws))
+                ws.send("x")
+                assert ws.recv(TIMEOUT) == "x"
+        assert serials == {second}
+
+        # a key that does not match the certificate
+        other = make_server_files(tmp_path / "other")
+        files.key.write_bytes(other.key.read_bytes())
+        seen = len(running.lines)
+        running.process.send_signal(signal.SIGHUP)
+        line = running.wait_for("configuration reload failed", after=seen).string
+        assert "server.listen[0]: " in line and str(files.key) in line, line
+        assert "PRIVATE KEY" not in line
+        with sync_connect(url, ssl=context, open_timeout=TIMEOUT, proxy=None) as ws:
+            assert sync_serial(ws) == second
+        assert running.stop() == 0
+        output = running.output()
+        assert output.count("configuration reload failed") == 1
+        assert "Traceback" not in output
+    finally:
+        running.kill()
