@@ -269,3 +269,59 @@ def test_a_listener_moved_to_new_files_does_not_block_the_reload(
     ) as ws:
         assert sync_serial(ws) == files.server.certificate.serial_number
     assert running.stop() == 0
+
+
+def _x25519_key() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    return x25519.X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def test_a_key_of_a_type_tls_cannot_use_is_a_settings_error(tmp_path: Path) -> None:
+    """
+    A key file holding a key TLS cannot sign with (X25519): a
+    TLSSettingsError naming the setting and the file, as any other
+    unusable key (not pyOpenSSL's bare TypeError, which named neither).
+    """
+    from txwssec.tls import TLSSettingsError
+
+    files = make_server_files(tmp_path)
+    files.key.write_bytes(_x25519_key())
+    with pytest.raises(TLSSettingsError) as raised:
+        ReloadingContextFactory(TLSSettings(cert=files.cert, key=files.key))
+    assert raised.value.field == "key"
+    assert str(files.key) in str(raised.value)
+
+
+def test_reload_certificates_goes_on_past_an_unusable_key(tmp_path: Path) -> None:
+    """
+    The Python API's reload_certificates(): a listener whose key file now
+    holds a key of a type TLS cannot use is counted as failed and keeps
+    its certificate; the others are reloaded (the TypeError stopped the
+    loop and escaped).
+    """
+    from OpenSSL import SSL
+
+    from txwssec.tls import reload_certificates
+
+    def serial(context: ReloadingContextFactory) -> int:
+        return int(
+            SSL.Connection(context.getContext(), None).get_certificate().get_serial_number()
+        )
+
+    broken_files = make_server_files(tmp_path / "broken")
+    good_files = make_server_files(tmp_path / "good")
+    broken = ReloadingContextFactory(TLSSettings(cert=broken_files.cert, key=broken_files.key))
+    good = ReloadingContextFactory(TLSSettings(cert=good_files.cert, key=good_files.key))
+    kept = serial(broken)
+    broken_files.key.write_bytes(_x25519_key())
+    renewed = good_files.replace_server_certificate().certificate.serial_number
+    reloaded, failed = reload_certificates()
+    assert failed >= 1 and reloaded >= 1
+    assert serial(good) == renewed
+    assert serial(broken) == kept
