@@ -246,3 +246,52 @@ async def test_a_protocols_own_prefix_set_on_the_instance(folder: Path) -> None:
         client.close()
         await tcp_port.stopListening()
     assert plain == ["instance-prefix"] * 2
+
+
+class DirectlyProvided(Recording):
+    """A factory whose protocols declare an interface of their own (zope's directlyProvides)."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+        from zope.interface import directlyProvides
+
+        protocol = super().buildProtocol(addr)
+        directlyProvides(protocol, IHalfCloseableProtocol)
+        return protocol
+
+
+@pytest.mark.usefixtures("direct")
+@pytest_twisted.ensureDeferred
+async def test_directly_provided_protocols_take_the_constructor(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A protocol with interfaces of its own (its prefix could come from
+    them): DirectTLSServer's constructor, and the same transport as
+    Twisted's accept loop makes.
+    """
+    calls = []
+    original = DirectTLSServer.__init__
+
+    def spy(self: Any, *args: Any) -> None:
+        calls.append("DirectTLSServer.__init__")
+        original(self, *args)
+
+    monkeypatch.setattr(DirectTLSServer, "__init__", spy)
+    seen = []
+    for lean in (False, True):
+        factory = DirectlyProvided()
+        port = DirectTLSPort(0, factory, 50, "127.0.0.1", reactor, context(folder))
+        if not lean:
+            port._leanFor = None
+        port.startListening()
+        factory.waiting = Deferred()
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        made = await factory.waiting
+        seen.append(_seen(made.transport, port))
+        made.transport.abortConnection()
+        client.close()
+        await port.stopListening()
+    assert calls == ["DirectTLSServer.__init__"] * 2
+    assert seen[0] == seen[1]
+    assert seen[1]["prefix"] == "Recorded (ServerTLSProtocol)"
