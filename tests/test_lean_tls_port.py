@@ -200,3 +200,98 @@ def test_accept_errors_are_twisteds(folder: Path, errors: list[int]) -> None:
         port.stopListening()
     assert results[0] == results[1]
     assert results[0]["events"] or errors == [errno.EPERM, errno.ENOMEM]
+
+
+class InstancePrefix(Recording):
+    """A factory that gives each protocol a log prefix of its own (an instance attribute)."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        protocol.logPrefix = lambda: "instance-prefix"  # type: ignore[union-attr,method-assign]
+        return protocol
+
+
+@pytest.mark.usefixtures("direct")
+@pytest_twisted.ensureDeferred
+async def test_a_protocols_own_prefix_set_on_the_instance(folder: Path) -> None:
+    """
+    A log prefix set on the protocol itself (not its class) is Twisted's
+    transport's prefix, on the TLS listener and on the plain one alike.
+    """
+    prefixes = []
+    for lean in (False, True):
+        factory = InstancePrefix()
+        port = DirectTLSPort(0, factory, 50, "127.0.0.1", reactor, context(folder))
+        if not lean:
+            port._leanFor = None
+        port.startListening()
+        factory.waiting = Deferred()
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        made = await factory.waiting
+        prefixes.append(made.transport.logPrefix().split(",")[0])
+        made.transport.abortConnection()
+        client.close()
+        await port.stopListening()
+    assert prefixes == ["instance-prefix (ServerTLSProtocol)"] * 2
+    plain = []
+    for kind in (tcp.Port, LeanPort):
+        factory = InstancePrefix()
+        tcp_port = kind(0, factory, 50, "127.0.0.1", reactor)
+        tcp_port.startListening()
+        factory.waiting = Deferred()
+        client = socket.create_connection(("127.0.0.1", tcp_port.getHost().port))
+        made = await factory.waiting
+        plain.append(made.transport.logPrefix().split(",")[0])
+        made.transport.abortConnection()
+        client.close()
+        await tcp_port.stopListening()
+    assert plain == ["instance-prefix"] * 2
+
+
+class DirectlyProvided(Recording):
+    """A factory whose protocols declare an interface of their own (zope's directlyProvides)."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+        from zope.interface import directlyProvides
+
+        protocol = super().buildProtocol(addr)
+        directlyProvides(protocol, IHalfCloseableProtocol)
+        return protocol
+
+
+@pytest.mark.usefixtures("direct")
+@pytest_twisted.ensureDeferred
+async def test_directly_provided_protocols_take_the_constructor(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A protocol with interfaces of its own (its prefix could come from
+    them): DirectTLSServer's constructor, and the same transport as
+    Twisted's accept loop makes.
+    """
+    calls = []
+    original = DirectTLSServer.__init__
+
+    def spy(self: Any, *args: Any) -> None:
+        calls.append("DirectTLSServer.__init__")
+        original(self, *args)
+
+    monkeypatch.setattr(DirectTLSServer, "__init__", spy)
+    seen = []
+    for lean in (False, True):
+        factory = DirectlyProvided()
+        port = DirectTLSPort(0, factory, 50, "127.0.0.1", reactor, context(folder))
+        if not lean:
+            port._leanFor = None
+        port.startListening()
+        factory.waiting = Deferred()
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        made = await factory.waiting
+        seen.append(_seen(made.transport, port))
+        made.transport.abortConnection()
+        client.close()
+        await port.stopListening()
+    assert calls == ["DirectTLSServer.__init__"] * 2
+    assert seen[0] == seen[1]
+    assert seen[1]["prefix"] == "Recorded (ServerTLSProtocol)"

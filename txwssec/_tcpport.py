@@ -174,10 +174,12 @@ def server_transport(
     class name (Twisted's C{Protocol.logPrefix}).
     """
     kind = protocol.__class__
+    state = getattr(protocol, "__dict__", _NO_STATE)
     if (
         not reactor
         or getattr(kind, "logPrefix", None) is not _CLASS_NAME_PREFIX
-        or "__provides__" in getattr(protocol, "__dict__", {"__provides__": 1})
+        or "__provides__" in state
+        or "logPrefix" in state
     ):
         return _Server(skt, protocol, client, port, session, reactor)
     transport: tcp.Server = _Server.__new__(_Server)
@@ -209,6 +211,12 @@ LeanPort._lean = staticmethod(server_transport)
 
 #: Twisted's C{Protocol.logPrefix}: the protocol's class name.
 _CLASS_NAME_PREFIX = Protocol.logPrefix
+#: What a protocol without a C{__dict__} is taken to have: interfaces of
+#: its own (Twisted's constructor then asks it for its log prefix). A
+#: protocol whose C{__dict__} has C{__provides__} (C{directlyProvides}) or
+#: C{logPrefix} (a prefix set on the instance) takes Twisted's constructor
+#: too: its prefix may not be its class name.
+_NO_STATE = {"__provides__": 1}
 #: The address class Server.__init__ sets for an IPv6 client.
 _IPV6 = IPv6Address
 

@@ -81,7 +81,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txwssec import _tlswire
-from txwssec._tcpport import _CLASS_NAME_PREFIX, LeanPort, server_transport
+from txwssec._tcpport import _CLASS_NAME_PREFIX, _NO_STATE, LeanPort, server_transport
 from txwssec._tlswire import (
     ServerTLSFactory,
     ServerTLSProtocol,
@@ -643,10 +643,12 @@ def _lean_transport(
     if isinstance(protocol, ServerTLSProtocol):
         return server_transport(skt, protocol, addr, port, session, reactor)
     kind = protocol.__class__
+    state = getattr(protocol, "__dict__", _NO_STATE)
     if (
         not reactor
         or getattr(kind, "logPrefix", None) is not _CLASS_NAME_PREFIX
-        or "__provides__" in getattr(protocol, "__dict__", {"__provides__": 1})
+        or "__provides__" in state
+        or "logPrefix" in state
     ):
         # a log prefix of the protocol's own: Twisted's constructor
         return DirectTLSServer(skt, protocol, addr, port, session, reactor)

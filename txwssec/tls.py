@@ -217,8 +217,16 @@ def certificate_options(settings: TLSSettings) -> ssl.CertificateOptions:
             "caCerts": [X509.from_cryptography(ca) for ca in cas],
             "requireCertificate": settings.client_cert == "required",
         }
+    try:
+        private_key = PKey.from_cryptography_key(key)  # type: ignore[arg-type]
+    except TypeError:
+        # (X25519, X448: keys that cannot sign; pyOpenSSL's bare TypeError
+        # named neither the setting nor the file)
+        raise TLSSettingsError(
+            "key", f"{settings.key} holds a key that TLS certificates cannot use"
+        ) from None
     options = ssl.CertificateOptions(
-        privateKey=PKey.from_cryptography_key(key),  # type: ignore[arg-type]
+        privateKey=private_key,
         certificate=X509.from_cryptography(chain[0]),
         extraCertChain=[X509.from_cryptography(c) for c in chain[1:]],
         raiseMinimumTo=TLS_VERSIONS[settings.min_version],
