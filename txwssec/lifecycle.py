@@ -156,16 +156,18 @@ def reload(
     factory's observers.
 
     @param listeners: the TLS contexts of listeners that carry their own
-        certificate (a C{wss:} description's C{cert=} and C{key=}), by key
-        path (C{server.listen[1]}): their files are read again too, and a
-        file that cannot be used fails the whole reload, as a broken
-        C{[tls]} file does.
+        certificate (a C{wss:} description's C{cert=} and C{key=}), by
+        description: the files of those the new file still lists are read
+        again too, and a file that cannot be used fails the whole reload,
+        as a broken C{[tls]} file does. A listener whose description
+        changed keeps its certificate, as its other settings, until a
+        restart.
     @return: the configuration now in use (C{current} if the file is not
         valid).
     """
     try:
         new = load(path)
-        reread = _reread(listeners or {})
+        reread = _reread(listeners or {}, new.listen)
         for factory in factories:
             factory.usePolicy(new.policy)
     except (ConfigError, TypeError) as error:
@@ -273,19 +275,24 @@ def _revokeIfOpen(protocol: Any) -> None:
 
 
 def _reread(
-    listeners: Mapping[str, ReloadingContextFactory],
+    listeners: Mapping[str, ReloadingContextFactory], listen: Sequence[str]
 ) -> list[tuple[ReloadingContextFactory, ReloadingContextFactory]]:
     """
-    Each listener's context with a new one read from the same files, none
-    of them in use yet.
+    The context of each listener whose description C{listen} (the new
+    file's) still has, with a new one read from the same files, none of
+    them in use yet.
 
-    @raise ConfigError: naming the listener (C{server.listen[N]}) and the file.
+    @raise ConfigError: naming the listener (C{server.listen[N]} in the
+        new file) and the file.
     """
     reread = []
-    for where, context in listeners.items():
+    for description, context in listeners.items():
+        if description not in listen:
+            continue  # changed: as it is until a restart (listen_changed)
         try:
             reread.append((context, ReloadingContextFactory(context.settings)))
         except TLSSettingsError as error:
+            where = f"server.listen[{listen.index(description)}]"
             raise ConfigError(where, str(error)) from None
     return reread
 
@@ -358,7 +365,7 @@ class ConfigReloader(Service):
 
     @ivar config: the configuration in use.
     @ivar listeners: the contexts of the listeners with their own
-        certificate, by key path (see L{reload}); set once they are made.
+        certificate, by description (see L{reload}); set once they are made.
     """
 
     listeners: Mapping[str, ReloadingContextFactory] = {}

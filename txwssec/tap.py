@@ -239,8 +239,8 @@ def makeService(options: Options) -> IService:
     endpoints = config.endpoints(reactor) if worker is None else worker.endpoints(config, reactor)
     # A wss: listener's own certificate: SIGHUP reads its files too.
     reloader.listeners = {
-        f"server.listen[{index}]": context
-        for index, endpoint in enumerate(endpoints)
+        description: context
+        for description, endpoint in zip(config.listen, endpoints, strict=True)
         if (context := listener_context(endpoint)) is not None and context is not config.tls
     }
     for description, endpoint in zip(config.listen, endpoints, strict=True):
