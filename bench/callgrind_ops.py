@@ -13,7 +13,8 @@ work (copies in ``send``/``recv``, accept, close) is not counted.
     python bench/callgrind_ops.py TREE SCENARIO [N]
 
 SCENARIO: ``hs`` (key-auth handshakes), ``hsjwt`` (JWT HS256 handshakes),
-``bulk`` (64 KiB binary echoes on one connection), ``bulkt`` (64 KiB text);
+``bulk`` (64 KiB binary echoes on one connection), ``bulkt`` (64 KiB text),
+``echo`` (64 B text echoes on one connection, 4 in flight, as ``gwecho``);
 the gateway (bench.py's gateway configuration, in front of a raw Autobahn
 echo server that is not counted): ``gwhs`` (key-auth handshakes through
 it), ``gwecho`` (64 B text echoes on one connection, 4 in flight);
@@ -278,7 +279,7 @@ def main() -> int:
         }
 
         def run(n: int) -> None:
-            if scenario == "gwecho":
+            if scenario in ("gwecho", "echo"):
                 asyncio.run(small_echoes(url, headers, n))
             elif scenario == "wssecho":
                 asyncio.run(small_echoes(url, headers, n, context))

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from inline_values import OBSERVABLE, dict_materialised
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -138,6 +139,28 @@ async def test_transport_is_twisteds(interface: str, protocol: type[Protocol]) -
     for key in seen[0]:
         assert seen[0][key] == seen[1][key], key
     assert seen[1]["prefix"] == ("own-prefix" if protocol is OwnPrefix else protocol.__name__)
+
+
+@pytest.mark.skipif(not OBSERVABLE, reason="CPython 3.11/3.12 inline values only")
+@pytest.mark.parametrize("port_class", [tcp.Port, LeanPort])
+@pytest_twisted.ensureDeferred
+async def test_transport_keeps_inline_values(port_class: type[tcp.Port]) -> None:
+    """
+    The accepted transport's attributes are set as attributes, not through
+    its __dict__ (round 7: a transport filled through its dict keeps a dict,
+    and every attribute lookup of its read and write paths is slower), as
+    Twisted's constructor does.
+    """
+    _factory, made, port = await _one_connection(port_class, "127.0.0.1")
+    transport = made.transport
+    try:
+        assert transport.protocol is made
+        assert not dict_materialised(transport, "protocol")
+        vars(transport)
+        assert dict_materialised(transport, "protocol")  # (the probe sees it)
+    finally:
+        transport.loseConnection()
+        await port.stopListening()
 
 
 def test_server_transport_falls_back() -> None:

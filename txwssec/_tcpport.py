@@ -182,26 +182,29 @@ def server_transport(
         or "logPrefix" in state
     ):
         return _Server(skt, protocol, client, port, session, reactor)
+    # Set as attributes, not through __dict__: CPython 3.11 keeps an
+    # object's attributes in its inline values until its __dict__ is
+    # read; a transport filled through the dict takes the slower lookup
+    # in every later `self.` of its read and write paths.
     transport: tcp.Server = _Server.__new__(_Server)
-    state = transport.__dict__
     # FileDescriptor.__init__, Connection.__init__, then Server.__init__.
-    state["reactor"] = reactor
-    state["_tempDataBuffer"] = []
-    state["_tempDataLen"] = 0
-    state["socket"] = skt
+    transport.reactor = reactor
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    transport.socket = skt
     skt.setblocking(False)
-    state["fileno"] = skt.fileno
-    state["protocol"] = protocol
+    transport.fileno = skt.fileno
+    transport.protocol = protocol
     if len(client) != 2:
-        state["_addressType"] = _IPV6
-    state["server"] = port
-    state["client"] = client
-    state["sessionno"] = session
-    hostname = state["hostname"] = client[0]
+        transport._addressType = _IPV6
+    transport.server = port
+    transport.client = client
+    transport.sessionno = session
+    transport.hostname = hostname = client[0]
     name = kind.__name__
-    state["logstr"] = f"{name},{session},{hostname}"
+    transport.logstr = f"{name},{session},{hostname}"
     if port is not None:
-        state["repstr"] = f"<{name} #{session} on {port._realPortNumber}>"
+        transport.repstr = f"<{name} #{session} on {port._realPortNumber}>"
     transport.startReading()
     transport.connected = 1
     return transport

@@ -145,8 +145,12 @@ def read_ahead(transport: Any, size: int = READ_SIZE) -> None:
         return
     recv = transport.socket.recv
     received = transport._dataReceived
-    state = transport.__dict__
+    flags: Any = transport
 
+    # The flags are the transport's attributes, set and read as such: not
+    # through its __dict__, which CPython 3.11 would then make (a dict for
+    # the transport's attributes, where every later lookup of its read and
+    # write paths is slower than in its inline values).
     def doRead() -> Any:
         try:
             data = recv(size)
@@ -154,22 +158,24 @@ def read_ahead(transport: Any, size: int = READ_SIZE) -> None:
             if error.args[0] == EWOULDBLOCK:
                 return None
             return CONNECTION_LOST
-        state[_READING] = True
+        flags._txwssec_reading = True
         try:
             result = received(data)
         finally:
-            state[_READING] = False
+            flags._txwssec_reading = False
         if transport.disconnecting and result is None:
-            stalled = state.pop(_CLOSING, None)
-            if stalled is not None and _may_close(transport, stalled):
-                # (in this read's event: its log context is the transport's)
-                disconnect_done(transport)
+            stalled = getattr(transport, _CLOSING, None)
+            if stalled is not None:
+                del flags._txwssec_closing
+                if _may_close(transport, stalled):
+                    # (in this read's event: its log context is the transport's)
+                    disconnect_done(transport)
         return result
 
     transport.doRead = doRead  # type: ignore[method-assign]
 
 
-#: Set in a transport's C{__dict__} while L{read_ahead}'s C{doRead} hands
+#: An attribute of a transport, true while L{read_ahead}'s C{doRead} hands
 #: it data; then L{lose_connection}'s close waits for the end of the read.
 _READING = "_txwssec_reading"
 #: The close L{lose_connection} left to the end of the read: its
@@ -296,9 +302,8 @@ def lose_connection(transport: Any, stalled: Callable[[], object] | None = None)
     transport.disconnecting = 1
     if stalled is None:
         stalled = _no_stalled
-    state = transport.__dict__
-    if CLOSE_IN_READ and state.get(_READING):
-        state[_CLOSING] = stalled
+    if CLOSE_IN_READ and getattr(transport, _READING, None):
+        transport._txwssec_closing = stalled
     else:
         transport.reactor.callLater(0, _closed, transport, stalled)
     return True
@@ -379,7 +384,12 @@ def _closed(transport: Any, stalled: Callable[[], object]) -> None:
 def stop_read_ahead(transport: Any) -> None:
     """Forget L{read_ahead}'s C{doRead} (the connection is gone)."""
     if type(transport) is TCPServer and getattr(transport.doRead, "__name__", "") == "doRead":
-        transport.__dict__.pop("doRead", None)
+        # (del, not __dict__.pop: see read_ahead; Twisted's own doRead is
+        # the class's, which del leaves)
+        try:
+            del transport.doRead
+        except AttributeError:
+            pass
 
 
 class Masker:
