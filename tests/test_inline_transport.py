@@ -10,7 +10,11 @@ of the transport's read and write paths is slower.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -70,8 +74,38 @@ async def _exchange(port: int) -> bytes:
     return received
 
 
+#: Set in the fresh interpreter that runs the test below.
+FRESH = "TXWSSEC_INLINE_VALUES_FRESH_PROCESS"
+
+
+def test_in_a_fresh_process() -> None:
+    """
+    L{test_websocket_transport_keeps_inline_values}, in an interpreter of
+    its own: CPython shares one table of attribute names among a class's
+    instances and stops keeping values inline once it is full, so the
+    transports of other tests run before it in this process (attributes of
+    their own) could make every transport here dict-backed, whatever
+    txwssec does.
+    """
+    if os.environ.get(FRESH):
+        pytest.skip("already in the fresh process")
+    test = f"{__file__}::test_websocket_transport_keeps_inline_values"
+    ran = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        env={**os.environ, FRESH: "1"},
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "1 passed" in ran.stdout
+
+
 @pytest_twisted.ensureDeferred
 async def test_websocket_transport_keeps_inline_values() -> None:
+    if not os.environ.get(FRESH):
+        pytest.skip("run in a fresh process by test_in_a_fresh_process")
     made = SecureServerFactory(
         ServerPolicy(routes=(RoutePolicy("/echo", [AnonymousAuthenticator()], protocol=Watched),))
     )

@@ -173,20 +173,49 @@ def server_transport(
     and the log prefix's interface check for a protocol whose prefix is its
     class name (Twisted's C{Protocol.logPrefix}).
     """
-    kind = protocol.__class__
+    if takes_constructor(protocol, reactor):
+        return _Server(skt, protocol, client, port, session, reactor)
+    transport: tcp.Server = _Server.__new__(_Server)
+    set_server_state(transport, skt, protocol, client, port, session, reactor)
+    return transport
+
+
+def takes_constructor(protocol: Any, reactor: Any) -> bool:
+    """
+    Whether C{protocol}'s transport must be made by Twisted's constructor:
+    its log prefix may not be its class name (a C{logPrefix} of its class
+    or instance, or interfaces of its own, which Twisted asks), or there is
+    no reactor.
+    """
     state = getattr(protocol, "__dict__", _NO_STATE)
-    if (
+    return (
         not reactor
-        or getattr(kind, "logPrefix", None) is not _CLASS_NAME_PREFIX
+        or getattr(protocol.__class__, "logPrefix", None) is not _CLASS_NAME_PREFIX
         or "__provides__" in state
         or "logPrefix" in state
-    ):
-        return _Server(skt, protocol, client, port, session, reactor)
+    )
+
+
+def set_server_state(
+    transport: tcp.Server,
+    skt: socket.socket,
+    protocol: Any,
+    client: Any,
+    port: Any,
+    session: int,
+    reactor: Any,
+    prefix_suffix: str = "",
+) -> None:
+    """
+    What C{tcp.Server.__init__} sets on C{transport} (made with
+    C{__new__}), in its order, with its calls: the socket made
+    non-blocking, the transport reading. C{prefix_suffix} follows the
+    protocol's class name in the log prefix (C{logstr}).
+    """
     # Set as attributes, not through __dict__: CPython 3.11 keeps an
     # object's attributes in its inline values until its __dict__ is
     # read; a transport filled through the dict takes the slower lookup
     # in every later `self.` of its read and write paths.
-    transport: tcp.Server = _Server.__new__(_Server)
     # FileDescriptor.__init__, Connection.__init__, then Server.__init__.
     transport.reactor = reactor
     transport._tempDataBuffer = []
@@ -201,13 +230,12 @@ def server_transport(
     transport.client = client
     transport.sessionno = session
     transport.hostname = hostname = client[0]
-    name = kind.__name__
-    transport.logstr = f"{name},{session},{hostname}"
+    name = protocol.__class__.__name__
+    transport.logstr = f"{name}{prefix_suffix},{session},{hostname}"
     if port is not None:
         transport.repstr = f"<{name} #{session} on {port._realPortNumber}>"
     transport.startReading()
     transport.connected = 1
-    return transport
 
 
 LeanPort._lean = staticmethod(server_transport)

@@ -64,7 +64,6 @@ from typing import Any
 from OpenSSL.SSL import Error, ZeroReturnError
 from twisted.internet import abstract, defer, error, tcp
 from twisted.internet._producer_helpers import _PullToPush
-from twisted.internet.address import IPv6Address
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IListeningPort,
@@ -81,7 +80,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txwssec import _tlswire
-from txwssec._tcpport import _CLASS_NAME_PREFIX, _NO_STATE, LeanPort, server_transport
+from txwssec._tcpport import LeanPort, server_transport, set_server_state, takes_constructor
 from txwssec._tlswire import (
     ServerTLSFactory,
     ServerTLSProtocol,
@@ -642,41 +641,12 @@ def _lean_transport(
     """
     if isinstance(protocol, ServerTLSProtocol):
         return server_transport(skt, protocol, addr, port, session, reactor)
-    kind = protocol.__class__
-    state = getattr(protocol, "__dict__", _NO_STATE)
-    if (
-        not reactor
-        or getattr(kind, "logPrefix", None) is not _CLASS_NAME_PREFIX
-        or "__provides__" in state
-        or "logPrefix" in state
-    ):
+    if takes_constructor(protocol, reactor):
         # a log prefix of the protocol's own: Twisted's constructor
         return DirectTLSServer(skt, protocol, addr, port, session, reactor)
-    # DirectTLSServer(...): tcp.Server.__init__'s attributes in its
-    # order, its calls (non-blocking, reading), then the TLS state. Set
-    # as attributes, not through __dict__ (CPython 3.11 would then keep
-    # them in a dict, where every later lookup of the hot paths is
-    # slower than in the object's own values).
+    # DirectTLSServer(...): tcp.Server.__init__'s state, then the TLS state.
     transport: DirectTLSServer = _new(DirectTLSServer)
-    # FileDescriptor.__init__, Connection.__init__, then Server.__init__.
-    transport.reactor = reactor
-    transport._tempDataBuffer = []
-    transport._tempDataLen = 0
-    transport.socket = skt
-    skt.setblocking(False)
-    transport.fileno = skt.fileno
-    transport.protocol = protocol
-    if len(addr) != 2:
-        transport._addressType = IPv6Address
-    transport.server = port
-    transport.client = addr
-    transport.sessionno = session
-    transport.hostname = hostname = addr[0]
-    name = kind.__name__
-    transport.logstr = f"{name}{_TLS_SUFFIX},{session},{hostname}"
-    transport.repstr = f"<{name} #{session} on {port._realPortNumber}>"
-    transport.startReading()
-    transport.connected = 1
+    set_server_state(transport, skt, protocol, addr, port, session, reactor, _TLS_SUFFIX)
     transport._startTLS(port)
     return transport
 
