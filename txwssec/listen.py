@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,19 +70,7 @@ class Description:
     @classmethod
     def parse(cls, text: str) -> Description:
         """Split C{text} on unescaped colons."""
-        parts: list[str] = []
-        current: list[str] = []
-        chars = iter(text)
-        for char in chars:
-            if char == "\\":
-                current.append(next(chars, ""))
-            elif char == ":":
-                parts.append("".join(current))
-                current = []
-            else:
-                current.append(char)
-        parts.append("".join(current))
-        kind, *rest = parts
+        kind, *rest = (_BACKSLASH_ESCAPE.sub(r"\1", part) for part in _raw_parts(text))
         args = tuple(p for p in rest if "=" not in p)
         kwargs = dict(p.split("=", 1) for p in rest if "=" in p)
         return cls(text, kind.lower(), args, kwargs)
@@ -119,13 +108,16 @@ def resolve_files(text: str, base_dir: Path) -> str:
         return text
     resolved = [parts[0]]
     for raw in parts[1:]:
-        # one part: at most one name=value, its escapes undone
-        for name, value in Description.parse(f"x:{raw}").kwargs.items():
-            if name in WSS_FILE_OPTIONS and value and not Path(value).is_absolute():
-                escaped = str(base_dir / value).replace("\\", "\\\\").replace(":", "\\:")
-                raw = f"{name}={escaped}"
+        name, equals, value = _BACKSLASH_ESCAPE.sub(r"\1", raw).partition("=")
+        if equals and name in WSS_FILE_OPTIONS and value and not Path(value).is_absolute():
+            escaped = str(base_dir / value).replace("\\", "\\\\").replace(":", "\\:")
+            raw = f"{name}={escaped}"
         resolved.append(raw)
     return ":".join(resolved)
+
+
+#: A backslash escape of Twisted's endpoint syntax (the character it keeps).
+_BACKSLASH_ESCAPE = re.compile(r"\\(.?)", re.DOTALL)
 
 
 def _raw_parts(text: str) -> list[str]:
