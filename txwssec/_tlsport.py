@@ -344,17 +344,8 @@ class DirectTLSServer(tcp.Server):
             self.startWriting()  # else at the end of the read (doRead)
 
     def writeSequence(self, iovec: Any) -> None:
-        """Twisted's: joined, then as L{write} (the server's 101 comes this way)."""
-        if not self.connected:
-            return
-        data = b"".join(iovec)
-        self._plain.append(data)
-        self._plainLeft -= len(data)
-        if self._plainLeft < 0:
-            self._encryptPlain()
-            return
-        if not self._reading:
-            self.startWriting()
+        """Twisted's: joined, then L{write} (the server's 101 comes this way)."""
+        self.write(b"".join(iovec))
 
     def _encryptPlain(self) -> None:
         """The gathered writes to OpenSSL (the aggregator's C{flush})."""
