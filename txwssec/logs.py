@@ -187,7 +187,34 @@ def textLogObserver(outFile: IO[Any], system: str = "") -> ILogObserver:
 WHOLE = 4096
 
 
-class LineFile:
+class _LostLines:
+    """
+    What a log file could not write (a full disk, a closed pipe): the lines
+    counted, with the last error, and told once a write works again.
+
+    @ivar _partial: a failed write cut a line (the next write ends it).
+    @ivar _telling: the error that tells is being written (to this file).
+    """
+
+    _lost = 0
+    _lostError = ""
+    _partial = False
+    _telling = False
+
+    def _tellLost(self, path: object) -> None:
+        """One error: how many lines were not written to C{path}, and why."""
+        if not self._lost:
+            return
+        lost, self._lost = self._lost, 0
+        _log.error(
+            "{lost} log lines not written to {path}: {error}",
+            lost=lost,
+            path=path,
+            error=bounded(self._lostError),
+        )
+
+
+class LineFile(_LostLines):
     """
     A log destination that several processes write at once (the workers of
     C{[server] workers} and their supervisor) without mixing their lines:
@@ -255,23 +282,13 @@ class LineFile:
             self._out(chunk)
         if self._lost and not self._failing and not self._telling:
             # Written again: say what was lost (the line comes in this file).
-            lost, self._lost = self._lost, 0
             self._telling = True
             try:
-                _log.error(
-                    "{lost} log lines not written to {path}: {error}",
-                    lost=lost,
-                    path=self.path if self.path is not None else f"descriptor {self._fd}",
-                    error=bounded(self._lostError),
-                )
+                self._tellLost(self.path if self.path is not None else f"descriptor {self._fd}")
             finally:
                 self._telling = False
 
-    _lost = 0
-    _lostError = ""
     _failing = False
-    _partial = False
-    _telling = False
 
     def _out(self, data: bytes) -> None:
         ended = self._partial
@@ -329,7 +346,7 @@ class LineFile:
             os.close(self._fd)
 
 
-class TwistdLogFile(LogFile):
+class TwistdLogFile(LogFile, _LostLines):
     """
     Twisted's L{LogFile} (twistd's C{--logfile}: rotated at 1 MB and on
     SIGUSR1; C{[log] file}: reopened on SIGUSR1) that never loses the file
@@ -345,10 +362,6 @@ class TwistdLogFile(LogFile):
     after C{rotateLength} more bytes, the line written to the file in use.
     """
 
-    _lost = 0
-    _lostError = ""
-    _partial = False
-    _telling = False
     _notRotated: OSError | None = None
 
     def reopen(self) -> None:
@@ -437,14 +450,7 @@ class TwistdLogFile(LogFile):
                     path=self.path,
                     error=bounded(str(problem)),
                 )
-            if self._lost:
-                lost, self._lost = self._lost, 0
-                _log.error(
-                    "{lost} log lines not written to {path}: {error}",
-                    lost=lost,
-                    path=self.path,
-                    error=bounded(self._lostError),
-                )
+            self._tellLost(self.path)
         finally:
             self._telling = False
 
